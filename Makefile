@@ -1,0 +1,48 @@
+# mongo-broker developer commands. `make run` and `make test` work on a fresh
+# machine: they create the virtualenv and build the test database server.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TOOLS := $(CURDIR)/.tools/bin
+export PATH := $(TOOLS):$(PATH)
+# Go-built helper binaries go into .tools/bin, never into the user's GOPATH bin.
+export GOBIN := $(TOOLS)
+
+.PHONY: run test check proto venv tools clean
+
+## run: the demo: hundreds of short-lived workers through one broker
+run: venv tools
+	$(PY) -m bench.demo
+
+## test: the whole test suite against a real MongoDB-compatible server
+test: venv tools
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## check: lint, format check and type check
+check: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy broker clients/python/broker_client bench tests
+
+## proto: regenerate the gRPC code from protos/
+proto: venv
+	$(PY) protos/generate.py
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ./clients/python -e '.[dev]'
+	touch $@
+
+tools: $(TOOLS)/ferretdb
+
+# FerretDB v1.24 (SQLite backend), the test server when no mongod is at hand.
+$(TOOLS)/ferretdb: bench/ferretdb/go.mod bench/ferretdb/go.sum bench/ferretdb/main.go
+	mkdir -p $(TOOLS)
+	cd bench/ferretdb && go build -o $@ .
+
+clean:
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache
