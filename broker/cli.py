@@ -1,0 +1,111 @@
+"""The `mongo-broker` command: serve | ping. Only wires things together."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from broker import __version__
+from broker.settings import CONFIG_ENV, ConfigError, load_settings
+
+__all__ = ["main"]
+
+TARGET_ENV = "MONGO_BROKER_TARGET"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mongo-broker",
+        description="A sidecar connection broker for MongoDB, served over gRPC.",
+    )
+    parser.add_argument("--version", action="version", version=f"mongo-broker {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the broker")
+    serve.add_argument(
+        "--config",
+        default=os.environ.get(CONFIG_ENV),
+        help=f"TOML config file (env {CONFIG_ENV}; default: none, environment only)",
+    )
+    serve.add_argument(
+        "--ready-file",
+        help="write JSON {pid, unix, tcp, version} here once listening; removed on exit",
+    )
+
+    ping = commands.add_parser("ping", help="ping a running broker and its databases")
+    ping.add_argument(
+        "--target",
+        default=os.environ.get(TARGET_ENV),
+        help=f"broker address, e.g. unix:///run/mongo-broker/broker.sock or 127.0.0.1:50051 "
+        f"(env {TARGET_ENV}; default: the unix socket from --config)",
+    )
+    ping.add_argument(
+        "--config", default=os.environ.get(CONFIG_ENV), help="config file to find the target in"
+    )
+    ping.add_argument("--database", default="", help="ping only this configured database")
+    ping.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+    ping.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return parser
+
+
+def _target(args: argparse.Namespace) -> str:
+    if args.target:
+        return str(args.target)
+    settings = load_settings(args.config)
+    if settings.listen.unix:
+        return f"unix://{settings.listen.unix}"
+    if settings.listen.tcp:
+        return str(settings.listen.tcp)
+    raise ConfigError("no listener configured to ping")
+
+
+def _ping(args: argparse.Namespace) -> int:
+    # Imported here so `serve` does not pay for a synchronous gRPC stack.
+    import grpc
+    from broker_client.proto.broker.v1 import broker_pb2, broker_pb2_grpc
+    from google.protobuf.json_format import MessageToDict
+
+    target = _target(args)
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = broker_pb2_grpc.BrokerStub(channel).Ping(
+                broker_pb2.PingRequest(database=args.database), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            print(f"ping {target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+    healthy = all(db.ok for db in reply.databases)
+    if args.json:
+        print(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True)))
+        return 0 if healthy else 1
+    print(f"mongo-broker {reply.version} at {target}")
+    for db in reply.databases:
+        pool = db.pool
+        state = f"ok  rtt {db.rtt_ms:.2f} ms" if db.ok else f"DOWN  {db.error}"
+        print(
+            f"  {db.database:<20} {state}  pool {pool.connections_in_use}/"
+            f"{pool.connections_open} in use/open, max {pool.max_pool_size}"
+        )
+    return 0 if healthy else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            from broker.logs import configure_logging
+            from broker.server import serve
+
+            settings = load_settings(args.config)
+            configure_logging(settings.log.level, settings.log.format)
+            return asyncio.run(serve(settings, ready_file=args.ready_file))
+        return _ping(args)
+    except ConfigError as exc:
+        print(f"mongo-broker: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

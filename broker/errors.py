@@ -1,0 +1,296 @@
+"""The one table from errors to gRPC status codes, with google.rpc details.
+
+Every failure a caller can see passes through `to_rpc_error`, so the status
+codes are chosen in one place and the README's table can be checked against
+it. Each status carries a `google.rpc.ErrorInfo` (domain "mongo-broker") with
+a machine-readable reason and, where MongoDB said something, its error code,
+code name and error labels, so clients can retry the right things.
+
+A known error never becomes UNKNOWN or INTERNAL. INTERNAL is reserved for a
+bug in the broker itself, and is logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Final
+
+import grpc
+from bson.errors import BSONError
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from pymongo import errors as mongo_errors
+
+from broker.pools import UnknownDatabaseError
+
+__all__ = [
+    "DOMAIN",
+    "Reason",
+    "RpcError",
+    "invalid_argument",
+    "to_rpc_error",
+]
+
+log = logging.getLogger("mongo_broker.errors")
+
+DOMAIN: Final = "mongo-broker"
+
+
+class Reason:
+    """`ErrorInfo.reason` values. Stable: clients may switch on them."""
+
+    DUPLICATE_KEY = "DUPLICATE_KEY"
+    DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+    TIMEOUT = "TIMEOUT"
+    POOL_EXHAUSTED = "POOL_EXHAUSTED"
+    INVALID_REQUEST = "INVALID_REQUEST"
+    INVALID_BSON = "INVALID_BSON"
+    QUERY_REJECTED = "QUERY_REJECTED"
+    UNKNOWN_DATABASE = "UNKNOWN_DATABASE"
+    NOT_AUTHORIZED = "NOT_AUTHORIZED"
+    NOT_SUPPORTED = "NOT_SUPPORTED"
+    OPERATION_FAILED = "OPERATION_FAILED"
+    INTERNAL = "INTERNAL"
+
+
+class RpcError(Exception):
+    """A failure with its gRPC code, an actionable message and ErrorInfo details."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        reason: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.metadata = dict(metadata or {})
+
+    def to_status(self) -> grpc.Status:
+        info = error_details_pb2.ErrorInfo(
+            reason=self.reason, domain=DOMAIN, metadata=self.metadata
+        )
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        status = status_pb2.Status(code=self.code.value[0], message=self.message, details=[detail])
+        return rpc_status.to_status(status)
+
+    def __repr__(self) -> str:
+        return f"RpcError({self.code.name}, {self.message!r}, reason={self.reason})"
+
+
+def invalid_argument(message: str, reason: str = Reason.INVALID_REQUEST) -> RpcError:
+    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, message, reason)
+
+
+# MongoDB error codes by the gRPC code they map to.
+# https://github.com/mongodb/mongo/blob/master/src/mongo/base/error_codes.yml
+_DUPLICATE_KEY_CODES: Final = frozenset({11000, 11001, 12582})
+_TIMEOUT_CODES: Final = frozenset(
+    {
+        50,  # MaxTimeMSExpired
+        64,  # WriteConcernFailed (wtimeout)
+        202,  # NetworkInterfaceExceededTimeLimit
+        262,  # ExceededTimeLimit
+    }
+)
+_UNAVAILABLE_CODES: Final = frozenset(
+    {
+        6,  # HostUnreachable
+        7,  # HostNotFound
+        89,  # NetworkTimeout
+        91,  # ShutdownInProgress
+        189,  # PrimarySteppedDown
+        9001,  # SocketException
+        10107,  # NotWritablePrimary
+        11600,  # InterruptedAtShutdown
+        11602,  # InterruptedDueToReplStateChange
+        13435,  # NotPrimaryNoSecondaryOk
+        13436,  # NotPrimaryOrSecondary
+    }
+)
+_PERMISSION_CODES: Final = frozenset({13})  # Unauthorized
+_UNSUPPORTED_CODES: Final = frozenset({115, 238})  # CommandNotSupported, NotImplemented
+_BAD_INPUT_CODES: Final = frozenset(
+    {
+        2,  # BadValue (unknown operator, bad operand)
+        9,  # FailedToParse
+        14,  # TypeMismatch
+        22,  # InvalidBSON
+        52,  # DollarPrefixedFieldName
+        53,  # InvalidIdField
+        56,  # EmptyFieldName
+        57,  # DottedFieldName
+        73,  # InvalidNamespace
+        121,  # DocumentValidationFailure
+        10334,  # BSONObjectTooLarge
+        17287,  # NoQueryExecutionPlans / cannot canonicalize query
+        51091,  # invalid regular expression
+    }
+)
+
+
+def _mongo_metadata(code: int | None, exc: mongo_errors.PyMongoError) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    if code is not None:
+        meta["mongo_code"] = str(code)
+    details = getattr(exc, "details", None)
+    if isinstance(details, Mapping):
+        name = details.get("codeName")
+        if isinstance(name, str):
+            meta["mongo_code_name"] = name
+    labels = sorted(getattr(exc, "_error_labels", ()) or ())
+    if labels:
+        meta["mongo_labels"] = ",".join(labels)
+    return meta
+
+
+def _status_for_code(code: int | None, code_name: str = "") -> tuple[grpc.StatusCode, str]:
+    if code in _DUPLICATE_KEY_CODES:
+        return grpc.StatusCode.ALREADY_EXISTS, Reason.DUPLICATE_KEY
+    if code in _TIMEOUT_CODES:
+        return grpc.StatusCode.DEADLINE_EXCEEDED, Reason.TIMEOUT
+    if code in _UNAVAILABLE_CODES:
+        return grpc.StatusCode.UNAVAILABLE, Reason.DATABASE_UNAVAILABLE
+    if code in _PERMISSION_CODES:
+        return grpc.StatusCode.PERMISSION_DENIED, Reason.NOT_AUTHORIZED
+    if code in _UNSUPPORTED_CODES:
+        return grpc.StatusCode.UNIMPLEMENTED, Reason.NOT_SUPPORTED
+    # "LocationNNNNN" codes are the server's assertions on the shape of a
+    # request (a bad sort key, a malformed operator), so they are bad input.
+    if code in _BAD_INPUT_CODES or code_name.startswith("Location"):
+        return grpc.StatusCode.INVALID_ARGUMENT, Reason.QUERY_REJECTED
+    # The database refused the operation for a reason not in the table: the
+    # request may be fine and the state of the database not (see mongo_code).
+    return grpc.StatusCode.FAILED_PRECONDITION, Reason.OPERATION_FAILED
+
+
+def _bulk_write_error(exc: mongo_errors.BulkWriteError, database: str) -> RpcError:
+    details: Mapping[str, Any] = exc.details or {}
+    write_errors = details.get("writeErrors") or []
+    first = write_errors[0] if write_errors else {}
+    code = first.get("code") if isinstance(first, Mapping) else None
+    grpc_code, reason = _status_for_code(code if isinstance(code, int) else None)
+    inserted = int(details.get("nInserted", 0) or 0)
+    meta = _mongo_metadata(code if isinstance(code, int) else None, exc)
+    meta.update(database=database, inserted_count=str(inserted))
+    if isinstance(first, Mapping) and "index" in first:
+        meta["failed_index"] = str(first["index"])
+    errmsg = first.get("errmsg", str(exc)) if isinstance(first, Mapping) else str(exc)
+    message = (
+        f"write failed at document {meta.get('failed_index', '?')}: {errmsg} "
+        f"({inserted} document(s) inserted, {len(write_errors)} write error(s))"
+    )
+    if not write_errors:
+        wce = details.get("writeConcernErrors") or []
+        message = f"write concern failed: {wce[0].get('errmsg') if wce else exc}"
+        grpc_code, reason = grpc.StatusCode.DEADLINE_EXCEEDED, Reason.TIMEOUT
+    return RpcError(grpc_code, message, reason, meta)
+
+
+def to_rpc_error(
+    exc: BaseException, *, database: str = "", deadline_passed: bool = False
+) -> RpcError:
+    """Map any exception raised while serving a call to its RpcError.
+
+    ``deadline_passed`` says the call's time limit had run out when the error
+    was raised, which turns timeout-flavoured errors into DEADLINE_EXCEEDED.
+    """
+    if isinstance(exc, RpcError):
+        return exc
+    if isinstance(exc, UnknownDatabaseError):
+        return RpcError(
+            grpc.StatusCode.NOT_FOUND, str(exc), Reason.UNKNOWN_DATABASE, {"database": exc.name}
+        )
+    if isinstance(exc, BSONError):
+        return invalid_argument(f"invalid BSON: {exc}", Reason.INVALID_BSON)
+    if not isinstance(exc, mongo_errors.PyMongoError):
+        log.error("unexpected error serving a call for %r", database, exc_info=exc)
+        return RpcError(
+            grpc.StatusCode.INTERNAL,
+            f"internal broker error ({type(exc).__name__}); see the broker log",
+            Reason.INTERNAL,
+        )
+
+    where = f" (database {database!r})" if database else ""
+    meta: dict[str, str] = {"database": database} if database else {}
+
+    # Order matters: the specific classes come before their base classes.
+    if isinstance(exc, mongo_errors.WaitQueueTimeoutError):
+        return RpcError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"no pool connection became free in time{where}: the pool is saturated; "
+            "back off and retry, or raise max_pool_size",
+            Reason.POOL_EXHAUSTED,
+            meta,
+        )
+    if isinstance(exc, mongo_errors.BulkWriteError):
+        return _bulk_write_error(exc, database)
+    if isinstance(exc, mongo_errors.OperationFailure):
+        code = exc.code
+        meta.update(_mongo_metadata(code, exc))
+        grpc_code, reason = _status_for_code(code, meta.get("mongo_code_name", ""))
+        if isinstance(exc, mongo_errors.ExecutionTimeout) or (exc.timeout and deadline_passed):
+            grpc_code, reason = grpc.StatusCode.DEADLINE_EXCEEDED, Reason.TIMEOUT
+        return RpcError(grpc_code, f"{_server_message(exc)}{where}", reason, meta)
+    if exc.timeout and deadline_passed:
+        return RpcError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"the call's time limit ran out before the database answered{where}",
+            Reason.TIMEOUT,
+            meta,
+        )
+    if isinstance(exc, mongo_errors.ServerSelectionTimeoutError):
+        return RpcError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the database is unreachable{where}: no server answered within "
+            f"server_selection_timeout_ms; retry later. Driver said: {_first_line(exc)}",
+            Reason.DATABASE_UNAVAILABLE,
+            meta,
+        )
+    if isinstance(exc, mongo_errors.NetworkTimeout):
+        return RpcError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"the database did not answer in time{where}: {_first_line(exc)}",
+            Reason.TIMEOUT,
+            meta,
+        )
+    if isinstance(exc, mongo_errors.ConnectionFailure):
+        return RpcError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"lost the connection to the database{where}; the operation may not have "
+            f"completed; retry reads freely and writes with a client-generated _id. "
+            f"Driver said: {_first_line(exc)}",
+            Reason.DATABASE_UNAVAILABLE,
+            meta,
+        )
+    if isinstance(exc, mongo_errors.InvalidName | mongo_errors.DocumentTooLarge):
+        return invalid_argument(f"{exc}{where}")
+    if isinstance(exc, mongo_errors.InvalidOperation | mongo_errors.ConfigurationError):
+        return RpcError(
+            grpc.StatusCode.FAILED_PRECONDITION, f"{exc}{where}", Reason.OPERATION_FAILED, meta
+        )
+    return RpcError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"the database driver refused the operation{where}: {_first_line(exc)}",
+        Reason.OPERATION_FAILED,
+        meta,
+    )
+
+
+def _server_message(exc: mongo_errors.OperationFailure) -> str:
+    details = exc.details
+    errmsg = details.get("errmsg") if isinstance(details, Mapping) else None
+    return f"the database refused the operation: {errmsg or _first_line(exc)}"
+
+
+def _first_line(exc: BaseException) -> str:
+    # Server selection errors append a whole topology description; the first
+    # line (the address and the cause) is what a person needs.
+    text = str(exc)
+    return text.split(", Timeout:", 1)[0].splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,309 @@
+"""Configuration: a TOML file plus environment variables -> frozen, validated settings.
+
+This module only reads and validates; it opens no sockets and builds no clients.
+
+Sources, highest precedence first:
+
+1. environment variables ``MONGO_BROKER_<SECTION>__<KEY>``, nested with ``__``, for
+   example ``MONGO_BROKER_LISTEN__TCP=127.0.0.1:50051`` or
+   ``MONGO_BROKER_DATABASES__appdb__MAX_POOL_SIZE=20``;
+2. the TOML file named by ``--config`` or ``MONGO_BROKER_CONFIG``;
+3. the defaults below, each chosen for a sidecar and documented in the README.
+
+A bad value fails at startup with a message naming the key, e.g.
+``databases.appdb.max_pool_size: Input should be greater than or equal to 1``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+__all__ = [
+    "CONFIG_ENV",
+    "ENV_PREFIX",
+    "ConfigError",
+    "DatabaseSettings",
+    "ListenSettings",
+    "LogSettings",
+    "ServerSettings",
+    "Settings",
+    "load_settings",
+    "redact_uri",
+]
+
+ENV_PREFIX = "MONGO_BROKER_"
+CONFIG_ENV = "MONGO_BROKER_CONFIG"
+DEFAULT_UNIX_SOCKET = "/run/mongo-broker/broker.sock"
+MiB = 1024 * 1024
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+_DB_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the offending key."""
+
+
+def redact_uri(uri: str) -> str:
+    """Return ``uri`` with any password replaced by ``***``, safe for logs and errors."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<unparseable uri>"
+    if "@" not in parts.netloc:
+        return uri
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    netloc = f"{user}:***@{hosts}" if ":" in userinfo else f"{user}@{hosts}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class ListenSettings(BaseModel):
+    """Where the broker accepts gRPC calls. At least one listener is required."""
+
+    model_config = _FROZEN
+
+    # A Unix socket is the default: no TCP port to collide with, and file
+    # permissions decide who may connect.
+    unix: str | None = DEFAULT_UNIX_SOCKET
+    # "HOST:PORT" or just "PORT" (bound to 127.0.0.1). Port 0 picks a free port.
+    tcp: str | None = None
+
+    @field_validator("unix", "tcp", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("unix")
+    @classmethod
+    def _check_unix(cls, value: str | None) -> str | None:
+        # sun_path is 108 bytes on Linux, including the terminating NUL.
+        if value is not None and len(os.fsencode(value)) > 107:
+            raise ValueError(f"Unix socket path is longer than 107 bytes: {value!r}")
+        return value
+
+    @field_validator("tcp")
+    @classmethod
+    def _check_tcp(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            host, port = "127.0.0.1", value
+        host = host.strip("[]") or "127.0.0.1"
+        if not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"expected HOST:PORT with a port from 0 to 65535, got {value!r}")
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @model_validator(mode="after")
+    def _need_one(self) -> ListenSettings:
+        if self.unix is None and self.tcp is None:
+            raise ValueError("set listen.unix, listen.tcp or both")
+        return self
+
+
+class DatabaseSettings(BaseModel):
+    """One configured database: one MongoClient with its own bounded pool.
+
+    Pool options carry pymongo's names in snake_case. The defaults differ from
+    pymongo's on purpose: a sidecar serves one pod, so it holds few
+    connections, fails fast and lets idle ones go.
+    """
+
+    model_config = _FROZEN
+
+    uri: SecretStr
+    # The MongoDB database behind this configured name; defaults to the name.
+    database: str | None = None
+    # pymongo: 100. Every pod runs a broker, so pods x max_pool_size is what
+    # the server sees; 10 covers a pod's concurrency while keeping that small.
+    max_pool_size: PositiveInt = 10
+    # pymongo: 0. One warm connection spares the first call after a quiet
+    # spell a TCP handshake and authentication.
+    min_pool_size: NonNegativeInt = 1
+    # pymongo: no limit. Connections opened for a burst are given back to the
+    # server after five idle minutes.
+    max_idle_time_ms: PositiveInt | None = 300_000
+    # pymongo: 2. Limits the connection storm on the server after a restart.
+    max_connecting: PositiveInt = 2
+    # pymongo: no limit. How long a call may wait for a pool connection
+    # before it is refused with RESOURCE_EXHAUSTED.
+    wait_queue_timeout_ms: PositiveInt = 1_000
+    # pymongo: 20 s. The database is close by; a connect that takes 5 s is broken.
+    connect_timeout_ms: PositiveInt = 5_000
+    # pymongo: no limit. Every call already carries a time limit (deadline or
+    # default_timeout_ms); this only catches a socket that hangs outside one.
+    socket_timeout_ms: PositiveInt | None = None
+    # pymongo: 30 s. Callers learn that the database is down within 5 s
+    # instead of piling up for 30.
+    server_selection_timeout_ms: PositiveInt = 5_000
+    # pymongo: 10 s. Notices a database coming back twice as fast.
+    heartbeat_frequency_ms: Annotated[int, Field(ge=500)] = 5_000
+    # Once heartbeats have found the database down, refuse calls at once with
+    # UNAVAILABLE instead of letting each wait server_selection_timeout_ms.
+    fail_fast: bool = True
+    retry_reads: bool = True
+    retry_writes: bool = True
+    app_name: str = "mongo-broker"
+    # Time limit for a call whose client set no gRPC deadline.
+    default_timeout_ms: PositiveInt = 30_000
+    # Documents per MongoDB batch when a Find does not say. Without one,
+    # some servers return small batches, and each batch is one gRPC message.
+    default_batch_size: PositiveInt = 1_000
+
+    @field_validator("uri")
+    @classmethod
+    def _check_uri(cls, value: SecretStr) -> SecretStr:
+        uri = value.get_secret_value()
+        if not uri.startswith(("mongodb://", "mongodb+srv://")):
+            raise ValueError(
+                f"expected a mongodb:// or mongodb+srv:// URI, got {redact_uri(uri)!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_pool(self) -> DatabaseSettings:
+        if self.min_pool_size > self.max_pool_size:
+            raise ValueError(
+                f"min_pool_size ({self.min_pool_size}) must not exceed "
+                f"max_pool_size ({self.max_pool_size})"
+            )
+        return self
+
+    @property
+    def redacted_uri(self) -> str:
+        return redact_uri(self.uri.get_secret_value())
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments for MongoClient/AsyncMongoClient, pymongo's names."""
+        return {
+            "maxPoolSize": self.max_pool_size,
+            "minPoolSize": self.min_pool_size,
+            "maxIdleTimeMS": self.max_idle_time_ms,
+            "maxConnecting": self.max_connecting,
+            "waitQueueTimeoutMS": self.wait_queue_timeout_ms,
+            "connectTimeoutMS": self.connect_timeout_ms,
+            "socketTimeoutMS": self.socket_timeout_ms,
+            "serverSelectionTimeoutMS": self.server_selection_timeout_ms,
+            "heartbeatFrequencyMS": self.heartbeat_frequency_ms,
+            "retryReads": self.retry_reads,
+            "retryWrites": self.retry_writes,
+            "appname": self.app_name,
+        }
+
+
+class ServerSettings(BaseModel):
+    """The gRPC server itself."""
+
+    model_config = _FROZEN
+
+    # Cap on one Find response message. Batches are split to stay under it;
+    # a single document larger than the cap travels alone.
+    max_response_message_bytes: Annotated[int, Field(ge=64 * 1024)] = MiB
+    # Largest request accepted; larger ones get RESOURCE_EXHAUSTED from gRPC.
+    max_request_bytes: Annotated[int, Field(ge=64 * 1024)] = 32 * MiB
+    # Seconds in-flight calls get to finish on SIGTERM before being cancelled.
+    shutdown_grace_s: Annotated[float, Field(ge=0)] = 10.0
+
+
+class LogSettings(BaseModel):
+    model_config = _FROZEN
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class Settings(BaseSettings):
+    """The whole configuration."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        nested_model_default_partial_update=True,
+    )
+
+    listen: ListenSettings = ListenSettings()
+    server: ServerSettings = ServerSettings()
+    log: LogSettings = LogSettings()
+    databases: dict[str, DatabaseSettings] = Field(default_factory=dict)
+
+    @field_validator("databases")
+    @classmethod
+    def _check_databases(cls, value: dict[str, DatabaseSettings]) -> dict[str, DatabaseSettings]:
+        if not value:
+            raise ValueError("configure at least one [databases.NAME] table with a uri")
+        for name in value:
+            if not _DB_NAME.match(name):
+                raise ValueError(f"database name {name!r} must be 1-64 letters, digits, '_' or '-'")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's contents arrive as init arguments (see load_settings), so
+        # the environment must rank above them.
+        return (env_settings, init_settings)
+
+    def mongo_database(self, name: str) -> str:
+        """The MongoDB database name behind configured database ``name``."""
+        return self.databases[name].database or name
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {key}: {item['msg']}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read the TOML file (``path``, else ``$MONGO_BROKER_CONFIG``, else none) and the env.
+
+    Raises ConfigError with a message that names every bad key.
+    """
+    if path is None:
+        path = os.environ.get(CONFIG_ENV) or None
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with Path(path).open("rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
