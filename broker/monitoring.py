@@ -151,23 +151,19 @@ class TopologyMonitor(monitoring.TopologyListener):
         try:
             description = event.new_description
             available = description.has_writable_server()
-            errors = [
-                str(sd.error) for sd in description.server_descriptions().values() if sd.error
-            ]
+            errors = [str(sd.error) for sd in description.server_descriptions().values() if sd.error]
+            before = (self.available, self.known_down)
             if available:
                 self.known_down = False
                 self.last_error = None
             elif errors:
                 self.known_down = True
                 self.last_error = errors[0]
-            if available != self.available:
-                log.log(
-                    logging.INFO if available else logging.WARNING,
-                    "database %s is %s%s",
-                    self.database,
-                    "available" if available else "unavailable",
-                    "" if available else f": {self.last_error}",
-                )
+            if (available, self.known_down) != before:
+                if available:
+                    log.info("database %s is available", self.database)
+                elif self.known_down:
+                    log.warning("database %s is unreachable: %s", self.database, self.last_error)
             self.available = available
             self._notify()
         except Exception:  # a listener must never break the driver

@@ -1,0 +1,69 @@
+"""Helpers for tests that speak the raw gRPC contract (no client stub)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import bson
+import grpc
+import pytest
+from broker_client.proto.broker.v1 import broker_pb2 as pb
+from broker_client.proto.broker.v1 import broker_pb2_grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+__all__ = ["Failure", "fails", "find_all", "open_stub", "pb"]
+
+
+@contextmanager
+def open_stub(target: str) -> Iterator[broker_pb2_grpc.BrokerStub]:
+    channel = grpc.insecure_channel(
+        target, options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)]
+    )
+    try:
+        yield broker_pb2_grpc.BrokerStub(channel)
+    finally:
+        channel.close()
+
+
+@dataclass
+class Failure:
+    code: grpc.StatusCode | None = None
+    message: str = ""
+    reason: str = ""
+    metadata: dict[str, str] | None = None
+
+
+@contextmanager
+def fails(code: grpc.StatusCode, reason: str | None = None) -> Iterator[Failure]:
+    """Expect a gRPC error with ``code`` (and ErrorInfo ``reason``); yields its details."""
+    failure = Failure()
+    with pytest.raises(grpc.RpcError) as caught:
+        yield failure
+    error: Any = caught.value
+    failure.code = error.code()
+    failure.message = error.details() or ""
+    status = rpc_status.from_call(error)
+    assert status is not None, f"no google.rpc.Status details on {error.code()}: {failure.message}"
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            assert info.domain == "mongo-broker"
+            failure.reason = info.reason
+            failure.metadata = dict(info.metadata)
+    assert failure.code == code, f"expected {code}, got {failure.code}: {failure.message}"
+    if reason is not None:
+        assert failure.reason == reason, failure
+
+
+def find_all(stub: broker_pb2_grpc.BrokerStub, **fields: Any) -> tuple[list[dict[str, Any]], int]:
+    """Run Find; return the decoded documents and the number of messages."""
+    documents: list[dict[str, Any]] = []
+    messages = 0
+    for message in stub.Find(pb.FindRequest(**fields), timeout=30):
+        messages += 1
+        documents.extend(bson.decode(raw) for raw in message.documents)
+    return documents, messages

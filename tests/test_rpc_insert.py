@@ -1,0 +1,231 @@
+"""Insert over the raw contract: ids, type fidelity, and every bad path."""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from typing import Any
+
+import bson
+import grpc
+import pytest
+from bson import Binary, Decimal128, Int64, ObjectId
+from bson.raw_bson import RawBSONDocument
+
+from tests.rpc import fails, find_all, open_stub, pb
+
+
+@pytest.fixture
+def stub(broker):
+    with open_stub(broker.unix_target) as s:
+        yield s
+
+
+def _ids(reply: Any) -> list[Any]:
+    return [bson.decode(raw)["_id"] for raw in reply.inserted_ids]
+
+
+def test_insert_keeps_given_ids_and_generates_missing_ones(
+    broker, stub, collection_name, mongo_collection
+):
+    given = ObjectId()
+    documents = [{"_id": given, "n": 0}, {"n": 1}, {"_id": "text-id", "n": 2}, {"_id": 7, "n": 3}]
+    reply = stub.Insert(
+        pb.InsertRequest(
+            database=broker.db_name,
+            collection=collection_name,
+            documents=[bson.encode(d) for d in documents],
+        )
+    )
+    ids = _ids(reply)
+    assert reply.inserted_count == 4
+    assert ids[0] == given and ids[2] == "text-id" and ids[3] == 7
+    assert isinstance(ids[1], ObjectId)
+    stored = {d["n"]: d for d in mongo_collection.find()}
+    assert [stored[n]["_id"] for n in range(4)] == ids
+    # The generated _id goes first, as pymongo puts it; the rest is untouched.
+    raw = mongo_collection.with_options(
+        codec_options=bson.CodecOptions(document_class=RawBSONDocument)
+    ).find_one({"n": 1})
+    assert list(raw.keys()) == ["_id", "n"]
+
+
+def _fidelity_document(extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "_id": ObjectId(),
+        "when": datetime.datetime(2024, 2, 29, 12, 30, 15, 123000),
+        "big": Int64(2**62),
+        "small": 42,
+        "ratio": 0.25,
+        "blob": Binary(b"\x00\x01\xff", 0x80),
+        "uuid": Binary(uuid.UUID("12345678-1234-5678-1234-567812345678").bytes, 4),
+        "nested": {"a": {"b": [1, "two", {"c": None}]}, "flag": True},
+        "text": "grüße ✓",
+        **extra,
+    }
+
+
+def _round_trip(broker, stub, collection_name, document: dict[str, Any]) -> None:
+    encoded = bson.encode(document)
+    stub.Insert(
+        pb.InsertRequest(database=broker.db_name, collection=collection_name, documents=[encoded])
+    )
+    (message,) = stub.Find(pb.FindRequest(database=broker.db_name, collection=collection_name))
+    (raw,) = message.documents
+    # Byte for byte: nothing was decoded and re-encoded on the way.
+    assert raw == encoded
+    back = bson.decode(raw)
+    assert back == document
+    assert type(back["big"]) is Int64 and type(back["small"]) is int
+    assert back["blob"].subtype == 0x80 and back["uuid"].subtype == 4
+
+
+def test_types_round_trip_exactly(broker, stub, collection_name):
+    _round_trip(broker, stub, collection_name, _fidelity_document({}))
+
+
+@pytest.mark.mongod
+def test_decimal128_round_trips_exactly(broker, stub, collection_name):
+    document = _fidelity_document({"price": Decimal128("1234.5678901234567890")})
+    _round_trip(broker, stub, collection_name, document)
+
+
+def test_ordered_insert_stops_at_duplicate_and_says_how_many_landed(
+    broker, stub, collection_name, mongo_collection
+):
+    documents = [bson.encode({"_id": i}) for i in (1, 2, 2, 3)]
+    with fails(grpc.StatusCode.ALREADY_EXISTS, "DUPLICATE_KEY") as failure:
+        stub.Insert(
+            pb.InsertRequest(
+                database=broker.db_name, collection=collection_name, documents=documents
+            )
+        )
+    assert failure.metadata["mongo_code"] == "11000"
+    assert failure.metadata["failed_index"] == "2"
+    assert failure.metadata["inserted_count"] == "2"
+    assert sorted(d["_id"] for d in mongo_collection.find()) == [1, 2]
+
+
+def test_unordered_insert_carries_on_past_duplicate(
+    broker, stub, collection_name, mongo_collection
+):
+    documents = [bson.encode({"_id": i}) for i in (1, 1, 2)]
+    with fails(grpc.StatusCode.ALREADY_EXISTS) as failure:
+        stub.Insert(
+            pb.InsertRequest(
+                database=broker.db_name,
+                collection=collection_name,
+                documents=documents,
+                ordered=False,
+            )
+        )
+    assert failure.metadata["inserted_count"] == "2"
+    assert sorted(d["_id"] for d in mongo_collection.find()) == [1, 2]
+
+
+def test_retried_insert_with_client_id_is_detected_as_duplicate(
+    broker, stub, collection_name, mongo_collection
+):
+    document = bson.encode({"_id": ObjectId(), "v": 1})
+    request = pb.InsertRequest(
+        database=broker.db_name, collection=collection_name, documents=[document]
+    )
+    stub.Insert(request)
+    with fails(grpc.StatusCode.ALREADY_EXISTS, "DUPLICATE_KEY"):
+        stub.Insert(request)
+    assert mongo_collection.count_documents({}) == 1
+
+
+def test_write_concern_is_accepted(broker, stub, collection_name, mongo_collection):
+    reply = stub.Insert(
+        pb.InsertRequest(
+            database=broker.db_name,
+            collection=collection_name,
+            documents=[bson.encode({"x": 1})],
+            write_concern=pb.WriteConcern(w_nodes=1, j=True, wtimeout_ms=1000),
+        )
+    )
+    assert reply.inserted_count == 1
+    assert mongo_collection.count_documents({}) == 1
+
+
+@pytest.mark.parametrize(
+    ("documents", "needle"),
+    [
+        ([], "documents is empty"),
+        ([b"not bson"], "documents[0] is not a valid BSON document"),
+        ([bson.encode({"ok": 1}), bson.encode({"a": 1})[:-1]], "documents[1] is not a valid BSON"),
+        ([bson.encode({"ok": 1}) + b"\x00"], "documents[0]"),
+        ([bson.encode({"s": "x"}).replace(b"x", b"\xff")], "utf-8"),
+    ],
+    ids=["empty", "garbage", "truncated", "trailing-byte", "bad-utf8"],
+)
+def test_bad_documents_are_rejected_and_nothing_is_stored(
+    broker, stub, collection_name, mongo_collection, documents, needle
+):
+    with fails(grpc.StatusCode.INVALID_ARGUMENT) as failure:
+        stub.Insert(
+            pb.InsertRequest(
+                database=broker.db_name, collection=collection_name, documents=documents
+            )
+        )
+    assert needle in failure.message
+    assert mongo_collection.count_documents({}) == 0
+
+
+def test_negative_write_concern_is_invalid(broker, stub, collection_name):
+    with fails(grpc.StatusCode.INVALID_ARGUMENT) as failure:
+        stub.Insert(
+            pb.InsertRequest(
+                database=broker.db_name,
+                collection=collection_name,
+                documents=[bson.encode({"x": 1})],
+                write_concern=pb.WriteConcern(w_nodes=-1),
+            )
+        )
+    assert "w_nodes" in failure.message
+
+
+def test_field_names_the_server_refuses_are_invalid_argument(broker, stub, collection_name):
+    with fails(grpc.StatusCode.INVALID_ARGUMENT, "QUERY_REJECTED") as failure:
+        stub.Insert(
+            pb.InsertRequest(
+                database=broker.db_name,
+                collection=collection_name,
+                documents=[bson.encode({"$bad": 1})],
+            )
+        )
+    assert failure.metadata["inserted_count"] == "0"
+
+
+@pytest.mark.parametrize(
+    ("database", "collection", "code", "needle"),
+    [
+        ("", "c", grpc.StatusCode.INVALID_ARGUMENT, "database is required"),
+        ("nope", "c", grpc.StatusCode.NOT_FOUND, "'nope' is not configured"),
+        ("appdb", "", grpc.StatusCode.INVALID_ARGUMENT, "collection is required"),
+        ("appdb", "a$b", grpc.StatusCode.INVALID_ARGUMENT, "must not contain '$'"),
+        ("appdb", "x" * 300, grpc.StatusCode.INVALID_ARGUMENT, "longer than 255"),
+    ],
+)
+def test_bad_names(broker, stub, database, collection, code, needle):
+    with fails(code) as failure:
+        stub.Insert(
+            pb.InsertRequest(
+                database=database, collection=collection, documents=[bson.encode({"a": 1})]
+            )
+        )
+    assert needle in failure.message
+
+
+def test_insert_then_find_through_tcp_listener(broker, collection_name):
+    with open_stub(broker.tcp_target) as tcp:
+        tcp.Insert(
+            pb.InsertRequest(
+                database=broker.db_name,
+                collection=collection_name,
+                documents=[bson.encode({"t": 1})],
+            )
+        )
+        documents, _ = find_all(tcp, database=broker.db_name, collection=collection_name)
+    assert [d["t"] for d in documents] == [1]
