@@ -151,7 +151,9 @@ class TopologyMonitor(monitoring.TopologyListener):
         try:
             description = event.new_description
             available = description.has_writable_server()
-            errors = [str(sd.error) for sd in description.server_descriptions().values() if sd.error]
+            errors = [
+                str(sd.error) for sd in description.server_descriptions().values() if sd.error
+            ]
             before = (self.available, self.known_down)
             if available:
                 self.known_down = False
