@@ -18,17 +18,16 @@ from typing import Any, Final
 
 import grpc
 from bson.errors import BSONError
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from pymongo import errors as mongo_errors
-
-from broker.pools import UnknownDatabaseError
 
 __all__ = [
     "DOMAIN",
     "Reason",
     "RpcError",
+    "UnknownDatabaseError",
     "invalid_argument",
     "to_rpc_error",
 ]
@@ -64,24 +63,46 @@ class RpcError(Exception):
         message: str,
         reason: str,
         metadata: Mapping[str, str] | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.reason = reason
         self.metadata = dict(metadata or {})
+        self.retry_after_s = retry_after_s
 
     def to_status(self) -> grpc.Status:
-        info = error_details_pb2.ErrorInfo(
-            reason=self.reason, domain=DOMAIN, metadata=self.metadata
-        )
-        detail = any_pb2.Any()
-        detail.Pack(info)
-        status = status_pb2.Status(code=self.code.value[0], message=self.message, details=[detail])
+        details: list[Any] = [
+            error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata)
+        ]
+        if self.retry_after_s is not None:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(int(self.retry_after_s * 1e9))
+            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        packed = []
+        for detail in details:
+            item = any_pb2.Any()
+            item.Pack(detail)
+            packed.append(item)
+        status = status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
         return rpc_status.to_status(status)
 
     def __repr__(self) -> str:
         return f"RpcError({self.code.name}, {self.message!r}, reason={self.reason})"
+
+
+class UnknownDatabaseError(RpcError):
+    """NOT_FOUND: a call named a database that is not configured."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        listed = ", ".join(repr(n) for n in known) or "none"
+        super().__init__(
+            grpc.StatusCode.NOT_FOUND,
+            f"database {name!r} is not configured on this broker; configured: {listed}",
+            Reason.UNKNOWN_DATABASE,
+            {"database": name},
+        )
 
 
 def invalid_argument(message: str, reason: str = Reason.INVALID_REQUEST) -> RpcError:
@@ -203,10 +224,6 @@ def to_rpc_error(
     """
     if isinstance(exc, RpcError):
         return exc
-    if isinstance(exc, UnknownDatabaseError):
-        return RpcError(
-            grpc.StatusCode.NOT_FOUND, str(exc), Reason.UNKNOWN_DATABASE, {"database": exc.name}
-        )
     if isinstance(exc, BSONError):
         return invalid_argument(f"invalid BSON: {exc}", Reason.INVALID_BSON)
     if not isinstance(exc, mongo_errors.PyMongoError):

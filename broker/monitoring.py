@@ -1,97 +1,175 @@
-"""pymongo CMAP listeners -> live pool figures for one configured database.
+"""pymongo CMAP/SDAM/command listeners and the broker's own counters, per database.
 
-The driver owns the pool; the broker only observes it through the driver's
-own events (as mongobetween does with the Go driver's PoolMonitor). A
-listener runs inside pymongo's operations, so it must never raise: every
-callback only bumps integers.
+The driver owns the pool; the broker observes it through the driver's own
+events (as mongobetween does with the Go driver's PoolMonitor) and keeps
+plain counters that Stats, /metrics and the pool-size advice all read.
+
+A listener runs inside pymongo's operations and monitors, so it must never
+raise: every callback is wrapped, and a failure is logged, not propagated.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
+import itertools
 import logging
-from dataclasses import dataclass
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec
 
 from pymongo import monitoring
 
-__all__ = ["PoolMonitor", "PoolSnapshot", "TopologyMonitor"]
+__all__ = [
+    "CommandMonitor",
+    "DatabaseStats",
+    "PoolAdvice",
+    "PoolMonitor",
+    "Reservoir",
+    "TopologyMonitor",
+]
 
 log = logging.getLogger("mongo_broker.monitoring")
 
+_P = ParamSpec("_P")
 
-@dataclass(frozen=True, slots=True)
-class PoolSnapshot:
-    connections_open: int
-    connections_in_use: int
-    connections_created: int
-    connections_closed: int
-    pool_clears: int
+
+def _never_raises(method: Callable[_P, None]) -> Callable[_P, None]:
+    """A broken listener must not break the operation that called it."""
+
+    @functools.wraps(method)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> None:
+        try:
+            method(*args, **kwargs)
+        except Exception:
+            log.exception("listener %s failed", method.__qualname__)
+
+    return wrapper
+
+
+class Reservoir:
+    """The most recent samples of a duration, for percentiles without unbounded memory."""
+
+    def __init__(self, size: int = 2048) -> None:
+        self._samples: collections.deque[float] = collections.deque(maxlen=size)
+        self.maximum = 0.0
+        self.count = 0
+
+    def add(self, value: float) -> None:
+        self._samples.append(value)
+        self.count += 1
+        self.maximum = max(self.maximum, value)
+
+    def percentile(self, p: float) -> float:
+        if not self._samples:
+            return 0.0
+        ordered = sorted(self._samples)
+        rank = max(0, math.ceil(p / 100 * len(ordered)) - 1)
+        return ordered[rank]
 
 
 class PoolMonitor(monitoring.ConnectionPoolListener):
-    """Counts connections of one MongoClient's pools (one pool per server)."""
+    """Counts one MongoClient's pool connections and how long they are held."""
 
     def __init__(self, database: str) -> None:
         self.database = database
-        self._open = 0
-        self._in_use = 0
-        self._created = 0
-        self._closed = 0
-        self._clears = 0
+        self.open = 0
+        self.in_use = 0
+        self.created = 0
+        self.closed = 0
+        self.clears = 0
+        self.checkouts = 0
+        self.checkout_failures: collections.Counter[str] = collections.Counter()
+        # Seconds connections spent checked out, summed over check-ins: the
+        # numerator of Little's law (mean connections busy = hold time / time).
+        self.hold_seconds = 0.0
+        self._checked_out_at: dict[tuple[Any, int], float] = {}
 
-    def snapshot(self) -> PoolSnapshot:
-        return PoolSnapshot(
-            connections_open=self._open,
-            connections_in_use=self._in_use,
-            connections_created=self._created,
-            connections_closed=self._closed,
-            pool_clears=self._clears,
-        )
+    @property
+    def idle(self) -> int:
+        return max(0, self.open - self.in_use)
 
-    # Pool lifecycle -------------------------------------------------------
+    def busy_seconds(self) -> float:
+        """Hold time so far, counting connections still checked out up to now."""
+        now = time.monotonic()
+        return self.hold_seconds + sum(now - t for t in self._checked_out_at.values())
+
     def pool_created(self, event: monitoring.PoolCreatedEvent) -> None:
         pass
 
     def pool_ready(self, event: monitoring.PoolReadyEvent) -> None:
         pass
 
+    @_never_raises
     def pool_cleared(self, event: monitoring.PoolClearedEvent) -> None:
-        self._clears += 1
-        log.warning("pool for %s at %s cleared", self.database, event.address)
+        self.clears += 1
+        log.warning("pool for database %s at %s:%s cleared", self.database, *event.address)
 
     def pool_closed(self, event: monitoring.PoolClosedEvent) -> None:
         pass
 
-    # Connections ----------------------------------------------------------
+    @_never_raises
     def connection_created(self, event: monitoring.ConnectionCreatedEvent) -> None:
-        self._open += 1
-        self._created += 1
+        self.open += 1
+        self.created += 1
 
     def connection_ready(self, event: monitoring.ConnectionReadyEvent) -> None:
         pass
 
+    @_never_raises
     def connection_closed(self, event: monitoring.ConnectionClosedEvent) -> None:
-        self._open -= 1
-        self._closed += 1
+        self.open -= 1
+        self.closed += 1
 
     def connection_check_out_started(
         self, event: monitoring.ConnectionCheckOutStartedEvent
     ) -> None:
         pass
 
+    @_never_raises
     def connection_check_out_failed(self, event: monitoring.ConnectionCheckOutFailedEvent) -> None:
+        self.checkout_failures[str(event.reason)] += 1
+
+    @_never_raises
+    def connection_checked_out(self, event: monitoring.ConnectionCheckedOutEvent) -> None:
+        self.in_use += 1
+        self.checkouts += 1
+        self._checked_out_at[(event.address, event.connection_id)] = time.monotonic()
+
+    @_never_raises
+    def connection_checked_in(self, event: monitoring.ConnectionCheckedInEvent) -> None:
+        self.in_use -= 1
+        started = self._checked_out_at.pop((event.address, event.connection_id), None)
+        if started is not None:
+            self.hold_seconds += time.monotonic() - started
+
+
+class CommandMonitor(monitoring.CommandListener):
+    """Counts the commands the broker sent to MongoDB, by name, and their failures."""
+
+    def __init__(self, database: str) -> None:
+        self.database = database
+        self.sent: collections.Counter[str] = collections.Counter()
+        self.failures: collections.Counter[str] = collections.Counter()
+
+    @_never_raises
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        self.sent[event.command_name] += 1
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         pass
 
-    def connection_checked_out(self, event: monitoring.ConnectionCheckedOutEvent) -> None:
-        self._in_use += 1
-
-    def connection_checked_in(self, event: monitoring.ConnectionCheckedInEvent) -> None:
-        self._in_use -= 1
+    @_never_raises
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        self.failures[event.command_name] += 1
 
 
 class TopologyMonitor(monitoring.TopologyListener):
-    """Tracks whether one client's database can take writes, from SDAM events.
+    """Tracks whether one client's database can take writes, and its RTT, from SDAM.
 
     pymongo's CSOT replaces serverSelectionTimeoutMS with the whole remaining
     time limit, so a call to a dead database would wait out its full deadline.
@@ -107,6 +185,9 @@ class TopologyMonitor(monitoring.TopologyListener):
         # success: the database is known to be down, not merely undiscovered.
         self.known_down = False
         self.last_error: str | None = None
+        self.server_type = "Unknown"
+        self.rtt_s: float | None = None
+        self.on_change: list[Callable[[bool], None]] = []
         self._changed: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -118,9 +199,10 @@ class TopologyMonitor(monitoring.TopologyListener):
         """Wait up to ``timeout`` seconds for the database to become available."""
         if self.available or timeout <= 0 or self._changed is None:
             return self.available
-        deadline = asyncio.get_running_loop().time() + timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while not self.available:
-            remaining = deadline - asyncio.get_running_loop().time()
+            remaining = deadline - loop.time()
             if remaining <= 0:
                 break
             self._changed.clear()
@@ -147,26 +229,164 @@ class TopologyMonitor(monitoring.TopologyListener):
     def closed(self, event: monitoring.TopologyClosedEvent) -> None:
         pass
 
+    @_never_raises
     def description_changed(self, event: monitoring.TopologyDescriptionChangedEvent) -> None:
-        try:
-            description = event.new_description
-            available = description.has_writable_server()
-            errors = [
-                str(sd.error) for sd in description.server_descriptions().values() if sd.error
-            ]
-            before = (self.available, self.known_down)
+        description = event.new_description
+        available = description.has_writable_server()
+        servers = list(description.server_descriptions().values())
+        errors = [str(sd.error) for sd in servers if sd.error]
+        rtts = [sd.round_trip_time for sd in servers if sd.round_trip_time is not None]
+        self.rtt_s = min(rtts) if rtts else None
+        self.server_type = ",".join(sorted({sd.server_type_name for sd in servers})) or "Unknown"
+        before = (self.available, self.known_down)
+        if available:
+            self.known_down = False
+            self.last_error = None
+        elif errors:
+            self.known_down = True
+            self.last_error = errors[0]
+        self.available = available
+        if (available, self.known_down) != before:
             if available:
-                self.known_down = False
-                self.last_error = None
-            elif errors:
-                self.known_down = True
-                self.last_error = errors[0]
-            if (available, self.known_down) != before:
-                if available:
-                    log.info("database %s is available", self.database)
-                elif self.known_down:
-                    log.warning("database %s is unreachable: %s", self.database, self.last_error)
-            self.available = available
-            self._notify()
-        except Exception:  # a listener must never break the driver
-            log.exception("topology listener failed")
+                log.info("database %s is available", self.database)
+            elif self.known_down:
+                log.warning("database %s is unreachable: %s", self.database, self.last_error)
+            for callback in self.on_change:
+                callback(available)
+        self._notify()
+
+
+@dataclass
+class PoolAdvice:
+    """A recommended max_pool_size from Little's law over the recent window."""
+
+    recommended: int
+    demand: float  # peak mean connections wanted (busy + waiting) per second
+    arrival_rate: float  # database round trips per second over the window
+    mean_hold_ms: float  # mean time a connection is held per round trip
+    window_s: float
+
+
+# One sample a second: the advice looks at the last minute.
+_SAMPLES = 61
+
+
+@dataclass
+class _Sample:
+    at: float
+    round_trips: int
+    busy_s: float
+    queued_s: float
+
+
+@dataclass
+class DatabaseStats:
+    """Everything observed about one configured database."""
+
+    database: str
+    max_pool_size: int
+    min_pool_size: int
+    pool: PoolMonitor
+    topology: TopologyMonitor
+    commands: CommandMonitor
+    queue_waits: Reservoir = field(default_factory=Reservoir)
+    queue_wait_total_s: float = 0.0
+    round_trips: int = 0
+    rpcs: collections.Counter[str] = field(default_factory=collections.Counter)
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    in_flight: int = 0
+    open_cursors: int = 0
+    _samples: collections.deque[_Sample] = field(
+        default_factory=lambda: collections.deque(maxlen=_SAMPLES)
+    )
+    _last_warning: float = 0.0
+
+    @classmethod
+    def create(cls, database: str, max_pool_size: int, min_pool_size: int) -> DatabaseStats:
+        return cls(
+            database,
+            max_pool_size,
+            min_pool_size,
+            PoolMonitor(database),
+            TopologyMonitor(database),
+            CommandMonitor(database),
+        )
+
+    def listeners(self) -> list[monitoring._EventListener]:
+        return [self.pool, self.topology, self.commands]
+
+    def record_queue_wait(self, seconds: float) -> None:
+        self.round_trips += 1
+        self.queue_wait_total_s += seconds
+        self.queue_waits.add(seconds)
+
+    # -- pool-size advice (Little's law) ------------------------------------
+
+    def sample(self, now: float | None = None) -> None:
+        """Take the once-a-second sample the advice is computed from."""
+        self._samples.append(
+            _Sample(
+                time.monotonic() if now is None else now,
+                self.round_trips,
+                self.pool.busy_seconds(),
+                self.queue_wait_total_s,
+            )
+        )
+
+    def advice(self) -> PoolAdvice:
+        """Recommend max_pool_size: the peak of (busy + waiting) per second, plus headroom.
+
+        Mean connections busy over an interval is hold time / interval, and
+        mean calls waiting is queue time / interval (Little's law: L = lambda x W).
+        Their sum is what the pool would have needed for no call to wait.
+        """
+        samples = list(self._samples)
+        if len(samples) < 2:
+            return PoolAdvice(self.max_pool_size, 0.0, 0.0, 0.0, 0.0)
+        peak = 0.0
+        for before, after in itertools.pairwise(samples):
+            span = after.at - before.at
+            if span > 0:
+                demand = (after.busy_s - before.busy_s + after.queued_s - before.queued_s) / span
+                peak = max(peak, demand)
+        first, last = samples[0], samples[-1]
+        window = last.at - first.at
+        trips = last.round_trips - first.round_trips
+        hold = last.busy_s - first.busy_s
+        # 25% headroom for bursts shorter than a sample, and never below the
+        # configured warm minimum or one connection.
+        recommended = max(1, self.min_pool_size, math.ceil(peak * 1.25))
+        return PoolAdvice(
+            recommended=recommended,
+            demand=peak,
+            arrival_rate=trips / window if window > 0 else 0.0,
+            mean_hold_ms=hold / trips * 1000 if trips else 0.0,
+            window_s=window,
+        )
+
+    def warn_if_mis_sized(self, now: float, every_s: float = 300.0) -> None:
+        """Log, at most every ``every_s``, when the pool is clearly too small or too big."""
+        if now - self._last_warning < every_s or len(self._samples) < _SAMPLES // 2:
+            return
+        advice = self.advice()
+        if advice.arrival_rate <= 0:
+            return
+        if advice.recommended > self.max_pool_size:
+            self._last_warning = now
+            log.warning(
+                "database %s: callers are waiting for connections; demand peaked at %.1f "
+                "connections for max_pool_size=%d; consider max_pool_size=%d",
+                self.database,
+                advice.demand,
+                self.max_pool_size,
+                advice.recommended,
+            )
+        elif self.max_pool_size > 4 and advice.recommended * 2 < self.max_pool_size:
+            self._last_warning = now
+            log.warning(
+                "database %s: the pool is mostly idle (peak demand %.1f connections) and "
+                "larger than it needs to be; consider max_pool_size=%d",
+                self.database,
+                advice.demand,
+                advice.recommended,
+            )

@@ -16,25 +16,14 @@ from typing import Any
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
-from broker.monitoring import PoolMonitor, TopologyMonitor
+from broker.admission import Admission
+from broker.errors import UnknownDatabaseError
+from broker.monitoring import DatabaseStats
 from broker.settings import DatabaseSettings
 
-__all__ = ["DatabasePool", "Pools", "UnknownDatabaseError"]
+__all__ = ["DatabasePool", "Pools"]
 
 log = logging.getLogger("mongo_broker.pools")
-
-
-class UnknownDatabaseError(LookupError):
-    """A call named a database that is not configured."""
-
-    def __init__(self, name: str, known: list[str]) -> None:
-        super().__init__(name)
-        self.name = name
-        self.known = known
-
-    def __str__(self) -> str:
-        known = ", ".join(repr(n) for n in self.known) or "none"
-        return f"database {self.name!r} is not configured on this broker; configured: {known}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +34,8 @@ class DatabasePool:
     settings: DatabaseSettings
     client: AsyncMongoClient[Any]
     db: AsyncDatabase[Any]
-    monitor: PoolMonitor
-    topology: TopologyMonitor
+    stats: DatabaseStats
+    admission: Admission
 
 
 class Pools:
@@ -60,23 +49,28 @@ class Pools:
         """Construct one client per database. No I/O happens until `connect`."""
         pools = {}
         for name, settings in databases.items():
-            monitor = PoolMonitor(name)
-            topology = TopologyMonitor(name)
+            stats = DatabaseStats.create(name, settings.max_pool_size, settings.min_pool_size)
             client: AsyncMongoClient[Any] = AsyncMongoClient(
                 settings.uri.get_secret_value(),
-                event_listeners=[monitor, topology],
+                event_listeners=stats.listeners(),
                 connect=False,
                 **settings.client_options(),
             )
             db = client.get_database(settings.database or name)
-            pools[name] = DatabasePool(name, settings, client, db, monitor, topology)
+            admission = Admission(
+                name,
+                slots=settings.max_pool_size,
+                max_waiting=settings.max_waiting,
+                wait_timeout_s=settings.wait_queue_timeout_ms / 1000,
+            )
+            pools[name] = DatabasePool(name, settings, client, db, stats, admission)
         return cls(pools)
 
     async def connect(self) -> None:
         """Start monitoring and fill min_pool_size; never fails on a down database."""
         loop = asyncio.get_running_loop()
         for pool in self._pools.values():
-            pool.topology.bind_loop(loop)
+            pool.stats.topology.bind_loop(loop)
             await pool.client.aconnect()
             log.info(
                 "database %s -> %s (db %s, max_pool_size=%d)",

@@ -18,12 +18,14 @@ import os
 import signal
 import socket
 import stat
+import time
 from pathlib import Path
 
 import grpc
 from broker_client.proto.broker.v1 import broker_pb2_grpc
 
 from broker import __version__
+from broker.metrics import BrokerMetrics
 from broker.pools import Pools
 from broker.service import BrokerService
 from broker.settings import ListenSettings, Settings
@@ -46,9 +48,10 @@ class Listeners:
     def __init__(self) -> None:
         self.unix: str | None = None
         self.tcp: str | None = None
+        self.metrics: str | None = None
 
     def as_dict(self) -> dict[str, str | None]:
-        return {"unix": self.unix, "tcp": self.tcp}
+        return {"unix": self.unix, "tcp": self.tcp, "metrics": self.metrics}
 
 
 def _prepare_unix_socket(path: str) -> None:
@@ -104,28 +107,47 @@ def _write_ready_file(path: str, listeners: Listeners) -> None:
     os.replace(tmp, path)
 
 
+async def _sample(pools: Pools) -> None:
+    """Once a second, sample each database for the pool-size advice."""
+    while True:
+        await asyncio.sleep(1.0)
+        now = time.monotonic()
+        for pool in pools:
+            pool.stats.sample(now)
+            pool.stats.warn_if_mis_sized(now)
+
+
 async def serve(settings: Settings, ready_file: str | None = None) -> int:
     """Run the broker until SIGTERM/SIGINT. Returns the process exit code."""
     pools = Pools.build(settings.databases)
+    metrics = BrokerMetrics(lambda: pools)
     server = grpc.aio.server(
+        # Past this many calls at once gRPC answers RESOURCE_EXHAUSTED itself,
+        # so the broker's memory stays bounded whatever the callers do.
+        maximum_concurrent_rpcs=settings.concurrency_limit(),
         options=[
             ("grpc.max_receive_message_length", settings.server.max_request_bytes),
             ("grpc.max_send_message_length", _MAX_SEND_BYTES),
             # grpc sets SO_REUSEPORT by default: a second broker on the same
             # TCP port would silently take a share of the calls.
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     broker_pb2_grpc.add_BrokerServicer_to_server(
-        BrokerService(pools, settings.server, __version__), server
+        BrokerService(pools, settings.server, metrics, __version__, access_log=settings.log.access),
+        server,
     )
     try:
         listeners = _bind(server, settings.listen)
-    except ListenError as exc:
+        if settings.metrics.listen:
+            host = settings.metrics.listen.rsplit(":", 1)[0]
+            listeners.metrics = f"{host}:{metrics.serve_http(settings.metrics.listen)}"
+    except (ListenError, OSError) as exc:
         log.error("%s", exc)
         await pools.close()
         return 2
     await pools.connect()
+    sampler = asyncio.create_task(_sample(pools))
     await server.start()
     log.info(
         "mongo-broker %s serving on %s",
@@ -161,6 +183,8 @@ async def serve(settings: Settings, ready_file: str | None = None) -> int:
     if not drain.done():
         await server.stop(0)
     force.cancel()
+    sampler.cancel()
+    metrics.close()
     await pools.close()
     if listeners.unix:
         with contextlib.suppress(FileNotFoundError):

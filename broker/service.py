@@ -1,4 +1,4 @@
-"""The Broker servicer: Find, Insert and Ping. Thin: validate, run, map errors.
+"""The Broker servicer: Find, Insert, Ping and Stats. Thin: validate, run, observe.
 
 Runs on grpc.aio with pymongo's AsyncMongoClient. A synchronous server would
 pin one thread to every open Find stream for as long as the client takes to
@@ -6,14 +6,18 @@ read it; with asyncio an idle stream costs a suspended coroutine.
 
 Every call runs inside `pymongo.timeout(...)` built from the gRPC deadline
 (or the database's default_timeout_ms), so server selection, pool checkout
-and the server-side maxTimeMS all stop when the caller stops waiting.
+and the server-side maxTimeMS all stop when the caller stops waiting. Every
+database round trip first takes a slot from the database's admission queue
+(see admission.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,37 +29,75 @@ from pymongo.write_concern import WriteConcern
 
 from broker import documents
 from broker.errors import Reason, RpcError, invalid_argument, to_rpc_error
+from broker.metrics import BrokerMetrics, checkout_failures
 from broker.pools import DatabasePool, Pools
 from broker.settings import ServerSettings
 
-__all__ = ["BrokerService"]
+__all__ = ["REQUEST_ID_HEADER", "BrokerService"]
 
 log = logging.getLogger("mongo_broker.service")
+access_log = logging.getLogger("mongo_broker.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 
 # pymongo may raise a timeout a hair before the deadline (it leaves the
 # server maxTimeMS minus one round trip); within this margin it is ours.
 _DEADLINE_SLACK_S = 0.010
+_NO_DEADLINE_S = 10 * 365 * 86400
+
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class _Call:
-    """One call's database and time limit."""
+    """One call: what it asked for, its limits, and what it did (for the access log)."""
 
-    __slots__ = ("deadline", "pool")
+    __slots__ = (
+        "bytes", "code", "collection", "database", "deadline", "documents",
+        "method", "pool", "queue_wait_s", "request_id", "started",
+    )  # fmt: skip
 
-    def __init__(self, pool: DatabasePool, deadline: float) -> None:
-        self.pool = pool
-        self.deadline = deadline
+    def __init__(self, method: str, database: str, collection: str, request_id: str) -> None:
+        self.method = method
+        self.database = database
+        self.collection = collection
+        self.request_id = request_id
+        self.started = time.monotonic()
+        self.deadline = self.started + _NO_DEADLINE_S
+        self.pool: DatabasePool | None = None
+        self.code = "OK"
+        self.documents = 0
+        self.bytes = 0
+        self.queue_wait_s = 0.0
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
 
+    def comment(self, comment: str = "") -> str:
+        # Ties the server's slow-query log and currentOp back to the worker.
+        return f"{comment} rid={self.request_id}" if comment else f"rid={self.request_id}"
 
-def _time_limit(
-    context: grpc.aio.ServicerContext[Any, Any], pool: DatabasePool, max_time_ms: int
-) -> float:
+    @asynccontextmanager
+    async def round_trip(self) -> AsyncIterator[None]:
+        """Hold an admission slot for one database round trip."""
+        assert self.pool is not None
+        async with self.pool.admission.slot(self.remaining()) as waited:
+            self.queue_wait_s += waited
+            self.pool.stats.record_queue_wait(waited)
+            yield
+
+
+def _request_id(context: Context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and _REQUEST_ID.match(value):
+            return value
+    return uuid.uuid4().hex[:16]
+
+
+def _time_limit(context: Context, pool: DatabasePool, max_time_ms: int) -> float:
     remaining = context.time_remaining()
     # No deadline from the client shows up as None or as a huge number.
-    if remaining is None or remaining > 10 * 365 * 86400:
+    if remaining is None or remaining > _NO_DEADLINE_S:
         remaining = pool.settings.default_timeout_ms / 1000
     if max_time_ms > 0:
         remaining = min(remaining, max_time_ms / 1000)
@@ -65,27 +107,40 @@ def _time_limit(
 class BrokerService(broker_pb2_grpc.BrokerServicer):
     """Serves every worker's calls from the shared pools."""
 
-    def __init__(self, pools: Pools, server: ServerSettings, version: str) -> None:
+    def __init__(
+        self,
+        pools: Pools,
+        server: ServerSettings,
+        metrics: BrokerMetrics,
+        version: str,
+        access_log: bool = True,
+    ) -> None:
         self._pools = pools
         self._server = server
+        self._metrics = metrics
         self._version = version
+        self._access_log = access_log
+        self._started = time.monotonic()
 
     @asynccontextmanager
-    async def _call(
+    async def _serve(
         self,
-        context: grpc.aio.ServicerContext[Any, Any],
+        context: Context,
+        method: str,
         database: str,
+        collection: str = "",
         max_time_ms: int = 0,
     ) -> AsyncIterator[_Call]:
-        """Resolve the database, apply the time limit, and turn failures into statuses."""
-        name = database
-        call: _Call | None = None
+        """Resolve the database, apply limits, observe the call, turn failures into statuses."""
+        call = _Call(method, database, collection, _request_id(context))
         try:
+            await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),))
             if not database:
                 raise invalid_argument("database is required: name one of the configured databases")
-            pool = self._pools.get(database)
+            pool = call.pool = self._pools.get(database)
+            pool.stats.in_flight += 1
             limit = _time_limit(context, pool, max_time_ms)
-            call = _Call(pool, time.monotonic() + limit)
+            call.deadline = call.started + limit
             if limit <= 0:
                 raise RpcError(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -95,14 +150,56 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             await _require_available(pool, limit)
             with pymongo.timeout(limit):
                 yield call
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except asyncio.CancelledError:
+            call.code = "CANCELLED"
             raise
         except Exception as exc:
-            passed = call is not None and call.remaining() <= _DEADLINE_SLACK_S
-            error = to_rpc_error(exc, database=name, deadline_passed=passed)
-            log.debug("call on %r failed: %r", name, error)
+            passed = call.remaining() <= _DEADLINE_SLACK_S
+            error = to_rpc_error(exc, database=database, deadline_passed=passed)
+            call.code = error.code.name
             # grpc-stubs lags grpc.aio: abort_with_status exists since grpcio 1.38.
             await context.abort_with_status(error.to_status())  # type: ignore[attr-defined]
+        finally:
+            self._finish(call)
+
+    def _finish(self, call: _Call) -> None:
+        elapsed = time.monotonic() - call.started
+        label = ""
+        if call.pool is not None:
+            label = call.database
+            stats = call.pool.stats
+            stats.in_flight -= 1
+            stats.rpcs[call.method] += 1
+            if call.code != "OK":
+                stats.errors[call.code] += 1
+            self._metrics.queue_wait.labels(label).observe(call.queue_wait_s)
+        # Unknown database names are not used as labels: a caller could
+        # otherwise create any number of time series.
+        self._metrics.rpc_duration.labels(call.method, label, call.code).observe(elapsed)
+        if self._access_log:
+            access_log.info(
+                "%s db=%s coll=%s code=%s ms=%.2f docs=%d bytes=%d wait_ms=%.2f rid=%s",
+                call.method,
+                call.database or "-",
+                call.collection or "-",
+                call.code,
+                elapsed * 1000,
+                call.documents,
+                call.bytes,
+                call.queue_wait_s * 1000,
+                call.request_id,
+                extra={
+                    "method": call.method,
+                    "database": call.database,
+                    "collection": call.collection,
+                    "code": call.code,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "documents": call.documents,
+                    "bytes": call.bytes,
+                    "queue_wait_ms": round(call.queue_wait_s * 1000, 3),
+                    "request_id": call.request_id,
+                },
+            )
 
     async def Find(  # type: ignore[override]  # grpc.aio also accepts a writing coroutine
         self,
@@ -112,51 +209,78 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         # A coroutine that writes, rather than an async generator, so the
         # pymongo.timeout context and the cursor's cleanup stay in one task.
         cursor = None
+        counted: DatabasePool | None = None
         try:
-            async with self._call(context, request.database, request.max_time_ms) as call:
+            async with self._serve(
+                context, "Find", request.database, request.collection, request.max_time_ms
+            ) as call:
+                assert call.pool is not None
                 options = _find_options(request, call.pool.settings.default_batch_size)
+                options["comment"] = call.comment(request.comment)
                 collection = call.pool.db.get_collection(_collection_name(request.collection))
                 cursor = collection.find_raw_batches(**options)
+                batches = aiter(cursor)
                 cap = self._server.max_response_message_bytes
-                async for batch in cursor:
-                    for chunk in documents.chunk_documents(documents.split_batch(batch), cap):
+                while True:
+                    async with call.round_trip():
+                        try:
+                            batch = await anext(batches)
+                        except StopAsyncIteration:
+                            break
+                    if counted is None and cursor.alive and cursor.cursor_id:
+                        counted = call.pool
+                        counted.stats.open_cursors += 1
+                    docs = documents.split_batch(batch)
+                    call.documents += len(docs)
+                    call.bytes += len(batch)
+                    for chunk in documents.chunk_documents(docs, cap):
                         await context.write(broker_pb2.FindResponse(documents=chunk))
         finally:
             if cursor is not None:
                 await _close_cursor(cursor)
+            if counted is not None:
+                counted.stats.open_cursors -= 1
 
     async def Insert(
         self,
         request: broker_pb2.InsertRequest,
         context: grpc.aio.ServicerContext[broker_pb2.InsertRequest, broker_pb2.InsertResponse],
     ) -> broker_pb2.InsertResponse:
-        async with self._call(context, request.database) as call:
+        async with self._serve(context, "Insert", request.database, request.collection) as call:
+            assert call.pool is not None
             if not request.documents:
                 raise invalid_argument("documents is empty: send at least one BSON document")
             prepared = documents.prepare_inserts(request.documents)
+            call.documents = len(prepared.documents)
+            call.bytes = sum(len(d) for d in request.documents)
             collection = call.pool.db.get_collection(
                 _collection_name(request.collection),
                 write_concern=_write_concern(request),
             )
-            await collection.insert_many(
-                prepared.documents,
-                ordered=request.ordered if request.HasField("ordered") else True,
-                bypass_document_validation=request.bypass_document_validation,
-            )
+            async with call.round_trip():
+                await collection.insert_many(
+                    prepared.documents,
+                    ordered=request.ordered if request.HasField("ordered") else True,
+                    bypass_document_validation=request.bypass_document_validation,
+                    comment=call.comment(),
+                )
             return broker_pb2.InsertResponse(
                 inserted_ids=prepared.id_documents,
                 inserted_count=len(prepared.id_documents),
             )
-        raise AssertionError("unreachable: _call aborts on error")  # pragma: no cover
+        raise AssertionError("unreachable: _serve aborts on error")  # pragma: no cover
 
     async def Ping(
         self,
         request: broker_pb2.PingRequest,
         context: grpc.aio.ServicerContext[broker_pb2.PingRequest, broker_pb2.PingResponse],
     ) -> broker_pb2.PingResponse:
+        # Pings skip the admission queue: an operator must be able to ask
+        # "is the database there?" while the queue is full.
         if request.database:
             # A named database that does not answer fails the call (UNAVAILABLE, ...).
-            async with self._call(context, request.database) as call:
+            async with self._serve(context, "Ping", request.database) as call:
+                assert call.pool is not None
                 result = await _ping(call.pool)
             return broker_pb2.PingResponse(version=self._version, databases=[result])
         # Every database: report each one's health; the call itself succeeds.
@@ -166,7 +290,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         return broker_pb2.PingResponse(version=self._version, databases=results)
 
     async def _ping_reporting(
-        self, pool: DatabasePool, context: grpc.aio.ServicerContext[Any, Any]
+        self, pool: DatabasePool, context: Context
     ) -> broker_pb2.DatabasePing:
         start = time.monotonic()
         limit = _time_limit(context, pool, 0)
@@ -184,6 +308,58 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 pool=_pool_summary(pool),
             )
 
+    async def Stats(
+        self,
+        request: broker_pb2.StatsRequest,
+        context: grpc.aio.ServicerContext[broker_pb2.StatsRequest, broker_pb2.StatsResponse],
+    ) -> broker_pb2.StatsResponse:
+        try:
+            pools = [self._pools.get(request.database)] if request.database else list(self._pools)
+        except Exception as exc:
+            await context.abort_with_status(to_rpc_error(exc).to_status())  # type: ignore[attr-defined]
+            raise
+        return broker_pb2.StatsResponse(
+            version=self._version,
+            uptime_s=time.monotonic() - self._started,
+            databases=[database_stats(pool) for pool in pools],
+        )
+
+
+def database_stats(db: DatabasePool) -> broker_pb2.DatabaseStats:
+    """One database's Stats message, read from its observers."""
+    stats, pool, admission = db.stats, db.stats.pool, db.admission
+    advice = stats.advice()
+    return broker_pb2.DatabaseStats(
+        database=db.name,
+        connections_open=pool.open,
+        connections_in_use=pool.in_use,
+        connections_idle=pool.idle,
+        connections_created=pool.created,
+        connections_closed=pool.closed,
+        max_pool_size=db.settings.max_pool_size,
+        pool_clears=pool.clears,
+        wait_queue_length=admission.waiting,
+        wait_queue_max=admission.waiting_max,
+        max_waiting=admission.max_waiting,
+        wait_p50_ms=stats.queue_waits.percentile(50) * 1000,
+        wait_p99_ms=stats.queue_waits.percentile(99) * 1000,
+        wait_max_ms=stats.queue_waits.maximum * 1000,
+        checkout_failures=checkout_failures(db),
+        operations=dict(stats.commands.sent),
+        rpcs=dict(stats.rpcs),
+        errors=dict(stats.errors),
+        rpcs_in_flight=stats.in_flight,
+        open_cursors=stats.open_cursors,
+        available=stats.topology.available,
+        server_type=stats.topology.server_type,
+        server_rtt_ms=(stats.topology.rtt_s or 0.0) * 1000,
+        last_error=stats.topology.last_error or "",
+        recommended_max_pool_size=advice.recommended,
+        demand_connections=advice.demand,
+        round_trips_per_second=advice.arrival_rate,
+        mean_hold_ms=advice.mean_hold_ms,
+    )
+
 
 async def _require_available(pool: DatabasePool, limit: float) -> None:
     """Fail fast with UNAVAILABLE when the database cannot be reached.
@@ -191,7 +367,7 @@ async def _require_available(pool: DatabasePool, limit: float) -> None:
     pymongo's CSOT would otherwise spend the call's whole time limit on server
     selection; this keeps server_selection_timeout_ms meaningful.
     """
-    topology = pool.topology
+    topology = pool.stats.topology
     if topology.available:
         return
     settings = pool.settings
@@ -229,10 +405,10 @@ async def _ping(pool: DatabasePool) -> broker_pb2.DatabasePing:
 
 
 def _pool_summary(pool: DatabasePool) -> broker_pb2.PoolSummary:
-    snapshot = pool.monitor.snapshot()
+    monitor = pool.stats.pool
     return broker_pb2.PoolSummary(
-        connections_open=snapshot.connections_open,
-        connections_in_use=snapshot.connections_in_use,
+        connections_open=monitor.open,
+        connections_in_use=monitor.in_use,
         max_pool_size=pool.settings.max_pool_size,
     )
 
@@ -287,8 +463,6 @@ def _find_options(request: broker_pb2.FindRequest, default_batch_size: int) -> d
         options["hint"] = _index_spec(
             documents.parse_document(request.hint_keys, "hint_keys"), "hint_keys", index_types=True
         )
-    if request.comment:
-        options["comment"] = request.comment
     return options
 
 

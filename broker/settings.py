@@ -45,6 +45,7 @@ __all__ = [
     "DatabaseSettings",
     "ListenSettings",
     "LogSettings",
+    "MetricsSettings",
     "ServerSettings",
     "Settings",
     "load_settings",
@@ -148,9 +149,12 @@ class DatabaseSettings(BaseModel):
     max_idle_time_ms: PositiveInt | None = 300_000
     # pymongo: 2. Limits the connection storm on the server after a restart.
     max_connecting: PositiveInt = 2
-    # pymongo: no limit. How long a call may wait for a pool connection
-    # before it is refused with RESOURCE_EXHAUSTED.
+    # pymongo: no limit (and ignored under a deadline). How long a call may
+    # wait for a connection before it is refused with RESOURCE_EXHAUSTED.
     wait_queue_timeout_ms: PositiveInt = 1_000
+    # Calls that may wait for a connection at once; more are refused at once
+    # with RESOURCE_EXHAUSTED. Bounds the broker's memory under overload.
+    max_waiting: PositiveInt = 50
     # pymongo: 20 s. The database is close by; a connect that takes 5 s is broken.
     connect_timeout_ms: PositiveInt = 5_000
     # pymongo: no limit. Every call already carries a time limit (deadline or
@@ -226,6 +230,24 @@ class ServerSettings(BaseModel):
     max_request_bytes: Annotated[int, Field(ge=64 * 1024)] = 32 * MiB
     # Seconds in-flight calls get to finish on SIGTERM before being cancelled.
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 10.0
+    # Calls the server runs at once; more get RESOURCE_EXHAUSTED from gRPC.
+    # Default: every database's max_pool_size + max_waiting, plus 64 for
+    # pings and stats, so a flood on one database leaves room for the others.
+    max_concurrent_rpcs: PositiveInt | None = None
+
+
+class MetricsSettings(BaseModel):
+    """The optional Prometheus endpoint."""
+
+    model_config = _FROZEN
+
+    # "HOST:PORT" or "PORT" (bound to 127.0.0.1) for GET /metrics; unset: off.
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        return None if value in (None, "") else ListenSettings._check_tcp(value)
 
 
 class LogSettings(BaseModel):
@@ -233,6 +255,8 @@ class LogSettings(BaseModel):
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
+    # One line per call on the `mongo_broker.access` logger.
+    access: bool = True
 
 
 class Settings(BaseSettings):
@@ -249,6 +273,7 @@ class Settings(BaseSettings):
     listen: ListenSettings = ListenSettings()
     server: ServerSettings = ServerSettings()
     log: LogSettings = LogSettings()
+    metrics: MetricsSettings = MetricsSettings()
     databases: dict[str, DatabaseSettings] = Field(default_factory=dict)
 
     @field_validator("databases")
@@ -273,6 +298,12 @@ class Settings(BaseSettings):
         # The file's contents arrive as init arguments (see load_settings), so
         # the environment must rank above them.
         return (env_settings, init_settings)
+
+    def concurrency_limit(self) -> int:
+        """The server's maximum concurrent calls (see ServerSettings)."""
+        if self.server.max_concurrent_rpcs is not None:
+            return self.server.max_concurrent_rpcs
+        return 64 + sum(db.max_pool_size + db.max_waiting for db in self.databases.values())
 
     def mongo_database(self, name: str) -> str:
         """The MongoDB database name behind configured database ``name``."""

@@ -337,3 +337,249 @@ class PingResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PingResponse: _TypeAlias = PingResponse  # noqa: Y015
+
+@_typing.final
+class StatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    """A configured database; empty means every configured database."""
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatsRequest: _TypeAlias = StatsRequest  # noqa: Y015
+
+@_typing.final
+class DatabaseStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CheckoutFailuresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class OperationsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class RpcsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class ErrorsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    CONNECTIONS_OPEN_FIELD_NUMBER: _builtins.int
+    CONNECTIONS_IN_USE_FIELD_NUMBER: _builtins.int
+    CONNECTIONS_IDLE_FIELD_NUMBER: _builtins.int
+    CONNECTIONS_CREATED_FIELD_NUMBER: _builtins.int
+    CONNECTIONS_CLOSED_FIELD_NUMBER: _builtins.int
+    MAX_POOL_SIZE_FIELD_NUMBER: _builtins.int
+    POOL_CLEARS_FIELD_NUMBER: _builtins.int
+    WAIT_QUEUE_LENGTH_FIELD_NUMBER: _builtins.int
+    WAIT_QUEUE_MAX_FIELD_NUMBER: _builtins.int
+    MAX_WAITING_FIELD_NUMBER: _builtins.int
+    WAIT_P50_MS_FIELD_NUMBER: _builtins.int
+    WAIT_P99_MS_FIELD_NUMBER: _builtins.int
+    WAIT_MAX_MS_FIELD_NUMBER: _builtins.int
+    CHECKOUT_FAILURES_FIELD_NUMBER: _builtins.int
+    OPERATIONS_FIELD_NUMBER: _builtins.int
+    RPCS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    RPCS_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    OPEN_CURSORS_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    SERVER_TYPE_FIELD_NUMBER: _builtins.int
+    SERVER_RTT_MS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    RECOMMENDED_MAX_POOL_SIZE_FIELD_NUMBER: _builtins.int
+    DEMAND_CONNECTIONS_FIELD_NUMBER: _builtins.int
+    ROUND_TRIPS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    MEAN_HOLD_MS_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    connections_open: _builtins.int
+    """The connection pool, from the driver's CMAP events."""
+    connections_in_use: _builtins.int
+    connections_idle: _builtins.int
+    connections_created: _builtins.int
+    connections_closed: _builtins.int
+    max_pool_size: _builtins.int
+    pool_clears: _builtins.int
+    wait_queue_length: _builtins.int
+    """The broker's wait queue in front of the pool."""
+    wait_queue_max: _builtins.int
+    max_waiting: _builtins.int
+    wait_p50_ms: _builtins.float
+    """Time spent waiting for a connection, over the most recent round trips."""
+    wait_p99_ms: _builtins.float
+    wait_max_ms: _builtins.float
+    rpcs_in_flight: _builtins.int
+    open_cursors: _builtins.int
+    available: _builtins.bool
+    """The server, from the driver's heartbeats (SDAM)."""
+    server_type: _builtins.str
+    server_rtt_ms: _builtins.float
+    last_error: _builtins.str
+    recommended_max_pool_size: _builtins.int
+    """Pool-size advice from Little's law over the last minute."""
+    demand_connections: _builtins.float
+    """Peak connections wanted (busy + waiting), averaged per second."""
+    round_trips_per_second: _builtins.float
+    mean_hold_ms: _builtins.float
+    @_builtins.property
+    def checkout_failures(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Calls refused or failed while getting a connection, by reason:
+        queue_full, wait_timeout, and the driver's own (connectionError, ...).
+        """
+
+    @_builtins.property
+    def operations(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Commands sent to MongoDB, by command name (find, getMore, insert, ...)."""
+
+    @_builtins.property
+    def rpcs(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Calls answered, by method (Find, Insert, Ping)."""
+
+    @_builtins.property
+    def errors(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Calls that failed, by gRPC status code name."""
+
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        connections_open: _builtins.int = ...,
+        connections_in_use: _builtins.int = ...,
+        connections_idle: _builtins.int = ...,
+        connections_created: _builtins.int = ...,
+        connections_closed: _builtins.int = ...,
+        max_pool_size: _builtins.int = ...,
+        pool_clears: _builtins.int = ...,
+        wait_queue_length: _builtins.int = ...,
+        wait_queue_max: _builtins.int = ...,
+        max_waiting: _builtins.int = ...,
+        wait_p50_ms: _builtins.float = ...,
+        wait_p99_ms: _builtins.float = ...,
+        wait_max_ms: _builtins.float = ...,
+        checkout_failures: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        operations: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        rpcs: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        errors: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        rpcs_in_flight: _builtins.int = ...,
+        open_cursors: _builtins.int = ...,
+        available: _builtins.bool = ...,
+        server_type: _builtins.str = ...,
+        server_rtt_ms: _builtins.float = ...,
+        last_error: _builtins.str = ...,
+        recommended_max_pool_size: _builtins.int = ...,
+        demand_connections: _builtins.float = ...,
+        round_trips_per_second: _builtins.float = ...,
+        mean_hold_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "checkout_failures", b"checkout_failures", "connections_closed", b"connections_closed", "connections_created", b"connections_created", "connections_idle", b"connections_idle", "connections_in_use", b"connections_in_use", "connections_open", b"connections_open", "database", b"database", "demand_connections", b"demand_connections", "errors", b"errors", "last_error", b"last_error", "max_pool_size", b"max_pool_size", "max_waiting", b"max_waiting", "mean_hold_ms", b"mean_hold_ms", "open_cursors", b"open_cursors", "operations", b"operations", "pool_clears", b"pool_clears", "recommended_max_pool_size", b"recommended_max_pool_size", "round_trips_per_second", b"round_trips_per_second", "rpcs", b"rpcs", "rpcs_in_flight", b"rpcs_in_flight", "server_rtt_ms", b"server_rtt_ms", "server_type", b"server_type", "wait_max_ms", b"wait_max_ms", "wait_p50_ms", b"wait_p50_ms", "wait_p99_ms", b"wait_p99_ms", "wait_queue_length", b"wait_queue_length", "wait_queue_max", b"wait_queue_max"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatabaseStats: _TypeAlias = DatabaseStats  # noqa: Y015
+
+@_typing.final
+class StatsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    UPTIME_S_FIELD_NUMBER: _builtins.int
+    DATABASES_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    uptime_s: _builtins.float
+    @_builtins.property
+    def databases(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatabaseStats]: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        uptime_s: _builtins.float = ...,
+        databases: _abc.Iterable[Global___DatabaseStats] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["databases", b"databases", "uptime_s", b"uptime_s", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015

@@ -51,6 +51,11 @@ class BrokerStub:
                 request_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.PingRequest.SerializeToString,
                 response_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.PingResponse.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/broker.v1.Broker/Stats',
+                request_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.StatsRequest.SerializeToString,
+                response_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.StatsResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -82,6 +87,13 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """Stats reports the pools, queues, operations and errors of each database.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +111,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.Ping,
                     request_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.PingRequest.FromString,
                     response_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.PingResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.StatsRequest.FromString,
+                    response_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.StatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +201,33 @@ class Broker:
             '/broker.v1.Broker/Ping',
             broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.PingRequest.SerializeToString,
             broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.PingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Broker/Stats',
+            broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.StatsRequest.SerializeToString,
+            broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.StatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

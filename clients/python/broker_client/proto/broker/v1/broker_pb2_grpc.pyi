@@ -57,6 +57,8 @@ class BrokerStub:
     """
     Ping: _grpc.UnaryUnaryMultiCallable[_broker_pb2.PingRequest, _broker_pb2.PingResponse]
     """Ping checks the broker and its upstream databases."""
+    Stats: _grpc.UnaryUnaryMultiCallable[_broker_pb2.StatsRequest, _broker_pb2.StatsResponse]
+    """Stats reports the pools, queues, operations and errors of each database."""
 
 @_typing.type_check_only
 class BrokerAsyncStub(BrokerStub):
@@ -76,6 +78,8 @@ class BrokerAsyncStub(BrokerStub):
     """
     Ping: _aio.UnaryUnaryMultiCallable[_broker_pb2.PingRequest, _broker_pb2.PingResponse]  # type: ignore[assignment]
     """Ping checks the broker and its upstream databases."""
+    Stats: _aio.UnaryUnaryMultiCallable[_broker_pb2.StatsRequest, _broker_pb2.StatsResponse]  # type: ignore[assignment]
+    """Stats reports the pools, queues, operations and errors of each database."""
 
 class BrokerServicer(metaclass=_abc_1.ABCMeta):
     """Broker runs MongoDB operations for many short-lived worker processes over
@@ -110,5 +114,13 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.PingResponse, _abc.Awaitable[_broker_pb2.PingResponse]]:
         """Ping checks the broker and its upstream databases."""
+
+    @_abc_1.abstractmethod
+    def Stats(
+        self,
+        request: _broker_pb2.StatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.StatsResponse, _abc.Awaitable[_broker_pb2.StatsResponse]]:
+        """Stats reports the pools, queues, operations and errors of each database."""
 
 def add_BrokerServicer_to_server(servicer: BrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
