@@ -37,12 +37,23 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ./clients/python -e '.[dev]'
 	touch $@
 
-tools: $(TOOLS)/ferretdb
+# Pinned Go tools the tests drive: a network-fault proxy between the broker
+# and the database, and real third-party gRPC clients.
+TOXIPROXY_VERSION := v2.12.0
+GRPCURL_VERSION := v1.9.3
+HEALTH_PROBE_VERSION := v0.4.40
+
+tools: $(TOOLS)/ferretdb $(TOOLS)/toxiproxy-server
 
 # FerretDB v1.24 (SQLite backend), the test server when no mongod is at hand.
 $(TOOLS)/ferretdb: bench/ferretdb/go.mod bench/ferretdb/go.sum bench/ferretdb/main.go
 	mkdir -p $(TOOLS)
 	cd bench/ferretdb && go build -o $@ .
+
+$(TOOLS)/toxiproxy-server:
+	mkdir -p $(TOOLS)
+	go install github.com/Shopify/toxiproxy/v2/cmd/server@$(TOXIPROXY_VERSION)
+	mv $(TOOLS)/server $@
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache

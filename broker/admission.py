@@ -73,10 +73,7 @@ class Admission:
         return len(self._waiters)
 
     def _state(self) -> str:
-        return (
-            f"{self.in_use}/{self.slots} connections busy, "
-            f"{self.waiting}/{self.max_waiting} calls waiting"
-        )
+        return f"{self.in_use}/{self.slots} connections busy, {self.waiting}/{self.max_waiting} calls waiting"
 
     def _retry_after(self) -> float:
         # Roughly one wait-queue timeout: by then the queue has turned over.

@@ -7,7 +7,8 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from broker import __version__
 from broker.settings import CONFIG_ENV, ConfigError, load_settings
@@ -37,19 +38,28 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     ping = commands.add_parser("ping", help="ping a running broker and its databases")
-    ping.add_argument(
+    _add_target_arguments(ping)
+    ping.add_argument("--database", default="", help="ping only this configured database")
+    ping.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    stats = commands.add_parser("stats", help="show pools, queues and errors of a running broker")
+    _add_target_arguments(stats)
+    stats.add_argument("--database", default="", help="only this configured database")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--target",
         default=os.environ.get(TARGET_ENV),
         help=f"broker address, e.g. unix:///run/mongo-broker/broker.sock or 127.0.0.1:50051 "
         f"(env {TARGET_ENV}; default: the unix socket from --config)",
     )
-    ping.add_argument(
+    parser.add_argument(
         "--config", default=os.environ.get(CONFIG_ENV), help="config file to find the target in"
     )
-    ping.add_argument("--database", default="", help="ping only this configured database")
-    ping.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
-    ping.add_argument("--json", action="store_true", help="print JSON instead of text")
-    return parser
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
 
 
 def _target(args: argparse.Namespace) -> str:
@@ -93,6 +103,72 @@ def _ping(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
+def _stats(args: argparse.Namespace) -> int:
+    import grpc
+    from broker_client.proto.broker.v1 import broker_pb2, broker_pb2_grpc
+    from google.protobuf.json_format import MessageToDict
+
+    target = _target(args)
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = broker_pb2_grpc.BrokerStub(channel).Stats(
+                broker_pb2.StatsRequest(database=args.database), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            print(f"stats {target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True)))
+        return 0
+    print(f"mongo-broker {reply.version} at {target}, up {reply.uptime_s:.0f}s")
+    for db in reply.databases:
+        print(format_stats_table(db))
+    return 0
+
+
+def _counts(values: Mapping[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(values.items()) if v) or "none"
+
+
+def format_stats_table(db: Any) -> str:
+    """A human-readable table of one database's Stats."""
+    state = "up" if db.available else f"DOWN ({db.last_error or 'no server found yet'})"
+    rows = [
+        ("server", f"{state}, {db.server_type}, rtt {db.server_rtt_ms:.2f} ms"),
+        (
+            "connections",
+            f"{db.connections_open} open, {db.connections_in_use} in use, {db.connections_idle} idle "
+            f"(max {db.max_pool_size}); {db.connections_created} created, "
+            f"{db.connections_closed} closed, {db.pool_clears} pool clears",
+        ),
+        (
+            "wait queue",
+            f"{db.wait_queue_length} waiting now, {db.wait_queue_max} at most (limit {db.max_waiting})",
+        ),
+        (
+            "queue wait",
+            f"p50 {db.wait_p50_ms:.2f} ms, p99 {db.wait_p99_ms:.2f} ms, max {db.wait_max_ms:.2f} ms",
+        ),
+        ("checkout failures", _counts(db.checkout_failures)),
+        (
+            "calls",
+            f"{_counts(db.rpcs)}; {db.rpcs_in_flight} in flight, {db.open_cursors} open cursors",
+        ),
+        ("errors", _counts(db.errors)),
+        ("commands", _counts(db.operations)),
+        (
+            "pool advice",
+            f"max_pool_size {db.recommended_max_pool_size} (peak demand {db.demand_connections:.2f} "
+            f"connections, {db.round_trips_per_second:.1f} round trips/s, "
+            f"mean hold {db.mean_hold_ms:.2f} ms)",
+        ),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"database {db.database}"]
+    lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -103,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = load_settings(args.config)
             configure_logging(settings.log.level, settings.log.format)
             return asyncio.run(serve(settings, ready_file=args.ready_file))
+        if args.command == "stats":
+            return _stats(args)
         return _ping(args)
     except ConfigError as exc:
         print(f"mongo-broker: {exc}", file=sys.stderr)

@@ -214,9 +214,7 @@ def _bulk_write_error(exc: mongo_errors.BulkWriteError, database: str) -> RpcErr
     return RpcError(grpc_code, message, reason, meta)
 
 
-def to_rpc_error(
-    exc: BaseException, *, database: str = "", deadline_passed: bool = False
-) -> RpcError:
+def to_rpc_error(exc: BaseException, *, database: str = "", deadline_passed: bool = False) -> RpcError:
     """Map any exception raised while serving a call to its RpcError.
 
     ``deadline_passed`` says the call's time limit had run out when the error
@@ -289,9 +287,7 @@ def to_rpc_error(
     if isinstance(exc, mongo_errors.InvalidName | mongo_errors.DocumentTooLarge):
         return invalid_argument(f"{exc}{where}")
     if isinstance(exc, mongo_errors.InvalidOperation | mongo_errors.ConfigurationError):
-        return RpcError(
-            grpc.StatusCode.FAILED_PRECONDITION, f"{exc}{where}", Reason.OPERATION_FAILED, meta
-        )
+        return RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"{exc}{where}", Reason.OPERATION_FAILED, meta)
     return RpcError(
         grpc.StatusCode.FAILED_PRECONDITION,
         f"the database driver refused the operation{where}: {_first_line(exc)}",

@@ -70,9 +70,7 @@ class _StatsCollector(Collector):
         closed = CounterMetricFamily(
             "mongo_broker_connections_closed", "Pool connections closed.", labels=label
         )
-        max_pool = GaugeMetricFamily(
-            "mongo_broker_max_pool_size", "Configured max_pool_size.", labels=label
-        )
+        max_pool = GaugeMetricFamily("mongo_broker_max_pool_size", "Configured max_pool_size.", labels=label)
         clears = CounterMetricFamily(
             "mongo_broker_pool_clears",
             "Times the driver cleared the pool (network errors).",
@@ -99,9 +97,7 @@ class _StatsCollector(Collector):
             "Commands that failed, by name.",
             labels=["database", "command"],
         )
-        in_flight = GaugeMetricFamily(
-            "mongo_broker_rpcs_in_flight", "Calls being served now.", labels=label
-        )
+        in_flight = GaugeMetricFamily("mongo_broker_rpcs_in_flight", "Calls being served now.", labels=label)
         cursors = GaugeMetricFamily(
             "mongo_broker_open_cursors",
             "Server cursors held open by Find streams now.",
@@ -185,9 +181,7 @@ class BrokerMetrics:
     def serve_http(self, address: str) -> int:
         """Serve /metrics on ``address`` ("HOST:PORT") in a daemon thread; returns the port."""
         host, _, port = address.rpartition(":")
-        server, _thread = start_http_server(
-            int(port), addr=host.strip("[]"), registry=self.registry
-        )
+        server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
         self._http = server
         bound = int(server.server_address[1])
         log.info("metrics on http://%s:%d/metrics", host, bound)

@@ -125,9 +125,7 @@ class PoolMonitor(monitoring.ConnectionPoolListener):
         self.open -= 1
         self.closed += 1
 
-    def connection_check_out_started(
-        self, event: monitoring.ConnectionCheckOutStartedEvent
-    ) -> None:
+    def connection_check_out_started(self, event: monitoring.ConnectionCheckOutStartedEvent) -> None:
         pass
 
     @_never_raises
@@ -296,9 +294,7 @@ class DatabaseStats:
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     in_flight: int = 0
     open_cursors: int = 0
-    _samples: collections.deque[_Sample] = field(
-        default_factory=lambda: collections.deque(maxlen=_SAMPLES)
-    )
+    _samples: collections.deque[_Sample] = field(default_factory=lambda: collections.deque(maxlen=_SAMPLES))
     _last_warning: float = 0.0
 
     @classmethod

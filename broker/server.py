@@ -63,9 +63,7 @@ def _prepare_unix_socket(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise ListenError(
-            f"listen.unix {path!r} exists and is not a socket; refusing to replace it"
-        )
+        raise ListenError(f"listen.unix {path!r} exists and is not a socket; refusing to replace it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)

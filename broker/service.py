@@ -221,7 +221,11 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 cursor = collection.find_raw_batches(**options)
                 batches = aiter(cursor)
                 cap = self._server.max_response_message_bytes
-                while True:
+                first = True
+                # After the first batch, an exhausted cursor has no round trip
+                # left: stop without taking an admission slot.
+                while first or cursor.alive:
+                    first = False
                     async with call.round_trip():
                         try:
                             batch = await anext(batches)
@@ -284,14 +288,10 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 result = await _ping(call.pool)
             return broker_pb2.PingResponse(version=self._version, databases=[result])
         # Every database: report each one's health; the call itself succeeds.
-        results = await asyncio.gather(
-            *(self._ping_reporting(pool, context) for pool in self._pools)
-        )
+        results = await asyncio.gather(*(self._ping_reporting(pool, context) for pool in self._pools))
         return broker_pb2.PingResponse(version=self._version, databases=results)
 
-    async def _ping_reporting(
-        self, pool: DatabasePool, context: Context
-    ) -> broker_pb2.DatabasePing:
+    async def _ping_reporting(self, pool: DatabasePool, context: Context) -> broker_pb2.DatabasePing:
         start = time.monotonic()
         limit = _time_limit(context, pool, 0)
         try:
@@ -371,11 +371,7 @@ async def _require_available(pool: DatabasePool, limit: float) -> None:
     if topology.available:
         return
     settings = pool.settings
-    wait = (
-        0.0
-        if topology.known_down and settings.fail_fast
-        else settings.server_selection_timeout_ms / 1000
-    )
+    wait = 0.0 if topology.known_down and settings.fail_fast else settings.server_selection_timeout_ms / 1000
     if await topology.wait_available(min(wait, limit)):
         return
     if wait > limit:
@@ -399,9 +395,7 @@ async def _ping(pool: DatabasePool) -> broker_pb2.DatabasePing:
     start = time.perf_counter()
     await pool.db.command("ping")
     rtt_ms = (time.perf_counter() - start) * 1000
-    return broker_pb2.DatabasePing(
-        database=pool.name, ok=True, rtt_ms=rtt_ms, pool=_pool_summary(pool)
-    )
+    return broker_pb2.DatabasePing(database=pool.name, ok=True, rtt_ms=rtt_ms, pool=_pool_summary(pool))
 
 
 def _pool_summary(pool: DatabasePool) -> broker_pb2.PoolSummary:
@@ -420,9 +414,7 @@ async def _close_cursor(cursor: Any) -> None:
         with pymongo.timeout(5):
             await cursor.close()
     except Exception:
-        log.warning(
-            "could not close a server cursor; it will time out on the server", exc_info=True
-        )
+        log.warning("could not close a server cursor; it will time out on the server", exc_info=True)
 
 
 def _collection_name(name: str) -> str:
@@ -485,9 +477,7 @@ def _index_spec(spec: dict[str, Any], field: str, *, index_types: bool) -> list[
             or (isinstance(direction, dict) and "$meta" in direction)
         ):
             allowed = "1, -1, an index type string" if index_types else "1, -1"
-            raise invalid_argument(
-                f"{field}.{key}: must be {allowed} or {{'$meta': ...}}, got {direction!r}"
-            )
+            raise invalid_argument(f"{field}.{key}: must be {allowed} or {{'$meta': ...}}, got {direction!r}")
         pairs.append((key, int(direction) if isinstance(direction, float) else direction))
     return pairs
 

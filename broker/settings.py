@@ -182,17 +182,14 @@ class DatabaseSettings(BaseModel):
     def _check_uri(cls, value: SecretStr) -> SecretStr:
         uri = value.get_secret_value()
         if not uri.startswith(("mongodb://", "mongodb+srv://")):
-            raise ValueError(
-                f"expected a mongodb:// or mongodb+srv:// URI, got {redact_uri(uri)!r}"
-            )
+            raise ValueError(f"expected a mongodb:// or mongodb+srv:// URI, got {redact_uri(uri)!r}")
         return value
 
     @model_validator(mode="after")
     def _check_pool(self) -> DatabaseSettings:
         if self.min_pool_size > self.max_pool_size:
             raise ValueError(
-                f"min_pool_size ({self.min_pool_size}) must not exceed "
-                f"max_pool_size ({self.max_pool_size})"
+                f"min_pool_size ({self.min_pool_size}) must not exceed max_pool_size ({self.max_pool_size})"
             )
         return self
 
