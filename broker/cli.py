@@ -46,15 +46,24 @@ def _parser() -> argparse.ArgumentParser:
     _add_target_arguments(stats)
     stats.add_argument("--database", default="", help="only this configured database")
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    health = commands.add_parser(
+        "health", help="check a running broker's gRPC health service (exit 0 when SERVING)"
+    )
+    _add_target_arguments(health, default_hint="the health listener, else the unix socket, from --config")
+    health.add_argument(
+        "--service", default="", help="service to check: '' (overall, default) or a database name"
+    )
     return parser
 
 
-def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_target_arguments(
+    parser: argparse.ArgumentParser, default_hint: str = "the unix socket from --config"
+) -> None:
     parser.add_argument(
         "--target",
         default=os.environ.get(TARGET_ENV),
         help=f"broker address, e.g. unix:///run/mongo-broker/broker.sock or 127.0.0.1:50051 "
-        f"(env {TARGET_ENV}; default: the unix socket from --config)",
+        f"(env {TARGET_ENV}; default: {default_hint})",
     )
     parser.add_argument(
         "--config", default=os.environ.get(CONFIG_ENV), help="config file to find the target in"
@@ -62,10 +71,13 @@ def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
 
 
-def _target(args: argparse.Namespace) -> str:
+def _target(args: argparse.Namespace, health: bool = False) -> str:
     if args.target:
         return str(args.target)
     settings = load_settings(args.config)
+    if health and settings.health.tcp:
+        host, port = settings.health.tcp.rsplit(":", 1)
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '[::]') else host}:{port}"
     if settings.listen.unix:
         return f"unix://{settings.listen.unix}"
     if settings.listen.tcp:
@@ -101,6 +113,24 @@ def _ping(args: argparse.Namespace) -> int:
             f"{pool.connections_open} in use/open, max {pool.max_pool_size}"
         )
     return 0 if healthy else 1
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = _target(args, health=True)
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            print(f"health {target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.service or '(overall)'}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -178,9 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             settings = load_settings(args.config)
             configure_logging(settings.log.level, settings.log.format)
-            return asyncio.run(serve(settings, ready_file=args.ready_file))
+            return asyncio.run(serve(settings, ready_file=args.ready_file, config_path=args.config))
         if args.command == "stats":
             return _stats(args)
+        if args.command == "health":
+            return _health(args)
         return _ping(args)
     except ConfigError as exc:
         print(f"mongo-broker: {exc}", file=sys.stderr)

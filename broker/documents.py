@@ -11,7 +11,7 @@ never decoded.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import bson
@@ -22,6 +22,7 @@ from bson.raw_bson import RawBSONDocument
 from broker.errors import Reason, invalid_argument
 
 __all__ = [
+    "Inspector",
     "PreparedInsert",
     "chunk_documents",
     "parse_document",
@@ -52,11 +53,17 @@ def parse_document(data: bytes, field: str) -> dict[str, Any]:
         ) from None
 
 
-def raw_document(data: bytes, field: str) -> RawBSONDocument | None:
+# Checks a decoded document further (depth, operators); raises RpcError.
+Inspector = Callable[[dict[str, Any], str], None]
+
+
+def raw_document(data: bytes, field: str, inspect: Inspector | None = None) -> RawBSONDocument | None:
     """Validate ``data`` and return it unchanged as a RawBSONDocument; empty means absent."""
     if not data:
         return None
-    parse_document(data, field)
+    decoded = parse_document(data, field)
+    if inspect is not None:
+        inspect(decoded, field)
     return RawBSONDocument(data, _RAW)
 
 
@@ -78,7 +85,7 @@ def _with_object_id(data: bytes, oid: ObjectId) -> bytes:
     return _INT32.pack(len(data) + len(element)) + element + data[4:]
 
 
-def prepare_inserts(raw_documents: Sequence[bytes]) -> PreparedInsert:
+def prepare_inserts(raw_documents: Sequence[bytes], inspect: Inspector | None = None) -> PreparedInsert:
     """Validate every document and give one without `_id` a new ObjectId.
 
     pymongo will not add an `_id` to a RawBSONDocument, so the broker does, and
@@ -87,7 +94,10 @@ def prepare_inserts(raw_documents: Sequence[bytes]) -> PreparedInsert:
     """
     prepared = PreparedInsert()
     for index, data in enumerate(raw_documents):
-        decoded = parse_document(data, f"documents[{index}]")
+        field = f"documents[{index}]"
+        decoded = parse_document(data, field)
+        if inspect is not None:
+            inspect(decoded, field)
         if "_id" in decoded:
             value = decoded["_id"]
             if isinstance(value, dict):

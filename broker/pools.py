@@ -47,24 +47,36 @@ class Pools:
     @classmethod
     def build(cls, databases: Mapping[str, DatabaseSettings]) -> Pools:
         """Construct one client per database. No I/O happens until `connect`."""
+        return cls({name: _open(name, settings) for name, settings in databases.items()})
+
+    async def reconfigure(self, databases: Mapping[str, DatabaseSettings]) -> list[DatabasePool]:
+        """Switch to a new set of databases; returns the pools it retired.
+
+        Unchanged databases keep their client. New or re-tuned ones get a new
+        client, used by every call from now on; calls already running finish
+        on the client they started with, and the caller closes a retired pool
+        once its calls are done (see `close_when_idle`).
+        """
+        loop = asyncio.get_running_loop()
+        retired = []
         pools = {}
         for name, settings in databases.items():
-            stats = DatabaseStats.create(name, settings.max_pool_size, settings.min_pool_size)
-            client: AsyncMongoClient[Any] = AsyncMongoClient(
-                settings.uri.get_secret_value(),
-                event_listeners=stats.listeners(),
-                connect=False,
-                **settings.client_options(),
-            )
-            db = client.get_database(settings.database or name)
-            admission = Admission(
-                name,
-                slots=settings.max_pool_size,
-                max_waiting=settings.max_waiting,
-                wait_timeout_s=settings.wait_queue_timeout_ms / 1000,
-            )
-            pools[name] = DatabasePool(name, settings, client, db, stats, admission)
-        return cls(pools)
+            old = self._pools.get(name)
+            if old is not None and old.settings == settings:
+                pools[name] = old
+                continue
+            pool = pools[name] = _open(name, settings)
+            pool.stats.topology.bind_loop(loop)
+            await pool.client.aconnect()
+            if old is not None:
+                retired.append(old)
+            log.info("database %s %s", name, "re-tuned" if old is not None else "added")
+        for name, old in self._pools.items():
+            if name not in databases:
+                retired.append(old)
+                log.info("database %s removed", name)
+        self._pools = pools
+        return retired
 
     async def connect(self) -> None:
         """Start monitoring and fill min_pool_size; never fails on a down database."""
@@ -92,9 +104,40 @@ class Pools:
     def names(self) -> list[str]:
         return sorted(self._pools)
 
+    async def close_when_idle(self, pool: DatabasePool, timeout: float) -> None:
+        """Close a retired pool once its in-flight calls are done (or after ``timeout``)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while pool.stats.in_flight > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await _close(pool)
+
     async def close(self) -> None:
         for pool in self._pools.values():
-            try:
-                await pool.client.close()
-            except Exception:  # closing must go on for the other databases
-                log.exception("error closing the client for database %s", pool.name)
+            await _close(pool)
+
+
+def _open(name: str, settings: DatabaseSettings) -> DatabasePool:
+    stats = DatabaseStats.create(name, settings.max_pool_size, settings.min_pool_size)
+    client: AsyncMongoClient[Any] = AsyncMongoClient(
+        settings.uri.get_secret_value(),
+        event_listeners=stats.listeners(),
+        connect=False,
+        **settings.client_options(),
+    )
+    admission = Admission(
+        name,
+        slots=settings.max_pool_size,
+        max_waiting=settings.max_waiting,
+        wait_timeout_s=settings.wait_queue_timeout_ms / 1000,
+    )
+    return DatabasePool(
+        name, settings, client, client.get_database(settings.database or name), stats, admission
+    )
+
+
+async def _close(pool: DatabasePool) -> None:
+    try:
+        await pool.client.close()
+    except Exception:  # closing must go on for the other databases
+        log.exception("error closing the client for database %s", pool.name)

@@ -1,10 +1,17 @@
-"""The gRPC server: listeners, start-up, signals and graceful drain.
+"""The gRPC server: listeners, start-up, signals, reload and graceful drain.
 
-Start-up order: build the clients, bind every listener (so a bad address
-fails before anything is announced), start serving, then write the ready
-file. Shutdown on SIGTERM/SIGINT: stop accepting calls, give in-flight calls
-`shutdown_grace_s` to finish (the rest are cancelled), then close the
-clients. A second signal cuts the grace short.
+Start-up: build the clients, bind every listener (a bad address fails before
+anything is announced), start serving, then write the ready file.
+
+SIGTERM/SIGINT: health goes NOT_SERVING at once and the listeners stop
+accepting; calls in flight get `shutdown_grace_s` to finish and whatever is
+left is answered UNAVAILABLE; then the clients close. A second signal skips
+the wait. The counts of drained and aborted calls are logged.
+
+SIGHUP: reload the config file. Databases are added, removed or re-tuned
+without a restart; calls in flight finish on the client they started with,
+which is closed afterwards. An invalid config is logged and the old one kept.
+Listener addresses need a restart.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import grp
 import json
 import logging
 import os
@@ -23,12 +31,15 @@ from pathlib import Path
 
 import grpc
 from broker_client.proto.broker.v1 import broker_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from broker import __version__
+from broker.health import BROKER_SERVICE, Health
 from broker.metrics import BrokerMetrics
 from broker.pools import Pools
 from broker.service import BrokerService
-from broker.settings import ListenSettings, Settings
+from broker.settings import ConfigError, ListenSettings, Settings, load_settings
 
 __all__ = ["ListenError", "Listeners", "serve"]
 
@@ -36,6 +47,7 @@ log = logging.getLogger("mongo_broker.server")
 
 # A single BSON document may be 16 MiB; its message needs a little more.
 _MAX_SEND_BYTES = 16 * 1024 * 1024 + 64 * 1024
+_HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 class ListenError(Exception):
@@ -48,10 +60,11 @@ class Listeners:
     def __init__(self) -> None:
         self.unix: str | None = None
         self.tcp: str | None = None
+        self.health: str | None = None
         self.metrics: str | None = None
 
     def as_dict(self) -> dict[str, str | None]:
-        return {"unix": self.unix, "tcp": self.tcp, "metrics": self.metrics}
+        return {"unix": self.unix, "tcp": self.tcp, "health": self.health, "metrics": self.metrics}
 
 
 def _prepare_unix_socket(path: str) -> None:
@@ -78,22 +91,52 @@ def _prepare_unix_socket(path: str) -> None:
         probe.close()
 
 
+def _secure_unix_socket(listen: ListenSettings) -> None:
+    assert listen.unix is not None
+    try:
+        if listen.unix_group is not None:
+            gid = (
+                int(listen.unix_group)
+                if listen.unix_group.isdigit()
+                else grp.getgrnam(listen.unix_group).gr_gid
+            )
+            os.chown(listen.unix, -1, gid)
+        os.chmod(listen.unix, listen.unix_mode_bits)
+    except (OSError, KeyError) as exc:
+        raise ListenError(f"cannot set owner/mode of {listen.unix!r}: {exc}") from exc
+
+
+def _tls_credentials(listen: ListenSettings) -> grpc.ServerCredentials:
+    assert listen.tls_cert_file is not None and listen.tls_key_file is not None
+    ca = listen.tls_client_ca_file.read_bytes() if listen.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(listen.tls_key_file.read_bytes(), listen.tls_cert_file.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+def _add_port(
+    server: grpc.aio.Server, address: str, what: str, creds: grpc.ServerCredentials | None = None
+) -> int:
+    try:
+        if creds is not None:
+            return server.add_secure_port(address, creds)
+        return server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise ListenError(f"cannot listen on {what} {address!r}: {exc}") from exc
+
+
 def _bind(server: grpc.aio.Server, listen: ListenSettings) -> Listeners:
     bound = Listeners()
     if listen.unix is not None:
         _prepare_unix_socket(listen.unix)
-        try:
-            server.add_insecure_port(f"unix:{listen.unix}")
-        except RuntimeError as exc:
-            raise ListenError(f"cannot listen on unix socket {listen.unix!r}: {exc}") from exc
+        _add_port(server, f"unix:{listen.unix}", "unix socket")
         bound.unix = listen.unix
     if listen.tcp is not None:
-        try:
-            port = server.add_insecure_port(listen.tcp)
-        except RuntimeError as exc:
-            raise ListenError(f"cannot listen on tcp {listen.tcp!r}: {exc}") from exc
-        host = listen.tcp.rsplit(":", 1)[0]
-        bound.tcp = f"{host}:{port}"
+        creds = _tls_credentials(listen) if listen.tls_cert_file else None
+        port = _add_port(server, listen.tcp, "tcp", creds)
+        bound.tcp = f"{listen.tcp.rsplit(':', 1)[0]}:{port}"
     return bound
 
 
@@ -103,6 +146,21 @@ def _write_ready_file(path: str, listeners: Listeners) -> None:
     tmp = f"{path}.tmp"
     Path(tmp).write_text(json.dumps(info))
     os.replace(tmp, path)
+
+
+def _grpc_server(settings: Settings, concurrency: int | None) -> grpc.aio.Server:
+    return grpc.aio.server(
+        # Past this many calls at once gRPC answers RESOURCE_EXHAUSTED itself,
+        # so the broker's memory stays bounded whatever the callers do.
+        maximum_concurrent_rpcs=concurrency,
+        options=[
+            ("grpc.max_receive_message_length", settings.limits.max_request_bytes),
+            ("grpc.max_send_message_length", _MAX_SEND_BYTES),
+            # grpc sets SO_REUSEPORT by default: a second broker on the same
+            # TCP port would silently take a share of the calls.
+            ("grpc.so_reuseport", 0),
+        ],
+    )
 
 
 async def _sample(pools: Pools) -> None:
@@ -115,38 +173,112 @@ async def _sample(pools: Pools) -> None:
             pool.stats.warn_if_mis_sized(now)
 
 
-async def serve(settings: Settings, ready_file: str | None = None) -> int:
+class _Broker:
+    """The running broker's parts, for reload and shutdown."""
+
+    def __init__(self, settings: Settings, config_path: str | None) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.pools = Pools.build(settings.databases)
+        self.metrics = BrokerMetrics(lambda: self.pools)
+        self.health = Health()
+        self.service = BrokerService(self.pools, settings, self.metrics, __version__)
+        self.server = _grpc_server(settings, settings.concurrency_limit())
+        broker_pb2_grpc.add_BrokerServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
+        if settings.server.reflection:
+            names = (BROKER_SERVICE, _HEALTH_SERVICE, reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, self.server)
+        # Health on its own listener, so a probe reaches it even when the
+        # data plane is only a Unix socket, and is never queued behind calls.
+        self.health_server: grpc.aio.Server | None = None
+        if settings.health.tcp:
+            self.health_server = _grpc_server(settings, None)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.health_server)
+        self.retiring: set[asyncio.Task[None]] = set()
+
+    def bind(self) -> Listeners:
+        listeners = _bind(self.server, self.settings.listen)
+        if self.health_server is not None and self.settings.health.tcp:
+            port = _add_port(self.health_server, self.settings.health.tcp, "health tcp")
+            listeners.health = f"{self.settings.health.tcp.rsplit(':', 1)[0]}:{port}"
+        if self.settings.metrics.listen:
+            try:
+                port = self.metrics.serve_http(self.settings.metrics.listen)
+            except OSError as exc:
+                raise ListenError(f"cannot serve metrics on {self.settings.metrics.listen!r}: {exc}") from exc
+            listeners.metrics = f"{self.settings.metrics.listen.rsplit(':', 1)[0]}:{port}"
+        return listeners
+
+    async def start(self) -> None:
+        await self.pools.connect()
+        await self.server.start()
+        if self.settings.listen.unix is not None:
+            _secure_unix_socket(self.settings.listen)
+        if self.health_server is not None:
+            await self.health_server.start()
+        await self.health.start(self.pools)
+
+    async def reload(self) -> None:
+        try:
+            settings = load_settings(self.config_path)
+        except ConfigError as exc:
+            log.error("reload rejected, keeping the running configuration: %s", exc)
+            return
+        for section in ("listen", "health", "metrics"):
+            if getattr(settings, section) != getattr(self.settings, section):
+                log.warning("reload: [%s] changed; it takes effect only after a restart", section)
+        retired = await self.pools.reconfigure(settings.databases)
+        self.service.configure(settings)
+        self.settings = settings
+        await self.health.track(self.pools)
+        for pool in retired:
+            task = asyncio.create_task(
+                self.pools.close_when_idle(pool, settings.server.shutdown_grace_s + 30)
+            )
+            self.retiring.add(task)
+            task.add_done_callback(self.retiring.discard)
+        log.info("reloaded %s: databases %s", self.config_path, ", ".join(self.pools.names()))
+
+    async def stop(self, forced: asyncio.Event) -> None:
+        grace = self.settings.server.shutdown_grace_s
+        await self.health.shutting_down()
+        # Stop accepting at once; the grace given to grpc outlasts our own
+        # drain, which answers leftovers UNAVAILABLE rather than CANCELLED.
+        stopping = asyncio.ensure_future(self.server.stop(grace + 3.0))
+        drain = asyncio.ensure_future(self.service.drain(grace))
+        force = asyncio.ensure_future(forced.wait())
+        await asyncio.wait({drain, force}, return_when=asyncio.FIRST_COMPLETED)
+        if drain.done():
+            drained, aborted = drain.result()
+            log.info("drained %d call(s), aborted %d with UNAVAILABLE", drained, aborted)
+        else:
+            drain.cancel()
+            log.warning("forced stop: in-flight calls cut off")
+            await self.server.stop(0)
+        force.cancel()
+        await stopping
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+        self.metrics.close()
+        for task in self.retiring:
+            task.cancel()
+        await self.pools.close()
+
+
+async def serve(settings: Settings, ready_file: str | None = None, config_path: str | None = None) -> int:
     """Run the broker until SIGTERM/SIGINT. Returns the process exit code."""
-    pools = Pools.build(settings.databases)
-    metrics = BrokerMetrics(lambda: pools)
-    server = grpc.aio.server(
-        # Past this many calls at once gRPC answers RESOURCE_EXHAUSTED itself,
-        # so the broker's memory stays bounded whatever the callers do.
-        maximum_concurrent_rpcs=settings.concurrency_limit(),
-        options=[
-            ("grpc.max_receive_message_length", settings.server.max_request_bytes),
-            ("grpc.max_send_message_length", _MAX_SEND_BYTES),
-            # grpc sets SO_REUSEPORT by default: a second broker on the same
-            # TCP port would silently take a share of the calls.
-            ("grpc.so_reuseport", 0),
-        ],
-    )
-    broker_pb2_grpc.add_BrokerServicer_to_server(
-        BrokerService(pools, settings.server, metrics, __version__, access_log=settings.log.access),
-        server,
-    )
+    broker = _Broker(settings, config_path)
     try:
-        listeners = _bind(server, settings.listen)
-        if settings.metrics.listen:
-            host = settings.metrics.listen.rsplit(":", 1)[0]
-            listeners.metrics = f"{host}:{metrics.serve_http(settings.metrics.listen)}"
-    except (ListenError, OSError) as exc:
+        listeners = broker.bind()
+        await broker.start()
+    except ListenError as exc:
         log.error("%s", exc)
-        await pools.close()
+        broker.metrics.close()
+        await broker.server.stop(0)
+        await broker.pools.close()
         return 2
-    await pools.connect()
-    sampler = asyncio.create_task(_sample(pools))
-    await server.start()
+    sampler = asyncio.create_task(_sample(broker.pools))
     log.info(
         "mongo-broker %s serving on %s",
         __version__,
@@ -158,32 +290,32 @@ async def serve(settings: Settings, ready_file: str | None = None) -> int:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     forced = asyncio.Event()
+    reloads: set[asyncio.Task[None]] = set()
 
-    def on_signal(signum: int) -> None:
+    def on_stop(signum: int) -> None:
+        name = signal.Signals(signum).name
         if stopping.is_set():
-            log.warning("second %s: stopping now", signal.Signals(signum).name)
+            log.warning("second %s: stopping now", name)
             forced.set()
         else:
-            log.info(
-                "%s: draining for up to %.1fs",
-                signal.Signals(signum).name,
-                settings.server.shutdown_grace_s,
-            )
+            log.info("%s: draining for up to %.1fs", name, broker.settings.server.shutdown_grace_s)
             stopping.set()
 
+    def on_reload() -> None:
+        if config_path is None:
+            log.warning("SIGHUP: no config file to reload (started without --config)")
+            return
+        task = asyncio.create_task(broker.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+        loop.add_signal_handler(signum, on_stop, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
 
     await stopping.wait()
-    drain = asyncio.ensure_future(server.stop(settings.server.shutdown_grace_s))
-    force = asyncio.ensure_future(forced.wait())
-    await asyncio.wait({drain, force}, return_when=asyncio.FIRST_COMPLETED)
-    if not drain.done():
-        await server.stop(0)
-    force.cancel()
     sampler.cancel()
-    metrics.close()
-    await pools.close()
+    await broker.stop(forced)
     if listeners.unix:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(listeners.unix)

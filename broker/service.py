@@ -31,7 +31,8 @@ from broker import documents
 from broker.errors import Reason, RpcError, invalid_argument, to_rpc_error
 from broker.metrics import BrokerMetrics, checkout_failures
 from broker.pools import DatabasePool, Pools
-from broker.settings import ServerSettings
+from broker.security import Authenticator, Principal, check_depth, check_operators
+from broker.settings import Settings
 
 __all__ = ["REQUEST_ID_HEADER", "BrokerService"]
 
@@ -107,20 +108,42 @@ def _time_limit(context: Context, pool: DatabasePool, max_time_ms: int) -> float
 class BrokerService(broker_pb2_grpc.BrokerServicer):
     """Serves every worker's calls from the shared pools."""
 
-    def __init__(
-        self,
-        pools: Pools,
-        server: ServerSettings,
-        metrics: BrokerMetrics,
-        version: str,
-        access_log: bool = True,
-    ) -> None:
+    def __init__(self, pools: Pools, settings: Settings, metrics: BrokerMetrics, version: str) -> None:
         self._pools = pools
-        self._server = server
         self._metrics = metrics
         self._version = version
-        self._access_log = access_log
         self._started = time.monotonic()
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self._drain_aborted: set[asyncio.Task[Any]] = set()
+        self._draining = False
+        self.configure(settings)
+
+    def configure(self, settings: Settings) -> None:
+        """Apply (re)loaded settings to calls from now on."""
+        self._settings = settings
+        self._auth = Authenticator(settings.auth)
+
+    async def drain(self, grace_s: float) -> tuple[int, int]:
+        """Refuse new calls; let running ones finish for ``grace_s``; abort the rest.
+
+        Returns (calls that finished, calls aborted with UNAVAILABLE).
+        """
+        self._draining = True
+        running = set(self._inflight)
+        if running:
+            await asyncio.wait(running, timeout=grace_s)
+        left = {task for task in running if not task.done()}
+        for task in left:
+            self._drain_aborted.add(task)
+            task.cancel()
+        if left:
+            await asyncio.wait(left, timeout=2.0)
+        return len(running) - len(left), len(left)
+
+    def _inspect(self, document: dict[str, Any], field: str) -> None:
+        check_depth(document, field, self._settings.limits)
+        if not self._settings.security.allow_js_operators:
+            check_operators(document, field)
 
     @asynccontextmanager
     async def _serve(
@@ -130,14 +153,30 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         database: str,
         collection: str = "",
         max_time_ms: int = 0,
+        *,
+        write: bool = False,
     ) -> AsyncIterator[_Call]:
-        """Resolve the database, apply limits, observe the call, turn failures into statuses."""
+        """Authenticate, resolve the database, apply limits, observe, map failures to statuses."""
         call = _Call(method, database, collection, _request_id(context))
+        task = asyncio.current_task()
+        if task is not None:
+            self._inflight.add(task)
         try:
             await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),))
+            if self._draining:
+                raise _shutting_down()
+            principal = self._principal(context)
             if not database:
                 raise invalid_argument("database is required: name one of the configured databases")
-            pool = call.pool = self._pools.get(database)
+            pool = self._pools.get(database)
+            principal.authorize(database, collection, write=write)
+            if write and pool.settings.read_only:
+                raise RpcError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"database {database!r} is read-only on this broker",
+                    Reason.NOT_AUTHORIZED,
+                )
+            call.pool = pool
             pool.stats.in_flight += 1
             limit = _time_limit(context, pool, max_time_ms)
             call.deadline = call.started + limit
@@ -151,8 +190,13 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             with pymongo.timeout(limit):
                 yield call
         except asyncio.CancelledError:
-            call.code = "CANCELLED"
-            raise
+            if task not in self._drain_aborted:
+                call.code = "CANCELLED"
+                raise
+            # Cancelled by the drain, not by the client: tell it to go elsewhere.
+            error = _shutting_down()
+            call.code = error.code.name
+            await context.abort_with_status(error.to_status())  # type: ignore[attr-defined]
         except Exception as exc:
             passed = call.remaining() <= _DEADLINE_SLACK_S
             error = to_rpc_error(exc, database=database, deadline_passed=passed)
@@ -160,7 +204,13 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             # grpc-stubs lags grpc.aio: abort_with_status exists since grpcio 1.38.
             await context.abort_with_status(error.to_status())  # type: ignore[attr-defined]
         finally:
+            if task is not None:
+                self._inflight.discard(task)
+                self._drain_aborted.discard(task)
             self._finish(call)
+
+    def _principal(self, context: Context) -> Principal:
+        return self._auth.authenticate(context.invocation_metadata())
 
     def _finish(self, call: _Call) -> None:
         elapsed = time.monotonic() - call.started
@@ -176,7 +226,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         # Unknown database names are not used as labels: a caller could
         # otherwise create any number of time series.
         self._metrics.rpc_duration.labels(call.method, label, call.code).observe(elapsed)
-        if self._access_log:
+        if self._settings.log.access:
             access_log.info(
                 "%s db=%s coll=%s code=%s ms=%.2f docs=%d bytes=%d wait_ms=%.2f rid=%s",
                 call.method,
@@ -215,12 +265,19 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 context, "Find", request.database, request.collection, request.max_time_ms
             ) as call:
                 assert call.pool is not None
-                options = _find_options(request, call.pool.settings.default_batch_size)
+                options = _find_options(request, call.pool.settings.default_batch_size, self._inspect)
                 options["comment"] = call.comment(request.comment)
+                cap = self._settings.limits.max_find_documents
+                if cap and (options["limit"] == 0 or options["limit"] > cap):
+                    # One more than the cap: the broker must tell "exactly the
+                    # cap" from "more than the cap" to never end silently short.
+                    options["limit"] = cap + 1
+                else:
+                    cap = 0
                 collection = call.pool.db.get_collection(_collection_name(request.collection))
                 cursor = collection.find_raw_batches(**options)
                 batches = aiter(cursor)
-                cap = self._server.max_response_message_bytes
+                max_message = self._settings.limits.max_response_message_bytes
                 first = True
                 # After the first batch, an exhausted cursor has no round trip
                 # left: stop without taking an admission slot.
@@ -235,10 +292,20 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                         counted = call.pool
                         counted.stats.open_cursors += 1
                     docs = documents.split_batch(batch)
+                    over = bool(cap) and call.documents + len(docs) > cap
+                    if over:
+                        docs = docs[: cap - call.documents]
                     call.documents += len(docs)
-                    call.bytes += len(batch)
-                    for chunk in documents.chunk_documents(docs, cap):
+                    call.bytes += sum(len(d) for d in docs)
+                    for chunk in documents.chunk_documents(docs, max_message):
                         await context.write(broker_pb2.FindResponse(documents=chunk))
+                    if over:
+                        raise RpcError(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"the result has more than limits.max_find_documents ({cap}) documents; "
+                            f"{cap} were sent. Narrow the filter, or page with skip and limit",
+                            Reason.LIMIT_EXCEEDED,
+                        )
         finally:
             if cursor is not None:
                 await _close_cursor(cursor)
@@ -250,11 +317,22 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         request: broker_pb2.InsertRequest,
         context: grpc.aio.ServicerContext[broker_pb2.InsertRequest, broker_pb2.InsertResponse],
     ) -> broker_pb2.InsertResponse:
-        async with self._serve(context, "Insert", request.database, request.collection) as call:
+        async with self._serve(context, "Insert", request.database, request.collection, write=True) as call:
             assert call.pool is not None
             if not request.documents:
                 raise invalid_argument("documents is empty: send at least one BSON document")
-            prepared = documents.prepare_inserts(request.documents)
+            most = self._settings.limits.max_insert_documents
+            if len(request.documents) > most:
+                raise RpcError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{len(request.documents)} documents exceed limits.max_insert_documents ({most}); "
+                    "split the insert",
+                    Reason.LIMIT_EXCEEDED,
+                )
+            limits = self._settings.limits
+            prepared = documents.prepare_inserts(
+                request.documents, lambda doc, field: check_depth(doc, field, limits)
+            )
             call.documents = len(prepared.documents)
             call.bytes = sum(len(d) for d in request.documents)
             collection = call.pool.db.get_collection(
@@ -287,8 +365,15 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 assert call.pool is not None
                 result = await _ping(call.pool)
             return broker_pb2.PingResponse(version=self._version, databases=[result])
-        # Every database: report each one's health; the call itself succeeds.
-        results = await asyncio.gather(*(self._ping_reporting(pool, context) for pool in self._pools))
+        # Every database the caller may use: report each one's health; the
+        # call itself succeeds.
+        try:
+            principal = self._principal(context)
+        except RpcError as error:
+            await context.abort_with_status(error.to_status())  # type: ignore[attr-defined]
+            raise
+        pools = [pool for pool in self._pools if principal.may_use(pool.name)]
+        results = await asyncio.gather(*(self._ping_reporting(pool, context) for pool in pools))
         return broker_pb2.PingResponse(version=self._version, databases=results)
 
     async def _ping_reporting(self, pool: DatabasePool, context: Context) -> broker_pb2.DatabasePing:
@@ -314,9 +399,14 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         context: grpc.aio.ServicerContext[broker_pb2.StatsRequest, broker_pb2.StatsResponse],
     ) -> broker_pb2.StatsResponse:
         try:
-            pools = [self._pools.get(request.database)] if request.database else list(self._pools)
-        except Exception as exc:
-            await context.abort_with_status(to_rpc_error(exc).to_status())  # type: ignore[attr-defined]
+            principal = self._principal(context)
+            if request.database:
+                pools = [self._pools.get(request.database)]
+                principal.authorize(request.database, "", write=False)
+            else:
+                pools = [pool for pool in self._pools if principal.may_use(pool.name)]
+        except RpcError as error:
+            await context.abort_with_status(error.to_status())  # type: ignore[attr-defined]
             raise
         return broker_pb2.StatsResponse(
             version=self._version,
@@ -358,6 +448,14 @@ def database_stats(db: DatabasePool) -> broker_pb2.DatabaseStats:
         demand_connections=advice.demand,
         round_trips_per_second=advice.arrival_rate,
         mean_hold_ms=advice.mean_hold_ms,
+    )
+
+
+def _shutting_down() -> RpcError:
+    return RpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        "the broker is shutting down; retry on another instance or after it restarts",
+        Reason.SHUTTING_DOWN,
     )
 
 
@@ -431,15 +529,17 @@ def _non_negative(value: int, field: str) -> int:
     return value
 
 
-def _find_options(request: broker_pb2.FindRequest, default_batch_size: int) -> dict[str, Any]:
+def _find_options(
+    request: broker_pb2.FindRequest, default_batch_size: int, inspect: documents.Inspector
+) -> dict[str, Any]:
     options: dict[str, Any] = {
         "skip": _non_negative(request.skip, "skip"),
         "limit": _non_negative(request.limit, "limit"),
         "batch_size": _non_negative(request.batch_size, "batch_size") or default_batch_size,
     }
     _non_negative(request.max_time_ms, "max_time_ms")
-    options["filter"] = documents.raw_document(request.filter, "filter")
-    projection = documents.raw_document(request.projection, "projection")
+    options["filter"] = documents.raw_document(request.filter, "filter", inspect)
+    projection = documents.raw_document(request.projection, "projection", inspect)
     if projection is not None:
         options["projection"] = projection
     if request.sort:

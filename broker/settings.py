@@ -21,7 +21,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -41,13 +41,18 @@ from pydantic_settings import (
 __all__ = [
     "CONFIG_ENV",
     "ENV_PREFIX",
+    "AuthSettings",
     "ConfigError",
     "DatabaseSettings",
+    "HealthSettings",
+    "LimitSettings",
     "ListenSettings",
     "LogSettings",
     "MetricsSettings",
+    "SecuritySettings",
     "ServerSettings",
     "Settings",
+    "TokenSettings",
     "load_settings",
     "redact_uri",
 ]
@@ -91,6 +96,16 @@ class ListenSettings(BaseModel):
     unix: str | None = DEFAULT_UNIX_SOCKET
     # "HOST:PORT" or just "PORT" (bound to 127.0.0.1). Port 0 picks a free port.
     tcp: str | None = None
+    # Permissions of the Unix socket file: who may connect. Its directory is
+    # created 0750 when missing.
+    unix_mode: str = "0660"
+    # Group to own the socket (name or number); unset: the broker's group.
+    unix_group: str | None = None
+    # TLS on the TCP listener. With tls_client_ca_file, clients must present a
+    # certificate signed by that CA (mutual TLS).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
 
     @field_validator("unix", "tcp", mode="before")
     @classmethod
@@ -118,11 +133,46 @@ class ListenSettings(BaseModel):
             raise ValueError(f"expected HOST:PORT with a port from 0 to 65535, got {value!r}")
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
+    @field_validator("unix_mode")
+    @classmethod
+    def _check_mode(cls, value: str) -> str:
+        if not re.fullmatch(r"0?[0-7]{3}", value):
+            raise ValueError(f"expected an octal file mode such as '0660', got {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _need_one(self) -> ListenSettings:
         if self.unix is None and self.tcp is None:
             raise ValueError("set listen.unix, listen.tcp or both")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both tls_cert_file and tls_key_file, or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        if self.tls_cert_file is not None and self.tcp is None:
+            raise ValueError("TLS applies to the TCP listener: set listen.tcp")
+        for path in (self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"cannot read {str(path)!r}")
         return self
+
+    @property
+    def unix_mode_bits(self) -> int:
+        return int(self.unix_mode, 8)
+
+
+class HealthSettings(BaseModel):
+    """The standard gRPC health service on its own plain TCP listener."""
+
+    model_config = _FROZEN
+
+    # "HOST:PORT" or "PORT"; unset: health is served only on the main
+    # listeners. A Kubernetes gRPC probe needs TCP, e.g. "0.0.0.0:8081".
+    tcp: str | None = None
+
+    @field_validator("tcp")
+    @classmethod
+    def _check_tcp(cls, value: str | None) -> str | None:
+        return None if value in (None, "") else ListenSettings._check_tcp(value)
 
 
 class DatabaseSettings(BaseModel):
@@ -136,8 +186,13 @@ class DatabaseSettings(BaseModel):
     model_config = _FROZEN
 
     uri: SecretStr
+    # A file holding the password for the URI's user (e.g. a Kubernetes
+    # Secret mount); it is read at start-up and on reload.
+    password_file: Path | None = None
     # The MongoDB database behind this configured name; defaults to the name.
     database: str | None = None
+    # Refuse Insert on this database for every caller (PERMISSION_DENIED).
+    read_only: bool = False
     # pymongo: 100. Every pod runs a broker, so pods x max_pool_size is what
     # the server sees; 10 covers a pod's concurrency while keeping that small.
     max_pool_size: PositiveInt = 10
@@ -176,6 +231,27 @@ class DatabaseSettings(BaseModel):
     # Documents per MongoDB batch when a Find does not say. Without one,
     # some servers return small batches, and each batch is one gRPC message.
     default_batch_size: PositiveInt = 1_000
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_password_file(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("password_file"):
+            return data
+        uri = data.get("uri")
+        uri = uri.get_secret_value() if isinstance(uri, SecretStr) else str(uri or "")
+        path = Path(data["password_file"])
+        try:
+            password = path.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read password_file {str(path)!r}: {exc.strerror}") from None
+        parts = urlsplit(uri)
+        userinfo, at, hosts = parts.netloc.rpartition("@")
+        if not at or not userinfo:
+            raise ValueError("password_file needs a user in the uri, e.g. mongodb://user@host/")
+        if ":" in userinfo:
+            raise ValueError("the uri already has a password; drop it or drop password_file")
+        netloc = f"{userinfo}:{quote(password, safe='')}@{hosts}"
+        return {**data, "uri": urlunsplit(parts._replace(netloc=netloc))}
 
     @field_validator("uri")
     @classmethod
@@ -220,17 +296,95 @@ class ServerSettings(BaseModel):
 
     model_config = _FROZEN
 
-    # Cap on one Find response message. Batches are split to stay under it;
-    # a single document larger than the cap travels alone.
-    max_response_message_bytes: Annotated[int, Field(ge=64 * 1024)] = MiB
-    # Largest request accepted; larger ones get RESOURCE_EXHAUSTED from gRPC.
-    max_request_bytes: Annotated[int, Field(ge=64 * 1024)] = 32 * MiB
     # Seconds in-flight calls get to finish on SIGTERM before being cancelled.
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 10.0
     # Calls the server runs at once; more get RESOURCE_EXHAUSTED from gRPC.
     # Default: every database's max_pool_size + max_waiting, plus 64 for
     # pings and stats, so a flood on one database leaves room for the others.
     max_concurrent_rpcs: PositiveInt | None = None
+    # Serve gRPC reflection (grpcurl and other tools can list and describe).
+    reflection: bool = True
+
+
+class LimitSettings(BaseModel):
+    """Size limits. Each refusal names the limit it hit."""
+
+    model_config = _FROZEN
+
+    # Largest request accepted; larger ones get RESOURCE_EXHAUSTED from gRPC.
+    max_request_bytes: Annotated[int, Field(ge=64 * 1024)] = 32 * MiB
+    # Cap on one Find response message. Batches are split to stay under it;
+    # a single document larger than the cap travels alone.
+    max_response_message_bytes: Annotated[int, Field(ge=64 * 1024)] = MiB
+    # Documents in one Insert (INVALID_ARGUMENT above it).
+    max_insert_documents: PositiveInt = 10_000
+    # Documents one Find may return, whatever its limit; 0: no cap. A result
+    # that would exceed it ends with RESOURCE_EXHAUSTED, never silently short.
+    max_find_documents: NonNegativeInt = 0
+    # Nesting depth of any document, filter or projection (MongoDB's is 100).
+    max_bson_depth: Annotated[int, Field(ge=2, le=200)] = 100
+
+
+class SecuritySettings(BaseModel):
+    model_config = _FROZEN
+
+    # $where, $function and $accumulator run JavaScript on the database
+    # server; they are refused with PERMISSION_DENIED unless this is true.
+    allow_js_operators: bool = False
+
+
+class TokenSettings(BaseModel):
+    """One bearer token and what it may do. Give exactly one of token, token_file, token_env."""
+
+    model_config = _FROZEN
+
+    name: str
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    token_env: str | None = None
+    # Glob patterns (fnmatch) of configured database and collection names.
+    databases: list[str] = Field(default_factory=lambda: ["*"])
+    collections: list[str] = Field(default_factory=lambda: ["*"])
+    read_only: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TokenSettings:
+        given = [x for x in (self.token, self.token_file, self.token_env) if x is not None]
+        if len(given) != 1:
+            raise ValueError(f"token {self.name!r}: give exactly one of token, token_file, token_env")
+        secret = self.secret()
+        if len(secret) < 16:
+            raise ValueError(f"token {self.name!r} is shorter than 16 characters")
+        return self
+
+    def secret(self) -> str:
+        if self.token is not None:
+            return self.token.get_secret_value()
+        if self.token_file is not None:
+            try:
+                return self.token_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read token_file {str(self.token_file)!r}: {exc.strerror}") from None
+        value = os.environ.get(self.token_env or "")
+        if not value:
+            raise ValueError(f"token {self.name!r}: environment variable {self.token_env!r} is not set")
+        return value
+
+
+class AuthSettings(BaseModel):
+    """Bearer tokens. With none configured, every local caller is trusted."""
+
+    model_config = _FROZEN
+
+    tokens: list[TokenSettings] = Field(default_factory=list)
+
+    @field_validator("tokens")
+    @classmethod
+    def _unique(cls, value: list[TokenSettings]) -> list[TokenSettings]:
+        names = [t.name for t in value]
+        if len(names) != len(set(names)):
+            raise ValueError("token names must be unique")
+        return value
 
 
 class MetricsSettings(BaseModel):
@@ -268,7 +422,11 @@ class Settings(BaseSettings):
     )
 
     listen: ListenSettings = ListenSettings()
+    health: HealthSettings = HealthSettings()
     server: ServerSettings = ServerSettings()
+    limits: LimitSettings = LimitSettings()
+    security: SecuritySettings = SecuritySettings()
+    auth: AuthSettings = AuthSettings()
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
     databases: dict[str, DatabaseSettings] = Field(default_factory=dict)

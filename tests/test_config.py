@@ -34,7 +34,7 @@ def test_defaults_are_the_documented_sidecar_defaults(tmp_path, monkeypatch):
     assert (db.server_selection_timeout_ms, db.heartbeat_frequency_ms) == (5_000, 5_000)
     assert db.socket_timeout_ms is None and db.retry_reads and db.retry_writes
     assert db.app_name == "mongo-broker" and db.default_timeout_ms == 30_000
-    assert settings.server.max_response_message_bytes == 1024 * 1024
+    assert settings.limits.max_response_message_bytes == 1024 * 1024
     assert settings.mongo_database("app") == "app"
 
 
@@ -108,9 +108,7 @@ def test_canary_password_never_reaches_the_log(start_broker, db_server, collecti
     with open_stub(proc.unix_target) as stub:
         stub.Ping(pb.PingRequest(), timeout=15)
         stub.Insert(
-            pb.InsertRequest(
-                database="appdb", collection=collection_name, documents=[bson.encode({"a": 1})]
-            )
+            pb.InsertRequest(database="appdb", collection=collection_name, documents=[bson.encode({"a": 1})])
         )
     proc.stop()
     log = proc.log_text()

@@ -85,9 +85,7 @@ def test_hint_by_name_and_keys_and_comment_are_accepted(broker, stub, filled, mo
 
 
 def test_no_match_sends_no_documents(broker, stub, filled):
-    documents, _ = find_all(
-        stub, database=broker.db_name, collection=filled, filter=bson.encode({"n": -1})
-    )
+    documents, _ = find_all(stub, database=broker.db_name, collection=filled, filter=bson.encode({"n": -1}))
     assert documents == []
 
 
@@ -98,7 +96,7 @@ def test_missing_collection_is_empty_not_an_error(broker, stub, collection_name)
 
 def test_messages_stay_under_the_configured_cap(start_broker, collection_name):
     config = start_broker.base_config()
-    config["server"] = {"max_response_message_bytes": 64 * 1024}
+    config["limits"] = {"max_response_message_bytes": 64 * 1024}
     proc = start_broker(config)
     document_size = len(bson.encode({"n": 0, "pad": "x" * 1000}))
     with open_stub(proc.unix_target) as stub:

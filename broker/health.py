@@ -1,0 +1,79 @@
+"""The standard gRPC health service (grpc.health.v1), driven by SDAM.
+
+Service names:
+- "" (overall): SERVING while the broker accepts calls; NOT_SERVING from
+  the moment it starts draining. It does not follow the databases, so a
+  database outage does not take every pod out of its Service at once.
+- "broker.v1.Broker": the same as "".
+- one name per configured database: SERVING while the driver can reach a
+  writable server for it, NOT_SERVING while it cannot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+
+from broker_client.proto.broker.v1 import broker_pb2
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
+
+from broker.pools import DatabasePool
+
+__all__ = ["BROKER_SERVICE", "Health"]
+
+log = logging.getLogger("mongo_broker.health")
+
+BROKER_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["Broker"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Health:
+    """Owns the HealthServicer and keeps its statuses in step with the databases."""
+
+    def __init__(self) -> None:
+        self.servicer = HealthServicer()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._current: dict[str, DatabasePool] = {}
+
+    async def start(self, pools: Iterable[DatabasePool]) -> None:
+        await self.servicer.set("", _SERVING)
+        await self.servicer.set(BROKER_SERVICE, _SERVING)
+        await self.track(pools)
+
+    async def track(self, pools: Iterable[DatabasePool]) -> None:
+        """Follow these databases (after start or a reload); forget the others."""
+        current = {pool.name: pool for pool in pools}
+        for name in set(self._current) - set(current):
+            await self.servicer.set(name, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+        for name, pool in current.items():
+            if self._current.get(name) is pool:
+                continue
+            topology = pool.stats.topology
+            await self.servicer.set(name, _SERVING if topology.available else _NOT_SERVING)
+            topology.on_change.append(self._follower(pool))
+        self._current = current
+
+    def _follower(self, pool: DatabasePool) -> Callable[[bool], None]:
+        loop = asyncio.get_running_loop()
+
+        def changed(available: bool) -> None:
+            # Called from pymongo's monitor; the servicer lives on the loop.
+            loop.call_soon_threadsafe(self._schedule, pool, available)
+
+        return changed
+
+    def _schedule(self, pool: DatabasePool, available: bool) -> None:
+        # A client retired by a reload must not speak for its successor.
+        if self._current.get(pool.name) is not pool:
+            return
+        name = pool.name
+        task = asyncio.ensure_future(self.servicer.set(name, _SERVING if available else _NOT_SERVING))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def shutting_down(self) -> None:
+        """Every service NOT_SERVING, for good: probes see the drain at once."""
+        await self.servicer.enter_graceful_shutdown()
