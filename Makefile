@@ -39,11 +39,15 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml constraints.txt
 
 # Pinned Go tools the tests drive: a network-fault proxy between the broker
 # and the database, and real third-party gRPC clients.
+# grpcurl and grpc-health-probe are pinned, with every dependency, by
+# bench/gotools/go.mod and go.sum.
 TOXIPROXY_VERSION := v2.12.0
-GRPCURL_VERSION := v1.9.3
-HEALTH_PROBE_VERSION := v0.4.40
 
-tools: $(TOOLS)/ferretdb $(TOOLS)/toxiproxy-server
+tools: $(TOOLS)/ferretdb $(TOOLS)/toxiproxy-server $(TOOLS)/grpcurl
+
+$(TOOLS)/grpcurl: bench/gotools/go.mod bench/gotools/go.sum
+	mkdir -p $(TOOLS)
+	cd bench/gotools && go build -o $(TOOLS)/ github.com/fullstorydev/grpcurl/cmd/grpcurl github.com/grpc-ecosystem/grpc-health-probe
 
 # FerretDB v1.24 (SQLite backend), the test server when no mongod is at hand.
 $(TOOLS)/ferretdb: bench/ferretdb/go.mod bench/ferretdb/go.sum bench/ferretdb/main.go

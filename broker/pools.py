@@ -136,8 +136,15 @@ def _open(name: str, settings: DatabaseSettings) -> DatabasePool:
     )
 
 
+# Closing sends endSessions to the server; a slow or unreachable server must
+# not hold up a shutdown that has a deadline of its own.
+_CLOSE_TIMEOUT_S = 0.5
+
+
 async def _close(pool: DatabasePool) -> None:
     try:
-        await pool.client.close()
+        await asyncio.wait_for(pool.client.close(), _CLOSE_TIMEOUT_S)
+    except TimeoutError:
+        log.warning("closing the client for database %s timed out; dropping it", pool.name)
     except Exception:  # closing must go on for the other databases
         log.exception("error closing the client for database %s", pool.name)
