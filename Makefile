@@ -24,6 +24,7 @@ check: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy broker clients/python/broker_client bench tests
+	$(VENV)/bin/hadolint Dockerfile
 
 ## proto: regenerate the gRPC code from protos/
 proto: venv
