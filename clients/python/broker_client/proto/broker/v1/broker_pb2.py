@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*broker_client/proto/broker/v1/broker.proto\x12\tbroker.v1\"\xee\x01\n\x0b\x46indRequest\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\x0c\x12\x12\n\nprojection\x18\x04 \x01(\x0c\x12\x0c\n\x04sort\x18\x05 \x01(\x0c\x12\x0c\n\x04skip\x18\x06 \x01(\x03\x12\r\n\x05limit\x18\x07 \x01(\x03\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\x12\x13\n\thint_name\x18\t \x01(\tH\x00\x12\x13\n\thint_keys\x18\n \x01(\x0cH\x00\x12\x13\n\x0bmax_time_ms\x18\x0b \x01(\x03\x12\x0f\n\x07\x63omment\x18\x0c \x01(\tB\x06\n\x04hint\"!\n\x0c\x46indResponse\x12\x11\n\tdocuments\x18\x01 \x03(\x0c\"b\n\x0cWriteConcern\x12\x11\n\x07w_nodes\x18\x01 \x01(\x05H\x00\x12\x0f\n\x05w_tag\x18\x02 \x01(\tH\x00\x12\x0e\n\x01j\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x13\n\x0bwtimeout_ms\x18\x04 \x01(\x03\x42\x03\n\x01wB\x04\n\x02_j\"\xbe\x01\n\rInsertRequest\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\x0c\x12\x14\n\x07ordered\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\"\n\x1a\x62ypass_document_validation\x18\x05 \x01(\x08\x12.\n\rwrite_concern\x18\x06 \x01(\x0b\x32\x17.broker.v1.WriteConcernB\n\n\x08_ordered\">\n\x0eInsertResponse\x12\x14\n\x0cinserted_ids\x18\x01 \x03(\x0c\x12\x16\n\x0einserted_count\x18\x02 \x01(\x03\"\x1f\n\x0bPingRequest\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\"Z\n\x0bPoolSummary\x12\x18\n\x10\x63onnections_open\x18\x01 \x01(\x03\x12\x1a\n\x12\x63onnections_in_use\x18\x02 \x01(\x03\x12\x15\n\rmax_pool_size\x18\x03 \x01(\x03\"q\n\x0c\x44\x61tabasePing\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0e\n\x06rtt_ms\x18\x03 \x01(\x01\x12$\n\x04pool\x18\x04 \x01(\x0b\x32\x16.broker.v1.PoolSummary\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"K\n\x0cPingResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12*\n\tdatabases\x18\x02 \x03(\x0b\x32\x17.broker.v1.DatabasePing\" \n\x0cStatsRequest\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\"\x8c\x08\n\rDatabaseStats\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\x12\x18\n\x10\x63onnections_open\x18\x02 \x01(\x03\x12\x1a\n\x12\x63onnections_in_use\x18\x03 \x01(\x03\x12\x18\n\x10\x63onnections_idle\x18\x04 \x01(\x03\x12\x1b\n\x13\x63onnections_created\x18\x05 \x01(\x03\x12\x1a\n\x12\x63onnections_closed\x18\x06 \x01(\x03\x12\x15\n\rmax_pool_size\x18\x07 \x01(\x03\x12\x13\n\x0bpool_clears\x18\x08 \x01(\x03\x12\x19\n\x11wait_queue_length\x18\t \x01(\x03\x12\x16\n\x0ewait_queue_max\x18\n \x01(\x03\x12\x13\n\x0bmax_waiting\x18\x0b \x01(\x03\x12\x13\n\x0bwait_p50_ms\x18\x0c \x01(\x01\x12\x13\n\x0bwait_p99_ms\x18\r \x01(\x01\x12\x13\n\x0bwait_max_ms\x18\x0e \x01(\x01\x12I\n\x11\x63heckout_failures\x18\x0f \x03(\x0b\x32..broker.v1.DatabaseStats.CheckoutFailuresEntry\x12<\n\noperations\x18\x10 \x03(\x0b\x32(.broker.v1.DatabaseStats.OperationsEntry\x12\x30\n\x04rpcs\x18\x11 \x03(\x0b\x32\".broker.v1.DatabaseStats.RpcsEntry\x12\x34\n\x06\x65rrors\x18\x12 \x03(\x0b\x32$.broker.v1.DatabaseStats.ErrorsEntry\x12\x16\n\x0erpcs_in_flight\x18\x13 \x01(\x03\x12\x14\n\x0copen_cursors\x18\x14 \x01(\x03\x12\x11\n\tavailable\x18\x15 \x01(\x08\x12\x13\n\x0bserver_type\x18\x16 \x01(\t\x12\x15\n\rserver_rtt_ms\x18\x17 \x01(\x01\x12\x12\n\nlast_error\x18\x18 \x01(\t\x12!\n\x19recommended_max_pool_size\x18\x19 \x01(\x03\x12\x1a\n\x12\x64\x65mand_connections\x18\x1a \x01(\x01\x12\x1e\n\x16round_trips_per_second\x18\x1b \x01(\x01\x12\x14\n\x0cmean_hold_ms\x18\x1c \x01(\x01\x1a\x37\n\x15\x43heckoutFailuresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x31\n\x0fOperationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a+\n\tRpcsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"_\n\rStatsResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12+\n\tdatabases\x18\x03 \x03(\x0b\x32\x18.broker.v1.DatabaseStats2\xf7\x01\n\x06\x42roker\x12\x39\n\x04\x46ind\x12\x16.broker.v1.FindRequest\x1a\x17.broker.v1.FindResponse0\x01\x12=\n\x06Insert\x12\x18.broker.v1.InsertRequest\x1a\x19.broker.v1.InsertResponse\x12\x37\n\x04Ping\x12\x16.broker.v1.PingRequest\x1a\x17.broker.v1.PingResponse\x12:\n\x05Stats\x12\x17.broker.v1.StatsRequest\x1a\x18.broker.v1.StatsResponseBCZAgithub.com/mongo-broker/mongo-broker/clients/go/brokerv1;brokerv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*broker_client/proto/broker/v1/broker.proto\x12\tbroker.v1\"\xee\x02\n\x0b\x46indRequest\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\x0c\x12\x12\n\nprojection\x18\x04 \x01(\x0c\x12\x0c\n\x04sort\x18\x05 \x01(\x0c\x12\x0c\n\x04skip\x18\x06 \x01(\x03\x12\r\n\x05limit\x18\x07 \x01(\x03\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\x12\x13\n\thint_name\x18\t \x01(\tH\x00\x12\x13\n\thint_keys\x18\n \x01(\x0cH\x00\x12\x13\n\x0bmax_time_ms\x18\x0b \x01(\x03\x12\x0f\n\x07\x63omment\x18\x0c \x01(\t\x12%\n\x08\x65ncoding\x18\r \x01(\x0e\x32\x13.broker.v1.Encoding\x12\x13\n\x0b\x66ilter_json\x18\x0e \x01(\t\x12\x17\n\x0fprojection_json\x18\x0f \x01(\t\x12\x11\n\tsort_json\x18\x10 \x01(\t\x12\x16\n\x0ehint_keys_json\x18\x11 \x01(\tB\x06\n\x04hint\"9\n\x0c\x46indResponse\x12\x11\n\tdocuments\x18\x01 \x03(\x0c\x12\x16\n\x0ejson_documents\x18\x02 \x03(\t\"b\n\x0cWriteConcern\x12\x11\n\x07w_nodes\x18\x01 \x01(\x05H\x00\x12\x0f\n\x05w_tag\x18\x02 \x01(\tH\x00\x12\x0e\n\x01j\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x13\n\x0bwtimeout_ms\x18\x04 \x01(\x03\x42\x03\n\x01wB\x04\n\x02_j\"\xfd\x01\n\rInsertRequest\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\x0c\x12\x14\n\x07ordered\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\"\n\x1a\x62ypass_document_validation\x18\x05 \x01(\x08\x12.\n\rwrite_concern\x18\x06 \x01(\x0b\x32\x17.broker.v1.WriteConcern\x12%\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x13.broker.v1.Encoding\x12\x16\n\x0ejson_documents\x18\x08 \x03(\tB\n\n\x08_ordered\"Y\n\x0eInsertResponse\x12\x14\n\x0cinserted_ids\x18\x01 \x03(\x0c\x12\x16\n\x0einserted_count\x18\x02 \x01(\x03\x12\x19\n\x11inserted_ids_json\x18\x03 \x03(\t\"\x1f\n\x0bPingRequest\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\"Z\n\x0bPoolSummary\x12\x18\n\x10\x63onnections_open\x18\x01 \x01(\x03\x12\x1a\n\x12\x63onnections_in_use\x18\x02 \x01(\x03\x12\x15\n\rmax_pool_size\x18\x03 \x01(\x03\"q\n\x0c\x44\x61tabasePing\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0e\n\x06rtt_ms\x18\x03 \x01(\x01\x12$\n\x04pool\x18\x04 \x01(\x0b\x32\x16.broker.v1.PoolSummary\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"K\n\x0cPingResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12*\n\tdatabases\x18\x02 \x03(\x0b\x32\x17.broker.v1.DatabasePing\" \n\x0cStatsRequest\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\"\x8c\x08\n\rDatabaseStats\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\x12\x18\n\x10\x63onnections_open\x18\x02 \x01(\x03\x12\x1a\n\x12\x63onnections_in_use\x18\x03 \x01(\x03\x12\x18\n\x10\x63onnections_idle\x18\x04 \x01(\x03\x12\x1b\n\x13\x63onnections_created\x18\x05 \x01(\x03\x12\x1a\n\x12\x63onnections_closed\x18\x06 \x01(\x03\x12\x15\n\rmax_pool_size\x18\x07 \x01(\x03\x12\x13\n\x0bpool_clears\x18\x08 \x01(\x03\x12\x19\n\x11wait_queue_length\x18\t \x01(\x03\x12\x16\n\x0ewait_queue_max\x18\n \x01(\x03\x12\x13\n\x0bmax_waiting\x18\x0b \x01(\x03\x12\x13\n\x0bwait_p50_ms\x18\x0c \x01(\x01\x12\x13\n\x0bwait_p99_ms\x18\r \x01(\x01\x12\x13\n\x0bwait_max_ms\x18\x0e \x01(\x01\x12I\n\x11\x63heckout_failures\x18\x0f \x03(\x0b\x32..broker.v1.DatabaseStats.CheckoutFailuresEntry\x12<\n\noperations\x18\x10 \x03(\x0b\x32(.broker.v1.DatabaseStats.OperationsEntry\x12\x30\n\x04rpcs\x18\x11 \x03(\x0b\x32\".broker.v1.DatabaseStats.RpcsEntry\x12\x34\n\x06\x65rrors\x18\x12 \x03(\x0b\x32$.broker.v1.DatabaseStats.ErrorsEntry\x12\x16\n\x0erpcs_in_flight\x18\x13 \x01(\x03\x12\x14\n\x0copen_cursors\x18\x14 \x01(\x03\x12\x11\n\tavailable\x18\x15 \x01(\x08\x12\x13\n\x0bserver_type\x18\x16 \x01(\t\x12\x15\n\rserver_rtt_ms\x18\x17 \x01(\x01\x12\x12\n\nlast_error\x18\x18 \x01(\t\x12!\n\x19recommended_max_pool_size\x18\x19 \x01(\x03\x12\x1a\n\x12\x64\x65mand_connections\x18\x1a \x01(\x01\x12\x1e\n\x16round_trips_per_second\x18\x1b \x01(\x01\x12\x14\n\x0cmean_hold_ms\x18\x1c \x01(\x01\x1a\x37\n\x15\x43heckoutFailuresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x31\n\x0fOperationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a+\n\tRpcsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"_\n\rStatsResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12+\n\tdatabases\x18\x03 \x03(\x0b\x32\x18.broker.v1.DatabaseStats*U\n\x08\x45ncoding\x12\x11\n\rENCODING_BSON\x10\x00\x12\x1b\n\x17\x45NCODING_CANONICAL_JSON\x10\x01\x12\x19\n\x15\x45NCODING_RELAXED_JSON\x10\x02\x32\xf7\x01\n\x06\x42roker\x12\x39\n\x04\x46ind\x12\x16.broker.v1.FindRequest\x1a\x17.broker.v1.FindResponse0\x01\x12=\n\x06Insert\x12\x18.broker.v1.InsertRequest\x1a\x19.broker.v1.InsertResponse\x12\x37\n\x04Ping\x12\x16.broker.v1.PingRequest\x1a\x17.broker.v1.PingResponse\x12:\n\x05Stats\x12\x17.broker.v1.StatsRequest\x1a\x18.broker.v1.StatsResponseBCZAgithub.com/mongo-broker/mongo-broker/clients/go/brokerv1;brokerv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,38 +40,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATABASESTATS_RPCSENTRY']._serialized_options = b'8\001'
   _globals['_DATABASESTATS_ERRORSENTRY']._loaded_options = None
   _globals['_DATABASESTATS_ERRORSENTRY']._serialized_options = b'8\001'
+  _globals['_ENCODING']._serialized_start=2419
+  _globals['_ENCODING']._serialized_end=2504
   _globals['_FINDREQUEST']._serialized_start=58
-  _globals['_FINDREQUEST']._serialized_end=296
-  _globals['_FINDRESPONSE']._serialized_start=298
-  _globals['_FINDRESPONSE']._serialized_end=331
-  _globals['_WRITECONCERN']._serialized_start=333
-  _globals['_WRITECONCERN']._serialized_end=431
-  _globals['_INSERTREQUEST']._serialized_start=434
-  _globals['_INSERTREQUEST']._serialized_end=624
-  _globals['_INSERTRESPONSE']._serialized_start=626
-  _globals['_INSERTRESPONSE']._serialized_end=688
-  _globals['_PINGREQUEST']._serialized_start=690
-  _globals['_PINGREQUEST']._serialized_end=721
-  _globals['_POOLSUMMARY']._serialized_start=723
-  _globals['_POOLSUMMARY']._serialized_end=813
-  _globals['_DATABASEPING']._serialized_start=815
-  _globals['_DATABASEPING']._serialized_end=928
-  _globals['_PINGRESPONSE']._serialized_start=930
-  _globals['_PINGRESPONSE']._serialized_end=1005
-  _globals['_STATSREQUEST']._serialized_start=1007
-  _globals['_STATSREQUEST']._serialized_end=1039
-  _globals['_DATABASESTATS']._serialized_start=1042
-  _globals['_DATABASESTATS']._serialized_end=2078
-  _globals['_DATABASESTATS_CHECKOUTFAILURESENTRY']._serialized_start=1880
-  _globals['_DATABASESTATS_CHECKOUTFAILURESENTRY']._serialized_end=1935
-  _globals['_DATABASESTATS_OPERATIONSENTRY']._serialized_start=1937
-  _globals['_DATABASESTATS_OPERATIONSENTRY']._serialized_end=1986
-  _globals['_DATABASESTATS_RPCSENTRY']._serialized_start=1988
-  _globals['_DATABASESTATS_RPCSENTRY']._serialized_end=2031
-  _globals['_DATABASESTATS_ERRORSENTRY']._serialized_start=2033
-  _globals['_DATABASESTATS_ERRORSENTRY']._serialized_end=2078
-  _globals['_STATSRESPONSE']._serialized_start=2080
-  _globals['_STATSRESPONSE']._serialized_end=2175
-  _globals['_BROKER']._serialized_start=2178
-  _globals['_BROKER']._serialized_end=2425
+  _globals['_FINDREQUEST']._serialized_end=424
+  _globals['_FINDRESPONSE']._serialized_start=426
+  _globals['_FINDRESPONSE']._serialized_end=483
+  _globals['_WRITECONCERN']._serialized_start=485
+  _globals['_WRITECONCERN']._serialized_end=583
+  _globals['_INSERTREQUEST']._serialized_start=586
+  _globals['_INSERTREQUEST']._serialized_end=839
+  _globals['_INSERTRESPONSE']._serialized_start=841
+  _globals['_INSERTRESPONSE']._serialized_end=930
+  _globals['_PINGREQUEST']._serialized_start=932
+  _globals['_PINGREQUEST']._serialized_end=963
+  _globals['_POOLSUMMARY']._serialized_start=965
+  _globals['_POOLSUMMARY']._serialized_end=1055
+  _globals['_DATABASEPING']._serialized_start=1057
+  _globals['_DATABASEPING']._serialized_end=1170
+  _globals['_PINGRESPONSE']._serialized_start=1172
+  _globals['_PINGRESPONSE']._serialized_end=1247
+  _globals['_STATSREQUEST']._serialized_start=1249
+  _globals['_STATSREQUEST']._serialized_end=1281
+  _globals['_DATABASESTATS']._serialized_start=1284
+  _globals['_DATABASESTATS']._serialized_end=2320
+  _globals['_DATABASESTATS_CHECKOUTFAILURESENTRY']._serialized_start=2122
+  _globals['_DATABASESTATS_CHECKOUTFAILURESENTRY']._serialized_end=2177
+  _globals['_DATABASESTATS_OPERATIONSENTRY']._serialized_start=2179
+  _globals['_DATABASESTATS_OPERATIONSENTRY']._serialized_end=2228
+  _globals['_DATABASESTATS_RPCSENTRY']._serialized_start=2230
+  _globals['_DATABASESTATS_RPCSENTRY']._serialized_end=2273
+  _globals['_DATABASESTATS_ERRORSENTRY']._serialized_start=2275
+  _globals['_DATABASESTATS_ERRORSENTRY']._serialized_end=2320
+  _globals['_STATSRESPONSE']._serialized_start=2322
+  _globals['_STATSRESPONSE']._serialized_end=2417
+  _globals['_BROKER']._serialized_start=2507
+  _globals['_BROKER']._serialized_end=2754
 # @@protoc_insertion_point(module_scope)

@@ -18,6 +18,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -28,6 +29,31 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _Encoding:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Encoding.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENCODING_BSON: _Encoding.ValueType  # 0
+    ENCODING_CANONICAL_JSON: _Encoding.ValueType  # 1
+    ENCODING_RELAXED_JSON: _Encoding.ValueType  # 2
+
+class Encoding(_Encoding, metaclass=_EncodingEnumTypeWrapper):
+    """How documents are written in a request and its response.
+
+    BSON (the default) uses the `bytes` fields. The Extended JSON encodings
+    are for clients without a BSON library (grpcurl, shell scripts): they use
+    the `*_json` string fields instead, in both directions. Canonical Extended
+    JSON keeps every type ({"$numberInt": "1"}); relaxed writes numbers and
+    dates plainly. Both are read in either form.
+    """
+
+ENCODING_BSON: Encoding.ValueType  # 0
+ENCODING_CANONICAL_JSON: Encoding.ValueType  # 1
+ENCODING_RELAXED_JSON: Encoding.ValueType  # 2
+Global___Encoding: _TypeAlias = Encoding  # noqa: Y015
 
 @_typing.final
 class FindRequest(_message.Message):
@@ -45,6 +71,11 @@ class FindRequest(_message.Message):
     HINT_KEYS_FIELD_NUMBER: _builtins.int
     MAX_TIME_MS_FIELD_NUMBER: _builtins.int
     COMMENT_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    FILTER_JSON_FIELD_NUMBER: _builtins.int
+    PROJECTION_JSON_FIELD_NUMBER: _builtins.int
+    SORT_JSON_FIELD_NUMBER: _builtins.int
+    HINT_KEYS_JSON_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """A database name from the broker's configuration (not necessarily the
     MongoDB database name, which the configuration maps it to).
@@ -73,6 +104,15 @@ class FindRequest(_message.Message):
     """
     comment: _builtins.str
     """Attached to the MongoDB operation, visible in the server's logs."""
+    encoding: Global___Encoding.ValueType
+    """The encoding of this request's documents and of the response."""
+    filter_json: _builtins.str
+    """Extended JSON forms of filter, projection, sort and hint_keys, used when
+    `encoding` is an Extended JSON one.
+    """
+    projection_json: _builtins.str
+    sort_json: _builtins.str
+    hint_keys_json: _builtins.str
     def __init__(
         self,
         *,
@@ -88,10 +128,15 @@ class FindRequest(_message.Message):
         hint_keys: _builtins.bytes = ...,
         max_time_ms: _builtins.int = ...,
         comment: _builtins.str = ...,
+        encoding: Global___Encoding.ValueType = ...,
+        filter_json: _builtins.str = ...,
+        projection_json: _builtins.str = ...,
+        sort_json: _builtins.str = ...,
+        hint_keys_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hint", b"hint", "hint_keys", b"hint_keys", "hint_name", b"hint_name"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "collection", b"collection", "comment", b"comment", "database", b"database", "filter", b"filter", "hint", b"hint", "hint_keys", b"hint_keys", "hint_name", b"hint_name", "limit", b"limit", "max_time_ms", b"max_time_ms", "projection", b"projection", "skip", b"skip", "sort", b"sort"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "collection", b"collection", "comment", b"comment", "database", b"database", "encoding", b"encoding", "filter", b"filter", "filter_json", b"filter_json", "hint", b"hint", "hint_keys", b"hint_keys", "hint_keys_json", b"hint_keys_json", "hint_name", b"hint_name", "limit", b"limit", "max_time_ms", b"max_time_ms", "projection", b"projection", "projection_json", b"projection_json", "skip", b"skip", "sort", b"sort", "sort_json", b"sort_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_hint: _TypeAlias = _typing.Literal["hint_name", "hint_keys"]  # noqa: Y015
     _WhichOneofArgType_hint: _TypeAlias = _typing.Literal["hint", b"hint"]  # noqa: Y015
@@ -104,18 +149,24 @@ class FindResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DOCUMENTS_FIELD_NUMBER: _builtins.int
+    JSON_DOCUMENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def documents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """One whole BSON document per element, in cursor order."""
+        """One whole BSON document per element, in cursor order (ENCODING_BSON)."""
+
+    @_builtins.property
+    def json_documents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """One Extended JSON document per element (the Extended JSON encodings)."""
 
     def __init__(
         self,
         *,
         documents: _abc.Iterable[_builtins.bytes] | None = ...,
+        json_documents: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["documents", b"documents"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["documents", b"documents", "json_documents", b"json_documents"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -168,11 +219,15 @@ class InsertRequest(_message.Message):
     ORDERED_FIELD_NUMBER: _builtins.int
     BYPASS_DOCUMENT_VALIDATION_FIELD_NUMBER: _builtins.int
     WRITE_CONCERN_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    JSON_DOCUMENTS_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     collection: _builtins.str
     ordered: _builtins.bool
     """Stop at the first error (true, the default) or carry on with the rest."""
     bypass_document_validation: _builtins.bool
+    encoding: Global___Encoding.ValueType
+    """The encoding of the documents and of the returned ids."""
     @_builtins.property
     def documents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """One whole BSON document per element; at least one."""
@@ -180,6 +235,10 @@ class InsertRequest(_message.Message):
     @_builtins.property
     def write_concern(self) -> Global___WriteConcern:
         """Unset means the database's configured default write concern."""
+
+    @_builtins.property
+    def json_documents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Extended JSON documents, used when `encoding` is an Extended JSON one."""
 
     def __init__(
         self,
@@ -190,10 +249,12 @@ class InsertRequest(_message.Message):
         ordered: _builtins.bool | None = ...,
         bypass_document_validation: _builtins.bool = ...,
         write_concern: Global___WriteConcern | None = ...,
+        encoding: Global___Encoding.ValueType = ...,
+        json_documents: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_ordered", b"_ordered", "ordered", b"ordered", "write_concern", b"write_concern"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ordered", b"_ordered", "bypass_document_validation", b"bypass_document_validation", "collection", b"collection", "database", b"database", "documents", b"documents", "ordered", b"ordered", "write_concern", b"write_concern"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ordered", b"_ordered", "bypass_document_validation", b"bypass_document_validation", "collection", b"collection", "database", b"database", "documents", b"documents", "encoding", b"encoding", "json_documents", b"json_documents", "ordered", b"ordered", "write_concern", b"write_concern"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__ordered: _TypeAlias = _typing.Literal["ordered"]  # noqa: Y015
     _WhichOneofArgType__ordered: _TypeAlias = _typing.Literal["_ordered", b"_ordered"]  # noqa: Y015
@@ -207,23 +268,29 @@ class InsertResponse(_message.Message):
 
     INSERTED_IDS_FIELD_NUMBER: _builtins.int
     INSERTED_COUNT_FIELD_NUMBER: _builtins.int
+    INSERTED_IDS_JSON_FIELD_NUMBER: _builtins.int
     inserted_count: _builtins.int
     @_builtins.property
     def inserted_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """The `_id` of every inserted document, in request order. Each element is
         a one-field BSON document {"_id": <value>}, so any BSON library can read
-        it whatever the type of the value.
+        it whatever the type of the value (ENCODING_BSON).
         """
+
+    @_builtins.property
+    def inserted_ids_json(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The same ids as Extended JSON documents {"_id": ...} (the JSON encodings)."""
 
     def __init__(
         self,
         *,
         inserted_ids: _abc.Iterable[_builtins.bytes] | None = ...,
         inserted_count: _builtins.int = ...,
+        inserted_ids_json: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inserted_count", b"inserted_count", "inserted_ids", b"inserted_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inserted_count", b"inserted_count", "inserted_ids", b"inserted_ids", "inserted_ids_json", b"inserted_ids_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
