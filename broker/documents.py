@@ -10,11 +10,13 @@ never decoded.
 
 from __future__ import annotations
 
+import json
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import bson
+from bson import json_util
 from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.objectid import ObjectId
 from bson.raw_bson import RawBSONDocument
@@ -24,7 +26,9 @@ from broker.errors import Reason, invalid_argument
 __all__ = [
     "Inspector",
     "PreparedInsert",
+    "bson_to_json",
     "chunk_documents",
+    "json_to_bson",
     "parse_document",
     "prepare_inserts",
     "raw_document",
@@ -140,3 +144,47 @@ def chunk_documents(documents: Sequence[bytes], max_bytes: int) -> Iterator[list
         size += cost
     if chunk:
         yield chunk
+
+
+# --- Extended JSON, for clients without a BSON library -------------------------
+
+_JSON_READ = json_util.JSONOptions(
+    json_mode=json_util.JSONMode.RELAXED, datetime_conversion=DatetimeConversion.DATETIME_AUTO
+)
+_JSON_WRITE = {
+    "canonical": json_util.CANONICAL_JSON_OPTIONS.with_options(
+        datetime_conversion=DatetimeConversion.DATETIME_AUTO
+    ),
+    "relaxed": json_util.RELAXED_JSON_OPTIONS.with_options(
+        datetime_conversion=DatetimeConversion.DATETIME_AUTO
+    ),
+}
+
+
+def json_to_bson(text: str, field: str) -> bytes:
+    """Parse one Extended JSON document (canonical or relaxed) into BSON bytes.
+
+    Raises INVALID_ARGUMENT saying where the text failed.
+    """
+    try:
+        value = json_util.loads(text, json_options=_JSON_READ)
+    except json.JSONDecodeError as exc:
+        raise invalid_argument(
+            f"{field} is not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}",
+            Reason.INVALID_JSON,
+        ) from None
+    except Exception as exc:  # json_util raises several types for bad $-types
+        raise invalid_argument(f"{field} is not valid Extended JSON: {exc}", Reason.INVALID_JSON) from None
+    if not isinstance(value, dict):
+        raise invalid_argument(
+            f"{field} must be a JSON object, got {type(value).__name__}", Reason.INVALID_JSON
+        )
+    try:
+        return bson.encode(value)
+    except Exception as exc:
+        raise invalid_argument(f"{field} cannot be stored as BSON: {exc}", Reason.INVALID_JSON) from None
+
+
+def bson_to_json(raw: bytes, mode: str) -> str:
+    """Write one BSON document as Extended JSON, "canonical" or "relaxed"."""
+    return json_util.dumps(bson.decode(raw, _DECODE), json_options=_JSON_WRITE[mode])

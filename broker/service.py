@@ -18,7 +18,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -265,6 +265,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 context, "Find", request.database, request.collection, request.max_time_ms
             ) as call:
                 assert call.pool is not None
+                request, json_mode = _find_request_as_bson(request)
                 options = _find_options(request, call.pool.settings.default_batch_size, self._inspect)
                 options["comment"] = call.comment(request.comment)
                 cap = self._settings.limits.max_find_documents
@@ -297,8 +298,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                         docs = docs[: cap - call.documents]
                     call.documents += len(docs)
                     call.bytes += sum(len(d) for d in docs)
-                    for chunk in documents.chunk_documents(docs, max_message):
-                        await context.write(broker_pb2.FindResponse(documents=chunk))
+                    await _write_batch(context, docs, max_message, json_mode)
                     if over:
                         raise RpcError(
                             grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -319,22 +319,35 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
     ) -> broker_pb2.InsertResponse:
         async with self._serve(context, "Insert", request.database, request.collection, write=True) as call:
             assert call.pool is not None
-            if not request.documents:
-                raise invalid_argument("documents is empty: send at least one BSON document")
+            json_mode = _json_mode(request.encoding)
+            raw_documents: Sequence[bytes] = request.documents
+            if json_mode is not None:
+                if request.documents:
+                    raise invalid_argument(
+                        "documents holds BSON but encoding is Extended JSON: send json_documents"
+                    )
+                raw_documents = [
+                    documents.json_to_bson(text, f"json_documents[{i}]")
+                    for i, text in enumerate(request.json_documents)
+                ]
+            elif request.json_documents:
+                raise invalid_argument(_JSON_FIELDS_NEED_ENCODING)
+            if not raw_documents:
+                raise invalid_argument("documents is empty: send at least one document")
             most = self._settings.limits.max_insert_documents
-            if len(request.documents) > most:
+            if len(raw_documents) > most:
                 raise RpcError(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{len(request.documents)} documents exceed limits.max_insert_documents ({most}); "
+                    f"{len(raw_documents)} documents exceed limits.max_insert_documents ({most}); "
                     "split the insert",
                     Reason.LIMIT_EXCEEDED,
                 )
             limits = self._settings.limits
             prepared = documents.prepare_inserts(
-                request.documents, lambda doc, field: check_depth(doc, field, limits)
+                raw_documents, lambda doc, field: check_depth(doc, field, limits)
             )
             call.documents = len(prepared.documents)
-            call.bytes = sum(len(d) for d in request.documents)
+            call.bytes = sum(len(d) for d in raw_documents)
             collection = call.pool.db.get_collection(
                 _collection_name(request.collection),
                 write_concern=_write_concern(request),
@@ -345,6 +358,11 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                     ordered=request.ordered if request.HasField("ordered") else True,
                     bypass_document_validation=request.bypass_document_validation,
                     comment=call.comment(),
+                )
+            if json_mode is not None:
+                return broker_pb2.InsertResponse(
+                    inserted_ids_json=[documents.bson_to_json(d, json_mode) for d in prepared.id_documents],
+                    inserted_count=len(prepared.id_documents),
                 )
             return broker_pb2.InsertResponse(
                 inserted_ids=prepared.id_documents,
@@ -527,6 +545,56 @@ def _non_negative(value: int, field: str) -> int:
     if value < 0:
         raise invalid_argument(f"{field} must not be negative, got {value}")
     return value
+
+
+_JSON_FIELDS_NEED_ENCODING = (
+    "the *_json fields are read only with encoding ENCODING_CANONICAL_JSON or ENCODING_RELAXED_JSON"
+)
+_JSON_MODES = {
+    broker_pb2.ENCODING_CANONICAL_JSON: "canonical",
+    broker_pb2.ENCODING_RELAXED_JSON: "relaxed",
+}
+
+
+def _json_mode(encoding: broker_pb2.Encoding.ValueType) -> str | None:
+    """None for BSON, else the Extended JSON mode; INVALID_ARGUMENT for an unknown encoding."""
+    if encoding == broker_pb2.ENCODING_BSON:
+        return None
+    try:
+        return _JSON_MODES[encoding]
+    except KeyError:
+        raise invalid_argument(f"unknown encoding {encoding}") from None
+
+
+async def _write_batch(context: Context, docs: list[bytes], max_message: int, json_mode: str | None) -> None:
+    """Send one batch as one message, or several when it is larger than ``max_message``."""
+    if json_mode is None:
+        for chunk in documents.chunk_documents(docs, max_message):
+            await context.write(broker_pb2.FindResponse(documents=chunk))
+        return
+    texts = [documents.bson_to_json(d, json_mode).encode() for d in docs]
+    for part in documents.chunk_documents(texts, max_message):
+        await context.write(broker_pb2.FindResponse(json_documents=[t.decode() for t in part]))
+
+
+def _find_request_as_bson(request: broker_pb2.FindRequest) -> tuple[broker_pb2.FindRequest, str | None]:
+    """The request with any Extended JSON documents turned into BSON, and the JSON mode."""
+    json_mode = _json_mode(request.encoding)
+    if json_mode is None:
+        if request.filter_json or request.projection_json or request.sort_json or request.hint_keys_json:
+            raise invalid_argument(_JSON_FIELDS_NEED_ENCODING)
+        return request, None
+    if request.filter or request.projection or request.sort or request.WhichOneof("hint") == "hint_keys":
+        raise invalid_argument("filter/projection/sort/hint_keys hold BSON but encoding is Extended JSON")
+    converted = broker_pb2.FindRequest()
+    converted.CopyFrom(request)
+    for field in ("filter", "projection", "sort"):
+        text = getattr(request, f"{field}_json")
+        if text:
+            setattr(converted, field, documents.json_to_bson(text, f"{field}_json"))
+    if request.hint_keys_json:
+        converted.hint_keys = documents.json_to_bson(request.hint_keys_json, "hint_keys_json")
+    return converted, json_mode
 
 
 def _find_options(
