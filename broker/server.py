@@ -149,6 +149,7 @@ def _write_ready_file(path: str, listeners: Listeners) -> None:
 
 
 def _grpc_server(settings: Settings, concurrency: int | None) -> grpc.aio.Server:
+    server = settings.server
     return grpc.aio.server(
         # Past this many calls at once gRPC answers RESOURCE_EXHAUSTED itself,
         # so the broker's memory stays bounded whatever the callers do.
@@ -159,6 +160,16 @@ def _grpc_server(settings: Settings, concurrency: int | None) -> grpc.aio.Server
             # grpc sets SO_REUSEPORT by default: a second broker on the same
             # TCP port would silently take a share of the calls.
             ("grpc.so_reuseport", 0),
+            ("grpc.max_connection_idle_ms", int(server.max_connection_idle_s * 1000)),
+            ("grpc.keepalive_time_ms", int(server.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(server.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            (
+                "grpc.http2.min_recv_ping_interval_without_data_ms",
+                int(server.min_client_ping_interval_s * 1000),
+            ),
+            ("grpc.http2.min_ping_interval_without_data_ms", int(server.min_client_ping_interval_s * 1000)),
+            ("grpc.http2.max_ping_strikes", 2),
         ],
     )
 

@@ -304,6 +304,15 @@ class ServerSettings(BaseModel):
     max_concurrent_rpcs: PositiveInt | None = None
     # Serve gRPC reflection (grpcurl and other tools can list and describe).
     reflection: bool = True
+    # Close a client connection idle this long: dead workers' connections are
+    # reaped (their clients reconnect transparently when they come back).
+    max_connection_idle_s: Annotated[float, Field(gt=0)] = 300.0
+    # Ping idle clients this often to find connections whose peer vanished.
+    keepalive_time_s: Annotated[float, Field(gt=0)] = 60.0
+    keepalive_timeout_s: Annotated[float, Field(gt=0)] = 20.0
+    # A client may ping at most this often; a client that pings faster (a
+    # ping flood) is sent GOAWAY after two strikes.
+    min_client_ping_interval_s: Annotated[float, Field(gt=0)] = 10.0
 
 
 class LimitSettings(BaseModel):
