@@ -255,7 +255,12 @@ def to_rpc_error(exc: BaseException, *, database: str = "", deadline_passed: boo
         meta.update(_mongo_metadata(code, exc))
         grpc_code, reason = _status_for_code(code, meta.get("mongo_code_name", ""))
         if isinstance(exc, mongo_errors.ExecutionTimeout) or (exc.timeout and deadline_passed):
-            grpc_code, reason = grpc.StatusCode.DEADLINE_EXCEEDED, Reason.TIMEOUT
+            return RpcError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the call's time limit ran out{where}: {_first_line(exc)}",
+                Reason.TIMEOUT,
+                meta,
+            )
         return RpcError(grpc_code, f"{_server_message(exc)}{where}", reason, meta)
     if exc.timeout and deadline_passed:
         return RpcError(

@@ -20,9 +20,7 @@ __all__ = ["Failure", "fails", "find_all", "open_stub", "pb"]
 
 @contextmanager
 def open_stub(target: str) -> Iterator[broker_pb2_grpc.BrokerStub]:
-    channel = grpc.insecure_channel(
-        target, options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)]
-    )
+    channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)])
     try:
         yield broker_pb2_grpc.BrokerStub(channel)
     finally:

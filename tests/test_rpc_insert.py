@@ -25,9 +25,7 @@ def _ids(reply: Any) -> list[Any]:
     return [bson.decode(raw)["_id"] for raw in reply.inserted_ids]
 
 
-def test_insert_keeps_given_ids_and_generates_missing_ones(
-    broker, stub, collection_name, mongo_collection
-):
+def test_insert_keeps_given_ids_and_generates_missing_ones(broker, stub, collection_name, mongo_collection):
     given = ObjectId()
     documents = [{"_id": given, "n": 0}, {"n": 1}, {"_id": "text-id", "n": 2}, {"_id": 7, "n": 3}]
     reply = stub.Insert(
@@ -67,9 +65,7 @@ def _fidelity_document(extra: dict[str, Any]) -> dict[str, Any]:
 
 def _round_trip(broker, stub, collection_name, document: dict[str, Any]) -> None:
     encoded = bson.encode(document)
-    stub.Insert(
-        pb.InsertRequest(database=broker.db_name, collection=collection_name, documents=[encoded])
-    )
+    stub.Insert(pb.InsertRequest(database=broker.db_name, collection=collection_name, documents=[encoded]))
     (message,) = stub.Find(pb.FindRequest(database=broker.db_name, collection=collection_name))
     (raw,) = message.documents
     # Byte for byte: nothing was decoded and re-encoded on the way.
@@ -96,9 +92,7 @@ def test_ordered_insert_stops_at_duplicate_and_says_how_many_landed(
     documents = [bson.encode({"_id": i}) for i in (1, 2, 2, 3)]
     with fails(grpc.StatusCode.ALREADY_EXISTS, "DUPLICATE_KEY") as failure:
         stub.Insert(
-            pb.InsertRequest(
-                database=broker.db_name, collection=collection_name, documents=documents
-            )
+            pb.InsertRequest(database=broker.db_name, collection=collection_name, documents=documents)
         )
     assert failure.metadata["mongo_code"] == "11000"
     assert failure.metadata["failed_index"] == "2"
@@ -106,9 +100,7 @@ def test_ordered_insert_stops_at_duplicate_and_says_how_many_landed(
     assert sorted(d["_id"] for d in mongo_collection.find()) == [1, 2]
 
 
-def test_unordered_insert_carries_on_past_duplicate(
-    broker, stub, collection_name, mongo_collection
-):
+def test_unordered_insert_carries_on_past_duplicate(broker, stub, collection_name, mongo_collection):
     documents = [bson.encode({"_id": i}) for i in (1, 1, 2)]
     with fails(grpc.StatusCode.ALREADY_EXISTS) as failure:
         stub.Insert(
@@ -127,9 +119,7 @@ def test_retried_insert_with_client_id_is_detected_as_duplicate(
     broker, stub, collection_name, mongo_collection
 ):
     document = bson.encode({"_id": ObjectId(), "v": 1})
-    request = pb.InsertRequest(
-        database=broker.db_name, collection=collection_name, documents=[document]
-    )
+    request = pb.InsertRequest(database=broker.db_name, collection=collection_name, documents=[document])
     stub.Insert(request)
     with fails(grpc.StatusCode.ALREADY_EXISTS, "DUPLICATE_KEY"):
         stub.Insert(request)
@@ -165,9 +155,7 @@ def test_bad_documents_are_rejected_and_nothing_is_stored(
 ):
     with fails(grpc.StatusCode.INVALID_ARGUMENT) as failure:
         stub.Insert(
-            pb.InsertRequest(
-                database=broker.db_name, collection=collection_name, documents=documents
-            )
+            pb.InsertRequest(database=broker.db_name, collection=collection_name, documents=documents)
         )
     assert needle in failure.message
     assert mongo_collection.count_documents({}) == 0
@@ -211,9 +199,7 @@ def test_field_names_the_server_refuses_are_invalid_argument(broker, stub, colle
 def test_bad_names(broker, stub, database, collection, code, needle):
     with fails(code) as failure:
         stub.Insert(
-            pb.InsertRequest(
-                database=database, collection=collection, documents=[bson.encode({"a": 1})]
-            )
+            pb.InsertRequest(database=database, collection=collection, documents=[bson.encode({"a": 1})])
         )
     assert needle in failure.message
 

@@ -58,9 +58,7 @@ def broker_with_dead_database(start_broker):
     return start_broker(config)
 
 
-def test_down_database_is_reported_and_refused_with_unavailable(
-    broker_with_dead_database, collection_name
-):
+def test_down_database_is_reported_and_refused_with_unavailable(broker_with_dead_database, collection_name):
     with open_stub(broker_with_dead_database.unix_target) as stub:
         reply = stub.Ping(pb.PingRequest(), timeout=10)
         status = {d.database: d for d in reply.databases}
@@ -80,9 +78,7 @@ def test_down_database_is_reported_and_refused_with_unavailable(
             )
         # The healthy database is not affected by its neighbour.
         stub.Insert(
-            pb.InsertRequest(
-                database="appdb", collection=collection_name, documents=[bson.encode({"a": 1})]
-            )
+            pb.InsertRequest(database="appdb", collection=collection_name, documents=[bson.encode({"a": 1})])
         )
 
 

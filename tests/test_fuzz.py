@@ -1,0 +1,212 @@
+"""Generated requests: whatever arrives, the broker answers with a precise status and stays up.
+
+2,000 examples per test in CI; `HYPOTHESIS_PROFILE=long` runs 20,000.
+Allowed outcomes: OK, INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND,
+UNIMPLEMENTED for features the server lacks, and ALREADY_EXISTS for inserts
+of generated `_id`s. Never UNKNOWN, INTERNAL, a
+hang, or a crash.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import bson
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.rpc import open_stub, pb
+
+settings.register_profile(
+    "ci", max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False
+)
+settings.register_profile("long", max_examples=20000, deadline=None, suppress_health_check=list(HealthCheck))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+ALLOWED = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.NOT_FOUND,
+    # The server does not implement a feature (MongoDB 238 NotImplemented);
+    # the FerretDB test server answers so for some valid projections.
+    grpc.StatusCode.UNIMPLEMENTED,
+}
+
+# Values every MongoDB-compatible test server stores (the FerretDB test server
+# drops the connection on Decimal128, MinKey/MaxKey and JavaScript code).
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**31), max_value=2**31 - 1),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1).map(bson.Int64),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=20),
+    st.binary(max_size=16),
+)
+keys = st.one_of(
+    st.sampled_from(
+        [
+            "a",
+            "b",
+            "n",
+            "_id",
+            "x.y",
+            "$gt",
+            "$lt",
+            "$in",
+            "$and",
+            "$or",
+            "$nor",
+            "$not",
+            "$exists",
+            "$type",
+            "$regex",
+            "$elemMatch",
+            "$size",
+            "$all",
+            "$nosuchop",
+            "$where",
+            "$function",
+            "$accumulator",
+            "$expr",
+            "$meta",
+            "",
+        ]
+    ),
+    st.text(
+        alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
+        min_size=1,
+        max_size=8,
+    ),
+)
+documents = st.recursive(
+    st.dictionaries(keys, scalars, max_size=4),
+    lambda children: st.dictionaries(
+        keys, st.one_of(scalars, children, st.lists(scalars, max_size=3)), max_size=4
+    ),
+    max_leaves=12,
+)
+
+
+def _deep(depth: int) -> dict[str, Any]:
+    doc: dict[str, Any] = {"leaf": 1}
+    for _ in range(depth):
+        doc = {"$and": [doc]} if depth % 2 else {"n": doc}
+    return doc
+
+
+def _safe_encode(doc: dict[str, Any]) -> bytes:
+    try:
+        return bson.encode(doc)
+    except Exception:  # a key bson itself refuses: send raw garbage instead
+        return b"\x05\x00\x00\x00"
+
+
+bson_field = st.one_of(
+    documents.map(_safe_encode),
+    st.binary(max_size=64),  # random bytes as BSON
+    st.integers(min_value=0, max_value=300).map(lambda d: _safe_encode(_deep(d))),  # deep nesting
+    st.just(b""),
+    documents.map(_safe_encode).map(lambda b: b[:-1]),  # truncated
+    documents.map(_safe_encode).map(lambda b: b + b"\x00"),  # trailing byte
+)
+int64 = st.one_of(
+    st.integers(min_value=-5, max_value=1000), st.integers(min_value=-(2**63), max_value=2**63 - 1)
+)
+names = st.one_of(st.sampled_from(["appdb", "nope", ""]), st.text(max_size=12))
+collections = st.one_of(
+    st.sampled_from(["fuzz", "", "a$b", "system.x", ".", "x" * 300]),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20),
+)
+
+
+@pytest.fixture(scope="module")
+def stub(broker):
+    with open_stub(broker.unix_target) as s:
+        yield s
+
+
+def _server_internal_error(exc: grpc.RpcError) -> bool:
+    # The FerretDB test server fails some odd but legal collection names with
+    # its own InternalError (MongoDB code 1), which the broker passes on as
+    # FAILED_PRECONDITION with that code; that is the server's fault.
+    status = rpc_status.from_call(exc)
+    for detail in status.details if status else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.metadata.get("mongo_code") == "1"
+    return False
+
+
+def _code(call, also: frozenset[grpc.StatusCode] = frozenset()) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and _server_internal_error(exc):
+            return exc.code()
+        assert exc.code() in ALLOWED | also, (exc.code(), exc.details())
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+@given(
+    database=names,
+    collection=collections,
+    filter=bson_field,
+    projection=bson_field,
+    sort=bson_field,
+    skip=int64,
+    limit=int64,
+    batch_size=st.integers(min_value=-(2**31), max_value=2**31 - 1),
+    max_time_ms=int64,
+)
+def test_fuzzed_find(
+    stub, database, collection, filter, projection, sort, skip, limit, batch_size, max_time_ms
+):
+    request = pb.FindRequest(
+        database=database,
+        collection=collection,
+        filter=filter,
+        projection=projection,
+        sort=sort,
+        skip=skip,
+        limit=min(limit, 50) if limit > 0 else limit,
+        batch_size=batch_size,
+        max_time_ms=max_time_ms,
+    )
+    # A caller that asks for a tiny max_time_ms may well run out of it.
+    also = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED}) if 0 < max_time_ms < 5000 else frozenset()
+    _code(lambda: list(stub.Find(request, timeout=10)), also)
+
+
+@given(
+    database=st.one_of(st.just("appdb"), names),
+    collection=collections,
+    docs=st.lists(st.one_of(documents.map(_safe_encode), st.binary(max_size=48)), max_size=4),
+    ordered=st.booleans(),
+)
+def test_fuzzed_insert(stub, database, collection, docs, ordered):
+    request = pb.InsertRequest(database=database, collection=collection, documents=docs, ordered=ordered)
+    _code(lambda: stub.Insert(request, timeout=10), frozenset({grpc.StatusCode.ALREADY_EXISTS}))
+
+
+@given(text=st.text(max_size=60), field=st.sampled_from(["filter_json", "projection_json", "sort_json"]))
+def test_fuzzed_extended_json(stub, text, field):
+    request = pb.FindRequest(
+        database="appdb", collection="fuzz", encoding=pb.ENCODING_RELAXED_JSON, **{field: text}
+    )
+    _code(lambda: list(stub.Find(request, timeout=10)))
+
+
+def test_broker_is_still_healthy_after_fuzzing(stub, broker):
+    reply = stub.Ping(pb.PingRequest(), timeout=10)
+    assert reply.databases[0].ok
+    stats = stub.Stats(pb.StatsRequest(), timeout=10).databases[0]
+    assert "INTERNAL" not in stats.errors and "UNKNOWN" not in stats.errors
+    assert stats.rpcs_in_flight == 0
