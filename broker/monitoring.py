@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
 import itertools
 import logging
@@ -23,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, ParamSpec
 
 from pymongo import monitoring
+from pymongo.server_description import ServerDescription
+from pymongo.topology_description import TopologyDescription
 
 __all__ = [
     "CommandMonitor",
@@ -167,59 +168,65 @@ class CommandMonitor(monitoring.CommandListener):
 
 
 class TopologyMonitor(monitoring.TopologyListener):
-    """Tracks whether one client's database can take writes, and its RTT, from SDAM.
+    """Whether one client's database can take writes, its state and RTT.
 
     pymongo's CSOT replaces serverSelectionTimeoutMS with the whole remaining
     time limit, so a call to a dead database would wait out its full deadline.
     The broker consults this monitor first and waits at most
-    server_selection_timeout_ms, or nothing at all once SDAM has seen the
-    database go down.
+    server_selection_timeout_ms, or nothing at all once heartbeats have found
+    the database down.
+
+    The state is read from the client's live topology description: pymongo
+    publishes SDAM *events* from a queue drained once a second, which would
+    make every decision up to a second stale. The events still drive the
+    health service and the log, where a second does not matter.
     """
 
     def __init__(self, database: str) -> None:
         self.database = database
-        self.available = False
-        # True once a heartbeat has failed since start or since the last
-        # success: the database is known to be down, not merely undiscovered.
-        self.known_down = False
-        self.last_error: str | None = None
-        self.server_type = "Unknown"
-        self.rtt_s: float | None = None
         self.on_change: list[Callable[[bool], None]] = []
-        self._changed: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._describe: Callable[[], TopologyDescription] | None = None
+        self._reported = False
 
-    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._changed = asyncio.Event()
+    def attach(self, describe: Callable[[], TopologyDescription]) -> None:
+        """Read the state from ``describe`` (the client's topology_description)."""
+        self._describe = describe
+
+    def _servers(self) -> list[ServerDescription]:
+        if self._describe is None:
+            return []
+        return list(self._describe().server_descriptions().values())
+
+    @property
+    def available(self) -> bool:
+        return self._describe is not None and self._describe().has_writable_server()
+
+    @property
+    def last_error(self) -> str | None:
+        errors = [str(sd.error) for sd in self._servers() if sd.error]
+        return errors[0] if errors and not self.available else None
+
+    @property
+    def known_down(self) -> bool:
+        """A heartbeat has failed since the last success: down, not merely undiscovered."""
+        return self.last_error is not None
+
+    @property
+    def server_type(self) -> str:
+        return ",".join(sorted({sd.server_type_name for sd in self._servers()})) or "Unknown"
+
+    @property
+    def rtt_s(self) -> float | None:
+        rtts = [sd.round_trip_time for sd in self._servers() if sd.round_trip_time is not None]
+        return min(rtts) if rtts else None
 
     async def wait_available(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the database to become available."""
-        if self.available or timeout <= 0 or self._changed is None:
-            return self.available
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not self.available:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+        while not self.available and loop.time() < deadline:
+            await asyncio.sleep(min(0.02, max(0.0, deadline - loop.time())))
         return self.available
-
-    def _notify(self) -> None:
-        loop, changed = self._loop, self._changed
-        if loop is None or changed is None or loop.is_closed():
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            changed.set()
-        else:  # pymongo may call listeners from another thread
-            loop.call_soon_threadsafe(changed.set)
 
     def opened(self, event: monitoring.TopologyOpenedEvent) -> None:
         pass
@@ -231,27 +238,18 @@ class TopologyMonitor(monitoring.TopologyListener):
     def description_changed(self, event: monitoring.TopologyDescriptionChangedEvent) -> None:
         description = event.new_description
         available = description.has_writable_server()
-        servers = list(description.server_descriptions().values())
-        errors = [str(sd.error) for sd in servers if sd.error]
-        rtts = [sd.round_trip_time for sd in servers if sd.round_trip_time is not None]
-        self.rtt_s = min(rtts) if rtts else None
-        self.server_type = ",".join(sorted({sd.server_type_name for sd in servers})) or "Unknown"
-        before = (self.available, self.known_down)
+        errors = [str(sd.error) for sd in description.server_descriptions().values() if sd.error]
+        if available == self._reported and (available or not errors):
+            return
         if available:
-            self.known_down = False
-            self.last_error = None
+            log.info("database %s is available", self.database)
         elif errors:
-            self.known_down = True
-            self.last_error = errors[0]
-        self.available = available
-        if (available, self.known_down) != before:
-            if available:
-                log.info("database %s is available", self.database)
-            elif self.known_down:
-                log.warning("database %s is unreachable: %s", self.database, self.last_error)
-            for callback in self.on_change:
-                callback(available)
-        self._notify()
+            log.warning("database %s is unreachable: %s", self.database, errors[0])
+        else:
+            return  # not yet discovered: nothing to report
+        self._reported = available
+        for callback in self.on_change:
+            callback(available)
 
 
 @dataclass

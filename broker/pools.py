@@ -57,7 +57,6 @@ class Pools:
         on the client they started with, and the caller closes a retired pool
         once its calls are done (see `close_when_idle`).
         """
-        loop = asyncio.get_running_loop()
         retired = []
         pools = {}
         for name, settings in databases.items():
@@ -66,7 +65,6 @@ class Pools:
                 pools[name] = old
                 continue
             pool = pools[name] = _open(name, settings)
-            pool.stats.topology.bind_loop(loop)
             await pool.client.aconnect()
             if old is not None:
                 retired.append(old)
@@ -80,9 +78,7 @@ class Pools:
 
     async def connect(self) -> None:
         """Start monitoring and fill min_pool_size; never fails on a down database."""
-        loop = asyncio.get_running_loop()
         for pool in self._pools.values():
-            pool.stats.topology.bind_loop(loop)
             await pool.client.aconnect()
             log.info(
                 "database %s -> %s (db %s, max_pool_size=%d)",
@@ -125,6 +121,7 @@ def _open(name: str, settings: DatabaseSettings) -> DatabasePool:
         connect=False,
         **settings.client_options(),
     )
+    stats.topology.attach(lambda: client.topology_description)
     admission = Admission(
         name,
         slots=settings.max_pool_size,
