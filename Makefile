@@ -9,7 +9,7 @@ export PATH := $(TOOLS):$(PATH)
 # Go-built helper binaries go into .tools/bin, never into the user's GOPATH bin.
 export GOBIN := $(TOOLS)
 
-.PHONY: run test check proto venv tools clean
+.PHONY: run test check proto venv tools clean soak
 
 ## run: the demo: hundreds of short-lived workers through one broker
 run: venv tools
@@ -18,6 +18,10 @@ run: venv tools
 ## test: the whole test suite against a real MongoDB-compatible server
 test: venv tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## soak: 30 minutes of mixed load with a fault every two minutes (not part of CI)
+soak: venv tools
+	$(PY) -m bench.soak --minutes $(or $(SOAK_MINUTES),30)
 
 ## check: lint, format check and type check
 check: venv
