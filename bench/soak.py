@@ -23,7 +23,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import bson
@@ -35,7 +35,7 @@ from pymongo import MongoClient
 
 from bench.brokerproc import BrokerProcess, broker_config
 from bench.dbserver import start_database_server
-from bench.process import free_port, short_tmpdir
+from bench.process import short_tmpdir
 from bench.toxiproxy import Proxy, Toxiproxy, find_toxiproxy
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,9 +56,11 @@ class Tally:
                 self.overran += 1
 
 
-def _code(call: Callable[[], object]) -> str:
+def _code(method: Callable[..., object], request: object, deadline: float, stream: bool = False) -> str:
     try:
-        call()
+        reply = method(request, timeout=deadline)
+        if stream:
+            list(reply)  # type: ignore[call-overload]
     except grpc.RpcError as exc:
         return str(exc.code().name)
     return "OK"
@@ -78,7 +80,7 @@ def _worker(target: str, tally: Tally, stop: threading.Event, seed: int) -> None
             request = pb.InsertRequest(
                 database="appdb", collection=COLLECTION, documents=[bson.encode({"_id": oid, "v": seed})]
             )
-            code = _code(lambda: stub.Insert(request, timeout=deadline))
+            code = _code(stub.Insert, request, deadline)
             if code == "OK":
                 mine.append(oid)
                 with tally.lock:
@@ -89,11 +91,11 @@ def _worker(target: str, tally: Tally, stop: threading.Event, seed: int) -> None
             request_f = pb.FindRequest(
                 database="appdb", collection=COLLECTION, filter=bson.encode({"_id": oid}), limit=1
             )
-            code = _code(lambda: list(stub.Find(request_f, timeout=deadline)))
+            code = _code(stub.Find, request_f, deadline, stream=True)
             kind = "find_one"
         else:
             request_s = pb.FindRequest(database="appdb", collection=COLLECTION, limit=500, batch_size=100)
-            code = _code(lambda: list(stub.Find(request_s, timeout=deadline)))
+            code = _code(stub.Find, request_s, deadline, stream=True)
             kind = "stream"
         tally.record(kind, code, time.monotonic() - start, deadline)
         # Steady, not saturating: the soak looks for leaks and losses.
@@ -142,35 +144,17 @@ def _slope_per_hour(samples: list[tuple[float, float]]) -> float:
     return statistics.linear_regression(xs, ys).slope * 3600
 
 
-def run(minutes: float, fault_every: float, fault_length: float, workers: int) -> dict[str, object]:
-    toxi_binary = find_toxiproxy()
-    if toxi_binary is None:
-        raise SystemExit("toxiproxy-server not found: run `make tools`")
-    server = start_database_server()
-    toxi = Toxiproxy(toxi_binary).start()
-    proxy = toxi.proxy("soak", f"{server.host}:{server.port}")
-    workdir = short_tmpdir("mb-soak-")
-    config = broker_config(
-        db_uri=f"mongodb://127.0.0.1:{proxy.port}/?directConnection=true",
-        socket_path=workdir / "broker.sock",
-        tcp=None,
-        max_pool_size=10,
-        heartbeat_frequency_ms=1000,
-        server_selection_timeout_ms=2000,
-    )
-    broker = BrokerProcess(config, workdir=workdir).start()
-    process = psutil.Process(broker.pid)
-    tally = Tally()
-    stop = threading.Event()
-    threads = [
-        threading.Thread(target=_worker, args=(broker.unix_target, tally, stop, n), daemon=True)
-        for n in range(workers)
-    ]
-    for thread in threads:
-        thread.start()
-    stats_stub = broker_pb2_grpc.BrokerStub(grpc.insecure_channel(broker.unix_target))
+def _drive(
+    minutes: float,
+    fault_every: float,
+    *,
+    fault_length: float,
+    faults: list[tuple[str, Callable[[], None], Callable[[], None]]],
+    stats_stub: broker_pb2_grpc.BrokerStub,
+    process: psutil.Process,
+) -> tuple[dict[str, list[tuple[float, float]]], list[dict[str, object]]]:
+    """Inject and heal faults on schedule while sampling the broker every 5 s."""
     series: dict[str, list[tuple[float, float]]] = {"rss_mb": [], "fds": [], "threads": [], "cursors": []}
-    faults = _faults(proxy, server)
     injected: list[dict[str, object]] = []
     started = time.monotonic()
     end = started + minutes * 60
@@ -212,6 +196,46 @@ def run(minutes: float, fault_every: float, fault_length: float, workers: int) -
     finally:
         if active is not None:
             active[1]()
+    return series, injected
+
+
+def run(minutes: float, fault_every: float, fault_length: float, workers: int) -> dict[str, object]:
+    toxi_binary = find_toxiproxy()
+    if toxi_binary is None:
+        raise SystemExit("toxiproxy-server not found: run `make tools`")
+    server = start_database_server()
+    toxi = Toxiproxy(toxi_binary).start()
+    proxy = toxi.proxy("soak", f"{server.host}:{server.port}")
+    workdir = short_tmpdir("mb-soak-")
+    config = broker_config(
+        db_uri=f"mongodb://127.0.0.1:{proxy.port}/?directConnection=true",
+        socket_path=workdir / "broker.sock",
+        tcp=None,
+        max_pool_size=10,
+        heartbeat_frequency_ms=1000,
+        server_selection_timeout_ms=2000,
+    )
+    broker = BrokerProcess(config, workdir=workdir).start()
+    process = psutil.Process(broker.pid)
+    tally = Tally()
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=_worker, args=(broker.unix_target, tally, stop, n), daemon=True)
+        for n in range(workers)
+    ]
+    for thread in threads:
+        thread.start()
+    stats_stub = broker_pb2_grpc.BrokerStub(grpc.insecure_channel(broker.unix_target))
+    try:
+        series, injected = _drive(
+            minutes,
+            fault_every,
+            fault_length=fault_length,
+            faults=_faults(proxy, server),
+            stats_stub=stats_stub,
+            process=process,
+        )
+    finally:
         stop.set()
         for thread in threads:
             thread.join(10)
