@@ -9,14 +9,14 @@ export PATH := $(TOOLS):$(PATH)
 # Go-built helper binaries go into .tools/bin, never into the user's GOPATH bin.
 export GOBIN := $(TOOLS)
 
-.PHONY: run test check proto venv tools clean soak
+.PHONY: run test check proto venv tools clients clean soak
 
 ## run: the demo: hundreds of short-lived workers through one broker
 run: venv tools
 	$(PY) -m bench.demo
 
 ## test: the whole test suite against a real MongoDB-compatible server
-test: venv tools
+test: venv tools clients
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## soak: 30 minutes of mixed load with a fault every two minutes (not part of CI)
@@ -29,10 +29,21 @@ check: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy broker clients/python/broker_client bench tests
 	$(VENV)/bin/hadolint Dockerfile
+	cd clients/go && test -z "$$(gofmt -l .)" && go vet ./...
 
-## proto: regenerate the gRPC code from protos/
+## proto: regenerate the gRPC code from protos/ (Python, Go, and the Node copy)
 proto: venv
 	$(PY) protos/generate.py
+	$(PY) protos/generate_go.py
+	node clients/node/scripts/copy-proto.js
+
+## clients: install what the Go and Node clients' tests need
+clients: clients/node/node_modules/.package-lock.json
+	cd clients/go && go mod download && go build ./...
+	cd clients/go/internal/tools && go mod download
+
+clients/node/node_modules/.package-lock.json: clients/node/package.json clients/node/package-lock.json
+	cd clients/node && npm ci --ignore-scripts --no-audit --no-fund
 
 venv: $(VENV)/.installed
 
@@ -65,4 +76,4 @@ $(TOOLS)/toxiproxy-server:
 	mv $(TOOLS)/server $@
 
 clean:
-	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache clients/node/node_modules

@@ -1,0 +1,165 @@
+'use strict';
+// Tests that need no broker: address forms, client-side _id, argument
+// checks, and decoding a broker status (with google.rpc details).
+
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const os = require('node:os');
+const path = require('node:path');
+const fs = require('node:fs');
+const grpc = require('@grpc/grpc-js');
+const { BSON, ObjectId } = require('bson');
+
+const broker = require('..');
+const { encodeForInsert } = require('../lib/client');
+const { fromServiceError, _types } = require('../lib/errors');
+
+test('normalizeTarget accepts the forms every client accepts', () => {
+  assert.equal(broker.normalizeTarget('unix:///run/mb/broker.sock'), 'unix:///run/mb/broker.sock');
+  assert.equal(broker.normalizeTarget('unix:/run/mb/broker.sock'), 'unix:///run/mb/broker.sock');
+  assert.equal(broker.normalizeTarget('/run/mb/broker.sock'), 'unix:///run/mb/broker.sock');
+  assert.equal(broker.normalizeTarget('127.0.0.1:50051'), '127.0.0.1:50051');
+  assert.equal(broker.normalizeTarget('dns:///localhost:50051'), 'dns:///localhost:50051');
+  for (const bad of ['', '  ', 'unix://relative/path', undefined]) {
+    assert.throws(() => broker.normalizeTarget(/** @type {any} */ (bad)), TypeError);
+  }
+});
+
+test('the constructor checks its options', () => {
+  assert.throws(() => new broker.BrokerClient('127.0.0.1:1', { timeoutMs: 0 }), TypeError);
+  assert.throws(() => new broker.BrokerClient('127.0.0.1:1', { token: '' }), TypeError);
+});
+
+test('a document without _id gets an ObjectId first, also on the caller object', () => {
+  const doc = { a: 1, b: 'x' };
+  const raw = encodeForInsert(doc, 0, {});
+  const back = BSON.deserialize(raw);
+  assert.deepEqual(Object.keys(back), ['_id', 'a', 'b']);
+  assert.ok(back._id instanceof ObjectId);
+  assert.ok(doc._id instanceof ObjectId && doc._id.equals(back._id));
+
+  const map = new Map([['a', 1]]);
+  const fromMap = BSON.deserialize(encodeForInsert(map, 0, {}));
+  assert.deepEqual(Object.keys(fromMap), ['_id', 'a']);
+  assert.ok(map.get('_id').equals(fromMap._id));
+});
+
+test('a document with an _id is sent as it is', () => {
+  const doc = { a: 1, _id: 'mine' };
+  assert.deepEqual(encodeForInsert(doc, 0, {}), Buffer.from(BSON.serialize(doc)));
+});
+
+test('non-documents and bad counts are refused before any call', async () => {
+  const client = new broker.BrokerClient('127.0.0.1:1');
+  try {
+    const coll = client.db('appdb').collection('c');
+    for (const bad of ['text', 42, [1, 2], null]) {
+      assert.throws(() => encodeForInsert(bad, 3, {}), /document 3 must be a document/);
+    }
+    assert.throws(() => coll.find({}, { limit: -1 }), /limit must be an integer/);
+    assert.throws(() => coll.find({}, { batchSize: 2 ** 31 }), /batchSize/);
+    assert.throws(() => coll.find(/** @type {any} */ ('text')), /filter must be a document/);
+    await assert.rejects(coll.insertMany([]), TypeError);
+  } finally {
+    client.close();
+  }
+});
+
+/**
+ * A grpc-js ServiceError as a failed call would give it, with details.
+ * @param {number} code
+ * @param {string} message
+ * @param {{reason?: string, domain?: string, metadata?: Record<string, string>, retryMs?: number}} [info]
+ */
+function serviceError(code, message, info) {
+  const trailers = new grpc.Metadata();
+  if (info) {
+    const { StatusType, ErrorInfoType, RetryInfoType, ERROR_INFO_URL, RETRY_INFO_URL } = _types;
+    const details = [
+      {
+        typeUrl: ERROR_INFO_URL,
+        value: ErrorInfoType.encode({ reason: info.reason, domain: info.domain, metadata: info.metadata }).finish(),
+      },
+    ];
+    if (info.retryMs !== undefined) {
+      const retryDelay = { seconds: Math.floor(info.retryMs / 1000), nanos: (info.retryMs % 1000) * 1e6 };
+      details.push({ typeUrl: RETRY_INFO_URL, value: RetryInfoType.encode({ retryDelay }).finish() });
+    }
+    trailers.set('grpc-status-details-bin', Buffer.from(StatusType.encode({ code, message, details }).finish()));
+  }
+  return Object.assign(new Error(`${code} ${message}`), { code, details: message, metadata: trailers });
+}
+
+test('a broker status becomes a typed error with reason, mongoCode and metadata', () => {
+  const error = fromServiceError(
+    serviceError(grpc.status.ALREADY_EXISTS, 'E11000 duplicate key', {
+      reason: 'DUPLICATE_KEY',
+      domain: 'mongo-broker',
+      metadata: { mongo_code: '11000', mongo_code_name: 'DuplicateKey', inserted_count: '2', failed_index: '2',
+        database: 'appdb', mongo_labels: 'A, B' },
+      retryMs: 1250,
+    }),
+  );
+  assert.ok(error instanceof broker.DuplicateKeyError && error instanceof broker.BrokerError);
+  assert.equal(error.name, 'DuplicateKeyError');
+  assert.equal(error.code, 6);
+  assert.equal(error.codeName, 'ALREADY_EXISTS');
+  assert.equal(error.reason, 'DUPLICATE_KEY');
+  assert.equal(error.mongoCode, 11000);
+  assert.equal(error.mongoCodeName, 'DuplicateKey');
+  assert.equal(error.insertedCount, 2);
+  assert.equal(error.failedIndex, 2);
+  assert.equal(error.database, 'appdb');
+  assert.deepEqual(error.labels, ['A', 'B']);
+  assert.ok(error.hasErrorLabel('B'));
+  assert.equal(error.retryAfterMs, 1250);
+  assert.equal(error.message, 'E11000 duplicate key');
+  assert.equal(error.retryable, false);
+});
+
+test('an ErrorInfo of another domain is kept but not read as the broker reason', () => {
+  const error = fromServiceError(
+    serviceError(grpc.status.INVALID_ARGUMENT, 'bad', { reason: 'OTHER', domain: 'elsewhere' }),
+  );
+  assert.ok(error instanceof broker.InvalidArgumentError);
+  assert.equal(error.reason, '');
+  assert.equal(error.details.length, 1);
+});
+
+test('RESOURCE_EXHAUSTED is a full pool unless a limit was hit', () => {
+  const pool = fromServiceError(
+    serviceError(grpc.status.RESOURCE_EXHAUSTED, 'queue full', { reason: 'POOL_EXHAUSTED', domain: 'mongo-broker' }),
+  );
+  assert.ok(pool instanceof broker.PoolExhaustedError && pool.retryable);
+  const limit = fromServiceError(
+    serviceError(grpc.status.RESOURCE_EXHAUSTED, 'too many', { reason: 'LIMIT_EXCEEDED', domain: 'mongo-broker' }),
+  );
+  assert.ok(limit instanceof broker.LimitExceededError && !limit.retryable);
+  const size = fromServiceError(
+    serviceError(grpc.status.RESOURCE_EXHAUSTED, 'Received message larger than max (5 vs. 4)'),
+  );
+  assert.ok(size instanceof broker.LimitExceededError);
+});
+
+test('a call to a socket where nothing listens fails UNAVAILABLE', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mb-node-'));
+  const client = new broker.BrokerClient(`unix://${path.join(dir, 'nobody.sock')}`, { timeoutMs: 5000 });
+  try {
+    await assert.rejects(client.ping(), (/** @type {any} */ error) => {
+      assert.ok(error instanceof broker.UnavailableError, String(error));
+      assert.equal(error.code, grpc.status.UNAVAILABLE);
+      assert.equal(error.reason, '');
+      assert.ok(error.retryable);
+      return true;
+    });
+  } finally {
+    client.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a closed client refuses calls', async () => {
+  const client = new broker.BrokerClient('127.0.0.1:1');
+  client.close();
+  await assert.rejects(client.ping(), /closed/);
+});
