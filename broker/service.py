@@ -386,6 +386,13 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         # Every database the caller may use: report each one's health; the
         # call itself succeeds.
         try:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise RpcError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    "the call's deadline had already passed when it reached the broker",
+                    Reason.TIMEOUT,
+                )
             principal = self._principal(context)
         except RpcError as error:
             await context.abort_with_status(error.to_status())  # type: ignore[attr-defined]
@@ -658,6 +665,10 @@ def _write_concern(request: broker_pb2.InsertRequest) -> WriteConcern | None:
     which = wc.WhichOneof("w")
     if which == "w_nodes":
         kwargs["w"] = _non_negative(wc.w_nodes, "write_concern.w_nodes")
+        if wc.w_nodes == 0:
+            # Unacknowledged: the broker could not say what landed, and a
+            # retried insert could not be told from a lost one.
+            raise invalid_argument("write_concern.w_nodes = 0 (unacknowledged) is not supported; use w >= 1")
     elif which == "w_tag":
         kwargs["w"] = wc.w_tag
     if wc.HasField("j"):

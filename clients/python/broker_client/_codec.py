@@ -1,0 +1,163 @@
+"""BSON in and out, with pymongo's rules for ids, sorts, projections and hints.
+
+Every document crosses the wire as one whole BSON document (``bson.encode``),
+so every BSON type survives exactly. The argument shapes follow pymongo's
+``helpers_shared`` (``_index_document``, ``_fields_list_to_dict``), so code
+written for pymongo passes the same values here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from typing import Any, TypeAlias, TypeVar
+
+import bson
+from bson.codec_options import CodecOptions
+from bson.objectid import ObjectId
+from bson.raw_bson import RawBSONDocument
+
+__all__ = [
+    "Hint",
+    "Projection",
+    "Sort",
+    "decode_batch",
+    "decode_id",
+    "encode_filter",
+    "encode_for_insert",
+    "encode_hint",
+    "encode_projection",
+    "encode_sort",
+]
+
+_D = TypeVar("_D", bound=Mapping[str, Any])
+
+#: A sort: a key, a list of keys or of ``(key, direction)`` pairs, or a mapping.
+Sort: TypeAlias = str | Sequence[str | tuple[str, Any]] | Mapping[str, Any]
+#: A projection: a mapping, or a list of field names to include.
+Projection: TypeAlias = Mapping[str, Any] | Iterable[str]
+#: An index hint: its name, or its key pattern (as a sort is given).
+Hint: TypeAlias = str | Sequence[str | tuple[str, Any]] | Mapping[str, Any]
+
+_ASCENDING = 1
+_DOC_TYPE_ERROR = (
+    "{name} must be an instance of dict, bson.son.SON, bson.raw_bson.RawBSONDocument, "
+    "or another mapping type, not {type}"
+)
+
+
+def _check_mapping(value: object, name: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(_DOC_TYPE_ERROR.format(name=name, type=type(value).__name__))
+    return value
+
+
+def _encode(doc: Mapping[str, Any], codec_options: CodecOptions[Any]) -> bytes:
+    if isinstance(doc, RawBSONDocument):
+        return bytes(doc.raw)
+    return bson.encode(doc, codec_options=codec_options)
+
+
+def encode_for_insert(document: Mapping[str, Any], codec_options: CodecOptions[Any]) -> bytes:
+    """Encode a document to insert, giving it an ``_id`` first if it has none.
+
+    As pymongo does, the new ObjectId is written into the caller's mapping,
+    so the caller can see it. A RawBSONDocument is sent unchanged, as pymongo
+    sends it, and the broker then makes the id. ``bson.encode`` always writes
+    ``_id`` first in a top-level document, as MongoDB stores it.
+    """
+    _check_mapping(document, "document")
+    if isinstance(document, RawBSONDocument):
+        return bytes(document.raw)
+    if "_id" not in document:
+        if isinstance(document, MutableMapping):
+            document["_id"] = ObjectId()
+        else:
+            # A read-only mapping cannot take the id (pymongo would raise);
+            # send a copy that has one.
+            document = {"_id": ObjectId(), **document}
+    return bson.encode(document, codec_options=codec_options)
+
+
+def encode_filter(filter: Mapping[str, Any] | None, codec_options: CodecOptions[Any]) -> bytes:
+    """A filter as BSON; empty bytes (match everything) for None."""
+    if filter is None:
+        return b""
+    return _encode(_check_mapping(filter, "filter"), codec_options)
+
+
+def encode_projection(projection: Projection | None, codec_options: CodecOptions[Any]) -> bytes:
+    """A projection as BSON; ``["a", "b"]`` becomes ``{"a": 1, "b": 1}``; None is empty bytes."""
+    if projection is None:
+        return b""
+    if isinstance(projection, Mapping):
+        return _encode(projection, codec_options)
+    if isinstance(projection, str) or not isinstance(projection, Sequence | set | frozenset):
+        raise TypeError("projection must be a mapping or list of key names")
+    names = list(projection)
+    if not all(isinstance(name, str) for name in names):
+        raise TypeError("projection must be a list of key names, each an instance of str")
+    return bson.encode(dict.fromkeys(names, 1), codec_options=codec_options)
+
+
+def _index_document(spec: Sort, option: str) -> dict[str, Any]:
+    # pymongo's helpers_shared._index_list + _index_document, plus a bare
+    # key string (pymongo's Cursor.sort accepts one, find(sort=) does not).
+    if isinstance(spec, str):
+        return {spec: _ASCENDING}
+    if isinstance(spec, Mapping):
+        pairs: list[Any] = list(spec.items())
+    elif isinstance(spec, list | tuple):
+        pairs = list(spec)
+    else:
+        raise TypeError(
+            f"{option} must be a key, a list of (key, direction) pairs or a mapping, "
+            f"not {type(spec).__name__}"
+        )
+    if not pairs:
+        raise ValueError(f"{option} must not be empty")
+    index: dict[str, Any] = {}
+    for item in pairs:
+        pair = (item, _ASCENDING) if isinstance(item, str) else item
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise TypeError(f"each {option} item must be a key or a (key, direction) pair, not {item!r}")
+        key, direction = pair
+        if not isinstance(key, str):
+            raise TypeError(f"first item in each {option} pair must be an instance of str, not {type(key)}")
+        if isinstance(direction, bool) or not isinstance(direction, int | str | Mapping):
+            raise TypeError(
+                f"second item in each {option} pair must be 1, -1, '2d', a mapping such as "
+                f"{{'$meta': 'textScore'}}, or another valid specifier, not {direction!r}"
+            )
+        index[key] = direction
+    return index
+
+
+def encode_sort(sort: Sort | None, codec_options: CodecOptions[Any]) -> bytes:
+    """A sort as a BSON document whose key order is the sort order; None is empty bytes."""
+    if sort is None:
+        return b""
+    return bson.encode(_index_document(sort, "sort"), codec_options=codec_options)
+
+
+def encode_hint(hint: Hint | None, codec_options: CodecOptions[Any]) -> tuple[str | None, bytes | None]:
+    """``(hint_name, hint_keys)``: a name stays a name, a key pattern becomes BSON."""
+    if hint is None:
+        return None, None
+    if isinstance(hint, str):
+        return hint, None
+    return None, bson.encode(_index_document(hint, "hint"), codec_options=codec_options)
+
+
+def decode_batch(documents: Sequence[bytes], codec_options: CodecOptions[_D]) -> list[_D]:
+    """Decode one Find message's documents (one whole BSON document each)."""
+    if not documents:
+        return []
+    # One C call for the whole batch instead of one per document: the
+    # elements are complete documents, so their concatenation is a valid
+    # BSON document sequence.
+    return bson.decode_all(b"".join(documents), codec_options)
+
+
+def decode_id(raw: bytes, codec_options: CodecOptions[Any]) -> Any:
+    """The value of a one-field ``{"_id": value}`` document from InsertResponse."""
+    return bson.decode(raw, codec_options)["_id"]

@@ -1,0 +1,277 @@
+"""Exceptions named like pymongo's, built from the broker's gRPC status.
+
+Every exception derives from `BrokerError`. Each one carries the gRPC code
+(`BrokerError.code`, a ``grpc.StatusCode``), the message, and what the broker
+put in the ``google.rpc.Status`` details: the ``ErrorInfo`` reason and
+metadata (``mongo_code``, ``mongo_code_name``, ``mongo_labels``,
+``database``, ``inserted_count``, ``failed_index``), and a ``RetryInfo``
+delay where waiting helps.
+
+These classes do not subclass ``pymongo.errors``. Importing that module
+imports all of pymongo (MongoClient, asyncio, ssl): about 45 ms more on top
+of grpc and bson, measured with ``python -X importtime``. That is a heavy
+price for a package meant for short-lived workers. The names and the
+hierarchy are pymongo's, so migrating code changes its import line, not its
+``except`` clauses.
+
+This module imports neither grpc nor protobuf at import time. The mapping
+looks codes up by name, and `from_rpc_error` only runs once an RPC has
+failed, when grpc is loaded anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final, cast
+
+if TYPE_CHECKING:
+    import grpc
+
+__all__ = [
+    "AutoReconnect",
+    "BrokerError",
+    "ConnectionFailure",
+    "DuplicateKeyError",
+    "ExecutionTimeout",
+    "InvalidOperation",
+    "InvalidRequest",
+    "LimitExceeded",
+    "OperationFailure",
+    "PermissionDenied",
+    "ServerSelectionTimeoutError",
+    "Unauthenticated",
+    "UnknownDatabase",
+    "WaitQueueTimeoutError",
+    "WriteError",
+    "from_rpc_error",
+]
+
+DOMAIN: Final = "mongo-broker"
+
+
+class BrokerError(Exception):
+    """Base class of every error this package raises (pymongo: PyMongoError).
+
+    Attributes:
+        code: the gRPC status code (``grpc.StatusCode``), or None for errors
+            raised by the client itself before any call.
+        message: the status message, written for a person.
+        reason: the broker's ``ErrorInfo.reason`` (e.g. "DUPLICATE_KEY"), or
+            "" when the status came from gRPC itself (no broker listening).
+        metadata: the ``ErrorInfo`` metadata, a dict of strings.
+        details: every ``google.rpc.Status`` detail, unpacked where the type
+            is known (``ErrorInfo``, ``RetryInfo``), else the packed ``Any``.
+        retry_after: seconds the broker asks the caller to wait, or None.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+        details: tuple[Any, ...] = (),
+        retry_after: float | None = None,
+    ) -> None:
+        # Only ``message`` goes into ``args``: unpickling calls ``cls(*args)``
+        # and then restores ``__dict__``, so errors survive multiprocessing
+        # result queues with every attribute.
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.details = details
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        if self.code is None:
+            return self.message
+        where = f"{self.code.name}, {self.reason}" if self.reason else self.code.name
+        return f"{self.message} ({where})"
+
+    def __repr__(self) -> str:
+        code = self.code.name if self.code is not None else None
+        return f"{type(self).__name__}({self.message!r}, code={code}, reason={self.reason!r})"
+
+    @property
+    def mongo_code(self) -> int | None:
+        """MongoDB's error code (e.g. 11000), when MongoDB gave one."""
+        return _int_or_none(self.metadata.get("mongo_code"))
+
+    @property
+    def mongo_code_name(self) -> str | None:
+        """MongoDB's code name (e.g. "DuplicateKey"), when MongoDB gave one."""
+        return self.metadata.get("mongo_code_name") or None
+
+    @property
+    def labels(self) -> frozenset[str]:
+        """MongoDB's error labels (e.g. "RetryableWriteError")."""
+        raw = self.metadata.get("mongo_labels", "")
+        return frozenset(label.strip() for label in raw.split(",") if label.strip())
+
+    def has_error_label(self, label: str) -> bool:
+        """pymongo's spelling of ``label in error.labels``."""
+        return label in self.labels
+
+    @property
+    def database(self) -> str | None:
+        """The configured database name the failed call used."""
+        return self.metadata.get("database") or None
+
+    @property
+    def inserted_count(self) -> int | None:
+        """For a failed insert: how many documents were inserted before it failed."""
+        return _int_or_none(self.metadata.get("inserted_count"))
+
+    @property
+    def failed_index(self) -> int | None:
+        """For a failed insert: the index of the document that failed."""
+        return _int_or_none(self.metadata.get("failed_index"))
+
+    @property
+    def timeout(self) -> bool:
+        """True when a time limit ran out (pymongo's ``PyMongoError.timeout``)."""
+        return self.code is not None and self.code.name == "DEADLINE_EXCEEDED"
+
+
+class InvalidOperation(BrokerError):
+    """The client was used wrongly: after close(), or a cursor after fork()."""
+
+
+class ConnectionFailure(BrokerError):
+    """The broker or its database could not be reached or could not serve."""
+
+
+class AutoReconnect(ConnectionFailure):
+    """Transient: retrying may succeed (reads freely; writes with a client ``_id``)."""
+
+
+class ServerSelectionTimeoutError(AutoReconnect):
+    """UNAVAILABLE: no broker listening, the database unreachable, or draining."""
+
+
+class WaitQueueTimeoutError(ConnectionFailure):
+    """RESOURCE_EXHAUSTED: the broker's pool or queue is saturated. Back off."""
+
+
+class OperationFailure(BrokerError):
+    """The operation was refused (FAILED_PRECONDITION, UNIMPLEMENTED, ...)."""
+
+
+class ExecutionTimeout(OperationFailure):
+    """DEADLINE_EXCEEDED: the call's time limit (``timeout=``) ran out."""
+
+
+class WriteError(OperationFailure):
+    """A write failed."""
+
+
+class DuplicateKeyError(WriteError):
+    """ALREADY_EXISTS: duplicate key. ``inserted_count`` says how many landed first."""
+
+
+class InvalidRequest(OperationFailure):
+    """INVALID_ARGUMENT: the request was malformed or refused as bad input."""
+
+
+class LimitExceeded(OperationFailure):
+    """A broker or gRPC size limit was hit (reason LIMIT_EXCEEDED, message size)."""
+
+
+class UnknownDatabase(OperationFailure):
+    """NOT_FOUND: the database name is not configured on the broker."""
+
+
+class PermissionDenied(OperationFailure):
+    """PERMISSION_DENIED: the token, the database or the query is not allowed."""
+
+
+class Unauthenticated(OperationFailure):
+    """UNAUTHENTICATED: tokens are configured and none, or a wrong one, was sent."""
+
+
+_CLASS_BY_CODE: Final[Mapping[str, type[BrokerError]]] = {
+    "ALREADY_EXISTS": DuplicateKeyError,
+    "UNAVAILABLE": ServerSelectionTimeoutError,
+    "DEADLINE_EXCEEDED": ExecutionTimeout,
+    "RESOURCE_EXHAUSTED": WaitQueueTimeoutError,
+    "INVALID_ARGUMENT": InvalidRequest,
+    "NOT_FOUND": UnknownDatabase,
+    "PERMISSION_DENIED": PermissionDenied,
+    "UNAUTHENTICATED": Unauthenticated,
+    "FAILED_PRECONDITION": OperationFailure,
+    "UNIMPLEMENTED": OperationFailure,
+}
+
+
+def _class_for(code_name: str, reason: str, message: str) -> type[BrokerError]:
+    # RESOURCE_EXHAUSTED also means "too big", which backing off will not
+    # fix: the broker's LIMIT_EXCEEDED, or gRPC's own message-size check
+    # ("Received message larger than max (N vs. M)").
+    if code_name == "RESOURCE_EXHAUSTED" and (reason == "LIMIT_EXCEEDED" or "larger than max" in message):
+        return LimitExceeded
+    return _CLASS_BY_CODE.get(code_name, BrokerError)
+
+
+def from_rpc_error(error: grpc.RpcError) -> BrokerError:
+    """The `BrokerError` for a failed gRPC call (a ``grpc.RpcError`` that is a ``grpc.Call``)."""
+    code: grpc.StatusCode | None = getattr(error, "code", lambda: None)()
+    message: str = getattr(error, "details", lambda: None)() or ""
+    reason, metadata, details, retry_after = _status_details(error)
+    code_name = code.name if code is not None else ""
+    cls = _class_for(code_name, reason, message)
+    return cls(
+        message or code_name or "the call failed",
+        code=code,
+        reason=reason,
+        metadata=metadata,
+        details=details,
+        retry_after=retry_after,
+    )
+
+
+def _status_details(
+    error: grpc.RpcError,
+) -> tuple[str, dict[str, str], tuple[Any, ...], float | None]:
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    try:
+        status = rpc_status.from_call(cast("grpc.Call", error))
+    except (ValueError, AttributeError, TypeError):
+        # The details contradict the status line, or this is not a Call:
+        # keep the code and message, which are always there.
+        return "", {}, (), None
+    if status is None:
+        return "", {}, (), None
+    reason = ""
+    metadata: dict[str, str] = {}
+    retry_after: float | None = None
+    details: list[Any] = []
+    for packed in status.details:
+        if packed.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            packed.Unpack(info)
+            if info.domain == DOMAIN and not reason:
+                reason = info.reason
+                metadata = dict(info.metadata)
+            details.append(info)
+        elif packed.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            packed.Unpack(retry)
+            retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+            details.append(retry)
+        else:
+            details.append(packed)
+    return reason, metadata, tuple(details), retry_after
+
+
+def _int_or_none(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
