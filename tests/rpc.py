@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import bson
@@ -32,7 +32,7 @@ class Failure:
     code: grpc.StatusCode | None = None
     message: str = ""
     reason: str = ""
-    metadata: dict[str, str] | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 @contextmanager

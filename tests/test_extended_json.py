@@ -11,7 +11,7 @@ from pathlib import Path
 import bson
 import grpc
 import pytest
-from bson import Binary, Int64, ObjectId
+from bson import Binary, Int64, ObjectId, json_util
 
 from tests.rpc import fails, find_all, open_stub, pb
 
@@ -103,13 +103,13 @@ def test_json_round_trip_keeps_types_both_ways(broker, collection_name):
         "nested": {"list": [1, "x", {"y": None}]},
     }
     with open_stub(broker.unix_target) as stub:
-        text = bson.json_util.dumps(document, json_options=bson.json_util.CANONICAL_JSON_OPTIONS)
+        text = json_util.dumps(document, json_options=json_util.CANONICAL_JSON_OPTIONS)
         reply = stub.Insert(
             pb.InsertRequest(
                 database="appdb", collection=collection_name, encoding=CANONICAL, json_documents=[text]
             )
         )
-        assert bson.json_util.loads(reply.inserted_ids_json[0])["_id"] == document["_id"]
+        assert json_util.loads(reply.inserted_ids_json[0])["_id"] == document["_id"]
         # Read back as BSON: exact types.
         (back,), _ = find_all(stub, database="appdb", collection=collection_name)
         assert back == document

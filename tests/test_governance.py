@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import bson
 import grpc
@@ -136,7 +137,7 @@ def test_cancelled_find_kills_its_cursor_and_returns_the_connection(broker, coll
         call = stub.Find(
             pb.FindRequest(database="appdb", collection=collection_name, batch_size=100), timeout=30
         )
-        first = next(call)
+        first = next(iter(call))
         assert len(first.documents) == 100
         assert _eventually(lambda: _stats(stub).open_cursors == 1)
         call.cancel()
@@ -149,7 +150,7 @@ def test_cancelled_find_kills_its_cursor_and_returns_the_connection(broker, coll
 # --- admission -----------------------------------------------------------------
 
 
-def _outcome(fn: Callable[[], object]) -> tuple[grpc.StatusCode, object]:
+def _outcome(fn: Callable[[], object]) -> tuple[grpc.StatusCode, Any]:
     try:
         fn()
     except grpc.RpcError as exc:
@@ -419,7 +420,7 @@ def test_request_id_is_echoed_and_logged_and_json_logs_parse(start_broker, colle
             pb.InsertRequest(database="appdb", collection=collection_name, documents=[bson.encode({"a": 2})]),
             metadata=(("x-request-id", "bad id with spaces"),),
         )
-        generated = dict(call.initial_metadata())["x-request-id"]
+        generated = str(dict(call.initial_metadata())["x-request-id"])
         assert re.fullmatch(r"[0-9a-f]{16}", generated)
     proc.stop()
     lines = [json.loads(line) for line in proc.log_text().splitlines() if line.startswith("{")]

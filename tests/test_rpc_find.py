@@ -108,7 +108,7 @@ def test_messages_stay_under_the_configured_cap(start_broker, collection_name):
             )
         )
         sizes = []
-        seen = []
+        seen: list[int] = []
         for message in stub.Find(
             pb.FindRequest(
                 database="appdb",

@@ -27,7 +27,12 @@ def _ids(reply: Any) -> list[Any]:
 
 def test_insert_keeps_given_ids_and_generates_missing_ones(broker, stub, collection_name, mongo_collection):
     given = ObjectId()
-    documents = [{"_id": given, "n": 0}, {"n": 1}, {"_id": "text-id", "n": 2}, {"_id": 7, "n": 3}]
+    documents: list[dict[str, Any]] = [
+        {"_id": given, "n": 0},
+        {"n": 1},
+        {"_id": "text-id", "n": 2},
+        {"_id": 7, "n": 3},
+    ]
     reply = stub.Insert(
         pb.InsertRequest(
             database=broker.db_name,

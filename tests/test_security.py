@@ -113,7 +113,8 @@ def test_token_allowlist_matrix(secured, token, database, collection, write, exp
         except grpc.RpcError as exc:
             code = exc.code()
             if code == grpc.StatusCode.PERMISSION_DENIED:
-                assert "may not" in exc.details() or "read-only" in exc.details()
+                details = exc.details() or ""
+                assert "may not" in details or "read-only" in details
     assert code == expected
 
 
@@ -233,7 +234,7 @@ def test_limits_name_themselves(limited, collection_name, mongo):
             stub, database="appdb", collection=collection_name, filter=bson.encode({"n": {"$lt": 7}})
         )
         assert len(documents) == 7
-        received = []
+        received: list[bytes] = []
         with fails(grpc.StatusCode.RESOURCE_EXHAUSTED, "LIMIT_EXCEEDED") as failure:
             for message in stub.Find(
                 pb.FindRequest(database="appdb", collection=collection_name), timeout=10
@@ -257,7 +258,7 @@ def test_oversize_request_is_refused_and_memory_stays_bounded(limited, collectio
                     timeout=10,
                 )
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "larger than max" in caught.value.details()
+            assert "larger than max" in (caught.value.details() or "")
         grown = process.memory_info().rss - baseline
         assert stub.Ping(pb.PingRequest(), timeout=5).databases[0].ok
     # 30 refused requests of 300 KB: the broker must not have kept them.
@@ -373,7 +374,7 @@ def test_password_file_and_canary_never_leak(start_broker, tmp_path, db_server):
         "connect_timeout_ms": 300,
     }
     proc = start_broker(config)
-    texts = []
+    texts: list[str] = []
     with open_stub(proc.unix_target) as stub:
         try:
             stub.Insert(
@@ -381,7 +382,7 @@ def test_password_file_and_canary_never_leak(start_broker, tmp_path, db_server):
                 timeout=10,
             )
         except grpc.RpcError as exc:
-            texts.append(exc.details())
+            texts.append(exc.details() or "")
         texts.append(str(stub.Ping(pb.PingRequest(), timeout=10)))
         texts.append(str(stub.Stats(pb.StatsRequest(), timeout=10)))
     proc.stop()
