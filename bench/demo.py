@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -215,6 +216,20 @@ def _announce_and_run(
     return _run_phases(args, server, broker, direct)
 
 
+def _print_broker_stats(broker: BrokerProcess) -> None:
+    """What `mongo-broker stats` shows for the demo's broker after the run."""
+    stats = subprocess.run(
+        [sys.executable, "-m", "broker", "stats", "--target", broker.unix_target],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    print("mongo-broker stats, after the run:")
+    print(textwrap.indent(stats.stdout.rstrip() or stats.stderr.rstrip(), "  "))
+    print()
+
+
 def _run_phases(
     args: argparse.Namespace,
     server: DatabaseServer,
@@ -273,6 +288,7 @@ def _run_phases(
         database.drop_collection(name)
 
     _report(phases, workers, ops, concurrency)
+    _print_broker_stats(broker)
     ok = _check(phases, workers, ops)
     via = phases[0]
     summary = (
