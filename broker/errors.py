@@ -53,6 +53,7 @@ class Reason:
     UNAUTHENTICATED = "UNAUTHENTICATED"
     LIMIT_EXCEEDED = "LIMIT_EXCEEDED"
     SHUTTING_DOWN = "SHUTTING_DOWN"
+    CURSOR_LOST = "CURSOR_LOST"
     NOT_SUPPORTED = "NOT_SUPPORTED"
     OPERATION_FAILED = "OPERATION_FAILED"
     INTERNAL = "INTERNAL"
@@ -140,6 +141,7 @@ _UNAVAILABLE_CODES: Final = frozenset(
     }
 )
 _PERMISSION_CODES: Final = frozenset({13})  # Unauthorized
+_CURSOR_LOST_CODES: Final = frozenset({43, 237})  # CursorNotFound, CursorKilled
 _UNSUPPORTED_CODES: Final = frozenset({115, 238})  # CommandNotSupported, NotImplemented
 _BAD_INPUT_CODES: Final = frozenset(
     {
@@ -176,6 +178,9 @@ def _mongo_metadata(code: int | None, exc: mongo_errors.PyMongoError) -> dict[st
 
 
 def _status_for_code(code: int | None, code_name: str = "") -> tuple[grpc.StatusCode, str]:
+    if code in _CURSOR_LOST_CODES:
+        # A getMore is not retryable: the stream must be restarted by the caller.
+        return grpc.StatusCode.ABORTED, Reason.CURSOR_LOST
     if code in _DUPLICATE_KEY_CODES:
         return grpc.StatusCode.ALREADY_EXISTS, Reason.DUPLICATE_KEY
     if code in _TIMEOUT_CODES:

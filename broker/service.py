@@ -18,7 +18,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -162,7 +162,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         if task is not None:
             self._inflight.add(task)
         try:
-            await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),))
+            await _transmit(context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),)))
             if self._draining:
                 raise _shutting_down()
             principal = self._principal(context)
@@ -196,13 +196,18 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             # Cancelled by the drain, not by the client: tell it to go elsewhere.
             error = _shutting_down()
             call.code = error.code.name
-            await context.abort_with_status(error.to_status())  # type: ignore[attr-defined]
+            await _answer(context, error)
         except Exception as exc:
+            if context.cancelled():
+                # The client left, or its deadline passed, while this call ran:
+                # gRPC refuses to send anything more, and nobody would read it.
+                call.code = "DEADLINE_EXCEEDED" if call.remaining() <= 0 else "CANCELLED"
+                raise asyncio.CancelledError() from None
             passed = call.remaining() <= _DEADLINE_SLACK_S
             error = to_rpc_error(exc, database=database, deadline_passed=passed)
             call.code = error.code.name
-            # grpc-stubs lags grpc.aio: abort_with_status exists since grpcio 1.38.
-            await context.abort_with_status(error.to_status())  # type: ignore[attr-defined]
+            log.debug("%s on %r failed: %r", method, database, error)
+            await _answer(context, error)
         finally:
             if task is not None:
                 self._inflight.discard(task)
@@ -395,7 +400,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 )
             principal = self._principal(context)
         except RpcError as error:
-            await context.abort_with_status(error.to_status())  # type: ignore[attr-defined]
+            await _answer(context, error)
             raise
         pools = [pool for pool in self._pools if principal.may_use(pool.name)]
         results = await asyncio.gather(*(self._ping_reporting(pool, context) for pool in pools))
@@ -431,7 +436,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             else:
                 pools = [pool for pool in self._pools if principal.may_use(pool.name)]
         except RpcError as error:
-            await context.abort_with_status(error.to_status())  # type: ignore[attr-defined]
+            await _answer(context, error)
             raise
         return broker_pb2.StatsResponse(
             version=self._version,
@@ -474,6 +479,34 @@ def database_stats(db: DatabasePool) -> broker_pb2.DatabaseStats:
         round_trips_per_second=advice.arrival_rate,
         mean_hold_ms=advice.mean_hold_ms,
     )
+
+
+async def _transmit(sending: Awaitable[None]) -> None:
+    """Send headers or a message; if the call has already ended, stop serving it.
+
+    A client whose deadline passed, or that went away, ends the call in gRPC
+    core before the handler notices; sending then fails inside gRPC. That is
+    a cancellation, not a broker error.
+    """
+    try:
+        await sending
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        raise asyncio.CancelledError() from None
+
+
+async def _answer(context: Context, error: RpcError) -> None:
+    """End the call with ``error``'s status and details (raises, as gRPC's abort does)."""
+    try:
+        # grpc-stubs lags grpc.aio: abort_with_status exists since grpcio 1.38.
+        await context.abort_with_status(error.to_status())  # type: ignore[attr-defined]
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        # The call ended (deadline passed, client gone) just before the
+        # answer could be sent; there is nobody left to tell.
+        raise asyncio.CancelledError() from None
 
 
 def _shutting_down() -> RpcError:
@@ -577,11 +610,11 @@ async def _write_batch(context: Context, docs: list[bytes], max_message: int, js
     """Send one batch as one message, or several when it is larger than ``max_message``."""
     if json_mode is None:
         for chunk in documents.chunk_documents(docs, max_message):
-            await context.write(broker_pb2.FindResponse(documents=chunk))
+            await _transmit(context.write(broker_pb2.FindResponse(documents=chunk)))
         return
     texts = [documents.bson_to_json(d, json_mode).encode() for d in docs]
     for part in documents.chunk_documents(texts, max_message):
-        await context.write(broker_pb2.FindResponse(json_documents=[t.decode() for t in part]))
+        await _transmit(context.write(broker_pb2.FindResponse(json_documents=[t.decode() for t in part])))
 
 
 def _find_request_as_bson(request: broker_pb2.FindRequest) -> tuple[broker_pb2.FindRequest, str | None]:

@@ -514,3 +514,57 @@ def test_13_idle_connections_from_dead_workers_are_reaped(start_broker):
     assert _eventually(lambda: process.num_fds() <= baseline + 2, timeout=10)
     for channel in channels:
         channel.close()
+
+
+# Deadlines that expire at every point of a call ---------------------------------
+
+
+def test_deadlines_expiring_anywhere_never_become_internal_errors(start_broker, collection_name):
+    """A deadline may pass before the broker answers, mid-stream or mid-abort; never INTERNAL."""
+    proc = start_broker(start_broker.base_config())
+    with open_stub(proc.unix_target) as stub:
+        stub.Insert(
+            pb.InsertRequest(
+                database="appdb",
+                collection=collection_name,
+                documents=[bson.encode({"n": n}) for n in range(2000)],
+            )
+        )
+        rng = __import__("random").Random(7)
+
+        def caller(seed: int) -> None:
+            for i in range(150):
+                timeout = rng.choice([0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05])
+                try:
+                    if (i + seed) % 2:
+                        find_all_with(stub, collection_name, timeout)
+                    else:
+                        stub.Insert(
+                            pb.InsertRequest(
+                                database="appdb",
+                                collection=collection_name,
+                                documents=[bson.encode({"x": i})],
+                            ),
+                            timeout=timeout,
+                        )
+                except grpc.RpcError as exc:
+                    assert exc.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), exc
+
+        threads = [threading.Thread(target=caller, args=(n,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        errors = dict(_stats(stub).errors)
+    # Mostly DEADLINE_EXCEEDED and CANCELLED. The FerretDB test server ties a
+    # cursor to the connection that opened it, and a timed-out call's
+    # connection is closed, so a getMore can also find its cursor gone
+    # (ABORTED) or the server's own error (FAILED_PRECONDITION).
+    assert "INTERNAL" not in errors and "UNKNOWN" not in errors, errors
+    log = proc.log_text()
+    assert "unexpected error" not in log, log[log.find("unexpected error") :][:3000]
+
+
+def find_all_with(stub, collection: str, timeout: float) -> int:
+    request = pb.FindRequest(database="appdb", collection=collection, batch_size=100)
+    return sum(len(m.documents) for m in stub.Find(request, timeout=timeout))
