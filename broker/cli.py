@@ -85,24 +85,37 @@ def _target(args: argparse.Namespace, health: bool = False) -> str:
     raise ConfigError("no listener configured to ping")
 
 
-def _ping(args: argparse.Namespace) -> int:
+class _Unreachable(Exception):
+    """The call to the running broker failed; the message says how."""
+
+
+def _call(command: str, target: str, make_stub: Any, method: str, request: Any, *, timeout: float) -> Any:
+    """One unary call to a running broker. Raises _Unreachable with a printable message."""
     # Imported here so `serve` does not pay for a synchronous gRPC stack.
     import grpc
-    from broker_client.proto.broker.v1 import broker_pb2, broker_pb2_grpc
-    from google.protobuf.json_format import MessageToDict
 
-    target = _target(args)
     with grpc.insecure_channel(target) as channel:
         try:
-            reply = broker_pb2_grpc.BrokerStub(channel).Ping(
-                broker_pb2.PingRequest(database=args.database), timeout=args.timeout
-            )
+            return getattr(make_stub(channel), method)(request, timeout=timeout)
         except grpc.RpcError as exc:
-            print(f"ping {target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 2
+            raise _Unreachable(f"{command} {target}: {exc.code().name}: {exc.details()}") from None
+
+
+def _as_json(reply: Any) -> str:
+    from google.protobuf.json_format import MessageToDict
+
+    return json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True))
+
+
+def _ping(args: argparse.Namespace) -> int:
+    from broker_client.proto.broker.v1 import broker_pb2, broker_pb2_grpc
+
+    target = _target(args)
+    request = broker_pb2.PingRequest(database=args.database)
+    reply = _call("ping", target, broker_pb2_grpc.BrokerStub, "Ping", request, timeout=args.timeout)
     healthy = all(db.ok for db in reply.databases)
     if args.json:
-        print(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True)))
+        print(_as_json(reply))
         return 0 if healthy else 1
     print(f"mongo-broker {reply.version} at {target}")
     for db in reply.databases:
@@ -116,39 +129,24 @@ def _ping(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     target = _target(args, health=True)
-    with grpc.insecure_channel(target) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
-            )
-        except grpc.RpcError as exc:
-            print(f"health {target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 2
+    request = health_pb2.HealthCheckRequest(service=args.service)
+    reply = _call("health", target, health_pb2_grpc.HealthStub, "Check", request, timeout=args.timeout)
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{args.service or '(overall)'}: {status}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _stats(args: argparse.Namespace) -> int:
-    import grpc
     from broker_client.proto.broker.v1 import broker_pb2, broker_pb2_grpc
-    from google.protobuf.json_format import MessageToDict
 
     target = _target(args)
-    with grpc.insecure_channel(target) as channel:
-        try:
-            reply = broker_pb2_grpc.BrokerStub(channel).Stats(
-                broker_pb2.StatsRequest(database=args.database), timeout=args.timeout
-            )
-        except grpc.RpcError as exc:
-            print(f"stats {target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 2
+    request = broker_pb2.StatsRequest(database=args.database)
+    reply = _call("stats", target, broker_pb2_grpc.BrokerStub, "Stats", request, timeout=args.timeout)
     if args.json:
-        print(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True)))
+        print(_as_json(reply))
         return 0
     print(f"mongo-broker {reply.version} at {target}, up {reply.uptime_s:.0f}s")
     for db in reply.databases:
@@ -216,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _ping(args)
     except ConfigError as exc:
         print(f"mongo-broker: {exc}", file=sys.stderr)
+        return 2
+    except _Unreachable as exc:
+        print(exc, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
