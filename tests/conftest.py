@@ -41,6 +41,7 @@ from bench.brokerproc import BrokerProcess, BrokerStartError, broker_config  # n
 from bench.dbserver import DatabaseServer, DatabaseServerError, start_database_server  # noqa: E402
 from bench.netconns import count_from_pid, count_to_port  # noqa: E402
 from bench.process import short_tmpdir  # noqa: E402
+from bench.toxiproxy import Proxy, Toxiproxy, find_toxiproxy  # noqa: E402
 
 DB_NAME = "appdb"  # the configured name clients use
 MONGO_DB = "broker_test"  # the MongoDB database behind it
@@ -313,3 +314,48 @@ def count_db_connections(db_server: DatabaseServer) -> Callable[[int], int]:
 def count_broker_connections(broker: Broker) -> Callable[[], int]:
     """``count_broker_connections()``: the session broker's database connections now."""
     return broker.db_connections
+
+
+# --- network faults between the broker and the database ------------------------
+
+
+@pytest.fixture(scope="session")
+def toxiproxy() -> Iterator[Toxiproxy]:
+    """A real toxiproxy server (built by `make tools`) for the whole session."""
+    binary = find_toxiproxy()
+    if binary is None:
+        pytest.fail("toxiproxy-server not found: run `make tools`", pytrace=False)
+    server = Toxiproxy(binary).start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def make_proxy(toxiproxy: Toxiproxy, request: pytest.FixtureRequest) -> Iterator[Callable[[str], Proxy]]:
+    """``make_proxy(upstream)``: a proxy of this test's own, deleted afterwards."""
+    names: list[str] = []
+
+    def make(upstream: str) -> Proxy:
+        name = f"{re.sub(r'[^A-Za-z0-9_]', '_', request.node.name)[:40]}_{uuid.uuid4().hex[:6]}"
+        names.append(name)
+        return toxiproxy.proxy(name, upstream)
+
+    yield make
+    for name in names:
+        with contextlib.suppress(Exception):
+            toxiproxy.request("DELETE", f"/proxies/{name}")
+
+
+@pytest.fixture
+def proxy(make_proxy: Callable[[str], Proxy], db_server: DatabaseServer) -> Proxy:
+    """A toxiproxy proxy in front of the test database server."""
+    return make_proxy(f"{db_server.host}:{db_server.port}")
+
+
+def proxied_config(factory: BrokerFactory, upstream: Proxy, **database_options: Any) -> dict[str, Any]:
+    """The session broker's config, but reaching its database through ``upstream``."""
+    config = factory.base_config(**database_options)
+    config["databases"]["appdb"]["uri"] = f"mongodb://127.0.0.1:{upstream.port}/?directConnection=true"
+    return config

@@ -27,7 +27,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.dbserver import DatabaseServer, start_database_server
 from bench.process import free_port
-from bench.toxiproxy import Proxy, Toxiproxy, find_toxiproxy
+from bench.toxiproxy import Proxy
+from tests.conftest import proxied_config
 from tests.rpc import fails, find_all, open_stub, pb
 
 FAST_DB = {
@@ -78,32 +79,8 @@ def _stats(stub, database: str = "appdb"):
     return stub.Stats(pb.StatsRequest(database=database), timeout=5).databases[0]
 
 
-@pytest.fixture(scope="module")
-def toxiproxy() -> Iterator[Toxiproxy]:
-    binary = find_toxiproxy()
-    if binary is None:
-        pytest.fail("toxiproxy-server not found: run `make tools`", pytrace=False)
-    server = Toxiproxy(binary).start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
-def proxy(toxiproxy, db_server, request) -> Iterator[Proxy]:
-    name = f"faults_{request.node.name[:30]}_{free_port()}"
-    upstream = toxiproxy.proxy(name, f"{db_server.host}:{db_server.port}")
-    try:
-        yield upstream
-    finally:
-        toxiproxy.request("DELETE", f"/proxies/{name}")
-
-
 def _through(start_broker, proxy: Proxy, **options):
-    config = start_broker.base_config(**{**FAST_DB, **options})
-    config["databases"]["appdb"]["uri"] = f"mongodb://127.0.0.1:{proxy.port}/?directConnection=true"
-    return config
+    return proxied_config(start_broker, proxy, **{**FAST_DB, **options})
 
 
 @pytest.fixture

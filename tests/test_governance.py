@@ -11,7 +11,7 @@ import re
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,37 +22,14 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.toxiproxy import Proxy, Toxiproxy, find_toxiproxy
+from bench.toxiproxy import Proxy
 from broker.metrics import METRIC_NAMES
+from tests.conftest import proxied_config
 from tests.rpc import fails, find_all, open_stub, pb
 
 
-@pytest.fixture(scope="module")
-def toxiproxy() -> Iterator[Toxiproxy]:
-    binary = find_toxiproxy()
-    if binary is None:
-        pytest.fail("toxiproxy-server not found: run `make tools`", pytrace=False)
-    server = Toxiproxy(binary).start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
-def proxy(toxiproxy, db_server, request) -> Iterator[Proxy]:
-    name = re.sub(r"\W", "_", request.node.name)[:40]
-    upstream = toxiproxy.proxy(name, f"{db_server.host}:{db_server.port}")
-    try:
-        yield upstream
-    finally:
-        toxiproxy.request("DELETE", f"/proxies/{name}")
-
-
 def _proxied_config(start_broker, proxy: Proxy, **options):
-    config = start_broker.base_config(**options)
-    config["databases"]["appdb"]["uri"] = f"mongodb://127.0.0.1:{proxy.port}/?directConnection=true"
-    return config
+    return proxied_config(start_broker, proxy, **options)
 
 
 def _stats(stub, database: str = "appdb"):
