@@ -104,7 +104,9 @@ def _worker(target: str, tally: Tally, stop: threading.Event, seed: int) -> None
 
 
 def _faults(proxy: Proxy, server: object) -> list[tuple[str, Callable[[], None], Callable[[], None]]]:
-    pid = getattr(server, "pid", None)
+    # The server's pid is read when a fault fires: a restart gives it a new one.
+    def pid() -> int | None:
+        return getattr(server, "pid", None)
 
     def latency() -> None:
         proxy.add_toxic("latency", latency=1500)
@@ -116,12 +118,12 @@ def _faults(proxy: Proxy, server: object) -> list[tuple[str, Callable[[], None],
         proxy.add_toxic("reset_peer", timeout=500)
 
     def stop_db() -> None:
-        if pid:
-            os.kill(pid, signal.SIGSTOP)
+        if (current := pid()) is not None:
+            os.kill(current, signal.SIGSTOP)
 
     def cont_db() -> None:
-        if pid:
-            os.kill(pid, signal.SIGCONT)
+        if (current := pid()) is not None:
+            os.kill(current, signal.SIGCONT)
 
     def restart_db() -> None:
         server.restart()  # type: ignore[attr-defined]
