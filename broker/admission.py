@@ -82,13 +82,17 @@ class Admission:
     @asynccontextmanager
     async def slot(self, remaining_s: float) -> AsyncIterator[float]:
         """Hold one slot for a database round trip; yields the seconds spent waiting."""
-        waited = await self._acquire(remaining_s)
+        waited = await self.acquire(remaining_s)
         try:
             yield waited
         finally:
-            self._release()
+            self.release()
 
-    async def _acquire(self, remaining_s: float) -> float:
+    async def acquire(self, remaining_s: float) -> float:
+        """Take a slot, waiting as configured; returns the seconds spent waiting.
+
+        Every successful acquire must be paired with exactly one `release`.
+        """
         if self._free > 0 and not self._waiters:
             self._free -= 1
             return 0.0
@@ -130,14 +134,14 @@ class Admission:
             ) from None
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
-                self._release()  # granted, but the caller left: pass it on
+                self.release()  # granted, but the caller left: pass it on
             else:
                 self._waiters.remove(waiter)
                 waiter.cancel()
             raise
         return time.monotonic() - start
 
-    def _release(self) -> None:
+    def release(self) -> None:
         # Hand the slot straight to the oldest waiter, so a newcomer cannot
         # overtake the queue.
         while self._waiters:

@@ -292,6 +292,8 @@ class DatabaseStats:
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     in_flight: int = 0
     open_cursors: int = 0
+    # Round trips that outlived their time limit and were left behind.
+    abandoned: int = 0
     _samples: collections.deque[_Sample] = field(default_factory=lambda: collections.deque(maxlen=_SAMPLES))
     _last_warning: float = 0.0
 

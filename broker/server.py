@@ -277,6 +277,24 @@ class _Broker:
         await self.pools.close()
 
 
+def _log_tasks(service: BrokerService) -> None:
+    """SIGUSR1: log the calls in flight and every asyncio task, for diagnosing a stuck broker."""
+    calls = service.describe_in_flight()
+    tasks = asyncio.all_tasks()
+    lines = [f"SIGUSR1: {len(calls)} calls in flight", *(f"  {c}" for c in calls)]
+    lines.append(f"{len(tasks)} asyncio tasks")
+    for task in tasks:
+        chain: list[str] = []
+        awaiting: object = task.get_coro()
+        while awaiting is not None and len(chain) < 20:
+            frame = getattr(awaiting, "cr_frame", None) or getattr(awaiting, "ag_frame", None)
+            name = getattr(awaiting, "__qualname__", type(awaiting).__name__)
+            chain.append(f"{name}:{frame.f_lineno}" if frame is not None else name)
+            awaiting = getattr(awaiting, "cr_await", None) or getattr(awaiting, "ag_await", None)
+        lines.append(f"  {task.get_name()}: {' -> '.join(chain)}")
+    log.warning("\n".join(lines))
+
+
 async def serve(settings: Settings, ready_file: str | None = None, config_path: str | None = None) -> int:
     """Run the broker until SIGTERM/SIGINT. Returns the process exit code."""
     broker = _Broker(settings, config_path)
@@ -323,6 +341,7 @@ async def serve(settings: Settings, ready_file: str | None = None, config_path: 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop, signum)
     loop.add_signal_handler(signal.SIGHUP, on_reload)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: _log_tasks(broker.service))
 
     await stopping.wait()
     sampler.cancel()

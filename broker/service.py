@@ -14,13 +14,14 @@ database round trip first takes a slot from the database's admission queue
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pymongo
@@ -46,6 +47,10 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 # server maxTimeMS minus one round trip); within this margin it is ours.
 _DEADLINE_SLACK_S = 0.010
 _NO_DEADLINE_S = 10 * 365 * 86400
+# How long past its time limit a database round trip may run before the
+# broker abandons it (see _Call.round_trip).
+_ROUND_TRIP_GUARD_S = 1.0
+_T = TypeVar("_T")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -55,7 +60,7 @@ class _Call:
 
     __slots__ = (
         "bytes", "code", "collection", "database", "deadline", "documents",
-        "method", "pool", "queue_wait_s", "request_id", "started",
+        "method", "pool", "queue_wait_s", "request_id", "stage", "started",
     )  # fmt: skip
 
     def __init__(self, method: str, database: str, collection: str, request_id: str) -> None:
@@ -70,6 +75,8 @@ class _Call:
         self.documents = 0
         self.bytes = 0
         self.queue_wait_s = 0.0
+        # Where the call is now, for SIGUSR1 diagnostics of a stuck broker.
+        self.stage = "start"
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -78,14 +85,54 @@ class _Call:
         # Ties the server's slow-query log and currentOp back to the worker.
         return f"{comment} rid={self.request_id}" if comment else f"rid={self.request_id}"
 
-    @asynccontextmanager
-    async def round_trip(self) -> AsyncIterator[None]:
-        """Hold an admission slot for one database round trip."""
+    async def round_trip(self, operation: Coroutine[Any, Any, _T]) -> _T:
+        """Run one database round trip while holding an admission slot.
+
+        The operation runs in a task of its own that the call's cancellation
+        does not reach. pymongo's async pool is not safe against a task being
+        cancelled inside it: under a storm of clients giving up, cancelled
+        checkouts left the pool wedged (every later call timed out). So a
+        departed client's operation is left to finish under its own time
+        limit (CSOT), which pymongo enforces, and its admission slot is
+        released only when it has. If it is still running a second after the
+        time limit the call is answered DEADLINE_EXCEEDED anyway.
+        """
         assert self.pool is not None
-        async with self.pool.admission.slot(self.remaining()) as waited:
-            self.queue_wait_s += waited
-            self.pool.stats.record_queue_wait(waited)
-            yield
+        pool = self.pool
+        self.stage = "waiting for a connection"
+        waited = await pool.admission.acquire(self.remaining())
+        self.queue_wait_s += waited
+        pool.stats.record_queue_wait(waited)
+        self.stage = "database round trip"
+        task = asyncio.ensure_future(operation)
+        task.add_done_callback(lambda _: pool.admission.release())
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(task), max(self.remaining(), 0.0) + _ROUND_TRIP_GUARD_S
+            )
+        except TimeoutError:
+            pool.stats.abandoned += 1
+            log.warning(
+                "%s on %r: a database round trip outlived its time limit by %.1fs; answering without it",
+                self.method,
+                self.database,
+                _ROUND_TRIP_GUARD_S,
+            )
+            raise RpcError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "the database operation outlived the call's time limit and was abandoned",
+                Reason.TIMEOUT,
+            ) from None
+        finally:
+            self.stage = "between round trips"
+
+
+async def _next_batch(batches: AsyncIterator[bytes]) -> bytes | None:
+    """The next raw batch, or None when the cursor is exhausted."""
+    try:
+        return await anext(batches)
+    except StopAsyncIteration:
+        return None
 
 
 def _request_id(context: Context) -> str:
@@ -113,10 +160,20 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         self._metrics = metrics
         self._version = version
         self._started = time.monotonic()
-        self._inflight: set[asyncio.Task[Any]] = set()
+        self._inflight: dict[asyncio.Task[Any], _Call] = {}
         self._drain_aborted: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._draining = False
         self.configure(settings)
+
+    def describe_in_flight(self) -> list[str]:
+        """One line per call in flight: method, database, stage and age."""
+        now = time.monotonic()
+        return [
+            f"{c.method} db={c.database} coll={c.collection} rid={c.request_id} "
+            f"stage={c.stage} age_s={now - c.started:.1f} remaining_s={c.remaining():.1f}"
+            for c in self._inflight.values()
+        ]
 
     def configure(self, settings: Settings) -> None:
         """Apply (re)loaded settings to calls from now on."""
@@ -140,6 +197,18 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             await asyncio.wait(left, timeout=2.0)
         return len(running) - len(left), len(left)
 
+    async def _close_cursor(self, cursor: Any) -> None:
+        """Close a Find's server cursor (killCursors), even if this call was cancelled.
+
+        The close runs in a task the call's cancellation cannot reach, for the
+        same reason as round trips (see _Call.round_trip).
+        """
+        task = asyncio.ensure_future(_kill_cursor(cursor))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(task)
+
     def _inspect(self, document: dict[str, Any], field: str) -> None:
         check_depth(document, field, self._settings.limits)
         if not self._settings.security.allow_js_operators:
@@ -160,7 +229,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         call = _Call(method, database, collection, _request_id(context))
         task = asyncio.current_task()
         if task is not None:
-            self._inflight.add(task)
+            self._inflight[task] = call
         try:
             await _transmit(context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),)))
             if self._draining:
@@ -210,7 +279,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             await _answer(context, error)
         finally:
             if task is not None:
-                self._inflight.discard(task)
+                self._inflight.pop(task, None)
                 self._drain_aborted.discard(task)
             self._finish(call)
 
@@ -265,10 +334,12 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         # pymongo.timeout context and the cursor's cleanup stay in one task.
         cursor = None
         counted: DatabasePool | None = None
+        call_ref: _Call | None = None
         try:
             async with self._serve(
                 context, "Find", request.database, request.collection, request.max_time_ms
             ) as call:
+                call_ref = call
                 assert call.pool is not None
                 request, json_mode = _find_request_as_bson(request)
                 options = _find_options(request, call.pool.settings.default_batch_size, self._inspect)
@@ -289,11 +360,9 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 # left: stop without taking an admission slot.
                 while first or cursor.alive:
                     first = False
-                    async with call.round_trip():
-                        try:
-                            batch = await anext(batches)
-                        except StopAsyncIteration:
-                            break
+                    batch = await call.round_trip(_next_batch(batches))
+                    if batch is None:
+                        break
                     if counted is None and cursor.alive and cursor.cursor_id:
                         counted = call.pool
                         counted.stats.open_cursors += 1
@@ -303,6 +372,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                         docs = docs[: cap - call.documents]
                     call.documents += len(docs)
                     call.bytes += sum(len(d) for d in docs)
+                    call.stage = "sending to the client"
                     await _write_batch(context, docs, max_message, json_mode)
                     if over:
                         raise RpcError(
@@ -313,7 +383,9 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                         )
         finally:
             if cursor is not None:
-                await _close_cursor(cursor)
+                if call_ref is not None:
+                    call_ref.stage = "closing the cursor"
+                await self._close_cursor(cursor)
             if counted is not None:
                 counted.stats.open_cursors -= 1
 
@@ -357,13 +429,14 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 _collection_name(request.collection),
                 write_concern=_write_concern(request),
             )
-            async with call.round_trip():
-                await collection.insert_many(
+            await call.round_trip(
+                collection.insert_many(
                     prepared.documents,
                     ordered=request.ordered if request.HasField("ordered") else True,
                     bypass_document_validation=request.bypass_document_validation,
                     comment=call.comment(),
                 )
+            )
             if json_mode is not None:
                 return broker_pb2.InsertResponse(
                     inserted_ids_json=[documents.bson_to_json(d, json_mode) for d in prepared.id_documents],
@@ -563,10 +636,9 @@ def _pool_summary(pool: DatabasePool) -> broker_pb2.PoolSummary:
     )
 
 
-async def _close_cursor(cursor: Any) -> None:
-    # Runs after the call's own time limit may have expired (or the task was
-    # cancelled by a departed client), so killCursors gets a fresh, short one.
+async def _kill_cursor(cursor: Any) -> None:
     try:
+        # A fresh, short time limit: the call's own may have run out.
         with pymongo.timeout(5):
             await cursor.close()
     except Exception:

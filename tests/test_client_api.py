@@ -515,3 +515,31 @@ def test_navigation(client: BrokerClient[Doc], broker: Any) -> None:
     assert db.client is client
     with pytest.raises(AttributeError):
         client._private  # noqa: B018
+
+
+# --- retries (the fault scenarios are in test_retries.py) -------------------------
+
+
+def test_every_result_counts_its_attempts(client: BrokerClient[Doc], items: Collection[Doc]) -> None:
+    assert client.retries == broker_client.DEFAULT_RETRY_POLICY
+    assert client.ping().attempts == 1
+    assert client.stats().attempts == 1
+    assert items.insert_one({"n": 1}).attempts == 1
+    assert items.insert_many([{"n": 2}, {"n": 3}]).attempts == 1
+    cursor = items.find({})
+    assert cursor.attempts == 0  # nothing sent yet
+    assert len(cursor.to_list()) == 3
+    assert cursor.attempts == 1
+    # attempts is not part of a result's value.
+    assert items.insert_one({"_id": "x"}) == broker_client.InsertOneResult("x", True, attempts=5)
+
+
+def test_retry_policy_is_a_picklable_read_only_value() -> None:
+    policy = broker_client.RetryPolicy(max_attempts=5, initial_backoff=0.01)
+    assert pickle.loads(pickle.dumps(policy)) == policy
+    assert hash(policy) == hash(broker_client.RetryPolicy(5, 0.01, 1.0, 2.0))
+    assert repr(policy) == (
+        "RetryPolicy(max_attempts=5, initial_backoff=0.01, max_backoff=1.0, multiplier=2.0)"
+    )
+    with pytest.raises(AttributeError, match="read-only"):
+        policy.max_attempts = 1

@@ -533,6 +533,18 @@ def test_deadlines_expiring_anywhere_never_become_internal_errors(start_broker, 
         for thread in threads:
             thread.join(60)
         errors = dict(_stats(stub).errors)
+        # Nothing is left stuck: no call in flight, no connection held, and
+        # the next ordinary calls work (a wedged pool would time them out).
+        assert _eventually(lambda: _stats(stub).rpcs_in_flight == 0 and _stats(stub).connections_in_use == 0)
+        stub.Insert(
+            pb.InsertRequest(
+                database="appdb", collection=collection_name, documents=[bson.encode({"after": 1})]
+            ),
+            timeout=10,
+        )
+        assert find_all_with(stub, collection_name, 10.0) > 2000
+    # And it still shuts down cleanly.
+    assert proc.stop() == 0
     # Mostly DEADLINE_EXCEEDED and CANCELLED. The FerretDB test server ties a
     # cursor to the connection that opened it, and a timed-out call's
     # connection is closed, so a getMore can also find its cursor gone

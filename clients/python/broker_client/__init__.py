@@ -6,9 +6,18 @@
 >>> items.insert_one({"sku": "a1"}).inserted_id
 ObjectId('...')
 
+``AsyncBrokerClient`` is the same API for asyncio programs (awaitable calls,
+``async for`` over ``find()``). Both retry transient failures by a
+`RetryPolicy`. ``broker_client.hooks`` has ready-made hooks for gunicorn,
+celery and multiprocessing workers.
+
 Importing this package opens no connection and creates no channel; grpc
-itself is imported on the first call. See clients/python/README.md.
+(and asyncio) are imported on the first call. The async client and the
+result classes are loaded on first use too (PEP 562): a worker that only
+imports the package pays for neither. See clients/python/README.md.
 """
+
+import typing as _typing
 
 from broker_client._version import __version__
 from broker_client.client import (
@@ -36,18 +45,63 @@ from broker_client.errors import (
     WaitQueueTimeoutError,
     WriteError,
 )
-from broker_client.results import (
-    BrokerStats,
-    DatabasePing,
-    DatabaseStats,
-    InsertManyResult,
-    InsertOneResult,
-    PingResult,
-    PoolSummary,
-)
+from broker_client.retry import DEFAULT_RETRY_POLICY, RetryPolicy
+
+if _typing.TYPE_CHECKING:
+    from broker_client.async_client import AsyncBrokerClient, AsyncCollection, AsyncCursor, AsyncDatabase
+    from broker_client.results import (
+        BrokerStats,
+        DatabasePing,
+        DatabaseStats,
+        InsertManyResult,
+        InsertOneResult,
+        PingResult,
+        PoolSummary,
+    )
+
+# Loaded on first access: name -> the module that defines it.
+_LAZY = {
+    **dict.fromkeys(("AsyncBrokerClient", "AsyncCollection", "AsyncCursor", "AsyncDatabase"), "async_client"),
+    **dict.fromkeys(
+        (
+            "BrokerStats",
+            "DatabasePing",
+            "DatabaseStats",
+            "InsertManyResult",
+            "InsertOneResult",
+            "PingResult",
+            "PoolSummary",
+        ),
+        "results",
+    ),
+}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _LAZY.get(name)
+    if module is not None:
+        # __import__ rather than importlib.import_module: the same import, but
+        # through the interpreter's own path, which -X importtime reports.
+        value = getattr(__import__(f"broker_client.{module}", fromlist=(name,)), name)
+    elif name in _LAZY.values():
+        value = __import__(f"broker_client.{name}", fromlist=("__name__",))
+    else:
+        raise AttributeError(f"module 'broker_client' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
+    "DEFAULT_RETRY_POLICY",
     "DEFAULT_TIMEOUT_S",
+    "AsyncBrokerClient",
+    "AsyncCollection",
+    "AsyncCursor",
+    "AsyncDatabase",
     "AutoReconnect",
     "BrokerClient",
     "BrokerError",
@@ -69,6 +123,7 @@ __all__ = [
     "PermissionDenied",
     "PingResult",
     "PoolSummary",
+    "RetryPolicy",
     "ServerSelectionTimeoutError",
     "Unauthenticated",
     "UnknownDatabase",

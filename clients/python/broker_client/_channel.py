@@ -43,6 +43,28 @@ The design that follows, which passed every round of those runs:
   `_RETIRED`, which the child never frees, and a new channel is created on
   first use.
 
+asyncio (`AsyncChannelHolder`, for ``AsyncBrokerClient``). A grpc.aio channel
+belongs to the event loop it was made in, so it is made lazily inside the
+running loop, and a call from any other loop is refused with a message
+saying so. Forking is harder than for the sync client, and the gate cannot
+help: while any grpc.aio channel exists, grpcio runs a poller thread
+(``_poll_wrapper``) that sits inside gRPC core, so every ``fork()`` skips
+core's fork handlers (case 2). What we measured (grpcio 1.85.1, a parent
+that had used an aio channel and kept it): the new aio channel of every
+child failed (43 of 43; "Check failed" aborts in ev_epoll1_linux.cc among
+them), while sync channels in such children worked (130 of 130). Once the
+parent had closed its aio channels and dropped them, grpcio stopped the
+poller thread (it counts live aio channels) and aio children worked (25 of
+25). So:
+
+- the child retires the parent's aio channel untouched, as above;
+- if one of our aio channels was open at the fork, the child's async
+  clients refuse to start (`InvalidOperation`, saying to close the client
+  before forking or to fork before first use) instead of aborting or
+  hanging; its sync clients are unaffected;
+- ``AsyncBrokerClient.close()`` drops every reference to its channel, so
+  that a parent which closes its async clients may fork safely.
+
 The gate covers this package's calls only. A process that also uses gRPC
 elsewhere (an OpenTelemetry exporter, say) while forking can still trigger
 case 2.
@@ -58,15 +80,18 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
+    import asyncio
+
     import grpc
 
-    from broker_client.proto.broker.v1.broker_pb2_grpc import BrokerStub
+    from broker_client.proto.broker.v1.broker_pb2_grpc import BrokerAsyncStub, BrokerStub
 
 __all__ = [
     "DEFAULT_MAX_RECEIVE_MESSAGE_BYTES",
     "DEFAULT_MAX_SEND_MESSAGE_BYTES",
     "FORK_DRAIN_TIMEOUT_S",
     "GATE",
+    "AsyncChannelHolder",
     "ChannelHolder",
     "normalize_target",
     "retire",
@@ -185,7 +210,10 @@ GATE: Final = ForkGate()
 # letting grpcio's __del__ close them, would act on the parent's sockets and
 # core objects (see the module docstring).
 _RETIRED: list[object] = []
-_HOLDERS: weakref.WeakSet[ChannelHolder] = weakref.WeakSet()
+_HOLDERS: weakref.WeakSet[_Holder] = weakref.WeakSet()
+# Set in a child forked while one of our grpc.aio channels was open: grpc.aio
+# cannot work in such a process (see the module docstring).
+_aio_open_at_fork: int | None = None
 _hooks_lock = threading.Lock()
 _hooks_registered = False
 
@@ -204,11 +232,13 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _hooks_lock  # noqa: PLW0603 - a lock held at fork time is useless in the child
+    global _hooks_lock, _aio_open_at_fork  # noqa: PLW0603 - per-process state, reset in the child
     GATE.after_fork_in_child()
     _hooks_lock = threading.Lock()
+    parent = os.getppid()
     for holder in list(_HOLDERS):
-        holder._retire_after_fork()
+        if holder._retire_after_fork() and isinstance(holder, AsyncChannelHolder):
+            _aio_open_at_fork = parent
 
 
 def _ensure_fork_hooks() -> None:
@@ -243,13 +273,10 @@ def _warn_about_fork_env() -> None:
         )
 
 
-class ChannelHolder:
-    """One lazily created channel and stub, re-created in a forked child.
+class _Holder:
+    """What both holders share: lazy creation per process, retirement at fork."""
 
-    Use `stub` only inside ``with GATE:``. The channel is created on first
-    use, never at construction. When the process id changes (a fork), the
-    old channel is retired untouched and a new one is made.
-    """
+    _closed_message = "cannot use a BrokerClient after close()"
 
     def __init__(
         self,
@@ -261,17 +288,12 @@ class ChannelHolder:
         self._options = tuple(options)
         self._credentials = credentials
         self._lock = threading.Lock()
-        self._channel: grpc.Channel | None = None
-        self._stub: BrokerStub | None = None
+        self._channel: Any = None
+        self._stub: Any = None
         self._pid: int | None = None
         self._closed = False
         self.channels_created = 0
         _HOLDERS.add(self)
-
-    @property
-    def channel(self) -> grpc.Channel | None:
-        """The current channel, or None before first use and after a fork."""
-        return self._channel
 
     @property
     def pid(self) -> int | None:
@@ -282,27 +304,15 @@ class ChannelHolder:
     def closed(self) -> bool:
         return self._closed
 
-    def stub(self) -> BrokerStub:
-        """The stub for this process's channel, creating it if need be."""
+    def _check_open(self) -> None:
         if self._closed:
             # Imported here: errors must not be a cycle with client.py.
             from broker_client.errors import InvalidOperation
 
-            raise InvalidOperation("cannot use a BrokerClient after close()")
-        stub = self._stub
-        if stub is not None and self._pid == os.getpid():
-            return stub
-        with self._lock:
-            if self._stub is None or self._pid != os.getpid():
-                self._create()
-            assert self._stub is not None
-            return self._stub
+            raise InvalidOperation(self._closed_message)
 
-    def _create(self) -> None:
-        import grpc
-
-        from broker_client.proto.broker.v1.broker_pb2_grpc import BrokerStub
-
+    def _new_channel(self, module: Any) -> Any:
+        """A channel from ``grpc`` or ``grpc.aio``; its stub is made by the caller."""
         _ensure_fork_hooks()
         if self._channel is not None:
             # Reached only when a fork bypassed Python's at-fork hooks
@@ -312,31 +322,173 @@ class ChannelHolder:
         if self.channels_created:
             _warn_about_fork_env()
         if self._credentials is None:
-            channel = grpc.insecure_channel(self.target, options=self._options)
+            channel = module.insecure_channel(self.target, options=self._options)
         else:
-            channel = grpc.secure_channel(self.target, self._credentials, options=self._options)
-        self._channel = channel
-        self._stub = BrokerStub(channel)
+            channel = module.secure_channel(self.target, self._credentials, options=self._options)
         self._pid = os.getpid()
         self.channels_created += 1
         log.debug("channel %d to %s created in pid %d", self.channels_created, self.target, self._pid)
+        return channel
 
-    def _retire_after_fork(self) -> None:
-        # Runs in the child, single-threaded, right after fork().
+    def _retire_after_fork(self) -> bool:
+        """In the child, right after fork() (single-threaded): True if a channel was open."""
         self._lock = threading.Lock()
-        if self._channel is not None:
+        had_channel = self._channel is not None
+        if had_channel:
             retire(self._channel)
         self._channel = None
         self._stub = None
+        return had_channel
 
-    def close(self) -> None:
+    def _release(self) -> Any:
+        """Mark closed and hand back this process's channel to close, or None."""
         with self._lock:
             self._closed = True
             channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None and self._pid != os.getpid():
+            retire(channel)
+            return None
+        return channel
+
+
+class ChannelHolder(_Holder):
+    """One lazily created channel and stub, re-created in a forked child.
+
+    Use `stub` only inside ``with GATE:``. The channel is created on first
+    use, never at construction. When the process id changes (a fork), the
+    old channel is retired untouched and a new one is made.
+    """
+
+    @property
+    def channel(self) -> grpc.Channel | None:
+        """The current channel, or None before first use and after a fork."""
+        channel: grpc.Channel | None = self._channel
+        return channel
+
+    def stub(self) -> BrokerStub:
+        """The stub for this process's channel, creating it if need be."""
+        self._check_open()
+        stub: BrokerStub | None = self._stub
+        if stub is not None and self._pid == os.getpid():
+            return stub
+        with self._lock:
+            if self._stub is None or self._pid != os.getpid():
+                self._create()
+            stub = self._stub
+            assert stub is not None
+            return stub
+
+    def _create(self) -> None:
+        import grpc
+
+        from broker_client.proto.broker.v1.broker_pb2_grpc import BrokerStub
+
+        channel = self._new_channel(grpc)
+        self._channel = channel
+        self._stub = BrokerStub(channel)
+
+    def close(self) -> None:
+        channel = self._release()
+        if channel is not None:
+            with GATE:
+                channel.close()
+
+
+class AsyncChannelHolder(_Holder):
+    """One lazily created grpc.aio channel, bound to the event loop that made it.
+
+    The channel is made by the first call, inside the running loop. Calls
+    from any other loop are refused: a grpc.aio channel cannot move between
+    loops. After a fork the parent's channel is retired untouched and the
+    child makes its own, unless grpc.aio cannot work in the child (see the
+    module docstring), which is then refused with the reason.
+    """
+
+    _closed_message = "cannot use an AsyncBrokerClient after close()"
+
+    def __init__(
+        self,
+        target: str,
+        options: Sequence[tuple[str, Any]],
+        credentials: grpc.ChannelCredentials | None,
+    ) -> None:
+        super().__init__(target, options, credentials)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def channel(self) -> grpc.aio.Channel | None:
+        """The current channel, or None before first use, after close() and after a fork."""
+        channel: grpc.aio.Channel | None = self._channel
+        return channel
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the current channel belongs to."""
+        return self._loop
+
+    def stub(self) -> BrokerAsyncStub:
+        """The stub for this process's channel in the running loop, creating it if need be."""
+        import asyncio
+
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._stub is None or self._pid != os.getpid():
+                self._create(loop)
+            elif self._loop is not loop:
+                from broker_client.errors import InvalidOperation
+
+                raise InvalidOperation(
+                    "this AsyncBrokerClient's channel belongs to the event loop it first ran in, "
+                    "and this call runs in another one (a grpc.aio channel cannot move between "
+                    "loops). Make one AsyncBrokerClient per event loop, e.g. inside the coroutine "
+                    "given to asyncio.run(), and close it there with `await client.close()`."
+                )
+            stub: BrokerAsyncStub = self._stub
+            return stub
+
+    def _create(self, loop: asyncio.AbstractEventLoop) -> None:
+        if _aio_open_at_fork is not None:
+            from broker_client.errors import InvalidOperation
+
+            raise InvalidOperation(
+                f"this process was forked from process {_aio_open_at_fork} while an "
+                "AsyncBrokerClient there had an open channel: grpc.aio cannot work in such a "
+                "child (its poller thread did not survive the fork, see broker_client/_channel.py). "
+                "In the parent, `await client.close()` before forking, or fork before the first "
+                "call; or use the sync BrokerClient in the child, which is unaffected."
+            )
+        import grpc.aio
+
+        from broker_client.proto.broker.v1.broker_pb2_grpc import BrokerStub
+
+        channel = self._new_channel(grpc.aio)
+        self._channel = channel
+        self._stub = BrokerStub(channel)
+        self._loop = loop
+
+    def _retire_after_fork(self) -> bool:
+        self._loop = None
+        return super()._retire_after_fork()
+
+    async def close(self) -> None:
+        """Close this process's channel; later calls raise InvalidOperation.
+
+        In the channel's own loop this awaits grpc's close, which cancels
+        calls in flight. From another loop, or none, the channel cannot be
+        awaited: every reference is dropped and grpc closes it when it is
+        collected. Either way no reference stays here, so that grpc.aio's
+        poller thread stops once no channel is left (see above).
+        """
+        import asyncio
+
+        loop, self._loop = self._loop, None
+        channel = self._release()
         if channel is None:
             return
-        if self._pid != os.getpid():
-            retire(channel)
-            return
-        with GATE:
-            channel.close()
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop and loop is not None:
+            await channel.close()

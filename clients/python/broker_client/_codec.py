@@ -27,6 +27,7 @@ __all__ = [
     "encode_hint",
     "encode_projection",
     "encode_sort",
+    "prepare_insert",
 ]
 
 _D = TypeVar("_D", bound=Mapping[str, Any])
@@ -58,24 +59,35 @@ def _encode(doc: Mapping[str, Any], codec_options: CodecOptions[Any]) -> bytes:
 
 
 def encode_for_insert(document: Mapping[str, Any], codec_options: CodecOptions[Any]) -> bytes:
-    """Encode a document to insert, giving it an ``_id`` first if it has none.
+    """Encode a document to insert, giving it an ``_id`` first if it has none (see `prepare_insert`)."""
+    return prepare_insert(document, codec_options)[0]
 
-    As pymongo does, the new ObjectId is written into the caller's mapping,
-    so the caller can see it. A RawBSONDocument is sent unchanged, as pymongo
-    sends it, and the broker then makes the id. ``bson.encode`` always writes
-    ``_id`` first in a top-level document, as MongoDB stores it.
+
+def prepare_insert(document: Mapping[str, Any], codec_options: CodecOptions[Any]) -> tuple[bytes, Any]:
+    """Encode a document to insert: ``(bson, the ObjectId made here or None)``.
+
+    A document without ``_id`` gets a new ObjectId first. As pymongo does, it
+    is written into the caller's mapping, so the caller can see it. The id is
+    also returned: an id made here, in this call, is what makes a retried
+    insert safe (a duplicate of it can only be this call's own earlier
+    attempt). None means the caller chose the id, or, for a
+    RawBSONDocument, which is sent unchanged as pymongo sends it, that the
+    broker will make it. ``bson.encode`` always writes ``_id`` first in a
+    top-level document, as MongoDB stores it.
     """
     _check_mapping(document, "document")
     if isinstance(document, RawBSONDocument):
-        return bytes(document.raw)
-    if "_id" not in document:
-        if isinstance(document, MutableMapping):
-            document["_id"] = ObjectId()
-        else:
-            # A read-only mapping cannot take the id (pymongo would raise);
-            # send a copy that has one.
-            document = {"_id": ObjectId(), **document}
-    return bson.encode(document, codec_options=codec_options)
+        return bytes(document.raw), None
+    if "_id" in document:
+        return bson.encode(document, codec_options=codec_options), None
+    new_id = ObjectId()
+    if isinstance(document, MutableMapping):
+        document["_id"] = new_id
+    else:
+        # A read-only mapping cannot take the id (pymongo would raise);
+        # send a copy that has one.
+        document = {"_id": new_id, **document}
+    return bson.encode(document, codec_options=codec_options), new_id
 
 
 def encode_filter(filter: Mapping[str, Any] | None, codec_options: CodecOptions[Any]) -> bytes:

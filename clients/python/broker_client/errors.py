@@ -62,6 +62,9 @@ class BrokerError(Exception):
         details: every ``google.rpc.Status`` detail, unpacked where the type
             is known (``ErrorInfo``, ``RetryInfo``), else the packed ``Any``.
         retry_after: seconds the broker asks the caller to wait, or None.
+        attempts: how many times the operation was sent before this error
+            was raised (more than 1 after retries; 0 when the client raised
+            it before sending anything).
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class BrokerError(Exception):
         self.metadata: dict[str, str] = dict(metadata or {})
         self.details = details
         self.retry_after = retry_after
+        self.attempts = 0
 
     def __str__(self) -> str:
         if self.code is None:

@@ -33,6 +33,8 @@ class InsertOneResult:
     """The ``_id`` of the document, as the broker reported it."""
     acknowledged: bool = True
     """False when the write concern was ``w=0``: nothing was confirmed."""
+    attempts: int = field(default=1, compare=False)
+    """How many times the call was sent (more than 1 after retries)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,8 @@ class InsertManyResult:
     """The ``_id`` of every document, in the order given."""
     acknowledged: bool = True
     """False when the write concern was ``w=0``: nothing was confirmed."""
+    attempts: int = field(default=1, compare=False)
+    """How many times the call was sent (more than 1 after retries)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,8 @@ class PingResult:
 
     version: str
     databases: tuple[DatabasePing, ...]
+    attempts: int = field(default=1, compare=False)
+    """How many times the call was sent (more than 1 after retries)."""
 
     @property
     def ok(self) -> bool:
@@ -130,6 +136,8 @@ class BrokerStats:
     version: str
     uptime_s: float
     databases: tuple[DatabaseStats, ...] = field(default=())
+    attempts: int = field(default=1, compare=False)
+    """How many times the call was sent (more than 1 after retries)."""
 
     def __getitem__(self, database: str) -> DatabaseStats:
         for db in self.databases:
@@ -141,7 +149,7 @@ class BrokerStats:
         return iter(self.databases)
 
 
-def ping_result_from_proto(response: broker_pb2.PingResponse) -> PingResult:
+def ping_result_from_proto(response: broker_pb2.PingResponse, attempts: int = 1) -> PingResult:
     return PingResult(
         version=response.version,
         databases=tuple(
@@ -158,10 +166,11 @@ def ping_result_from_proto(response: broker_pb2.PingResponse) -> PingResult:
             )
             for db in response.databases
         ),
+        attempts=attempts,
     )
 
 
-def stats_from_proto(response: broker_pb2.StatsResponse) -> BrokerStats:
+def stats_from_proto(response: broker_pb2.StatsResponse, attempts: int = 1) -> BrokerStats:
     # Field by field from the dataclass, so a field the proto lacks fails
     # loudly here rather than reading as zero.
     names = [f.name for f in fields(DatabaseStats)]
@@ -172,7 +181,9 @@ def stats_from_proto(response: broker_pb2.StatsResponse) -> BrokerStats:
             value = getattr(db, name)
             values[name] = dict(value) if name in _MAP_FIELDS else value
         databases.append(DatabaseStats(**values))
-    return BrokerStats(version=response.version, uptime_s=response.uptime_s, databases=tuple(databases))
+    return BrokerStats(
+        version=response.version, uptime_s=response.uptime_s, databases=tuple(databases), attempts=attempts
+    )
 
 
 _MAP_FIELDS = frozenset({"checkout_failures", "operations", "rpcs", "errors"})
