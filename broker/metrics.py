@@ -50,6 +50,7 @@ METRIC_NAMES = (
     "mongo_broker_database_up",
     "mongo_broker_server_rtt_seconds",
     "mongo_broker_recommended_max_pool_size",
+    "mongo_broker_abandoned_round_trips_total",
 )
 
 
@@ -118,6 +119,11 @@ class _StatsCollector(Collector):
             "max_pool_size the last minute's demand calls for (Little's law, +25%).",
             labels=label,
         )
+        abandoned = CounterMetricFamily(
+            "mongo_broker_abandoned_round_trips",
+            "Database round trips still running a second past their time limit, answered without.",
+            labels=label,
+        )
         for db in self._databases():
             stats, admission = db.stats, db.admission
             name = stats.database
@@ -142,9 +148,10 @@ class _StatsCollector(Collector):
             if stats.topology.rtt_s is not None:
                 rtt.add_metric([name], stats.topology.rtt_s)
             advice.add_metric([name], stats.advice().recommended)
+            abandoned.add_metric([name], stats.abandoned)
         yield from (
             connections, created, closed, max_pool, clears, queue, queue_max, failures,
-            commands, command_failures, in_flight, cursors, up, rtt, advice,
+            commands, command_failures, in_flight, cursors, up, rtt, advice, abandoned,
         )  # fmt: skip
 
 
