@@ -9,7 +9,7 @@ export PATH := $(TOOLS):$(PATH)
 # Go-built helper binaries go into .tools/bin, never into the user's GOPATH bin.
 export GOBIN := $(TOOLS)
 
-.PHONY: run test check proto venv tools clients clean soak
+.PHONY: run test check proto venv tools clients clean soak bench
 
 ## run: the demo: hundreds of short-lived workers through one broker
 run: venv tools
@@ -18,6 +18,10 @@ run: venv tools
 ## test: the whole test suite against a real MongoDB-compatible server
 test: venv tools clients
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## bench: every mode side by side; writes bench/results/REPORT.md and plots (about 25 min)
+bench: venv tools
+	$(PY) -m bench.bench $(BENCH_ARGS)
 
 ## soak: 30 minutes of mixed load with a fault every two minutes (not part of CI)
 soak: venv tools
@@ -59,7 +63,12 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml constraints.txt
 # bench/gotools/go.mod and go.sum.
 TOXIPROXY_VERSION := v2.12.0
 
-tools: $(TOOLS)/ferretdb $(TOOLS)/toxiproxy-server $(TOOLS)/grpcurl
+tools: $(TOOLS)/ferretdb $(TOOLS)/toxiproxy-server $(TOOLS)/grpcurl $(TOOLS)/ghz
+
+# ghz, the gRPC load generator the benchmark drives, pinned by bench/ghz/go.mod.
+$(TOOLS)/ghz: bench/ghz/go.mod bench/ghz/go.sum
+	mkdir -p $(TOOLS)
+	cd bench/ghz && go build -o $@ github.com/bojand/ghz/cmd/ghz
 
 $(TOOLS)/grpcurl: bench/gotools/go.mod bench/gotools/go.sum
 	mkdir -p $(TOOLS)
