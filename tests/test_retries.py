@@ -378,7 +378,9 @@ def test_retries_stop_at_the_deadline(
     proxy.disable()
     _wait_until(lambda: _database_down(broker), "the broker to see its database down")
 
-    timeout = 1.5
+    # Long enough for several attempts even on a busy machine; a fail-fast
+    # UNAVAILABLE normally takes milliseconds.
+    timeout = 5.0
     started = time.monotonic()
     with on_retry() as retries, pytest.raises((ServerSelectionTimeoutError, ExecutionTimeout)) as info:
         api(api.client["appdb"][collection_name].find_one({}, timeout=timeout))
