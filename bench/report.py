@@ -78,6 +78,7 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
             "connections_opened": m["connections_opened"],
             "workers_failed": m["workers_failed"],
             "worker_rss_mb": pct(m["worker_peak_rss_mb"], 50),
+            "loadavg_1m": m.get("loadavg_1m", math.nan),
         }
     if workload == "profile":
         return {}
@@ -283,7 +284,7 @@ def storm_section(raw: dict[str, Any], agg: Aggregate, images: dict[str, str]) -
     if plan.get("large_w"):
         out += [
             f"At W={plan['large_w']} only {', '.join(plan['large_modes'])} (and mongobetween, were it "
-            f"available) run, {plan['large_repeats']} repeats, to keep the run short on 2 cores; "
+            f"available) run, {plan['large_repeats']} repeat(s), to keep the run short on 2 cores; "
             "`python -m bench.bench --full` runs every mode with every repeat there.",
             "",
         ]
@@ -336,7 +337,11 @@ def steady_section(raw: dict[str, Any], agg: Aggregate, images: dict[str, str]) 
         "threads sharing one MongoClient (pymongo's default pool). Latencies are measured in the "
         "workers around each call. *Broker CPU* is the broker process's user+system CPU time "
         "(psutil) over the window, per 1,000 operations; *broker peak RSS* its high-water mark over "
-        "the window (VmHWM, reset per window).",
+        "the window (VmHWM, reset per window). The broker is one process (an event-loop thread and "
+        "gRPC's poller thread) serving every worker: when other processes on the machine want the CPU "
+        "(see the load column: the machine is shared), Linux gives it one thread's share while C "
+        "per-process workers get C shares, so broker figures fall further than the others under load. "
+        "`--proxy-nice -10` runs the broker with a larger share, as a CPU request does for a sidecar.",
         "",
     ]
     for concurrency in agg.params.get("steady", []):
@@ -446,6 +451,14 @@ def _versus(agg: Aggregate, where: tuple[str, Any, str], peer: str) -> tuple[Cel
     return agg.get(workload, param, PRIMARY, metric), agg.get(workload, param, peer, metric)
 
 
+def _load(agg: Aggregate, where: tuple[str, Any, str], *mode_list: str) -> str:
+    """The 1-minute load average during the compared runs: the machine is shared."""
+    workload, param, _ = where
+    loads = [agg.get(workload, param, m, "loadavg_1m") for m in mode_list]
+    shown = [num(c.median, 1) for c in loads if c is not None]
+    return f" (load avg {' vs '.join(shown)})" if shown else ""
+
+
 def _mongobetween_goal(
     agg: Aggregate, label: str, target: str, where: tuple[str, Any, str], reason: str, *, higher_wins: bool
 ) -> Goal:
@@ -518,7 +531,8 @@ def _storm_goals(raw: dict[str, Any], agg: Aggregate, mb_reason: str) -> list[Go
             (
                 f"Cold start W={w}: {PRIMARY} spawn→first result ≤ ½ per-process's",
                 f"≤ {num(half, 0)} ms (½ x {num(own.median, 0)})",
-                f"{fmt(broker, 0)} ms = {ratio(broker, own)} of per-process",
+                f"{fmt(broker, 0)} ms = {ratio(broker, own)} of per-process"
+                + _load(agg, ("storm", w, ""), PRIMARY, modes.PER_PROCESS),
                 broker.median <= half,
                 f"{num(broker.median - half, 0)} ms over" if broker.median > half else "-",
             )
@@ -560,7 +574,8 @@ def _steady_goals(agg: Aggregate, mb_reason: str) -> list[Goal]:
             (
                 f"Steady C=1: {PRIMARY} p50 ≤ 2x direct-shared",
                 f"≤ {num(limit, 2)} ms (2 x {num(direct.median, 2)})",
-                f"{fmt(broker, 2)} ms = {ratio(broker, direct)} direct-shared",
+                f"{fmt(broker, 2)} ms = {ratio(broker, direct)} direct-shared"
+                + _load(agg, ("steady", 1, ""), PRIMARY, modes.DIRECT_SHARED),
                 broker.median <= limit,
                 f"{num(broker.median - limit, 2)} ms over" if broker.median > limit else "-",
             )
@@ -580,7 +595,8 @@ def _stream_goals(agg: Aggregate) -> list[Goal]:
             (
                 f"Streaming N={size:,}: ≥ 80% of direct-shared find_raw_batches",
                 "≥ 80%",
-                f"{num(broker.median, 0)} vs {num(direct.median, 0)} docs/s = {share:.0%}",
+                f"{num(broker.median, 0)} vs {num(direct.median, 0)} docs/s = {share:.0%}"
+                + _load(agg, ("stream", size, ""), PRIMARY, modes.DIRECT_SHARED),
                 share >= 0.8,
                 f"{0.8 - share:.0%} short" if share < 0.8 else "-",
             )
@@ -608,7 +624,8 @@ def _stream_goals(agg: Aggregate) -> list[Goal]:
 def goals(raw: dict[str, Any], agg: Aggregate) -> list[Goal]:
     """Each goal of the brief with its measured figure, met / not met / not measured, and the gap."""
     reason = str(raw.get("mongobetween", {}).get("reason", ""))
-    mb_reason = reason if "not measured" in reason else ""
+    # The full reason is in every table; the goals table keeps its first clause.
+    mb_reason = reason.split(" (`", 1)[0] if "not measured" in reason else ""
     return [*_storm_goals(raw, agg, mb_reason), *_steady_goals(agg, mb_reason), *_stream_goals(agg)]
 
 
@@ -623,7 +640,10 @@ def goals_section(raw: dict[str, Any], agg: Aggregate) -> str:
     missing = sum(1 for r in rows if r[3] is None)
     return (
         f"## Goals\n\n{met} met, {unmet} not met, {missing} not measured. The broker figures are "
-        f"{PRIMARY}'s (its default listener); broker-tcp's are in the tables below.\n\n{body}\n"
+        f"{PRIMARY}'s (its default listener); broker-tcp's are in the tables below. Where two modes are "
+        "compared, the 1-minute load average during each is shown: on this shared 2-core machine a "
+        "load far above 2 means other processes took CPU from the run, and single-process modes "
+        f"(the broker, direct-shared) lose more of it than C worker processes do.\n\n{body}\n"
     )
 
 
@@ -1227,6 +1247,61 @@ def _read_baseline(path: Path) -> dict[str, Any] | None:
     return baseline
 
 
+def other_runs_section(raw: dict[str, Any], raw_path: Path) -> str:
+    """Key ratios of this run next to the other runs whose raw files are still in raw/ (local only)."""
+    runs = []
+    for path in sorted(raw_path.parent.glob("bench-*.json")):
+        try:
+            other = raw if path == raw_path else json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if other.get("plan", {}).get("storm", {}).get("workers") != raw["plan"]["storm"]["workers"]:
+            continue  # a smoke or partial run: not comparable
+        runs.append((path, other))
+    if len(runs) < 2:
+        return ""
+
+    def r(agg: Aggregate, where: tuple[str, Any, str], a: str, b: str) -> str:
+        workload, param, metric = where
+        return ratio(agg.get(workload, param, a, metric), agg.get(workload, param, b, metric))
+
+    rows = []
+    for path, other in runs:
+        agg = aggregate(other)
+        w = max(agg.params.get("storm", [0]) or [0])
+        rows.append(
+            [
+                other["started"] + (" (this run)" if path == raw_path else ""),
+                f"{other['wall_s'] / 60:.0f} min",
+                r(agg, ("storm", w, "peak_connections"), modes.PER_PROCESS, PRIMARY),
+                r(agg, ("storm", 200, "s2f_p50_ms"), PRIMARY, modes.PER_PROCESS),
+                r(agg, ("steady", 1, "p50_ms"), PRIMARY, modes.DIRECT_SHARED),
+                r(agg, ("steady", 16, "ops_per_s"), PRIMARY, modes.PER_PROCESS),
+                r(agg, ("steady", 64, "p99_ms"), PRIMARY, modes.PER_PROCESS),
+                r(agg, ("stream", 100_000, "docs_per_s"), PRIMARY, modes.DIRECT_SHARED),
+            ]
+        )
+    return (
+        "## The same ratios in the other runs kept in raw/\n\n"
+        "Full runs of the same plan whose raw files are still in `bench/results/raw/` on this machine "
+        "(git-ignored), to show how much of a ratio is the machine's noise.\n\n"
+        + table(
+            [
+                "run",
+                "wall",
+                f"storm W=max peak: per-process ÷ {PRIMARY}",
+                "storm W=200 spawn→first p50: broker ÷ per-process",
+                "steady C=1 p50: broker ÷ direct-shared",
+                "steady C=16 ops/s: broker ÷ per-process",
+                "steady C=64 p99: broker ÷ per-process",
+                "stream 100k docs/s: broker ÷ direct-shared",
+            ],
+            rows,
+        )
+        + "\n"
+    )
+
+
 def before_after_section(baseline: dict[str, Any], current: dict[str, float], this_run: str) -> str:
     rows = []
     for key, before in baseline["figures"].items():
@@ -1311,8 +1386,10 @@ def write_report(
         "",
         goals_section(raw, agg),
     ]
-    if baseline is not None:
+    if baseline is not None and baseline.get("started") != raw["started"]:
         parts += [before_after_section(baseline, current, raw["started"]), ""]
+    if raw_path is not None and (others := other_runs_section(raw, raw_path)):
+        parts += [others, ""]
     if agg.params.get("storm"):
         parts += [storm_section(raw, agg, images), ""]
     if agg.params.get("steady"):
