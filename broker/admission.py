@@ -26,8 +26,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import grpc
 
@@ -78,15 +76,6 @@ class Admission:
     def _retry_after(self) -> float:
         # Roughly one wait-queue timeout: by then the queue has turned over.
         return max(0.05, min(self.wait_timeout_s, 1.0))
-
-    @asynccontextmanager
-    async def slot(self, remaining_s: float) -> AsyncIterator[float]:
-        """Hold one slot for a database round trip; yields the seconds spent waiting."""
-        waited = await self.acquire(remaining_s)
-        try:
-            yield waited
-        finally:
-            self.release()
 
     async def acquire(self, remaining_s: float) -> float:
         """Take a slot, waiting as configured; returns the seconds spent waiting.
