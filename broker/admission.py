@@ -4,7 +4,7 @@ pymongo's pool makes callers wait for a connection without limit on how many
 wait, and under a time limit (CSOT) it ignores waitQueueTimeoutMS and waits
 out the whole deadline. A broker that lets work pile up like that turns a slow
 database into thousands of stuck calls. So every database round trip (a find,
-each getMore, an insert, a ping) first takes one of `max_pool_size` slots
+each getMore, an insert; pings skip the queue) first takes one of `max_pool_size` slots
 here:
 
 - a free slot is taken at once;
