@@ -13,8 +13,8 @@ bug in the broker itself, and is logged with its traceback.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any, Final
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, NamedTuple
 
 import grpc
 from bson.errors import BSONError
@@ -35,6 +35,16 @@ __all__ = [
 log = logging.getLogger("mongo_broker.errors")
 
 DOMAIN: Final = "mongo-broker"
+
+
+class _StatusFields(NamedTuple):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+class _Status(_StatusFields, grpc.Status):
+    """What ``abort_with_status`` takes: a code, a message and the trailers."""
 
 
 class Reason:
@@ -77,7 +87,8 @@ class RpcError(Exception):
         self.metadata = dict(metadata or {})
         self.retry_after_s = retry_after_s
 
-    def to_status(self) -> grpc.Status:
+    def to_status(self, metadata: Sequence[tuple[str, str]] = ()) -> grpc.Status:
+        """The status with its rich details, plus ``metadata`` in the trailers."""
         details: list[Any] = [
             error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata)
         ]
@@ -91,7 +102,10 @@ class RpcError(Exception):
             item.Pack(detail)
             packed.append(item)
         status = status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
-        return rpc_status.to_status(status)
+        converted = rpc_status.to_status(status)
+        if not metadata:
+            return converted
+        return _Status(converted.code, converted.details, (*converted.trailing_metadata, *metadata))
 
     def __repr__(self) -> str:
         return f"RpcError({self.code.name}, {self.message!r}, reason={self.reason})"

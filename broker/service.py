@@ -105,12 +105,21 @@ class _Call:
         pool.stats.record_queue_wait(waited)
         self.stage = "database round trip"
         task = asyncio.ensure_future(operation)
-        task.add_done_callback(lambda _: pool.admission.release())
+
+        def done(finished: asyncio.Future[_T]) -> None:
+            pool.admission.release()
+            # A departed caller never reads the outcome: mark it read, so an
+            # error is not logged as "never retrieved".
+            if not finished.cancelled():
+                finished.exception()
+
+        task.add_done_callback(done)
         try:
-            return await asyncio.wait_for(
-                asyncio.shield(task), max(self.remaining(), 0.0) + _ROUND_TRIP_GUARD_S
-            )
-        except TimeoutError:
+            # asyncio.wait never cancels what it waits for, so it shields the
+            # task as asyncio.shield would, with fewer futures per call.
+            await asyncio.wait((task,), timeout=max(self.remaining(), 0.0) + _ROUND_TRIP_GUARD_S)
+            if task.done():
+                return task.result()
             pool.stats.abandoned += 1
             log.warning(
                 "%s on %r: a database round trip outlived its time limit by %.1fs; answering without it",
@@ -231,7 +240,10 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         if task is not None:
             self._inflight[task] = call
         try:
-            await _transmit(context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),)))
+            # The id travels back in the trailers: they go out with the status
+            # in the call's last batch, where headers sent now would cost
+            # every call one more round of gRPC operations.
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, call.request_id),))
             if self._draining:
                 raise _shutting_down()
             principal = self._principal(context)
@@ -265,7 +277,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             # Cancelled by the drain, not by the client: tell it to go elsewhere.
             error = _shutting_down()
             call.code = error.code.name
-            await _answer(context, error)
+            await _answer(context, error, call.request_id)
         except Exception as exc:
             if context.cancelled():
                 # The client left, or its deadline passed, while this call ran:
@@ -276,7 +288,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             error = to_rpc_error(exc, database=database, deadline_passed=passed)
             call.code = error.code.name
             log.debug("%s on %r failed: %r", method, database, error)
-            await _answer(context, error)
+            await _answer(context, error, call.request_id)
         finally:
             if task is not None:
                 self._inflight.pop(task, None)
@@ -342,8 +354,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 call_ref = call
                 assert call.pool is not None
                 request, json_mode = _find_request_as_bson(request)
-                options = _find_options(request, call.pool.settings.default_batch_size, self._inspect)
-                options["comment"] = call.comment(request.comment)
+                options = self._find_options(request, call)
                 cap = self._settings.limits.max_find_documents
                 if cap and (options["limit"] == 0 or options["limit"] > cap):
                     # One more than the cap: the broker must tell "exactly the
@@ -351,8 +362,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                     options["limit"] = cap + 1
                 else:
                     cap = 0
-                collection = call.pool.db.get_collection(_collection_name(request.collection))
-                cursor = collection.find_raw_batches(**options)
+                cursor = self._cursor(request, call, options)
                 batches = aiter(cursor)
                 max_message = self._settings.limits.max_response_message_bytes
                 first = True
@@ -382,12 +392,60 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                             Reason.LIMIT_EXCEEDED,
                         )
         finally:
-            if cursor is not None:
+            # An exhausted cursor was closed by pymongo when its last batch
+            # came; only a cursor left with results (or never run) needs a close.
+            if cursor is not None and cursor.alive:
                 if call_ref is not None:
                     call_ref.stage = "closing the cursor"
                 await self._close_cursor(cursor)
             if counted is not None:
                 counted.stats.open_cursors -= 1
+
+    async def FindOne(
+        self,
+        request: broker_pb2.FindRequest,
+        context: grpc.aio.ServicerContext[broker_pb2.FindRequest, broker_pb2.FindResponse],
+    ) -> broker_pb2.FindResponse:
+        async with self._serve(
+            context, "FindOne", request.database, request.collection, request.max_time_ms
+        ) as call:
+            request, json_mode = _find_request_as_bson(request)
+            options = self._find_options(request, call)
+            if options["limit"] > 1:
+                raise invalid_argument(
+                    f"FindOne returns at most one document, so limit must be 0 or 1, got {options['limit']}; "
+                    "use Find for more"
+                )
+            # A negative limit is pymongo's single batch: the server returns
+            # the document and closes the cursor in the same reply.
+            options["limit"], options["batch_size"] = -1, 0
+            cursor = self._cursor(request, call, options)
+            try:
+                batch = await call.round_trip(_next_batch(aiter(cursor)))
+            finally:
+                if cursor.alive:
+                    call.stage = "closing the cursor"
+                    await self._close_cursor(cursor)
+            docs = documents.split_batch(batch)[:1] if batch else []
+            call.documents = len(docs)
+            call.bytes = sum(len(d) for d in docs)
+            if json_mode is not None:
+                texts = [documents.bson_to_json(d, json_mode) for d in docs]
+                return broker_pb2.FindResponse(json_documents=texts)
+            return broker_pb2.FindResponse(documents=docs)
+        raise AssertionError("unreachable: _serve aborts on error")  # pragma: no cover
+
+    def _find_options(self, request: broker_pb2.FindRequest, call: _Call) -> dict[str, Any]:
+        assert call.pool is not None
+        options = _find_options(request, call.pool.settings.default_batch_size, self._inspect)
+        options["comment"] = call.comment(request.comment)
+        return options
+
+    @staticmethod
+    def _cursor(request: broker_pb2.FindRequest, call: _Call, options: dict[str, Any]) -> Any:
+        assert call.pool is not None
+        collection = call.pool.db.get_collection(_collection_name(request.collection))
+        return collection.find_raw_batches(**options)
 
     async def Insert(
         self,
@@ -569,11 +627,16 @@ async def _transmit(sending: Awaitable[None]) -> None:
         raise asyncio.CancelledError() from None
 
 
-async def _answer(context: Context, error: RpcError) -> None:
-    """End the call with ``error``'s status and details (raises, as gRPC's abort does)."""
+async def _answer(context: Context, error: RpcError, request_id: str = "") -> None:
+    """End the call with ``error``'s status and details (raises, as gRPC's abort does).
+
+    ``request_id``, when given, goes into the trailers with the details: an
+    abort replaces whatever trailers the call had set.
+    """
+    status = error.to_status(((REQUEST_ID_HEADER, request_id),) if request_id else ())
     try:
         # grpc-stubs lags grpc.aio: abort_with_status exists since grpcio 1.38.
-        await context.abort_with_status(error.to_status())  # type: ignore[attr-defined]
+        await context.abort_with_status(status)  # type: ignore[attr-defined]
     except grpc.aio.AbortError:
         raise
     except Exception:

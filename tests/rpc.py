@@ -15,7 +15,7 @@ from broker_client.proto.broker.v1 import broker_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-__all__ = ["Failure", "fails", "find_all", "open_stub", "pb"]
+__all__ = ["Failure", "fails", "find_all", "find_one", "open_stub", "pb"]
 
 
 @contextmanager
@@ -65,3 +65,9 @@ def find_all(stub: broker_pb2_grpc.BrokerStub, **fields: Any) -> tuple[list[dict
         messages += 1
         documents.extend(bson.decode(raw) for raw in message.documents)
     return documents, messages
+
+
+def find_one(stub: broker_pb2_grpc.BrokerStub, **fields: Any) -> tuple[list[dict[str, Any]], int]:
+    """Run FindOne; return its documents (zero or one) and the number of messages (1)."""
+    response = stub.FindOne(pb.FindRequest(**fields), timeout=30)
+    return [bson.decode(raw) for raw in response.documents], 1

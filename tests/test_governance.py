@@ -392,12 +392,12 @@ def test_request_id_is_echoed_and_logged_and_json_logs_parse(start_broker, colle
             pb.InsertRequest(database="appdb", collection=collection_name, documents=[bson.encode({"a": 1})]),
             metadata=(("x-request-id", "worker-7.job-42"),),
         )
-        assert ("x-request-id", "worker-7.job-42") in call.initial_metadata()
+        assert ("x-request-id", "worker-7.job-42") in call.trailing_metadata()
         _, call = stub.Insert.with_call(
             pb.InsertRequest(database="appdb", collection=collection_name, documents=[bson.encode({"a": 2})]),
             metadata=(("x-request-id", "bad id with spaces"),),
         )
-        generated = str(dict(call.initial_metadata())["x-request-id"])
+        generated = str(dict(call.trailing_metadata())["x-request-id"])
         assert re.fullmatch(r"[0-9a-f]{16}", generated)
     proc.stop()
     lines = [json.loads(line) for line in proc.log_text().splitlines() if line.startswith("{")]

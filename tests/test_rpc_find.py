@@ -6,7 +6,7 @@ import bson
 import grpc
 import pytest
 
-from tests.rpc import fails, find_all, open_stub, pb
+from tests.rpc import fails, find_all, find_one, open_stub, pb
 
 
 @pytest.fixture
@@ -173,10 +173,11 @@ def test_messages_stay_under_the_configured_cap(start_broker, collection_name):
     ],
     ids=lambda v: str(v)[:40] if isinstance(v, dict) else None,
 )
-def test_bad_requests_get_a_precise_status(broker, stub, filled, fields, code, needle):
+@pytest.mark.parametrize("run", [find_all, find_one], ids=["Find", "FindOne"])
+def test_bad_requests_get_a_precise_status(broker, stub, filled, fields, code, needle, run):
     request = {"database": broker.db_name, "collection": filled, **fields}
     with fails(code) as failure:
-        find_all(stub, **request)
+        run(stub, **request)
     assert needle in failure.message
     assert failure.reason  # every failure carries ErrorInfo
 

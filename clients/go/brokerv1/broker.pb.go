@@ -1384,9 +1384,10 @@ const file_broker_v1_broker_proto_rawDesc = "" +
 	"\bEncoding\x12\x11\n" +
 	"\rENCODING_BSON\x10\x00\x12\x1b\n" +
 	"\x17ENCODING_CANONICAL_JSON\x10\x01\x12\x19\n" +
-	"\x15ENCODING_RELAXED_JSON\x10\x022\xf7\x01\n" +
+	"\x15ENCODING_RELAXED_JSON\x10\x022\xb3\x02\n" +
 	"\x06Broker\x129\n" +
-	"\x04Find\x12\x16.broker.v1.FindRequest\x1a\x17.broker.v1.FindResponse0\x01\x12=\n" +
+	"\x04Find\x12\x16.broker.v1.FindRequest\x1a\x17.broker.v1.FindResponse0\x01\x12:\n" +
+	"\aFindOne\x12\x16.broker.v1.FindRequest\x1a\x17.broker.v1.FindResponse\x12=\n" +
 	"\x06Insert\x12\x18.broker.v1.InsertRequest\x1a\x19.broker.v1.InsertResponse\x127\n" +
 	"\x04Ping\x12\x16.broker.v1.PingRequest\x1a\x17.broker.v1.PingResponse\x12:\n" +
 	"\x05Stats\x12\x17.broker.v1.StatsRequest\x1a\x18.broker.v1.StatsResponseBCZAgithub.com/mongo-broker/mongo-broker/clients/go/brokerv1;brokerv1b\x06proto3"
@@ -1436,15 +1437,17 @@ var file_broker_v1_broker_proto_depIdxs = []int32{
 	16, // 8: broker.v1.DatabaseStats.errors:type_name -> broker.v1.DatabaseStats.ErrorsEntry
 	11, // 9: broker.v1.StatsResponse.databases:type_name -> broker.v1.DatabaseStats
 	1,  // 10: broker.v1.Broker.Find:input_type -> broker.v1.FindRequest
-	4,  // 11: broker.v1.Broker.Insert:input_type -> broker.v1.InsertRequest
-	6,  // 12: broker.v1.Broker.Ping:input_type -> broker.v1.PingRequest
-	10, // 13: broker.v1.Broker.Stats:input_type -> broker.v1.StatsRequest
-	2,  // 14: broker.v1.Broker.Find:output_type -> broker.v1.FindResponse
-	5,  // 15: broker.v1.Broker.Insert:output_type -> broker.v1.InsertResponse
-	9,  // 16: broker.v1.Broker.Ping:output_type -> broker.v1.PingResponse
-	12, // 17: broker.v1.Broker.Stats:output_type -> broker.v1.StatsResponse
-	14, // [14:18] is the sub-list for method output_type
-	10, // [10:14] is the sub-list for method input_type
+	1,  // 11: broker.v1.Broker.FindOne:input_type -> broker.v1.FindRequest
+	4,  // 12: broker.v1.Broker.Insert:input_type -> broker.v1.InsertRequest
+	6,  // 13: broker.v1.Broker.Ping:input_type -> broker.v1.PingRequest
+	10, // 14: broker.v1.Broker.Stats:input_type -> broker.v1.StatsRequest
+	2,  // 15: broker.v1.Broker.Find:output_type -> broker.v1.FindResponse
+	2,  // 16: broker.v1.Broker.FindOne:output_type -> broker.v1.FindResponse
+	5,  // 17: broker.v1.Broker.Insert:output_type -> broker.v1.InsertResponse
+	9,  // 18: broker.v1.Broker.Ping:output_type -> broker.v1.PingResponse
+	12, // 19: broker.v1.Broker.Stats:output_type -> broker.v1.StatsResponse
+	15, // [15:20] is the sub-list for method output_type
+	10, // [10:15] is the sub-list for method input_type
 	10, // [10:10] is the sub-list for extension type_name
 	10, // [10:10] is the sub-list for extension extendee
 	0,  // [0:10] is the sub-list for field type_name

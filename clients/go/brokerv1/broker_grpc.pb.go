@@ -31,10 +31,11 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Broker_Find_FullMethodName   = "/broker.v1.Broker/Find"
-	Broker_Insert_FullMethodName = "/broker.v1.Broker/Insert"
-	Broker_Ping_FullMethodName   = "/broker.v1.Broker/Ping"
-	Broker_Stats_FullMethodName  = "/broker.v1.Broker/Stats"
+	Broker_Find_FullMethodName    = "/broker.v1.Broker/Find"
+	Broker_FindOne_FullMethodName = "/broker.v1.Broker/FindOne"
+	Broker_Insert_FullMethodName  = "/broker.v1.Broker/Insert"
+	Broker_Ping_FullMethodName    = "/broker.v1.Broker/Ping"
+	Broker_Stats_FullMethodName   = "/broker.v1.Broker/Stats"
 )
 
 // BrokerClient is the client API for Broker service.
@@ -48,6 +49,12 @@ type BrokerClient interface {
 	// A batch larger than the broker's response message cap is split over
 	// several messages; a message never carries part of a document.
 	Find(ctx context.Context, in *FindRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[FindResponse], error)
+	// FindOne answers with the first matching document, or with none: the
+	// request is Find's (its limit must be 0 or 1, batch_size is ignored), the
+	// response one FindResponse whose `documents` (or `json_documents`) holds
+	// zero or one element. One unary call instead of a stream: the cheaper
+	// way to look a document up, e.g. by `_id`.
+	FindOne(ctx context.Context, in *FindRequest, opts ...grpc.CallOption) (*FindResponse, error)
 	// Insert stores one or many documents. Documents without an `_id` get a
 	// generated ObjectId, which is returned.
 	Insert(ctx context.Context, in *InsertRequest, opts ...grpc.CallOption) (*InsertResponse, error)
@@ -83,6 +90,16 @@ func (c *brokerClient) Find(ctx context.Context, in *FindRequest, opts ...grpc.C
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Broker_FindClient = grpc.ServerStreamingClient[FindResponse]
+
+func (c *brokerClient) FindOne(ctx context.Context, in *FindRequest, opts ...grpc.CallOption) (*FindResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(FindResponse)
+	err := c.cc.Invoke(ctx, Broker_FindOne_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
 
 func (c *brokerClient) Insert(ctx context.Context, in *InsertRequest, opts ...grpc.CallOption) (*InsertResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
@@ -125,6 +142,12 @@ type BrokerServer interface {
 	// A batch larger than the broker's response message cap is split over
 	// several messages; a message never carries part of a document.
 	Find(*FindRequest, grpc.ServerStreamingServer[FindResponse]) error
+	// FindOne answers with the first matching document, or with none: the
+	// request is Find's (its limit must be 0 or 1, batch_size is ignored), the
+	// response one FindResponse whose `documents` (or `json_documents`) holds
+	// zero or one element. One unary call instead of a stream: the cheaper
+	// way to look a document up, e.g. by `_id`.
+	FindOne(context.Context, *FindRequest) (*FindResponse, error)
 	// Insert stores one or many documents. Documents without an `_id` get a
 	// generated ObjectId, which is returned.
 	Insert(context.Context, *InsertRequest) (*InsertResponse, error)
@@ -144,6 +167,9 @@ type UnimplementedBrokerServer struct{}
 
 func (UnimplementedBrokerServer) Find(*FindRequest, grpc.ServerStreamingServer[FindResponse]) error {
 	return status.Error(codes.Unimplemented, "method Find not implemented")
+}
+func (UnimplementedBrokerServer) FindOne(context.Context, *FindRequest) (*FindResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method FindOne not implemented")
 }
 func (UnimplementedBrokerServer) Insert(context.Context, *InsertRequest) (*InsertResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Insert not implemented")
@@ -185,6 +211,24 @@ func _Broker_Find_Handler(srv interface{}, stream grpc.ServerStream) error {
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Broker_FindServer = grpc.ServerStreamingServer[FindResponse]
+
+func _Broker_FindOne_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(FindRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BrokerServer).FindOne(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Broker_FindOne_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BrokerServer).FindOne(ctx, req.(*FindRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
 
 func _Broker_Insert_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(InsertRequest)
@@ -247,6 +291,10 @@ var Broker_ServiceDesc = grpc.ServiceDesc{
 	ServiceName: "broker.v1.Broker",
 	HandlerType: (*BrokerServer)(nil),
 	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "FindOne",
+			Handler:    _Broker_FindOne_Handler,
+		},
 		{
 			MethodName: "Insert",
 			Handler:    _Broker_Insert_Handler,

@@ -41,6 +41,11 @@ class BrokerStub:
                 request_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.FindRequest.SerializeToString,
                 response_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.FindResponse.FromString,
                 _registered_method=True)
+        self.FindOne = channel.unary_unary(
+                '/broker.v1.Broker/FindOne',
+                request_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.FindRequest.SerializeToString,
+                response_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.FindResponse.FromString,
+                _registered_method=True)
         self.Insert = channel.unary_unary(
                 '/broker.v1.Broker/Insert',
                 request_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.InsertRequest.SerializeToString,
@@ -67,6 +72,17 @@ class BrokerServicer:
         """Find streams the matching documents, one message per MongoDB batch.
         A batch larger than the broker's response message cap is split over
         several messages; a message never carries part of a document.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindOne(self, request, context):
+        """FindOne answers with the first matching document, or with none: the
+        request is Find's (its limit must be 0 or 1, batch_size is ignored), the
+        response one FindResponse whose `documents` (or `json_documents`) holds
+        zero or one element. One unary call instead of a stream: the cheaper
+        way to look a document up, e.g. by `_id`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -99,6 +115,11 @@ def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Find': grpc.unary_stream_rpc_method_handler(
                     servicer.Find,
+                    request_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.FindRequest.FromString,
+                    response_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.FindResponse.SerializeToString,
+            ),
+            'FindOne': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindOne,
                     request_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.FindRequest.FromString,
                     response_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.FindResponse.SerializeToString,
             ),
@@ -145,6 +166,33 @@ class Broker:
             request,
             target,
             '/broker.v1.Broker/Find',
+            broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.FindRequest.SerializeToString,
+            broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.FindResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindOne(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Broker/FindOne',
             broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.FindRequest.SerializeToString,
             broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.FindResponse.FromString,
             options,

@@ -51,6 +51,13 @@ class BrokerStub:
     A batch larger than the broker's response message cap is split over
     several messages; a message never carries part of a document.
     """
+    FindOne: _grpc.UnaryUnaryMultiCallable[_broker_pb2.FindRequest, _broker_pb2.FindResponse]
+    """FindOne answers with the first matching document, or with none: the
+    request is Find's (its limit must be 0 or 1, batch_size is ignored), the
+    response one FindResponse whose `documents` (or `json_documents`) holds
+    zero or one element. One unary call instead of a stream: the cheaper
+    way to look a document up, e.g. by `_id`.
+    """
     Insert: _grpc.UnaryUnaryMultiCallable[_broker_pb2.InsertRequest, _broker_pb2.InsertResponse]
     """Insert stores one or many documents. Documents without an `_id` get a
     generated ObjectId, which is returned.
@@ -71,6 +78,13 @@ class BrokerAsyncStub(BrokerStub):
     """Find streams the matching documents, one message per MongoDB batch.
     A batch larger than the broker's response message cap is split over
     several messages; a message never carries part of a document.
+    """
+    FindOne: _aio.UnaryUnaryMultiCallable[_broker_pb2.FindRequest, _broker_pb2.FindResponse]  # type: ignore[assignment]
+    """FindOne answers with the first matching document, or with none: the
+    request is Find's (its limit must be 0 or 1, batch_size is ignored), the
+    response one FindResponse whose `documents` (or `json_documents`) holds
+    zero or one element. One unary call instead of a stream: the cheaper
+    way to look a document up, e.g. by `_id`.
     """
     Insert: _aio.UnaryUnaryMultiCallable[_broker_pb2.InsertRequest, _broker_pb2.InsertResponse]  # type: ignore[assignment]
     """Insert stores one or many documents. Documents without an `_id` get a
@@ -95,6 +109,19 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         """Find streams the matching documents, one message per MongoDB batch.
         A batch larger than the broker's response message cap is split over
         several messages; a message never carries part of a document.
+        """
+
+    @_abc_1.abstractmethod
+    def FindOne(
+        self,
+        request: _broker_pb2.FindRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.FindResponse, _abc.Awaitable[_broker_pb2.FindResponse]]:
+        """FindOne answers with the first matching document, or with none: the
+        request is Find's (its limit must be 0 or 1, batch_size is ignored), the
+        response one FindResponse whose `documents` (or `json_documents`) holds
+        zero or one element. One unary call instead of a stream: the cheaper
+        way to look a document up, e.g. by `_id`.
         """
 
     @_abc_1.abstractmethod
