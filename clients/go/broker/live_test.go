@@ -270,6 +270,59 @@ func TestLiveFindOneNoDocuments(t *testing.T) {
 	}
 }
 
+func TestLiveFindOneIsOneUnaryCall(t *testing.T) {
+	coll := liveCollection(t)
+	ctx := testContext(t)
+	client := coll.Database().Client()
+	database := coll.Database().Name()
+	result, err := coll.InsertMany(ctx, []item{{SKU: "a", Qty: 1, Tag: "t"}, {SKU: "b", Qty: 2, Tag: "t"}})
+	if err != nil {
+		t.Fatalf("InsertMany: %v", err)
+	}
+	findOnes := func() int64 {
+		stats, err := client.Stats(ctx, database)
+		if err != nil || len(stats.GetDatabases()) != 1 {
+			t.Fatalf("Stats: %v, %v", stats, err)
+		}
+		return stats.GetDatabases()[0].GetRpcs()["FindOne"]
+	}
+	before := findOnes()
+
+	var found item
+	if err := coll.FindOne(ctx, bson.D{{Key: "_id", Value: result.InsertedIDs[1]}},
+		broker.Projection(bson.D{{Key: "sku", Value: 1}})).Decode(&found); err != nil {
+		t.Fatalf("FindOne by _id: %v", err)
+	}
+	if found.SKU != "b" || found.Qty != 0 || found.ID != result.InsertedIDs[1] {
+		t.Fatalf("FindOne by _id found %+v", found)
+	}
+	// Limit is FindOne's own, whatever the options say; the sort decides
+	// which document is the first.
+	if err := coll.FindOne(ctx, nil, broker.Sort(bson.D{{Key: "qty", Value: -1}}), broker.Limit(5)).Decode(&found); err != nil || found.SKU != "b" {
+		t.Fatalf("FindOne sorted by qty descending: %+v, %v", found, err)
+	}
+	err = coll.FindOne(ctx, bson.D{{Key: "_id", Value: bson.NewObjectID()}}).Err()
+	if !errors.Is(err, broker.ErrNoDocuments) {
+		t.Fatalf("FindOne of an unknown _id: got %v, want ErrNoDocuments", err)
+	}
+	// The broker counts calls by method: these went out as FindOne.
+	if n := findOnes() - before; n < 3 {
+		t.Fatalf("the broker counted %d FindOne calls for 3 FindOnes", n)
+	}
+
+	// Its errors are those of the other calls.
+	err = client.Database("no_such_database").Collection("items").FindOne(ctx, nil).Err()
+	if !broker.IsUnknownDatabase(err) || broker.Code(err) != codes.NotFound {
+		t.Fatalf("FindOne on an unknown database: got %v, want NotFound", err)
+	}
+	expired, cancel := context.WithTimeout(ctx, time.Nanosecond)
+	defer cancel()
+	<-expired.Done()
+	if err := coll.FindOne(expired, nil).Err(); !broker.IsTimeout(err) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("FindOne past its deadline: got %v, want DeadlineExceeded", err)
+	}
+}
+
 func TestLiveDuplicateKey(t *testing.T) {
 	coll := liveCollection(t)
 	ctx := testContext(t)

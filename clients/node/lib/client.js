@@ -185,6 +185,15 @@ class BrokerClient {
     if (this._closed) throw new BrokerError('the client is closed');
     const metadata = this._metadata.clone();
     if (options.requestId !== undefined) metadata.set('x-request-id', String(options.requestId));
+    return { metadata, callOptions: { deadline: this._deadline(options) } };
+  }
+
+  /**
+   * The deadline a call with these options gets.
+   * @param {CallOptions} options
+   * @returns {Date}
+   */
+  _deadline(options) {
     let deadline;
     if (options.deadline !== undefined) {
       deadline = options.deadline instanceof Date ? options.deadline : new Date(options.deadline);
@@ -196,7 +205,7 @@ class BrokerClient {
       deadline = new Date(Date.now() + timeoutMs);
     }
     if (Number.isNaN(deadline.getTime())) throw new TypeError('deadline must be a Date or epoch milliseconds');
-    return { metadata, callOptions: { deadline } };
+    return deadline;
   }
 
   /**
@@ -290,7 +299,51 @@ class Collection {
    */
   find(filter = {}, options = {}) {
     const client = this.db.client;
-    const serialize = client.serializeOptions;
+    return new Cursor(client, this._findRequest(filter, options), options, this._bsonOptions(options));
+  }
+
+  /**
+   * The first matching document, or null. One unary call; a broker older
+   * than FindOne answers UNIMPLEMENTED, and the lookup is then a find with
+   * limit 1, within the same deadline.
+   * @param {object} [filter]
+   * @param {FindOptions} [options]
+   * @returns {Promise<any>}
+   */
+  async findOne(filter = {}, options = {}) {
+    const client = this.db.client;
+    const request = this._findRequest(filter, { ...options, limit: 1 });
+    const bsonOptions = this._bsonOptions(options);
+    // The deadline is fixed here rather than per call, so that a fallback
+    // find does not get a fresh timeout of its own.
+    const callOptions = { ...options, deadline: client._deadline(options) };
+    let response;
+    try {
+      response = await client._unary('FindOne', request, callOptions);
+    } catch (error) {
+      if (!(error instanceof BrokerError) || error.code !== grpc.status.UNIMPLEMENTED || error.reason) {
+        throw error;
+      }
+      // A broker older than FindOne: grpc itself answers so, without running
+      // anything, and a find is the same lookup. (The broker's own
+      // UNIMPLEMENTED, reason NOT_SUPPORTED, is the database refusing the
+      // query: a find would only fail the same way.) Its stream is read to the end (one document
+      // at most) rather than cancelled after the first: a cancel counts as a
+      // failed call.
+      const found = await new Cursor(client, request, callOptions, bsonOptions).toArray();
+      return found.length > 0 ? found[0] : null;
+    }
+    return response.documents.length > 0 ? BSON.deserialize(response.documents[0], bsonOptions) : null;
+  }
+
+  /**
+   * The FindRequest of `find` and `findOne`.
+   * @param {object} filter
+   * @param {FindOptions} options
+   * @returns {object}
+   */
+  _findRequest(filter, options) {
+    const serialize = this.db.client.serializeOptions;
     const request = {
       database: this.db.databaseName,
       collection: this.collectionName,
@@ -308,21 +361,16 @@ class Collection {
     } else if (options.hint !== undefined) {
       Object.assign(request, { hint_keys: encodeOptional(options.hint, 'hint', serialize) });
     }
-    const bsonOptions = { ...client.bsonOptions, ...(options.bsonOptions || {}) };
-    return new Cursor(client, request, options, bsonOptions);
+    return request;
   }
 
   /**
-   * The first matching document, or null.
-   * @param {object} [filter]
-   * @param {FindOptions} [options]
-   * @returns {Promise<any>}
+   * How documents of a find are decoded: the client's options, then the call's.
+   * @param {FindOptions} options
+   * @returns {import('bson').DeserializeOptions}
    */
-  async findOne(filter = {}, options = {}) {
-    // Read the stream to its end (one document at most) rather than
-    // cancelling it after the first: a cancel counts as a failed call.
-    const found = await this.find(filter, { ...options, limit: 1 }).toArray();
-    return found.length > 0 ? found[0] : null;
+  _bsonOptions(options) {
+    return { ...this.db.client.bsonOptions, ...(options.bsonOptions || {}) };
   }
 
   /**

@@ -102,6 +102,25 @@ describe('against a live broker', { skip }, () => {
     assert.equal(await coll.findOne({ missing: true }), null);
   });
 
+  it('findOne is one FindOne call, by _id or not found, with the usual errors', async () => {
+    const coll = collection('findone');
+    const { insertedIds } = await coll.insertMany([{ sku: 'a', qty: 1 }, { sku: 'b', qty: 2 }]);
+    const findOnes = async () => (await client.stats(DATABASE)).databases[0].rpcs.FindOne || 0;
+    const before = await findOnes();
+
+    const byId = await coll.findOne({ _id: insertedIds[1] }, { projection: { sku: 1 } });
+    assert.deepEqual(byId, { _id: insertedIds[1], sku: 'b' });
+    // The limit is findOne's own, whatever the options say; the sort decides
+    // which document is the first.
+    assert.equal((await coll.findOne({}, { sort: { qty: -1 }, limit: 5 })).sku, 'b');
+    assert.equal(await coll.findOne({ _id: new ObjectId() }), null);
+    // The broker counts calls by method: these went out as FindOne.
+    assert.ok((await findOnes()) - before >= 3, 'the broker did not count 3 FindOne calls');
+
+    await assert.rejects(client.db('no_such_database').collection('items').findOne({}), broker.UnknownDatabaseError);
+    await assert.rejects(coll.findOne({}, { deadline: new Date(Date.now() - 1000) }), broker.DeadlineExceededError);
+  });
+
   it('streams many batches lazily, one message per batch', async () => {
     const coll = collection('stream');
     const total = 1234;

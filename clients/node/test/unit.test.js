@@ -1,6 +1,7 @@
 'use strict';
 // Tests that need no broker: address forms, client-side _id, argument
-// checks, and decoding a broker status (with google.rpc details).
+// checks, decoding a broker status (with google.rpc details), and findOne
+// against an in-test server that plays a broker without FindOne.
 
 const test = require('node:test');
 const assert = require('node:assert/strict');
@@ -11,7 +12,7 @@ const grpc = require('@grpc/grpc-js');
 const { BSON, ObjectId } = require('bson');
 
 const broker = require('..');
-const { encodeForInsert } = require('../lib/client');
+const { encodeForInsert, loadService } = require('../lib/client');
 const { fromServiceError, _types } = require('../lib/errors');
 
 test('normalizeTarget accepts the forms every client accepts', () => {
@@ -162,4 +163,100 @@ test('a closed client refuses calls', async () => {
   const client = new broker.BrokerClient('127.0.0.1:1');
   client.close();
   await assert.rejects(client.ping(), /closed/);
+});
+
+/**
+ * Serves `implementation` (the methods it has; grpc-js answers the others
+ * UNIMPLEMENTED) on a Unix socket, and a client for it that notes the
+ * methods it calls.
+ * @param {Record<string, Function>} implementation
+ * @returns {Promise<{client: broker.BrokerClient, methods: string[], stop: () => void}>}
+ */
+async function serveBroker(implementation) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mb-node-'));
+  const target = `unix://${path.join(dir, 'broker.sock')}`;
+  const server = new grpc.Server();
+  server.addService(loadService().service, implementation);
+  await new Promise((resolve, reject) =>
+    server.bindAsync(target, grpc.ServerCredentials.createInsecure(), (error) => (error ? reject(error) : resolve(undefined))),
+  );
+  /** @type {string[]} */
+  const methods = [];
+  /** @type {import('@grpc/grpc-js').Interceptor} */
+  const note = (options, nextCall) => {
+    methods.push(options.method_definition.path.split('/').pop() || '');
+    return new grpc.InterceptingCall(nextCall(options));
+  };
+  const client = new broker.BrokerClient(target, { token: 's3cret', timeoutMs: 10_000, channelOptions: { interceptors: [note] } });
+  const stop = () => {
+    client.close();
+    server.forceShutdown();
+    fs.rmSync(dir, { recursive: true, force: true });
+  };
+  return { client, methods, stop };
+}
+
+test('findOne falls back to a find with limit 1 on a broker without FindOne', async () => {
+  const document = { _id: 7, sku: 'a1' };
+  /** @type {Buffer[]} */
+  let sends = [Buffer.from(BSON.serialize(document))];
+  /** @type {{request: any, authorization: any[]}[]} */
+  const finds = [];
+  const { client, methods, stop } = await serveBroker({
+    Find(/** @type {any} */ call) {
+      finds.push({ request: call.request, authorization: call.metadata.get('authorization') });
+      call.write({ documents: sends });
+      call.end();
+    },
+  });
+  try {
+    const coll = client.db('appdb').collection('items');
+    const found = await coll.findOne({ _id: 7 }, { projection: { sku: 1 }, limit: 5 });
+    assert.deepEqual(found, document);
+    assert.deepEqual(methods, ['FindOne', 'Find']);
+    assert.equal(finds.length, 1);
+    const { request, authorization } = finds[0];
+    assert.equal(request.limit, 1);
+    assert.equal(request.database, 'appdb');
+    assert.equal(request.collection, 'items');
+    assert.deepEqual(BSON.deserialize(request.filter), { _id: 7 });
+    assert.deepEqual(BSON.deserialize(request.projection), { sku: 1 });
+    assert.deepEqual(authorization, ['Bearer s3cret']);
+
+    sends = [];
+    assert.equal(await coll.findOne({ _id: 8 }), null);
+    assert.deepEqual(methods, ['FindOne', 'Find', 'FindOne', 'Find']);
+  } finally {
+    stop();
+  }
+});
+
+test("findOne throws the broker's own UNIMPLEMENTED without falling back", async () => {
+  // The database refusing the query (reason NOT_SUPPORTED), unlike grpc's
+  // UNIMPLEMENTED for an unknown method: a find would fail the same way.
+  let finds = 0;
+  const { client, methods, stop } = await serveBroker({
+    FindOne(/** @type {any} */ _call, /** @type {Function} */ callback) {
+      callback(
+        serviceError(grpc.status.UNIMPLEMENTED, 'the database cannot do that', {
+          reason: 'NOT_SUPPORTED',
+          domain: 'mongo-broker',
+        }),
+      );
+    },
+    Find(/** @type {any} */ call) {
+      finds += 1;
+      call.end();
+    },
+  });
+  try {
+    await assert.rejects(
+      client.db('appdb').collection('items').findOne({}),
+      (/** @type {any} */ error) => error.code === grpc.status.UNIMPLEMENTED && error.reason === 'NOT_SUPPORTED',
+    );
+    assert.deepEqual(methods, ['FindOne']);
+    assert.equal(finds, 0);
+  } finally {
+    stop();
+  }
 });

@@ -390,13 +390,10 @@ class CollectionBase(Generic[_Client, _Database, _Cursor, DocumentT]):
             max_time_ms=max_time_ms,
             comment=comment,
         )
-        state = self._client._retry_state("Find", timeout)
-        return _ops.counted(state, self._first(_ops.find_all_plan(request, state)))
+        state = self._client._retry_state("FindOne", timeout)
+        return _ops.counted(state, self._first(_ops.find_one_plan(request, state)))
 
     def _first(self, plan: _ops.Plan[list[bytes]]) -> _ops.Plan[DocumentT | None]:
-        # Reads the stream to its end (at most one document) rather than
-        # cancelling it after the first: a cancel would count as a failed
-        # call on the broker.
         raw = yield from plan
         found: list[DocumentT] = _codec.decode_batch(raw, self._client.codec_options)
         return found[0] if found else None
