@@ -861,7 +861,7 @@ def profile_section(raw: dict[str, Any], agg: Aggregate, out_dir: Path) -> tuple
         return "", {}
     plan = raw["plan"]["profile"]
     out = [
-        "## Profile (before)",
+        "## Profile",
         "",
         f"py-spy {raw['versions'].get('py-spy', '?')} `record --format speedscope --rate 100 "
         f"{'--native' if plan.get('native') else '--nonblocking'}` on the broker process, in a separate "
@@ -930,17 +930,11 @@ def _share(summaries: dict[str, Any], profile: str, kind: str, prefix: str) -> f
     return sum(p for label, p in rows if label.startswith(prefix))
 
 
-def proposals_section(raw: dict[str, Any], agg: Aggregate, summaries: dict[str, Any]) -> str:
-    """Ranked optimisation proposals: the evidence, and the figure each should move (its value now)."""
+def optimisation_section(raw: dict[str, Any], agg: Aggregate, summaries: dict[str, Any]) -> str:
+    """The optimisation pass: what the profile pointed at, what was done, and what was not (and why)."""
 
     def fig(workload: str, param: Any, mode: str, metric: str, digits: int | None = None) -> str:
         return fmt(agg.get(workload, param, mode, metric), digits)
-
-    def called(profile: str, leaf: str, caller: str) -> str:
-        if profile not in summaries:
-            return "n/a (no profile)"
-        rows = summaries[profile].get("callers", [])
-        return f"{sum(p for f, c, p in rows if f == leaf and c.endswith(caller)):.0f}%"
 
     def pct_of(profile: str, kind: str, prefix: str) -> str:
         if profile not in summaries:
@@ -949,110 +943,90 @@ def proposals_section(raw: dict[str, Any], agg: Aggregate, summaries: dict[str, 
 
     steady_cs = agg.params.get("steady", []) or [16]
     c = 16 if 16 in steady_cs else max(steady_cs)
-    big_c = max(steady_cs)
     n = max(agg.params.get("stream", [0]) or [0])
     w = max(agg.params.get("storm", [0]) or [0])
-    g = (agg.params.get("ghz") or [16])[0]
-    threads = ", ".join(
-        f"{name.split(chr(34))[1] if chr(34) in name else name} {share:.0f}%"
-        for name, share in summaries.get("steady", {}).get("threads", [])[:3]
-    )
     imports_b = agg.get("imports", 0, "broker_client + grpc + stubs", "import_ms")
     imports_p = agg.get("imports", 0, "pymongo", "import_ms")
-    items = [
+    done = [
         (
-            "A unary `FindOne` RPC (the client's `find_one` uses it)",
-            "three operations in four of the steady mix are `find_one`, which today opens a server stream "
-            "(`Find`, limit 1): stream set-up, a message write and a separate status. ghz shows the cost: "
-            f"unary Ping (which also makes a database round trip) runs {fig('ghz', g, 'ghz Ping', 'rps', 0)} "
-            f"calls/s against Find's {fig('ghz', g, 'ghz Find', 'rps', 0)}. A contract addition, not a "
-            "change.",
-            f"steady ops/s at C={c} (now {fig('steady', c, PRIMARY, 'ops_per_s', 0)}), C=1 p50, ghz Find "
-            "calls/s",
+            "A unary `FindOne` RPC, used by every client's `find_one`",
+            "half of the steady mix is `find_one`, which opened a server stream (`Find`, limit 1): stream "
+            "set-up, a message write and a separate status on both sides. `FindOne` answers in one unary "
+            "response and asks MongoDB for a single batch, so the server closes its cursor in the same "
+            "reply (no killCursors). Clients fall back to `Find` on a broker without it.",
+            f"steady C=1 p50 (now {fig('steady', 1, PRIMARY, 'p50_ms', 2)} ms), ghz Find calls/s",
         ),
         (
-            "Several broker processes: `SO_REUSEPORT` on TCP (`grpc.so_reuseport` is 0 now) and one "
-            "Unix socket per process (or a fork-after-bind), each with `max_pool_size / N`",
-            "the broker is one event-loop thread plus gRPC's poller thread (busy samples: "
-            f"{threads}). "
-            "When other processes want the CPU, Linux shares it per thread, so the one broker loop that "
-            f"serves every worker gets one thread's share: at C={big_c} the broker used a fraction of a "
-            f"core and served {fig('steady', big_c, PRIMARY, 'ops_per_s', 0)} ops/s while per-process "
-            f"workers got {fig('steady', big_c, modes.PER_PROCESS, 'ops_per_s', 0)}. N processes (or, in "
-            "Kubernetes, a CPU request for the sidecar) keep the pool bound as the sum.",
-            f"steady ops/s and p99 at C=16 and C={big_c} (now "
-            f"{fig('steady', big_c, PRIMARY, 'p99_ms', 0)} ms p99 at C={big_c})",
-        ),
-        (
-            "Stop sending initial metadata as a separate step of every call",
-            f"`_serve` awaits `context.send_initial_metadata(x-request-id)` (through `_transmit`) before "
-            f"any work: a gRPC core batch and an event-loop round trip of its own, "
-            f"{called('steady', '_transmit', '_serve')} of the broker's busy samples under steady load (self "
-            "time of `_transmit` called from `_serve`: the Cython call into gRPC core; the Find message "
-            f"writes through `_write_batch` are another {called('steady', '_transmit', '_write_batch')}). "
-            "Put `x-request-id` in the trailing metadata "
-            "(`context.set_trailing_metadata`, sent with the status at no extra cost), or let gRPC send "
-            "the initial metadata with the first message.",
-            f"steady C=1 broker p50 (now {fig('steady', 1, PRIMARY, 'p50_ms', 2)} ms against direct-shared "
-            f"{fig('steady', 1, modes.DIRECT_SHARED, 'p50_ms', 2)} ms), broker CPU s / 1k ops at C={c} "
-            f"(now {fig('steady', c, PRIMARY, 'proxy_cpu_s_per_1k_ops', 3)}), ghz calls/s",
-        ),
-        (
-            "Trim pymongo's per-operation path in the broker",
-            f"pymongo is {pct_of('steady', 'areas', 'pymongo')} of the broker's self time under steady load "
-            "(retryable-read machinery, CSOT wrapper, implicit session, a new `AsyncCollection` per call) "
-            "plus asyncio transport writes. Cache `AsyncCollection` objects per (database, collection), "
-            "enter `pymongo.timeout()` only when the call's deadline is shorter than the client's default "
-            "timeouts, and pass `session=None` explicitly where pymongo allows.",
+            "The request id goes back in the trailers",
+            "every call awaited `context.send_initial_metadata(x-request-id)` before any work: a gRPC core "
+            "batch and an event-loop round trip of its own. The trailers go out with the status at no "
+            "extra cost; error statuses carry the id beside their rich details.",
             f"broker CPU s / 1k ops at C={c} (now {fig('steady', c, PRIMARY, 'proxy_cpu_s_per_1k_ops', 3)})",
+        ),
+        (
+            "Fewer futures per database round trip; no close for exhausted cursors",
+            "the guard around each round trip was `wait_for(shield(task))` (a shield future, a waiter "
+            "and a timer per call); `asyncio.wait` shields by itself. A Find whose cursor pymongo "
+            "already closed with its last batch no longer schedules a close task.",
+            "broker CPU s / 1k ops; small",
+        ),
+    ]
+    measured = [
+        (
+            "Several broker processes (each `max_pool_size / N`), and grpc.aio against a sync server",
+            "measured by `make bench-server-model` ([SERVER_MODEL.md](SERVER_MODEL.md)): on these 2 cores "
+            "two processes gained no throughput and cost more CPU per call, a higher p99 and twice the "
+            "RSS; a sync gRPC server and grpc.aio were within noise on a Ping stub. The broker stays one "
+            "grpc.aio process on a Unix socket, whose idle Find streams cost a suspended coroutine rather "
+            "than a thread.",
+        ),
+    ]
+    left = [
+        (
+            "Trim pymongo's per-operation path",
+            f"pymongo is {pct_of('steady', 'areas', 'pymongo')} of the broker's self time under steady load "
+            "(retryable-read machinery, CSOT wrapper, implicit session, an `AsyncCollection` per call); "
+            "the largest shares are asyncio and gRPC's own C code "
+            f"({pct_of('steady', 'areas', 'asyncio')} asyncio), which no change of ours removes.",
         ),
         (
             "Access log and metrics off the event loop",
             f"logging is {pct_of('steady', 'areas', 'logging')} and prometheus_client "
-            f"{pct_of('steady', 'areas', 'prometheus')} of busy samples: build the access-log record through "
-            "a `QueueHandler` (formatting and the write move to a thread) and cache the labelled histogram "
-            "children per (method, database, code).",
-            "broker CPU s / 1k ops; small",
+            f"{pct_of('steady', 'areas', 'prometheus')} of busy samples: too small to move a figure here.",
         ),
         (
             "Stream: one pass from a raw batch to messages",
-            f"under the stream, `_transmit`/`_write_batch` ({pct_of('stream', 'self', '_transmit')} + "
-            f"{pct_of('stream', 'self', '_write_batch')}), `split_batch` and `chunk_documents` "
-            f"({pct_of('stream', 'self', 'split_batch')} + {pct_of('stream', 'self', 'chunk_documents')}) "
-            "are the broker's own share; pymongo's decoding of each reply's envelope (`_raw_to_dict`, "
-            f"{pct_of('stream', 'self', '_raw_to_dict')}) is the same in direct-shared. Cut the batch into "
-            "message-sized runs in one walk over the length prefixes and build each `FindResponse` once "
-            "with `documents.extend`. The database is the limit here (FerretDB reads ~10-15 MB/s); this "
-            "moves CPU, not yet throughput.",
-            f"stream broker CPU s / 100k docs at N={n:,} (now "
-            f"{fig('stream', n, PRIMARY, 'proxy_cpu_s_per_100k_docs', 2)}) and docs/s "
-            f"({fig('stream', n, PRIMARY, 'docs_per_s', 0)} vs direct-shared "
-            f"{fig('stream', n, modes.DIRECT_SHARED, 'docs_per_s', 0)})",
+            f"the database is the limit (stream at N={n:,}: broker "
+            f"{fig('stream', n, PRIMARY, 'docs_per_s', 0)} docs/s against direct-shared "
+            f"{fig('stream', n, modes.DIRECT_SHARED, 'docs_per_s', 0)}); this "
+            "would move CPU, not throughput.",
         ),
         (
-            "Cold start: a lighter client import path",
+            "Cold start",
             f"a broker worker imports `broker_client` + `grpc` + the stubs ({fmt(imports_b, 0)} ms) where a "
-            f"pymongo worker imports `pymongo` ({fmt(imports_p, 0)} ms), and connecting to a local server "
-            "without TLS or SCRAM costs pymongo only a few ms more. So on this server the goal (½ of "
-            "per-process) cannot be met by the broker side alone: `grpc` itself is most of the import. "
-            "What helps: import the generated stubs and `bson` codec pieces lazily, keep `asyncio` out of "
-            "the sync client's import graph, and measure against a server with TLS + SCRAM "
-            "(`MONGODB_URI`), where each per-process client pays a TLS handshake and ~7 ms of key "
-            "derivation that broker workers never do.",
-            f"storm spawn→first result p50 (at W={w}: broker {fig('storm', w, PRIMARY, 's2f_p50_ms', 0)} ms, "
-            f"per-process {fig('storm', w, modes.PER_PROCESS, 's2f_p50_ms', 0)} ms) and the import table",
+            f"pymongo worker imports `pymongo` ({fmt(imports_p, 0)} ms), and `grpc` itself is most of it "
+            "(the client already imports it only at the first call). Against a server without TLS or "
+            "SCRAM a per-process client pays little more to connect, so spawn→first result (at "
+            f"W={w}: broker {fig('storm', w, PRIMARY, 's2f_p50_ms', 0)} ms, per-process "
+            f"{fig('storm', w, modes.PER_PROCESS, 's2f_p50_ms', 0)} ms) is set by imports and by the "
+            "CPU that 20 starting interpreters share. Measure with `MONGODB_URI` on a TLS + SCRAM server "
+            "to see the handshakes broker workers skip.",
         ),
     ]
     out = [
-        "## Optimisation proposals (ranked)",
+        "## Optimisation pass",
         "",
-        "Ranked by the expected effect on the figures above, from the profile's shares and the "
-        "measured gaps; each names the figure it should move and its value now (the *before*), so "
-        "re-running `make bench` after a change shows whether it did.",
+        "From the profile and the measured gaps of the *before* run. The Before → after table above "
+        "shows what each change moved.",
+        "",
+        "Done:",
         "",
     ]
-    for index, (title, why, figure) in enumerate(items, 1):
-        out += [f"{index}. **{title}**: {why} *Should move:* {figure}.", ""]
+    out += [f"{i}. **{title}**: {why} *Moves:* {figure}." for i, (title, why, figure) in enumerate(done, 1)]
+    out += ["", "Measured and not adopted:", ""]
+    out += [f"- **{title}**: {why}" for title, why in measured]
+    out += ["", "Not done, and why:", ""]
+    out += [f"- **{title}**: {why}" for title, why in left]
     return "\n".join(out)
 
 
@@ -1399,7 +1373,7 @@ def write_report(
     if agg.params.get("ghz"):
         parts += [ghz_section(raw, agg), ""]
     if profile_text:
-        parts += [profile_text, "", proposals_section(raw, agg, summaries), ""]
+        parts += [profile_text, "", optimisation_section(raw, agg, summaries), ""]
     if baseline is None:
         baseline = {
             "started": raw["started"],
