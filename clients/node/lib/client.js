@@ -327,9 +327,9 @@ class Collection {
       // A broker older than FindOne: grpc itself answers so, without running
       // anything, and a find is the same lookup. (The broker's own
       // UNIMPLEMENTED, reason NOT_SUPPORTED, is the database refusing the
-      // query: a find would only fail the same way.) Its stream is read to the end (one document
-      // at most) rather than cancelled after the first: a cancel counts as a
-      // failed call.
+      // query: a find would only fail the same way.) The stream is read to
+      // its end (one document at most) rather than cancelled after the
+      // first: a cancel counts as a failed call.
       const found = await new Cursor(client, request, callOptions, bsonOptions).toArray();
       return found.length > 0 ? found[0] : null;
     }
