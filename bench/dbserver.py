@@ -50,6 +50,7 @@ __all__ = [
     "DatabaseServerError",
     "Kind",
     "database_server",
+    "shown_path",
     "start_database_server",
 ]
 
@@ -333,6 +334,19 @@ class DockerServer(DatabaseServer):
         return "\n".join(text[-lines:]) or "<empty>"
 
 
+def shown_path(path: str | Path) -> str:
+    """``path`` as reports print it: relative to the checkout when inside it.
+
+    A report is committed and read elsewhere; where this checkout happened to
+    live on the machine that ran it says nothing and would only leak.
+    """
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def _port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
@@ -397,9 +411,9 @@ def _find_or_build_ferretdb(build_timeout: float = 900.0) -> tuple[str, str]:
     """Return the FerretDB binary and where it came from, building it if needed."""
     on_path = shutil.which("ferretdb")
     if on_path:
-        return on_path, f"ferretdb on PATH ({on_path})"
+        return on_path, f"ferretdb on PATH ({shown_path(on_path)})"
     if os.access(FERRETDB_TOOL, os.X_OK):
-        return str(FERRETDB_TOOL), f"ferretdb built by `make tools` ({FERRETDB_TOOL})"
+        return str(FERRETDB_TOOL), f"ferretdb built by `make tools` ({shown_path(FERRETDB_TOOL)})"
     go = shutil.which("go")
     if go is None:
         raise DatabaseServerError(
@@ -464,7 +478,7 @@ def _candidate(kind: Kind, explicit: bool) -> DatabaseServer | None:
         if binary is None:
             _unavailable(kind, "no mongod on PATH", explicit)
             return None
-        return ProcessServer("mongod", _mongod_argv(binary), f"mongod on PATH ({binary})")
+        return ProcessServer("mongod", _mongod_argv(binary), f"mongod on PATH ({shown_path(binary)})")
     if kind == "docker":
         ok, why = _docker_answers()
         if not ok:

@@ -24,6 +24,8 @@ from typing import Any
 
 from bench import modes
 
+REPO = Path(__file__).resolve().parent.parent
+
 __all__ = ["aggregate", "headline_text", "main", "profile_summary", "write_report"]
 
 BASELINE_RE = re.compile(r"<!-- BENCH-BASELINE (\{.*?\}) -->", re.S)
@@ -1222,7 +1224,7 @@ def _read_baseline(path: Path) -> dict[str, Any] | None:
 
 
 def other_runs_section(raw: dict[str, Any], raw_path: Path) -> str:
-    """Key ratios of this run next to the other runs whose raw files are still in raw/ (local only)."""
+    """Key ratios of this run beside other runs of the same code still in raw/ (local only)."""
     runs = []
     for path in sorted(raw_path.parent.glob("bench-*.json")):
         try:
@@ -1231,6 +1233,8 @@ def other_runs_section(raw: dict[str, Any], raw_path: Path) -> str:
             continue
         if other.get("plan", {}).get("storm", {}).get("workers") != raw["plan"]["storm"]["workers"]:
             continue  # a smoke or partial run: not comparable
+        if other.get("versions", {}).get("git_commit") != raw.get("versions", {}).get("git_commit"):
+            continue  # other code: a difference would be the change, not the machine's noise
         runs.append((path, other))
     if len(runs) < 2:
         return ""
@@ -1257,8 +1261,8 @@ def other_runs_section(raw: dict[str, Any], raw_path: Path) -> str:
         )
     return (
         "## The same ratios in the other runs kept in raw/\n\n"
-        "Full runs of the same plan whose raw files are still in `bench/results/raw/` on this machine "
-        "(git-ignored), to show how much of a ratio is the machine's noise.\n\n"
+        "Full runs of the same plan and code whose raw files are still in `bench/results/raw/` on this "
+        "machine (git-ignored), to show how much of a ratio is the machine's noise.\n\n"
         + table(
             [
                 "run",
@@ -1274,6 +1278,11 @@ def other_runs_section(raw: dict[str, Any], raw_path: Path) -> str:
         )
         + "\n"
     )
+
+
+def _relative(text: str) -> str:
+    """``text`` without this checkout's absolute path (raw files from before paths were shown relative)."""
+    return text.replace(f"{REPO}/", "")
 
 
 def before_after_section(baseline: dict[str, Any], current: dict[str, float], this_run: str) -> str:
@@ -1322,7 +1331,7 @@ def write_report(
         "harness) shares its 2 cores: read ratios, not absolute numbers.",
         "",
         "**Database server**: "
-        f"{versions.get('server_kind')} ({versions.get('server_reason')}), reports version "
+        f"{versions.get('server_kind')} ({_relative(str(versions.get('server_reason')))}), reports version "
         f"{versions.get('server_version')}"
         + (
             f", FerretDB {versions['ferretdb']} with its SQLite backend: a functional target, not a "
