@@ -45,7 +45,8 @@ RESULTS = REPO / "bench" / "results"
 WORKLOADS = ("storm", "steady", "stream", "ghz", "profile")
 
 
-def _ints(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -55,7 +56,9 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _names(choices: Sequence[str]) -> Any:
+def name_list(choices: Sequence[str]) -> Any:
+    """argparse type: comma-separated names, each one of ``choices``."""
+
     def parse(text: str) -> list[str]:
         values = [v.strip() for v in text.split(",") if v.strip()]
         unknown = [v for v in values if v not in choices]
@@ -73,26 +76,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("--workloads", type=_names(WORKLOADS), default=list(WORKLOADS), help="workloads to run")
-    add("--modes", type=_names(modes.MODES), default=list(modes.MODES), help="modes to run")
+    add("--workloads", type=name_list(WORKLOADS), default=list(WORKLOADS), help="workloads to run")
+    add("--modes", type=name_list(modes.MODES), default=list(modes.MODES), help="modes to run")
     add("--repeats", type=int, default=3, help="repeats of storm, stream and ghz runs")
-    add("--storm-workers", type=_ints, default=[50, 200, 1000], help="W: short-lived workers per run")
+    add("--storm-workers", type=int_list, default=[50, 200, 1000], help="W: short-lived workers per run")
     add("--storm-concurrency", type=int, default=20, help="worker processes alive at once")
     add("--storm-ops", type=int, default=4, help="operations per worker (insert, find it, ...)")
     add("--storm-hold-ms", type=int, default=200, help="a worker keeps its client this long after its ops")
     add("--large-w", type=int, default=1000, help="the W that runs fewer modes and repeats unless --full")
     add(
         "--large-modes",
-        type=_names(modes.MODES),
+        type=name_list(modes.MODES),
         default=[modes.PER_PROCESS, modes.BROKER_UDS, modes.DIRECT_SHARED],
         help="modes run at --large-w unless --full (mongobetween always stays)",
     )
     add("--large-repeats", type=int, default=1, help="repeats at --large-w unless --full")
     add("--full", action="store_true", help="every mode and --repeats at --large-w as well")
-    add("--steady-concurrency", type=_ints, default=[1, 4, 16, 64], help="C: long-lived workers")
+    add("--steady-concurrency", type=int_list, default=[1, 4, 16, 64], help="C: long-lived workers")
     add("--steady-seconds", type=float, default=4.0, help="length of one measured steady window")
     add("--steady-windows", type=int, default=3, help="consecutive steady windows (the repeats)")
-    add("--stream-sizes", type=_ints, default=[20_000, 100_000], help="documents per find")
+    add("--stream-sizes", type=int_list, default=[20_000, 100_000], help="documents per find")
     add("--stream-batch-size", type=int, default=1000, help="batch size of the find")
     add("--ghz-seconds", type=float, default=5.0, help="length of one ghz run")
     add("--ghz-concurrency", type=int, default=16, help="ghz --concurrency")

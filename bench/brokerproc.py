@@ -28,7 +28,7 @@ from typing import Any, Self
 
 import tomli_w
 
-from bench.process import short_tmpdir, tail, terminate
+from bench.process import short_tmpdir, spawn_logged, tail, terminate
 
 __all__ = [
     "BrokerProcess",
@@ -161,18 +161,7 @@ class BrokerProcess:
         if self._proc is not None:
             raise RuntimeError(f"{self.name} already started (pid {self._proc.pid})")
         self.ready_path.unlink(missing_ok=True)
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                env=self.env,
-                # Its own session: a terminal's Ctrl-C reaches only the owner,
-                # which stops the broker (and then its database) in order.
-                start_new_session=True,
-            )
+        self._proc = spawn_logged(self.argv, self.log_path, cwd=REPO, env=self.env)
         logger.info("started %s pid %d with %s", self.name, self._proc.pid, self.config_path)
         if wait:
             try:

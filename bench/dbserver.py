@@ -28,7 +28,6 @@ import importlib
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import time
 import warnings
@@ -42,7 +41,7 @@ from pymongo import MongoClient
 from pymongo.errors import ConfigurationError, PyMongoError
 from pymongo.uri_parser import parse_uri
 
-from bench.process import free_port, short_tmpdir, tail, terminate
+from bench.process import free_port, port_open, short_tmpdir, spawn_logged, tail, terminate
 
 __all__ = [
     "KIND_ENV",
@@ -155,7 +154,7 @@ class DatabaseServer:
         if self.managed:
             # Wait for the port first: pymongo's monitor rechecks a refused
             # server only every 500 ms, which would double a FerretDB start.
-            while not _port_open(self.host, self.port):
+            while not port_open(self.host, self.port):
                 if alive is not None and not alive():
                     break
                 if time.monotonic() >= deadline:
@@ -238,18 +237,7 @@ class ProcessServer(DatabaseServer):
             return
         argv = list(self._argv_for(self.port, self.data_dir))
         logger.debug("starting %s: %s", self.kind, " ".join(argv))
-        # Appending keeps the log of earlier runs after a restart. A new
-        # session keeps a terminal's Ctrl-C away from the server, so the
-        # owner stops it in order (the broker drains before its database goes).
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,
-            )
+        self._proc = spawn_logged(argv, self.log_path, cwd=self.workdir)
         proc = self._proc
         try:
             took = self.wait_ready(ready_timeout, alive=lambda: proc.poll() is None)
@@ -345,14 +333,6 @@ def shown_path(path: str | Path) -> str:
         return str(resolved.relative_to(REPO))
     except ValueError:
         return str(path)
-
-
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 # --- choosing ---------------------------------------------------------------

@@ -59,11 +59,11 @@ import grpc
 from broker_client.proto.broker.v1 import broker_pb2, broker_pb2_grpc
 
 from bench import workloads
-from bench.bench import _server_info, machine_facts, software_versions
+from bench.bench import _server_info, int_list, machine_facts, name_list, software_versions
 from bench.brokerproc import REPO, BrokerProcess
 from bench.dbserver import KINDS, DatabaseServerError, database_server
 from bench.netconns import ConnectionSampler, Endpoint
-from bench.process import short_tmpdir, tail, terminate
+from bench.process import short_tmpdir, spawn_logged, terminate, wait_until
 
 logger = logging.getLogger(__name__)
 
@@ -184,22 +184,14 @@ class StubProcess:
         return f"unix://{self.socket_path}"
 
     def start(self, timeout: float = 30.0) -> None:
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while not self.ready_path.exists():
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"stub {self.model} exited early: {tail(self.log_path)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"stub {self.model} not ready in {timeout:.0f} s: {tail(self.log_path)}")
-            time.sleep(0.02)
+        self._proc = spawn_logged(self.argv, self.log_path, cwd=REPO)
+        wait_until(
+            self._proc,
+            self.ready_path.exists,
+            timeout=timeout,
+            name=f"stub {self.model}",
+            log_path=self.log_path,
+        )
         logger.info("stub %s pid %d ready on %s", self.model, self._proc.pid, self.socket_path)
 
     def stop(self) -> None:
@@ -866,23 +858,6 @@ def render(raw: dict[str, Any], framework: Sequence[Sample], procs: Sequence[Sam
 # --- the run -----------------------------------------------------------------------------------------
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _calls(text: str) -> list[str]:
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    if not values or any(v not in CALLS for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(CALLS)}")
-    return values
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.servermodel",
@@ -892,10 +867,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--seconds", type=float, default=5.0, help="length of one ghz run")
     add("--repeats", type=int, default=3, help="runs per model and concurrency")
-    add("--framework-concurrency", type=_ints, default=[1, 16], help="ghz C against the Ping stubs")
+    add("--framework-concurrency", type=int_list, default=[1, 16], help="ghz C against the Ping stubs")
     add("--sync-workers", type=int, default=16, help="the sync stub's ThreadPoolExecutor max_workers")
-    add("--broker-concurrency", type=_ints, default=[16, 64], help="total ghz C against the brokers")
-    add("--calls", type=_calls, default=list(CALLS), help="broker calls to drive")
+    add("--broker-concurrency", type=int_list, default=[16, 64], help="total ghz C against the brokers")
+    add("--calls", type=name_list(CALLS), default=list(CALLS), help="broker calls to drive")
     add("--processes", type=int, default=2, help="broker processes in the multi-process model")
     add("--pool", type=int, default=10, help="total max_pool_size, split across the processes")
     add("--skip-framework", action="store_true", help="part 2 only")

@@ -43,7 +43,7 @@ from bench import modes
 from bench.brokerproc import BrokerProcess, broker_config
 from bench.dbserver import DatabaseServer
 from bench.netconns import ConnectionSampler, Endpoint, connections_to_port
-from bench.process import free_port, short_tmpdir, tail, terminate
+from bench.process import free_port, port_open, short_tmpdir, spawn_logged, terminate, wait_until
 
 __all__ = [
     "Context",
@@ -164,25 +164,15 @@ class MongobetweenProcess:
         return self._proc.pid
 
     def start(self, timeout: float = 20.0) -> None:
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"mongobetween exited early: {tail(self.log_path)}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
-            ):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"mongobetween did not listen within {timeout:.0f} s: {tail(self.log_path)}")
+        self._proc = spawn_logged(self.argv, self.log_path)
+        wait_until(
+            self._proc,
+            lambda: port_open("127.0.0.1", self.port),
+            timeout=timeout,
+            name="mongobetween",
+            log_path=self.log_path,
+            interval=0.05,
+        )
 
     def stop(self) -> None:
         if self._proc is not None:
