@@ -15,7 +15,7 @@ from broker_client.proto.broker.v1 import broker_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-__all__ = ["Failure", "fails", "find_all", "find_one", "open_stub", "pb"]
+__all__ = ["Failure", "database_stats", "fails", "find_all", "find_one", "open_stub", "pb"]
 
 
 @contextmanager
@@ -71,3 +71,9 @@ def find_one(stub: broker_pb2_grpc.BrokerStub, **fields: Any) -> tuple[list[dict
     """Run FindOne; return its documents (zero or one) and the number of messages (1)."""
     response = stub.FindOne(pb.FindRequest(**fields), timeout=30)
     return [bson.decode(raw) for raw in response.documents], 1
+
+
+def database_stats(stub: broker_pb2_grpc.BrokerStub, database: str = "appdb", timeout: float = 10) -> Any:
+    """One database's Stats (a ``DatabaseStats``); the response must hold exactly that one."""
+    (db,) = stub.Stats(pb.StatsRequest(database=database), timeout=timeout).databases
+    return db

@@ -29,7 +29,7 @@ from bench.dbserver import DatabaseServer, start_database_server
 from bench.process import free_port
 from bench.toxiproxy import Proxy
 from tests.conftest import proxied_config
-from tests.rpc import fails, find_all, open_stub, pb
+from tests.rpc import database_stats, fails, find_all, open_stub, pb
 
 FAST_DB = {
     "heartbeat_frequency_ms": 500,
@@ -75,10 +75,6 @@ def _eventually(check: Callable[[], bool], timeout: float = 15.0, every: float =
     return check()
 
 
-def _stats(stub, database: str = "appdb"):
-    return stub.Stats(pb.StatsRequest(database=database), timeout=5).databases[0]
-
-
 def _through(start_broker, proxy: Proxy, **options):
     return proxied_config(start_broker, proxy, **{**FAST_DB, **options})
 
@@ -112,7 +108,7 @@ def test_1_database_down_at_broker_start_then_appears(start_broker, own_server, 
     with open_stub(proc.unix_target) as stub:
         assert status("") == health_pb2.HealthCheckResponse.SERVING
         assert status("appdb") == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert _eventually(lambda: _stats(stub).last_error != "")
+        assert _eventually(lambda: database_stats(stub, timeout=5).last_error != "")
         start = time.monotonic()
         with fails(grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE"):
             stub.Insert(
@@ -236,7 +232,7 @@ def test_3_blackhole_ends_at_the_deadline(start_broker, proxy, collection_name, 
             assert abs(observed[-1] - deadline) <= 0.2, (deadline, observed[-1])
         record_property("blackhole_deadline_observed_s", observed)
         proxy.clear()
-        assert _eventually(lambda: _stats(stub).rpcs_in_flight == 0)
+        assert _eventually(lambda: database_stats(stub, timeout=5).rpcs_in_flight == 0)
         _back_to_baseline(proc.pid, before)
 
 
@@ -296,7 +292,7 @@ def test_5_client_killed_mid_find_releases_cursor_and_connection(broker, collect
                     documents=[bson.encode({"n": n}) for n in range(1000)],
                 )
             )
-        kills_before = _stats(stub).operations.get("killCursors", 0)
+        kills_before = database_stats(stub, timeout=5).operations.get("killCursors", 0)
         reader = subprocess.Popen(
             [sys.executable, "-c", _SLOW_READER, broker.unix_target, collection_name],
             stdout=subprocess.PIPE,
@@ -304,14 +300,14 @@ def test_5_client_killed_mid_find_releases_cursor_and_connection(broker, collect
         )
         try:
             assert reader.stdout is not None and reader.stdout.readline().strip() == "reading"
-            assert _eventually(lambda: _stats(stub).open_cursors >= 1)
+            assert _eventually(lambda: database_stats(stub, timeout=5).open_cursors >= 1)
             os.kill(reader.pid, signal.SIGKILL)
         finally:
             reader.wait(10)
             if reader.stdout is not None:
                 reader.stdout.close()
-        assert _eventually(lambda: _stats(stub).open_cursors == 0)
-        stats = _stats(stub)
+        assert _eventually(lambda: database_stats(stub, timeout=5).open_cursors == 0)
+        stats = database_stats(stub, timeout=5)
         assert stats.connections_in_use == 0
         assert stats.operations.get("killCursors", 0) == kills_before + 1
 
@@ -354,7 +350,7 @@ def test_7_overload_ten_times_the_pool(start_broker, proxy, collection_name, rec
             health = health_pb2_grpc.HealthStub(grpc.insecure_channel(config["health"]["tcp"]))
             assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1
             assert stub.Ping(pb.PingRequest(database="appdb"), timeout=3).databases[0].ok
-            stats = _stats(stub)
+            stats = database_stats(stub, timeout=5)
             assert stats.wait_queue_length <= 4 and stats.connections_in_use <= 2
             peak = psutil.Process(proc.pid).memory_info().rss
         finally:
@@ -392,7 +388,7 @@ def test_8_slow_database_is_a_timeout_not_a_network_error(start_broker, proxy, c
                 )
             assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         proxy.clear()
-        assert _stats(stub).pool_clears == 0
+        assert database_stats(stub, timeout=5).pool_clears == 0
 
 
 # 10 ------------------------------------------------------------------------------
@@ -532,10 +528,14 @@ def test_deadlines_expiring_anywhere_never_become_internal_errors(start_broker, 
             thread.start()
         for thread in threads:
             thread.join(60)
-        errors = dict(_stats(stub).errors)
+        errors = dict(database_stats(stub, timeout=5).errors)
         # Nothing is left stuck: no call in flight, no connection held, and
         # the next ordinary calls work (a wedged pool would time them out).
-        assert _eventually(lambda: _stats(stub).rpcs_in_flight == 0 and _stats(stub).connections_in_use == 0)
+        assert _eventually(
+            lambda: (
+                (now := database_stats(stub, timeout=5)).rpcs_in_flight == 0 and now.connections_in_use == 0
+            )
+        )
         stub.Insert(
             pb.InsertRequest(
                 database="appdb", collection=collection_name, documents=[bson.encode({"after": 1})]

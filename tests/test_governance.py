@@ -25,16 +25,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.toxiproxy import Proxy
 from broker.metrics import METRIC_NAMES
 from tests.conftest import proxied_config
-from tests.rpc import fails, find_all, open_stub, pb
+from tests.rpc import database_stats, fails, find_all, open_stub, pb
 
 
 def _proxied_config(start_broker, proxy: Proxy, **options):
     return proxied_config(start_broker, proxy, **options)
-
-
-def _stats(stub, database: str = "appdb"):
-    (db,) = stub.Stats(pb.StatsRequest(database=database), timeout=10).databases
-    return db
 
 
 def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -79,8 +74,10 @@ def test_deadline_shorter_than_a_slow_operation_ends_in_time(
         proxy.clear()
         # The handler let go: nothing in flight, no connection held, no pool
         # clear (a timeout is not a network error), and the next call works.
-        assert _eventually(lambda: _stats(stub).rpcs_in_flight == 0 and _stats(stub).connections_in_use == 0)
-        assert _stats(stub).pool_clears == 0
+        assert _eventually(
+            lambda: (now := database_stats(stub)).rpcs_in_flight == 0 and now.connections_in_use == 0
+        )
+        assert database_stats(stub).pool_clears == 0
         documents, _ = find_all(stub, database="appdb", collection=collection_name)
         assert len(documents) == 10
 
@@ -110,16 +107,16 @@ def test_cancelled_find_kills_its_cursor_and_returns_the_connection(broker, coll
     with open_stub(broker.unix_target) as stub:
         for _ in range(5):
             _insert(stub, collection_name, 1000)
-        before = _stats(stub).operations.get("killCursors", 0)
+        before = database_stats(stub).operations.get("killCursors", 0)
         call = stub.Find(
             pb.FindRequest(database="appdb", collection=collection_name, batch_size=100), timeout=30
         )
         first = next(iter(call))
         assert len(first.documents) == 100
-        assert _eventually(lambda: _stats(stub).open_cursors == 1)
+        assert _eventually(lambda: database_stats(stub).open_cursors == 1)
         call.cancel()
-        assert _eventually(lambda: _stats(stub).open_cursors == 0)
-        stats = _stats(stub)
+        assert _eventually(lambda: database_stats(stub).open_cursors == 0)
+        stats = database_stats(stub)
         assert stats.connections_in_use == 0
         assert stats.operations.get("killCursors", 0) == before + 1
 
@@ -169,7 +166,7 @@ def test_full_queue_is_refused_at_once_with_retry_info(start_broker, proxy, coll
                 assert "1/1 connections busy, 1/1 calls waiting" in exc.details()
                 retry = _retry_info(exc)
                 assert retry is not None and retry.retry_delay.ToNanoseconds() > 0
-        stats = _stats(stub)
+        stats = database_stats(stub)
         assert stats.checkout_failures["queue_full"] == 4
         assert stats.wait_queue_max == 1 and stats.wait_queue_length == 0
         assert stats.errors["RESOURCE_EXHAUSTED"] == 4
@@ -196,7 +193,7 @@ def test_wait_longer_than_wait_queue_timeout_is_refused(start_broker, proxy, col
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "wait_queue_timeout_ms (200 ms" in exc.details()
         assert waited < 1.2  # refused after its 200 ms wait, not after the slow call ended
-        assert _stats(stub).checkout_failures["wait_timeout"] == 1
+        assert database_stats(stub).checkout_failures["wait_timeout"] == 1
 
 
 def test_a_burst_on_one_database_does_not_starve_another(start_broker, proxy, collection_name):
@@ -224,9 +221,9 @@ def test_a_burst_on_one_database_does_not_starve_another(start_broker, proxy, co
                     ),
                     timeout=2,
                 )
-            other = _stats(stub, "other")
+            other = database_stats(stub, "other")
             assert other.errors == {} and other.rpcs["Insert"] == 10
-            assert _stats(stub, "appdb").checkout_failures["queue_full"] > 0
+            assert database_stats(stub, "appdb").checkout_failures["queue_full"] > 0
         finally:
             stop.set()
             for t in threads:
@@ -249,7 +246,7 @@ def test_fail_fast_while_database_is_down_and_recovery(start_broker, proxy, coll
     with open_stub(proc.unix_target) as stub:
         _insert(stub, collection_name, 1)
         proxy.disable()
-        assert _eventually(lambda: not _stats(stub).available, timeout=15)
+        assert _eventually(lambda: not database_stats(stub).available, timeout=15)
         latencies = []
         for _ in range(5):
             start = time.monotonic()
@@ -261,7 +258,7 @@ def test_fail_fast_while_database_is_down_and_recovery(start_broker, proxy, coll
         # Refused without waiting out server_selection_timeout_ms (3 s).
         assert max(latencies) < 1.0
         proxy.enable()
-        assert _eventually(lambda: _stats(stub).available, timeout=15)
+        assert _eventually(lambda: database_stats(stub).available, timeout=15)
         _insert(stub, collection_name, 1)
         documents, _ = find_all(stub, database="appdb", collection=collection_name)
         assert len(documents) == 2
@@ -290,7 +287,7 @@ def test_stats_counts_exactly_what_was_done(start_broker, collection_name):
                     database="appdb", collection=collection_name, documents=[bson.encode({"_id": 0})]
                 )
             )
-        stats = _stats(stub)
+        stats = database_stats(stub)
         assert dict(stats.rpcs) == {"Insert": 8, "Find": 6}
         assert dict(stats.errors) == {"INVALID_ARGUMENT": 2, "ALREADY_EXISTS": 1}
         assert stats.operations["insert"] == 8
@@ -361,7 +358,7 @@ def test_pool_advice_follows_the_load(start_broker, proxy, collection_name):
         end = time.monotonic() + 3.2
         while time.monotonic() < end:  # light: one caller at a time
             find_all(stub, database="appdb", collection=collection_name)
-        light = _stats(stub).recommended_max_pool_size
+        light = database_stats(stub).recommended_max_pool_size
         stop = threading.Event()
 
         def caller() -> None:
@@ -372,7 +369,7 @@ def test_pool_advice_follows_the_load(start_broker, proxy, collection_name):
         for t in threads:
             t.start()
         time.sleep(3.2)
-        heavy = _stats(stub)
+        heavy = database_stats(stub)
         stop.set()
         for t in threads:
             t.join(10)

@@ -14,7 +14,7 @@ from broker_client.errors import BrokerError
 from broker_client.proto.broker.v1 import broker_pb2_grpc
 
 from broker.errors import Reason, RpcError
-from tests.rpc import fails, find_all, open_stub, pb
+from tests.rpc import database_stats, fails, find_all, open_stub, pb
 
 
 @pytest.fixture
@@ -29,11 +29,6 @@ def filled(broker, stub, collection_name):
     documents = [bson.encode({"n": (i * 17) % 50, "tag": "t" * 20}) for i in range(50)]
     stub.Insert(pb.InsertRequest(database=broker.db_name, collection=collection_name, documents=documents))
     return collection_name
-
-
-def _stats(stub, database):
-    (db,) = stub.Stats(pb.StatsRequest(database=database), timeout=10).databases
-    return db
 
 
 def test_answers_what_find_with_limit_one_answers_byte_for_byte(broker, stub, filled):
@@ -103,12 +98,12 @@ def test_request_id_comes_back_in_the_trailers_on_success_and_on_failure(broker,
 
 
 def test_counted_as_findone_and_leaves_no_cursor_or_connection_in_use(broker, stub, filled):
-    before = _stats(stub, broker.db_name)
+    before = database_stats(stub, broker.db_name)
     for n in range(20):
         request = pb.FindRequest(database=broker.db_name, collection=filled, filter=bson.encode({"n": n}))
         response = stub.FindOne(request, timeout=10)
         assert bson.decode(response.documents[0])["n"] == n
-    after = _stats(stub, broker.db_name)
+    after = database_stats(stub, broker.db_name)
     assert after.rpcs["FindOne"] - before.rpcs.get("FindOne", 0) == 20
     assert after.open_cursors == 0 and after.connections_in_use == 0
     # A single-batch find: one find command each, no getMore or killCursors.
@@ -117,7 +112,7 @@ def test_counted_as_findone_and_leaves_no_cursor_or_connection_in_use(broker, st
 
 
 def test_python_client_find_one_is_one_findone_call(broker, stub, filled):
-    before = _stats(stub, broker.db_name)
+    before = database_stats(stub, broker.db_name)
     with BrokerClient(broker.unix_target) as client:
         collection = client[broker.db_name][filled]
         found = collection.find_one({"n": 4})
@@ -125,7 +120,7 @@ def test_python_client_find_one_is_one_findone_call(broker, stub, filled):
         assert collection.find_one({"n": 4000}) is None
     assert found is not None and found["n"] == 4
     assert last is not None and last["n"] == 49
-    after = _stats(stub, broker.db_name)
+    after = database_stats(stub, broker.db_name)
     assert after.rpcs["FindOne"] - before.rpcs.get("FindOne", 0) == 3
     assert after.rpcs.get("Find", 0) == before.rpcs.get("Find", 0)
 
