@@ -173,8 +173,9 @@ def test_errors_are_the_sync_clients(broker: Any, collection_name: str, tmp_path
             assert (dup.value.mongo_code, dup.value.failed_index, dup.value.attempts) == (11000, 0, 1)
             with pytest.raises(UnknownDatabase):
                 await client["no_such_db"]["c"].find_one()
-            with pytest.raises(ExecutionTimeout):
+            with pytest.raises(ExecutionTimeout) as late:
                 await items.find_one({}, timeout=1e-6)
+            assert (late.value.code, late.value.attempts) == (grpc.StatusCode.DEADLINE_EXCEEDED, 0)
             with pytest.raises(UnknownDatabase):
                 await client["no_such_db"]["c"].find({}).to_list()
             with pytest.raises(TypeError, match="non-empty"):

@@ -37,7 +37,7 @@ from broker_client import (
     WaitQueueTimeoutError,
 )
 from broker_client.errors import BrokerError
-from broker_client.retry import MIN_ATTEMPT_S, RetryState
+from broker_client.retry import MIN_ATTEMPT_S, MIN_SEND_S, RetryState, is_retryable
 from bson import ObjectId
 from bson.raw_bson import RawBSONDocument
 
@@ -443,6 +443,20 @@ def test_retry_info_longer_than_the_time_left_ends_the_call_at_once() -> None:
 
     roomy = RetryState(RetryPolicy(max_attempts=10), time.monotonic() + 60.0, "Find")
     assert 5.0 <= roomy.backoff(error) <= 60.0
+
+
+def test_no_call_is_sent_with_less_than_a_millisecond_left() -> None:
+    """gRPC counts deadlines in whole milliseconds; the client answers such a call itself."""
+    late = RetryState(RetryPolicy(max_attempts=10), time.monotonic() + MIN_SEND_S / 2, "Insert")
+    with pytest.raises(ExecutionTimeout, match="Insert: the timeout ran out before the call") as info:
+        late.next_timeout()
+    assert info.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert not is_retryable(info.value)
+    assert late.attempts == 0
+
+    roomy = RetryState(RetryPolicy(max_attempts=10), time.monotonic() + 60.0, "Insert")
+    assert 59.0 < roomy.next_timeout() <= 60.0
+    assert roomy.attempts == 1
 
 
 # the policy itself -------------------------------------------------------------------------

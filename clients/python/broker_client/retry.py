@@ -23,6 +23,9 @@ alike:
 - The deadline: ``timeout=`` covers every attempt and every pause. A retry is
   made only if, after its pause, at least `MIN_ATTEMPT_S` of the deadline is
   left; otherwise the last error is raised at once, not after sleeping.
+- No call is sent with less than `MIN_SEND_S` of the deadline left: the
+  operation raises ExecutionTimeout (DEADLINE_EXCEEDED) at once, with
+  ``attempts`` counting only the calls that were sent.
 
 Every result and exception says how many attempts were made (``.attempts``).
 Each retry is logged at DEBUG on the ``broker_client.retry`` logger; the
@@ -42,13 +45,21 @@ from typing import TYPE_CHECKING, Final
 if TYPE_CHECKING:
     from broker_client.errors import BrokerError
 
-__all__ = ["DEFAULT_RETRY_POLICY", "MIN_ATTEMPT_S", "RetryPolicy", "RetryState", "is_retryable"]
+__all__ = ["DEFAULT_RETRY_POLICY", "MIN_ATTEMPT_S", "MIN_SEND_S", "RetryPolicy", "RetryState", "is_retryable"]
 
 log = logging.getLogger("broker_client.retry")
 
 #: A retry is not started with less of the deadline left than this (seconds):
 #: it could only end in DEADLINE_EXCEEDED, hiding the error that caused it.
 MIN_ATTEMPT_S: Final = 0.01
+
+#: No call is sent with less of the deadline left than this (seconds). gRPC
+#: keeps deadlines in whole milliseconds, so a call sent with a few
+#: microseconds left may still be answered OK, or DEADLINE_EXCEEDED,
+#: depending on which thread runs first; on a busy machine either happens.
+#: Such a call could not have reached the database and come back in time, so
+#: the client answers it with the timeout itself.
+MIN_SEND_S: Final = 0.001
 
 
 class RetryPolicy:
@@ -166,11 +177,24 @@ class RetryState:
         self.failures = 0
 
     def next_timeout(self) -> float:
-        """Count one more attempt; the seconds of the deadline left for it."""
+        """Count one more attempt; the seconds of the deadline left for it.
+
+        Raises ExecutionTimeout, without counting an attempt, when less than
+        `MIN_SEND_S` is left.
+        """
+        left = self.deadline - time.monotonic()
+        if left < MIN_SEND_S:
+            import grpc
+
+            from broker_client.errors import ExecutionTimeout
+
+            raise ExecutionTimeout(
+                f"{self.operation}: the timeout ran out before the call could be sent "
+                f"({max(left, 0.0) * 1000:.3f} ms left); give the operation a longer timeout=",
+                code=grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
         self.attempts += 1
-        # Never 0 or less: a call whose deadline has already gone is sent with
-        # a tiny timeout, and fails with DEADLINE_EXCEEDED like any late call.
-        return max(self.deadline - time.monotonic(), 1e-6)
+        return left
 
     def backoff(self, error: BrokerError) -> float:
         """The pause before retrying after ``error``; raises ``error`` if it must not be retried."""
