@@ -126,9 +126,14 @@ def mongo(_mongo_client: MongoClient[Document]) -> MongoClient[Document]:
 
 @pytest.fixture
 def collection_name(request: pytest.FixtureRequest, _mongo_client: MongoClient[Document]) -> Iterator[str]:
-    """A collection name no other test uses; the collection is dropped afterwards."""
+    """A collection name no other test uses, created empty; it is dropped afterwards."""
     stem = re.sub(r"[^A-Za-z0-9_]", "_", request.node.name)[:40]
     name = f"{stem}_{uuid.uuid4().hex[:8]}"
+    # Created here, not by the test's first insert: FerretDB's SQLite backend
+    # races when concurrent calls create the same collection (an insert or a
+    # find then fails with "no such table"), and many tests start with
+    # concurrent workers.
+    _mongo_client[MONGO_DB].create_collection(name)
     yield name
     # A test that stopped the server must not fail in teardown.
     with contextlib.suppress(PyMongoError):
