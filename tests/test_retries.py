@@ -351,10 +351,15 @@ def test_a_find_that_fails_after_its_first_batch_raises_instead_of_restarting(
     client_proxy = make_proxy(broker.tcp_target)
     api = make_api(f"127.0.0.1:{client_proxy.port}", retries=PATIENT, timeout=HANG_GUARD_S)
     items = api.client["appdb"][collection_name]
-    api(items.insert_many([{"_id": n} for n in range(100)]))
+    # 19 MB in 30 batches: far more than HTTP/2 flow control lets the broker
+    # send ahead of a reader, so the rest of the stream is still to come when
+    # the proxy goes down, however slowly this test runs.
+    pad = "x" * 64_000
+    for chunk in range(0, 300, 50):
+        api(items.insert_many([{"_id": n, "pad": pad} for n in range(chunk, chunk + 50)]))
     cursor = items.find({}, sort="_id", batch_size=10)
     first = api(cursor.next())
-    assert first == {"_id": 0}
+    assert first["_id"] == 0
     client_proxy.disable()  # the stream's connection dies after the first batch
     try:
         with on_retry() as retries, pytest.raises(ServerSelectionTimeoutError) as info:
