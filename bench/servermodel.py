@@ -222,35 +222,6 @@ def requests() -> dict[str, dict[str, Any]]:
     return {**workloads.ghz_requests(), "Insert": insert_request()}
 
 
-def _ghz_argv(
-    ghz: str, target: str, call: str, data: dict[str, Any], *, concurrency: int, seconds: float
-) -> list[str]:
-    return [
-        ghz,
-        "--insecure",
-        "--proto",
-        str(workloads.PROTO),
-        "--import-paths",
-        str(workloads.PROTO.parent.parent.parent),
-        "--call",
-        f"broker.v1.Broker.{call}",
-        "--data",
-        json.dumps(data),
-        "--concurrency",
-        str(concurrency),
-        # One HTTP/2 connection per concurrent caller, as each worker process has its own channel.
-        "--connections",
-        str(concurrency),
-        "--duration",
-        f"{seconds:g}s",
-        "--timeout",
-        "20s",
-        "--format",
-        "json",
-        target,
-    ]
-
-
 def _children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -274,7 +245,10 @@ def run_ghz(
             # Files, not pipes: each report holds every call and is megabytes long.
             out = stack.enter_context(tempfile.TemporaryFile())
             err = stack.enter_context(tempfile.TemporaryFile())
-            argv = _ghz_argv(ghz, target.target, call, data, concurrency=share, seconds=seconds)
+            # One HTTP/2 connection per concurrent caller, as each worker process has its own channel.
+            argv = workloads.ghz_argv(
+                ghz, target.target, call, data, concurrency=share, connections=share, seconds=seconds
+            )
             running.append(
                 (subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err), out, err)
             )

@@ -1034,6 +1034,42 @@ def ghz_requests() -> dict[str, dict[str, Any]]:
     }
 
 
+def ghz_argv(
+    ghz: str,
+    target: str,
+    call: str,
+    data: dict[str, Any],
+    *,
+    concurrency: int,
+    connections: int,
+    seconds: float,
+) -> list[str]:
+    """The ghz command line for ``seconds`` of ``call`` with ``data`` against ``target``; JSON out."""
+    return [
+        ghz,
+        "--insecure",
+        "--proto",
+        str(PROTO),
+        "--import-paths",
+        str(PROTO.parent.parent.parent),
+        "--call",
+        f"broker.v1.Broker.{call}",
+        "--data",
+        json.dumps(data),
+        "--concurrency",
+        str(concurrency),
+        "--connections",
+        str(connections),
+        "--duration",
+        f"{seconds:g}s",
+        "--timeout",
+        "20s",
+        "--format",
+        "json",
+        target,
+    ]
+
+
 def run_ghz(
     ctx: Context, *, seconds: float, concurrency: int, connections: int, repeats: int
 ) -> list[Record]:
@@ -1051,29 +1087,15 @@ def run_ghz(
         for repeat in range(repeats):
             for call, data in requests.items():
                 ctx.progress(f"ghz {call} c={concurrency} {seconds:g} s (repeat {repeat + 1})")
-                argv = [
+                argv = ghz_argv(
                     ghz,
-                    "--insecure",
-                    "--proto",
-                    str(PROTO),
-                    "--import-paths",
-                    str(PROTO.parent.parent.parent),
-                    "--call",
-                    f"broker.v1.Broker.{call}",
-                    "--data",
-                    json.dumps(data),
-                    "--concurrency",
-                    str(concurrency),
-                    "--connections",
-                    str(connections),
-                    "--duration",
-                    f"{seconds:g}s",
-                    "--timeout",
-                    "20s",
-                    "--format",
-                    "json",
                     broker.tcp_target,
-                ]
+                    call,
+                    data,
+                    concurrency=concurrency,
+                    connections=connections,
+                    seconds=seconds,
+                )
                 cpu_before = watch.cpu_s()
                 done = subprocess.run(
                     argv, capture_output=True, text=True, timeout=seconds + 120, check=False
