@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from broker_client.proto.broker.v1 import broker_pb2_grpc
 from pymongo import MongoClient
 from pymongo.collection import Collection
 from pymongo.errors import PyMongoError
@@ -42,6 +43,7 @@ from bench.dbserver import DatabaseServer, DatabaseServerError, start_database_s
 from bench.netconns import count_from_pid, count_to_port  # noqa: E402
 from bench.process import short_tmpdir  # noqa: E402
 from bench.toxiproxy import Proxy, Toxiproxy, find_toxiproxy  # noqa: E402
+from tests.rpc import open_stub  # noqa: E402
 
 DB_NAME = "appdb"  # the configured name clients use
 MONGO_DB = "broker_test"  # the MongoDB database behind it
@@ -230,6 +232,13 @@ def broker(db_server: DatabaseServer) -> Iterator[Broker]:
     # fails the session loudly instead of passing unnoticed.
     if code != 0:
         pytest.fail(f"broker exited with {code} on SIGTERM (expected 0 after draining)")
+
+
+@pytest.fixture
+def stub(broker: Broker) -> Iterator[broker_pb2_grpc.BrokerStub]:
+    """A raw gRPC stub on the session broker's Unix socket."""
+    with open_stub(broker.unix_target) as s:
+        yield s
 
 
 def _remove_tree(path: Path) -> None:

@@ -10,12 +10,6 @@ from tests.rpc import fails, find_all, find_one, open_stub, pb
 
 
 @pytest.fixture
-def stub(broker):
-    with open_stub(broker.unix_target) as s:
-        yield s
-
-
-@pytest.fixture
 def filled(broker, stub, collection_name):
     """2,500 documents with n = 0..2499 inserted in shuffled order."""
     order = [(i * 7919) % 2500 for i in range(2500)]  # a permutation: 7919 is prime

@@ -14,13 +14,7 @@ from broker_client.errors import BrokerError
 from broker_client.proto.broker.v1 import broker_pb2_grpc
 
 from broker.errors import Reason, RpcError
-from tests.rpc import database_stats, fails, find_all, open_stub, pb
-
-
-@pytest.fixture
-def stub(broker):
-    with open_stub(broker.unix_target) as s:
-        yield s
+from tests.rpc import database_stats, fails, find_all, pb
 
 
 @pytest.fixture

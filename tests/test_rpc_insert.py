@@ -15,12 +15,6 @@ from bson.raw_bson import RawBSONDocument
 from tests.rpc import fails, find_all, open_stub, pb
 
 
-@pytest.fixture
-def stub(broker):
-    with open_stub(broker.unix_target) as s:
-        yield s
-
-
 def _ids(reply: Any) -> list[Any]:
     return [bson.decode(raw)["_id"] for raw in reply.inserted_ids]
 
