@@ -206,12 +206,18 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             await asyncio.wait(left, timeout=2.0)
         return len(running) - len(left), len(left)
 
-    async def _close_cursor(self, cursor: Any) -> None:
+    async def _close_cursor(self, cursor: Any, call: _Call | None) -> None:
         """Close a Find's server cursor (killCursors), even if this call was cancelled.
 
-        The close runs in a task the call's cancellation cannot reach, for the
+        An exhausted cursor was closed by pymongo when its last batch came;
+        only a cursor left with results (or never run) needs a close. The
+        close runs in a task the call's cancellation cannot reach, for the
         same reason as round trips (see _Call.round_trip).
         """
+        if not cursor.alive:
+            return
+        if call is not None:
+            call.stage = "closing the cursor"
         task = asyncio.ensure_future(_kill_cursor(cursor))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -392,12 +398,8 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                             Reason.LIMIT_EXCEEDED,
                         )
         finally:
-            # An exhausted cursor was closed by pymongo when its last batch
-            # came; only a cursor left with results (or never run) needs a close.
-            if cursor is not None and cursor.alive:
-                if call_ref is not None:
-                    call_ref.stage = "closing the cursor"
-                await self._close_cursor(cursor)
+            if cursor is not None:
+                await self._close_cursor(cursor, call_ref)
             if counted is not None:
                 counted.stats.open_cursors -= 1
 
@@ -423,9 +425,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             try:
                 batch = await call.round_trip(_next_batch(aiter(cursor)))
             finally:
-                if cursor.alive:
-                    call.stage = "closing the cursor"
-                    await self._close_cursor(cursor)
+                await self._close_cursor(cursor, call)
             docs = documents.split_batch(batch)[:1] if batch else []
             call.documents = len(docs)
             call.bytes = sum(len(d) for d in docs)
