@@ -17,7 +17,9 @@ from collections.abc import Callable, Iterable
 
 from broker_client.proto.broker.v1 import broker_pb2
 from grpc_health.v1 import health_pb2
-from grpc_health.v1._async import HealthServicer
+
+# The public name of the asyncio servicer; the type stubs know only the sync one.
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
 from broker.pools import DatabasePool
 
@@ -34,7 +36,7 @@ class Health:
     """Owns the HealthServicer and keeps its statuses in step with the databases."""
 
     def __init__(self) -> None:
-        self.servicer = HealthServicer()
+        self.servicer = health_aio.HealthServicer()
         self._tasks: set[asyncio.Task[None]] = set()
         self._current: dict[str, DatabasePool] = {}
 
