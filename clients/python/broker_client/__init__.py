@@ -12,43 +12,43 @@ ObjectId('...')
 celery and multiprocessing workers.
 
 Importing this package opens no connection and creates no channel; grpc
-(and asyncio) are imported on the first call. The async client and the
-result classes are loaded on first use too (PEP 562): a worker that only
-imports the package pays for neither. See clients/python/README.md.
+(and asyncio) are imported on the first call. Every public name is loaded
+on first use (PEP 562): a worker pays only for what it touches, and the
+broker, which imports only the generated stubs in ``broker_client.proto``,
+loads none of the client. See clients/python/README.md.
 """
 
 import typing as _typing
 
 from broker_client._version import __version__
-from broker_client.client import (
-    DEFAULT_TIMEOUT_S,
-    BrokerClient,
-    Collection,
-    Cursor,
-    Database,
-    WriteConcernSpec,
-)
-from broker_client.errors import (
-    AutoReconnect,
-    BrokerError,
-    ConnectionFailure,
-    DuplicateKeyError,
-    ExecutionTimeout,
-    InvalidOperation,
-    InvalidRequest,
-    LimitExceeded,
-    OperationFailure,
-    PermissionDenied,
-    ServerSelectionTimeoutError,
-    Unauthenticated,
-    UnknownDatabase,
-    WaitQueueTimeoutError,
-    WriteError,
-)
-from broker_client.retry import DEFAULT_RETRY_POLICY, RetryPolicy
 
 if _typing.TYPE_CHECKING:
     from broker_client.async_client import AsyncBrokerClient, AsyncCollection, AsyncCursor, AsyncDatabase
+    from broker_client.client import (
+        DEFAULT_TIMEOUT_S,
+        BrokerClient,
+        Collection,
+        Cursor,
+        Database,
+        WriteConcernSpec,
+    )
+    from broker_client.errors import (
+        AutoReconnect,
+        BrokerError,
+        ConnectionFailure,
+        DuplicateKeyError,
+        ExecutionTimeout,
+        InvalidOperation,
+        InvalidRequest,
+        LimitExceeded,
+        OperationFailure,
+        PermissionDenied,
+        ServerSelectionTimeoutError,
+        Unauthenticated,
+        UnknownDatabase,
+        WaitQueueTimeoutError,
+        WriteError,
+    )
     from broker_client.results import (
         BrokerStats,
         DatabasePing,
@@ -58,9 +58,37 @@ if _typing.TYPE_CHECKING:
         PingResult,
         PoolSummary,
     )
+    from broker_client.retry import DEFAULT_RETRY_POLICY, RetryPolicy
 
-# Loaded on first access: name -> the module that defines it.
+# Every public name is loaded on first access (PEP 562): name -> the module
+# that defines it. The generated stubs under broker_client.proto are imported
+# by the broker itself, and importing them must not load the client runtime.
 _LAZY = {
+    **dict.fromkeys(
+        ("DEFAULT_TIMEOUT_S", "BrokerClient", "Collection", "Cursor", "Database", "WriteConcernSpec"),
+        "client",
+    ),
+    **dict.fromkeys(
+        (
+            "AutoReconnect",
+            "BrokerError",
+            "ConnectionFailure",
+            "DuplicateKeyError",
+            "ExecutionTimeout",
+            "InvalidOperation",
+            "InvalidRequest",
+            "LimitExceeded",
+            "OperationFailure",
+            "PermissionDenied",
+            "ServerSelectionTimeoutError",
+            "Unauthenticated",
+            "UnknownDatabase",
+            "WaitQueueTimeoutError",
+            "WriteError",
+        ),
+        "errors",
+    ),
+    **dict.fromkeys(("DEFAULT_RETRY_POLICY", "RetryPolicy"), "retry"),
     **dict.fromkeys(("AsyncBrokerClient", "AsyncCollection", "AsyncCursor", "AsyncDatabase"), "async_client"),
     **dict.fromkeys(
         (
