@@ -35,7 +35,7 @@ soak: venv tools
 check: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy broker clients/python/broker_client bench tests
+	$(VENV)/bin/mypy broker clients/python/broker_client harness bench tests
 	$(VENV)/bin/hadolint Dockerfile
 	cd clients/go && test -z "$$(gofmt -l .)" && go vet ./...
 

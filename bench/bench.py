@@ -8,7 +8,7 @@
 Modes (bench/modes.py): churn, per-process, mongobetween, broker-uds,
 broker-tcp, direct-shared. Workloads (bench/workloads.py): storm, steady,
 stream, ghz, profile. All of them run against the same database server in
-the same run: ``MONGODB_URI`` when set, else what bench/dbserver.py finds
+the same run: ``MONGODB_URI`` when set, else what harness/dbserver.py finds
 (mongod, Docker, FerretDB). The raw figures go to
 ``bench/results/raw/bench-<time>.json`` (git-ignored) and
 ``bench/report.py`` writes ``bench/results/REPORT.md`` and its PNG plots.
@@ -35,8 +35,8 @@ from typing import Any
 import psutil
 
 from bench import modes, report, workloads
-from bench.dbserver import KINDS, DatabaseServerError, database_server
-from bench.process import short_tmpdir
+from harness.dbserver import KINDS, DatabaseServerError, database_server
+from harness.process import short_tmpdir
 
 logger = logging.getLogger(__name__)
 

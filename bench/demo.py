@@ -1,8 +1,8 @@
 """The demo (`make run`): hundreds of short-lived workers through one broker.
 
-1. Obtain a MongoDB-compatible server (bench/dbserver.py: MONGODB_URI, a
+1. Obtain a MongoDB-compatible server (harness/dbserver.py: MONGODB_URI, a
    mongod on PATH, Docker's mongo:7, or FerretDB built by `make tools`).
-2. Start the broker in front of it on a Unix socket (bench/brokerproc.py).
+2. Start the broker in front of it on a Unix socket (harness/brokerproc.py).
 3. Run N short-lived worker processes, at most C alive at once, each a fresh
    interpreter that inserts and reads back K documents through the broker.
 4. Run the same workers again, each with its own MongoClient straight to the
@@ -34,11 +34,11 @@ from typing import Any
 
 from pymongo import MongoClient
 
-from bench.brokerproc import BrokerProcess, BrokerStartError, broker_config
-from bench.dbserver import KINDS, DatabaseServer, DatabaseServerError, database_server
-from bench.fleet import FleetResult, run_fleet, worker_command
-from bench.netconns import ConnectionSampler, Endpoint, connections_from_pid, connections_to_port
-from bench.process import short_tmpdir
+from harness.brokerproc import BrokerProcess, BrokerStartError, broker_config
+from harness.dbserver import KINDS, DatabaseServer, DatabaseServerError, database_server
+from harness.fleet import FleetResult, run_fleet, worker_command
+from harness.netconns import ConnectionSampler, Endpoint, connections_from_pid, connections_to_port
+from harness.process import short_tmpdir
 
 logger = logging.getLogger(__name__)
 

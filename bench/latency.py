@@ -27,8 +27,8 @@ from broker_client import BrokerClient
 from broker_client.proto.broker.v1 import broker_pb2, broker_pb2_grpc
 from pymongo import MongoClient
 
-from bench.brokerproc import BrokerProcess, broker_config
-from bench.dbserver import database_server
+from harness.brokerproc import BrokerProcess, broker_config
+from harness.dbserver import database_server
 
 log = logging.getLogger("bench.latency")
 

@@ -4,14 +4,14 @@
     python -m bench.servermodel --seconds 1 --repeats 1   # a quick look: the numbers mean little
 
 Two questions, one run, one database server (``MONGODB_URI`` when set, else
-what bench/dbserver.py finds, as ``make bench`` does):
+what harness/dbserver.py finds, as ``make bench`` does):
 
 1. Framework cost. A stub ``broker.v1.Broker`` whose Ping returns a constant
    ``PingResponse(version="x")``, served (a) by ``grpc.aio`` and (b) by the
    sync ``grpc.server`` on a thread pool, each in its own process on a Unix
    socket. No database and no broker code: what is left is gRPC's and
    Python's own cost per call under each model.
-2. One process against several. The real broker (bench/brokerproc.py) as one
+2. One process against several. The real broker (harness/brokerproc.py) as one
    process with ``max_pool_size`` P, and as N processes with P/N each, so the
    total pool, and with it the database's connection count, stays bounded.
    The broker sets ``grpc.so_reuseport=0``, so each process has its own Unix
@@ -60,10 +60,10 @@ from broker_client.proto.broker.v1 import broker_pb2, broker_pb2_grpc
 
 from bench import workloads
 from bench.bench import _server_info, int_list, machine_facts, name_list, software_versions
-from bench.brokerproc import REPO, BrokerProcess
-from bench.dbserver import KINDS, DatabaseServerError, database_server
-from bench.netconns import ConnectionSampler, Endpoint
-from bench.process import short_tmpdir, spawn_logged, terminate, wait_until
+from harness.brokerproc import REPO, BrokerProcess
+from harness.dbserver import KINDS, DatabaseServerError, database_server
+from harness.netconns import ConnectionSampler, Endpoint
+from harness.process import short_tmpdir, spawn_logged, terminate, wait_until
 
 logger = logging.getLogger(__name__)
 

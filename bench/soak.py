@@ -33,10 +33,10 @@ from broker_client.proto.broker.v1 import broker_pb2 as pb
 from broker_client.proto.broker.v1 import broker_pb2_grpc
 from pymongo import MongoClient
 
-from bench.brokerproc import BrokerProcess, broker_config
-from bench.dbserver import start_database_server
-from bench.process import short_tmpdir
-from bench.toxiproxy import Proxy, Toxiproxy, find_toxiproxy
+from harness.brokerproc import BrokerProcess, broker_config
+from harness.dbserver import start_database_server
+from harness.process import short_tmpdir
+from harness.toxiproxy import Proxy, Toxiproxy, find_toxiproxy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLLECTION = "soak"

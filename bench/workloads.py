@@ -8,7 +8,7 @@ one database server and returns plain JSON-able records::
 or, for a mode that could not be run, ``{..., "not_measured": "<reason>"}``.
 ``bench/report.py`` turns the records into tables and plots; nothing here
 prints figures. Every database connection count is taken at the socket level
-(``bench/netconns.py``): FerretDB has no ``serverStatus.connections``.
+(``harness/netconns.py``): FerretDB has no ``serverStatus.connections``.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ import psutil
 from pymongo import MongoClient
 
 from bench import modes
-from bench.brokerproc import BrokerProcess, broker_config
-from bench.dbserver import DatabaseServer
-from bench.netconns import ConnectionSampler, Endpoint, connections_to_port
-from bench.process import free_port, port_open, short_tmpdir, spawn_logged, terminate, wait_until
+from harness.brokerproc import BrokerProcess, broker_config
+from harness.dbserver import DatabaseServer
+from harness.netconns import ConnectionSampler, Endpoint, connections_to_port
+from harness.process import free_port, port_open, short_tmpdir, spawn_logged, terminate, wait_until
 
 __all__ = [
     "Context",
@@ -350,7 +350,7 @@ def _diag_established(port: int) -> dict[int, Endpoint]:
 def db_connections(port: int, exclude_pids: Sequence[int] = ()) -> set[Endpoint]:
     """ESTABLISHED connections to ``port`` from this host, less those of ``exclude_pids``.
 
-    netlink where the kernel answers, else bench/netconns.py's /proc reader.
+    netlink where the kernel answers, else harness/netconns.py's /proc reader.
     """
     try:
         found = _diag_established(port)

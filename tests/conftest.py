@@ -1,6 +1,6 @@
 """Shared fixtures: one real database server and one real broker per session.
 
-- ``db_server``: a MongoDB-wire-protocol server from ``bench.dbserver``
+- ``db_server``: a MongoDB-wire-protocol server from ``harness.dbserver``
   (``MONGODB_URI``, a ``mongod`` on PATH, Docker's ``mongo:7`` or FerretDB).
 - ``broker``: the real broker, ``python -m broker serve``, in front of it,
   listening on a Unix socket and on loopback TCP.
@@ -38,11 +38,11 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from bench.brokerproc import BrokerProcess, BrokerStartError, broker_config  # noqa: E402
-from bench.dbserver import DatabaseServer, DatabaseServerError, start_database_server  # noqa: E402
-from bench.netconns import count_from_pid, count_to_port  # noqa: E402
-from bench.process import short_tmpdir  # noqa: E402
-from bench.toxiproxy import Proxy, Toxiproxy, find_toxiproxy  # noqa: E402
+from harness.brokerproc import BrokerProcess, BrokerStartError, broker_config  # noqa: E402
+from harness.dbserver import DatabaseServer, DatabaseServerError, start_database_server  # noqa: E402
+from harness.netconns import count_from_pid, count_to_port  # noqa: E402
+from harness.process import short_tmpdir  # noqa: E402
+from harness.toxiproxy import Proxy, Toxiproxy, find_toxiproxy  # noqa: E402
 from tests.rpc import open_stub  # noqa: E402
 
 DB_NAME = "appdb"  # the configured name clients use
@@ -70,7 +70,7 @@ def count_all_connections(db_port: int, exclude_pids: tuple[int, ...] = ()) -> i
 
 @pytest.fixture(scope="session")
 def db_server() -> Iterator[DatabaseServer]:
-    """One MongoDB-compatible server for the whole session (see bench/dbserver.py)."""
+    """One MongoDB-compatible server for the whole session (see harness/dbserver.py)."""
     try:
         server = start_database_server()
     except DatabaseServerError as exc:

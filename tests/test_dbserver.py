@@ -13,16 +13,16 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
-from bench.brokerproc import BrokerProcess, BrokerStartError, broker_config, render_toml
-from bench.dbserver import (
+from harness.brokerproc import BrokerProcess, BrokerStartError, broker_config, render_toml
+from harness.dbserver import (
     KINDS,
     DatabaseServer,
     DatabaseServerError,
     ProcessServer,
     start_database_server,
 )
-from bench.fleet import run_fleet
-from bench.netconns import (
+from harness.fleet import run_fleet
+from harness.netconns import (
     ConnectionSampler,
     _proc_established,
     _socket_inodes,

@@ -386,7 +386,17 @@ def _copy_context(
 
 def test_dockerignore_keeps_the_context_small() -> None:
     patterns = _dockerignore_patterns()
-    for path in (".venv", ".tools", ".git", "tests", "bench", ".pytest_cache", ".mypy_cache", ".ruff_cache"):
+    for path in (
+        ".venv",
+        ".tools",
+        ".git",
+        "tests",
+        "harness",
+        "bench",
+        ".pytest_cache",
+        ".mypy_cache",
+        ".ruff_cache",
+    ):
         assert _ignored(path, patterns), f".dockerignore must exclude {path}"
     for path in (
         "bench/results/raw/x.json",

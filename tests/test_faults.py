@@ -25,9 +25,9 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.dbserver import DatabaseServer, start_database_server
-from bench.process import free_port
-from bench.toxiproxy import Proxy
+from harness.dbserver import DatabaseServer, start_database_server
+from harness.process import free_port
+from harness.toxiproxy import Proxy
 from tests.conftest import proxied_config
 from tests.rpc import database_stats, fails, find_all, open_stub, pb
 

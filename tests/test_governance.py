@@ -22,8 +22,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.toxiproxy import Proxy
 from broker.metrics import METRIC_NAMES
+from harness.toxiproxy import Proxy
 from tests.conftest import proxied_config
 from tests.rpc import database_stats, fails, find_all, open_stub, pb
 

@@ -8,8 +8,8 @@ import subprocess
 import sys
 import textwrap
 
-from bench.brokerproc import broker_config, render_toml
-from bench.process import short_tmpdir
+from harness.brokerproc import broker_config, render_toml
+from harness.process import short_tmpdir
 
 # Serves for real (cli.main, the same path as `mongo-broker serve`), answers
 # one call of each RPC that needs no collection, then records sys.modules and

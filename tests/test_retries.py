@@ -41,7 +41,7 @@ from broker_client.retry import MIN_ATTEMPT_S, MIN_SEND_S, RetryState, is_retrya
 from bson import ObjectId
 from bson.raw_bson import RawBSONDocument
 
-from bench.toxiproxy import Proxy
+from harness.toxiproxy import Proxy
 from tests.conftest import proxied_config
 
 MONGO_DB = "broker_test"

@@ -10,7 +10,7 @@ import grpc
 import psutil
 import pytest
 
-from bench.process import free_port
+from harness.process import free_port
 from tests.rpc import fails, find_all, open_stub, pb
 
 WEB = "web-token-0123456789abcdef"

@@ -18,8 +18,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.process import free_port
-from bench.toxiproxy import Toxiproxy, find_toxiproxy
+from harness.process import free_port
+from harness.toxiproxy import Toxiproxy, find_toxiproxy
 from tests.rpc import fails, find_all, open_stub, pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -280,7 +280,7 @@ def test_sighup_adds_a_database_and_rejects_a_broken_config(start_broker, db_ser
     with open_stub(proc.unix_target) as stub:
         with fails(grpc.StatusCode.NOT_FOUND):
             stub.Ping(pb.PingRequest(database="second"), timeout=5)
-        from bench.brokerproc import render_toml
+        from harness.brokerproc import render_toml
 
         config["databases"]["second"] = {"uri": db_server.uri, "database": "broker_test_second"}
         config["databases"]["appdb"]["max_pool_size"] = 3  # re-tuned

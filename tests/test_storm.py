@@ -1,6 +1,6 @@
 """The product's key claim: many short-lived worker processes, one bounded pool.
 
-200 worker processes, each a fresh interpreter (bench/worker.py), at most 20
+200 worker processes, each a fresh interpreter (harness/worker.py), at most 20
 alive at once, each inserting one document through the broker and finding it
 again. While they run, a thread counts the broker's TCP connections to the
 database every 20 ms; they must stay within the pool bound. Then the same
@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from pymongo import MongoClient
 
-from bench.fleet import FleetResult, run_fleet, worker_command
-from bench.netconns import ConnectionSampler, connections_from_pid, connections_to_port
+from harness.fleet import FleetResult, run_fleet, worker_command
+from harness.netconns import ConnectionSampler, connections_from_pid, connections_to_port
 
 if TYPE_CHECKING:
     from tests.conftest import Broker

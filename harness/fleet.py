@@ -1,6 +1,6 @@
 """Run many short-lived worker processes, at most ``concurrency`` alive at once.
 
-Each worker is a fresh interpreter running ``bench/worker.py``; its JSON
+Each worker is a fresh interpreter running ``harness/worker.py``; its JSON
 report line is parsed into a ``WorkerResult``. Whatever happens (a failed
 worker, Ctrl-C), no worker outlives ``run_fleet``.
 """
@@ -28,7 +28,7 @@ WORKER_SCRIPT = Path(__file__).resolve().parent / "worker.py"
 
 
 def worker_command(spec: Mapping[str, Any], python: str = sys.executable) -> list[str]:
-    """The command line that runs one worker with ``spec`` (see bench/worker.py)."""
+    """The command line that runs one worker with ``spec`` (see harness/worker.py)."""
     return [python, str(WORKER_SCRIPT), json.dumps(dict(spec), separators=(",", ":"))]
 
 

@@ -41,7 +41,7 @@ from pymongo import MongoClient
 from pymongo.errors import ConfigurationError, PyMongoError
 from pymongo.uri_parser import parse_uri
 
-from bench.process import free_port, port_open, short_tmpdir, spawn_logged, tail, terminate
+from harness.process import free_port, port_open, short_tmpdir, spawn_logged, tail, terminate
 
 __all__ = [
     "KIND_ENV",

@@ -18,11 +18,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Self
 
-from bench.process import free_port
+from harness.process import free_port
 
 __all__ = ["Proxy", "Toxiproxy", "ToxiproxyError", "find_toxiproxy"]
 
-log = logging.getLogger("mongo_broker.bench.toxiproxy")
+log = logging.getLogger("mongo_broker.harness.toxiproxy")
 _ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -2,7 +2,7 @@
 
 Run as a script with one JSON argument (see ``fleet.worker_command``)::
 
-    python bench/worker.py '{"mode": "broker", "target": "unix:///tmp/mb-x/broker.sock",
+    python harness/worker.py '{"mode": "broker", "target": "unix:///tmp/mb-x/broker.sock",
                              "database": "appdb", "collection": "c", "worker": 7}'
 
 ``mode`` is ``broker`` (the bundled client, through the broker) or ``pymongo``

@@ -28,7 +28,7 @@ from typing import Any, Self
 
 import tomli_w
 
-from bench.process import short_tmpdir, spawn_logged, tail, terminate
+from harness.process import short_tmpdir, spawn_logged, tail, terminate
 
 __all__ = [
     "BrokerProcess",
