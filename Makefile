@@ -9,7 +9,7 @@ export PATH := $(TOOLS):$(PATH)
 # Go-built helper binaries go into .tools/bin, never into the user's GOPATH bin.
 export GOBIN := $(TOOLS)
 
-.PHONY: run test check proto venv tools clients clean soak bench bench-server-model
+.PHONY: run test check proto venv tools clients clean soak bench
 
 ## run: the demo: hundreds of short-lived workers through one broker
 run: venv tools
@@ -22,10 +22,6 @@ test: venv tools clients
 ## bench: every mode side by side; writes bench/results/REPORT.md and plots (about 25 min)
 bench: venv tools
 	$(PY) -m bench.bench $(BENCH_ARGS)
-
-## bench-server-model: grpc.aio against sync, one broker process against two (about 4 minutes)
-bench-server-model: venv tools
-	$(PY) -m bench.servermodel
 
 ## soak: 30 minutes of mixed load with a fault every two minutes (not part of CI)
 soak: venv tools

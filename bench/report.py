@@ -979,7 +979,7 @@ def optimisation_section(raw: dict[str, Any], agg: Aggregate, summaries: dict[st
     measured = [
         (
             "Several broker processes (each `max_pool_size / N`), and grpc.aio against a sync server",
-            "measured by `make bench-server-model` ([SERVER_MODEL.md](SERVER_MODEL.md)): on these 2 cores "
+            "measured once by a since-retired harness ([SERVER_MODEL.md](SERVER_MODEL.md)): on these 2 cores "
             "two processes gained no throughput and cost more CPU per call, a higher p99 and twice the "
             "RSS; a sync gRPC server and grpc.aio were within noise on a Ping stub. The broker stays one "
             "grpc.aio process on a Unix socket, whose idle Find streams cost a suspended coroutine rather "

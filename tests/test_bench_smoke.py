@@ -141,33 +141,3 @@ def test_profile_summary_reads_speedscope(tmp_path: Path) -> None:
     assert self_share["encode (bson/__init__.py)"] == pytest.approx(200 / 3)
     assert dict(summary["inclusive"])["Find (broker/service.py)"] == pytest.approx(100)
     assert dict(summary["areas"])["bson"] == pytest.approx(200 / 3)
-
-
-def test_server_model_experiment_runs_and_reports_both_questions(tmp_path: Path) -> None:
-    """``python -m bench.servermodel`` at its smallest: one 1 s run per model and question."""
-    from bench import workloads
-
-    if workloads.find_ghz() is None:
-        pytest.skip("ghz is not built (make tools builds it)")
-    smallest = "--seconds 1 --repeats 1 --framework-concurrency 2 --broker-concurrency 4 --calls Insert"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.servermodel", *smallest.split(), "--results-dir", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    text = (tmp_path / "SERVER_MODEL.md").read_text()
-    expected = (
-        "## 1. Framework cost",
-        "| Ping | 2 | aio |",
-        "| Ping | 2 | sync |",
-        "## 2. One broker process",
-        "| Insert | 4 | 1 process |",
-        "| Insert | 4 | 2 processes |",
-        "## Decision",
-    )
-    for needle in expected:
-        assert needle in text, needle
