@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 import shutil
 import signal
@@ -34,6 +33,7 @@ from typing import Any
 
 from pymongo import MongoClient
 
+from bench.modes import percentile
 from harness.brokerproc import BrokerProcess, BrokerStartError, broker_config
 from harness.dbserver import KINDS, DatabaseServer, DatabaseServerError, database_server
 from harness.fleet import FleetResult, run_fleet, worker_command
@@ -56,15 +56,6 @@ class Phase:
     connections_seen: int
     connections_opened: int | None  # exact count, where the workers report it
     documents: int
-
-
-def percentile(values: Sequence[float], pct: float) -> float:
-    """Nearest-rank percentile; NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(pct / 100 * len(ordered)))
-    return ordered[rank - 1]
 
 
 def _run_phase(

@@ -254,18 +254,18 @@ def count_bson_documents(batch: bytes) -> int:
     return count
 
 
+def percentile(values: Sequence[float], point: float) -> float:
+    """Nearest-rank percentile of ``values``; NaN for none. The bench's one definition."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(point / 100 * len(ordered))) - 1]
+
+
 def percentiles(values: Sequence[float], points: Sequence[float] = (50, 99, 99.9)) -> dict[str, float]:
     """Nearest-rank percentiles of ``values`` as {"p50": ..., "p99": ..., "p99.9": ...}."""
     ordered = sorted(values)
-    out: dict[str, float] = {}
-    for point in points:
-        key = f"p{point:g}"
-        if not ordered:
-            out[key] = math.nan
-            continue
-        rank = max(1, math.ceil(point / 100 * len(ordered)))
-        out[key] = ordered[rank - 1]
-    return out
+    return {f"p{point:g}": percentile(ordered, point) for point in points}
 
 
 def _peak_rss_mb() -> float:

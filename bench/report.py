@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import modes
+from bench.modes import percentile
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,14 +55,6 @@ class Cell:
         return cls(statistics.median(clean), min(clean), max(clean), len(clean))
 
 
-def pct(values: Sequence[float], point: float) -> float:
-    """Nearest-rank percentile; NaN for none."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(point / 100 * len(ordered))) - 1]
-
-
 # --- from records to cells ------------------------------------------------------------------------
 
 
@@ -72,14 +65,14 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
     if workload == "storm":
         return {
             "wall_s": m["wall_s"],
-            "s2f_p50_ms": pct(m["spawn_to_first_ms"], 50),
-            "s2f_p99_ms": pct(m["spawn_to_first_ms"], 99),
-            "import_p50_ms": pct(m["spawn_to_imported_ms"], 50),
-            "op_p50_ms": pct(m["op_ms"], 50),
+            "s2f_p50_ms": percentile(m["spawn_to_first_ms"], 50),
+            "s2f_p99_ms": percentile(m["spawn_to_first_ms"], 99),
+            "import_p50_ms": percentile(m["spawn_to_imported_ms"], 50),
+            "op_p50_ms": percentile(m["op_ms"], 50),
             "peak_connections": m["peak_connections"],
             "connections_opened": m["connections_opened"],
             "workers_failed": m["workers_failed"],
-            "worker_rss_mb": pct(m["worker_peak_rss_mb"], 50),
+            "worker_rss_mb": percentile(m["worker_peak_rss_mb"], 50),
             "loadavg_1m": m.get("loadavg_1m", math.nan),
         }
     if workload == "profile":
