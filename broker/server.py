@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import stat
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,10 +68,48 @@ class Listeners:
         return {"unix": self.unix, "tcp": self.tcp, "health": self.health, "metrics": self.metrics}
 
 
-def _prepare_unix_socket(path: str) -> None:
+def _unix_gid(listen: ListenSettings) -> int | None:
+    """The gid of ``listen.unix_group``, or None when unset."""
+    group = listen.unix_group
+    if group is None:
+        return None
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ListenError(f"listen.unix_group {group!r}: no such group") from None
+
+
+def _make_socket_directory(directory: Path, gid: int | None) -> None:
+    """Create the socket's directory (and missing parents) 0750, in ``gid`` when given.
+
+    The mode is set explicitly: mkdir's mode is filtered by the umask (0777
+    under umask 000, 0700 under 077). The group is given so that a member of
+    listen.unix_group can traverse to a socket it may connect to; a
+    directory that already exists is left as its owner made it.
+    """
+    missing: list[Path] = []
+    for path in (directory, *directory.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o750)
+        except FileExistsError:
+            continue  # made by someone else meanwhile: theirs, not ours to change
+        except OSError as exc:
+            raise ListenError(f"cannot create the socket directory {str(path)!r}: {exc}") from exc
+        try:
+            if gid is not None:
+                os.chown(path, -1, gid)
+            os.chmod(path, 0o750)
+        except OSError as exc:
+            raise ListenError(f"cannot set the group/mode of {str(path)!r}: {exc}") from exc
+
+
+def _prepare_unix_socket(path: str, gid: int | None) -> None:
     """Create the socket's directory, and clear a stale socket left by a dead broker."""
-    directory = Path(path).parent
-    directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+    _make_socket_directory(Path(path).parent, gid)
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -91,19 +130,57 @@ def _prepare_unix_socket(path: str) -> None:
         probe.close()
 
 
-def _secure_unix_socket(listen: ListenSettings) -> None:
-    assert listen.unix is not None
-    try:
-        if listen.unix_group is not None:
-            gid = (
-                int(listen.unix_group)
-                if listen.unix_group.isdigit()
-                else grp.getgrnam(listen.unix_group).gr_gid
-            )
-            os.chown(listen.unix, -1, gid)
-        os.chmod(listen.unix, listen.unix_mode_bits)
-    except (OSError, KeyError) as exc:
-        raise ListenError(f"cannot set owner/mode of {listen.unix!r}: {exc}") from exc
+class _StagedSocket:
+    """The Unix socket, bound in a private directory and moved into place once secured.
+
+    grpc binds and listens on a Unix socket in ``add_insecure_port`` (and the
+    kernel completes connections on the backlog before ``start()``), with the
+    mode the umask allows: 0777 under umask 000. A process that connects
+    before the broker's chmod keeps its connection whatever the mode becomes.
+    So the socket is bound in a fresh 0700 directory beside its final path,
+    which nobody but the broker's user can traverse, is given its group and
+    mode there, and only then renamed into place. rename() is atomic and the
+    listener keeps its fd, so grpc serves on under the new name.
+
+    Setting the umask around the bind would also work, but the umask is
+    process-wide: grpc's, pymongo's and the metrics server's threads run by
+    then, and a file any of them created meanwhile would get the socket's
+    mode. The staging directory changes nothing outside itself.
+    """
+
+    # Short, so that the staged path fits sun_path whenever the final one
+    # does (settings checks the directory's length with this allowance).
+    _NAME = "s"
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        try:
+            self.directory = tempfile.mkdtemp(prefix=".mb", dir=Path(target).parent)
+        except OSError as exc:
+            raise ListenError(f"cannot create a staging directory beside {target!r}: {exc}") from exc
+        self.path = os.path.join(self.directory, self._NAME)
+
+    def publish(self, mode: int, gid: int | None) -> None:
+        """Give the bound socket its group and mode, then move it to its final path."""
+        try:
+            if gid is not None:
+                os.chown(self.path, -1, gid)
+            os.chmod(self.path, mode)
+            # A socket another broker put there since _prepare_unix_socket's
+            # check would be replaced; that race exists with any bind, as
+            # grpc itself unlinks an existing socket file before binding.
+            os.rename(self.path, self.target)
+        except OSError as exc:
+            raise ListenError(f"cannot set owner/mode of {self.target!r}: {exc}") from exc
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove the staging directory (and a socket never published)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(self.directory)
 
 
 def _tls_credentials(listen: ListenSettings) -> grpc.ServerCredentials:
@@ -127,17 +204,24 @@ def _add_port(
         raise ListenError(f"cannot listen on {what} {address!r}: {exc}") from exc
 
 
-def _bind(server: grpc.aio.Server, listen: ListenSettings) -> Listeners:
+def _bind(server: grpc.aio.Server, listen: ListenSettings) -> tuple[Listeners, _StagedSocket | None]:
     bound = Listeners()
+    staged = None
     if listen.unix is not None:
-        _prepare_unix_socket(listen.unix)
-        _add_port(server, f"unix:{listen.unix}", "unix socket")
+        gid = _unix_gid(listen)
+        _prepare_unix_socket(listen.unix, gid)
+        staged = _StagedSocket(listen.unix)
+        try:
+            _add_port(server, f"unix:{staged.path}", f"unix socket {listen.unix!r} (staged)")
+        except ListenError:
+            staged.discard()
+            raise
         bound.unix = listen.unix
     if listen.tcp is not None:
         creds = _tls_credentials(listen) if listen.tls_cert_file else None
         port = _add_port(server, listen.tcp, "tcp", creds)
         bound.tcp = f"{listen.tcp.rsplit(':', 1)[0]}:{port}"
-    return bound
+    return bound, staged
 
 
 def _write_ready_file(path: str, listeners: Listeners) -> None:
@@ -207,9 +291,10 @@ class _Broker:
             self.health_server = _grpc_server(settings, None)
             health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.health_server)
         self.retiring: set[asyncio.Task[None]] = set()
+        self.staged: _StagedSocket | None = None
 
     def bind(self) -> Listeners:
-        listeners = _bind(self.server, self.settings.listen)
+        listeners, self.staged = _bind(self.server, self.settings.listen)
         if self.health_server is not None and self.settings.health.tcp:
             port = _add_port(self.health_server, self.settings.health.tcp, "health tcp")
             listeners.health = f"{self.settings.health.tcp.rsplit(':', 1)[0]}:{port}"
@@ -224,8 +309,10 @@ class _Broker:
     async def start(self) -> None:
         await self.pools.connect()
         await self.server.start()
-        if self.settings.listen.unix is not None:
-            _secure_unix_socket(self.settings.listen)
+        if self.staged is not None:
+            listen = self.settings.listen
+            self.staged.publish(listen.unix_mode_bits, _unix_gid(listen))
+            self.staged = None
         if self.health_server is not None:
             await self.health_server.start()
         await self.health.start(self.pools)
@@ -303,6 +390,8 @@ async def serve(settings: Settings, ready_file: str | None = None, config_path: 
         await broker.start()
     except ListenError as exc:
         log.error("%s", exc)
+        if broker.staged is not None:
+            broker.staged.discard()
         broker.metrics.close()
         await broker.server.stop(0)
         await broker.pools.close()

@@ -65,6 +65,8 @@ MiB = 1024 * 1024
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
+# len("/.mbXXXXXXXX/s"): the private directory the socket is bound in first.
+_STAGED_SOCKET_SUFFIX_BYTES = 14
 _DB_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
 
@@ -96,8 +98,9 @@ class ListenSettings(BaseModel):
     unix: str | None = DEFAULT_UNIX_SOCKET
     # "HOST:PORT" or just "PORT" (bound to 127.0.0.1). Port 0 picks a free port.
     tcp: str | None = None
-    # Permissions of the Unix socket file: who may connect. Its directory is
-    # created 0750 when missing.
+    # Permissions of the Unix socket file: who may connect. It is never more
+    # open than this, not even during start-up. Its directory is created 0750
+    # (in unix_group, when set) when missing.
     unix_mode: str = "0660"
     # Group to own the socket (name or number); unset: the broker's group.
     unix_group: str | None = None
@@ -116,8 +119,18 @@ class ListenSettings(BaseModel):
     @classmethod
     def _check_unix(cls, value: str | None) -> str | None:
         # sun_path is 108 bytes on Linux, including the terminating NUL.
-        if value is not None and len(os.fsencode(value)) > 107:
+        if value is None:
+            return None
+        if len(os.fsencode(value)) > 107:
             raise ValueError(f"Unix socket path is longer than 107 bytes: {value!r}")
+        # The socket is first bound as DIR/.mbXXXXXXXX/s (see server._StagedSocket),
+        # which must fit sun_path too.
+        directory = os.fsencode(os.path.dirname(os.path.abspath(value)))
+        if len(directory) + _STAGED_SOCKET_SUFFIX_BYTES > 107:
+            raise ValueError(
+                f"the directory of the Unix socket {value!r} is longer than "
+                f"{107 - _STAGED_SOCKET_SUFFIX_BYTES} bytes"
+            )
         return value
 
     @field_validator("tcp")

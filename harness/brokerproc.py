@@ -127,6 +127,7 @@ class BrokerProcess:
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         name: str = "broker",
+        umask: int = -1,
     ) -> None:
         self._own_workdir = workdir is None
         self.workdir = workdir if workdir is not None else short_tmpdir("mb-")
@@ -150,6 +151,8 @@ class BrokerProcess:
         ]
         base = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
         self.env = {**base, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # The broker's umask (-1: inherit); tests of file modes start it under 000.
+        self.umask = umask
         self.ready: Ready | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
@@ -161,7 +164,7 @@ class BrokerProcess:
         if self._proc is not None:
             raise RuntimeError(f"{self.name} already started (pid {self._proc.pid})")
         self.ready_path.unlink(missing_ok=True)
-        self._proc = spawn_logged(self.argv, self.log_path, cwd=REPO, env=self.env)
+        self._proc = spawn_logged(self.argv, self.log_path, cwd=REPO, env=self.env, umask=self.umask)
         logger.info("started %s pid %d with %s", self.name, self._proc.pid, self.config_path)
         if wait:
             try:

@@ -70,8 +70,11 @@ def spawn_logged(
     *,
     cwd: Path | None = None,
     env: Mapping[str, str] | None = None,
+    umask: int = -1,
 ) -> subprocess.Popen[bytes]:
     """Start a server process whose output (stdout and stderr) is appended to ``log_path``.
+
+    ``umask``: the child's umask (-1, the default: this process's).
 
     Appending keeps the log of earlier runs after a restart. A session of its
     own keeps a terminal's Ctrl-C away from it, so its owner stops it in order
@@ -86,6 +89,7 @@ def spawn_logged(
             cwd=cwd,
             env=None if env is None else dict(env),
             start_new_session=True,
+            umask=umask,
         )
 
 

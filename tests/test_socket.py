@@ -1,0 +1,124 @@
+"""The Unix socket: never more open than listen.unix_mode, and reachable by listen.unix_group."""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.brokerproc import BrokerProcess
+from tests.rpc import open_stub, pb
+
+
+def _start(start_broker, config, *, umask: int) -> BrokerProcess:
+    """A broker under ``umask``, not waited for (the factory still stops it)."""
+    process = BrokerProcess(config, workdir=start_broker.workdir(), umask=umask)
+    start_broker.started.append(process)
+    process.start(wait=False)
+    return process
+
+
+def _watch_modes(path: Path, process: BrokerProcess, timeout: float = 30.0) -> set[int]:
+    """Every mode ``path`` had from before it appeared until the broker is ready."""
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                seen.add(stat.S_IMODE(os.lstat(path).st_mode))
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    try:
+        process.wait_ready(timeout)
+        time.sleep(0.05)
+    finally:
+        done.set()
+        watcher.join(5)
+    return seen
+
+
+@pytest.mark.parametrize("unix_mode", ["0660", "0600"])
+def test_socket_is_never_more_open_than_unix_mode_even_under_umask_000(start_broker, unix_mode):
+    config = start_broker.base_config()
+    socket_path = Path(config["listen"]["unix"])
+    # An existing directory that anyone may traverse: only the socket's own
+    # mode stands between another uid and the broker.
+    socket_path.parent.chmod(0o755)
+    config["listen"]["unix_mode"] = unix_mode
+    process = _start(start_broker, config, umask=0)
+    seen = _watch_modes(socket_path, process)
+    allowed = int(unix_mode, 8)
+    assert seen, "the socket never appeared"
+    too_open = {oct(mode) for mode in seen if mode & ~allowed}
+    assert not too_open, f"the socket was {too_open} at some moment; unix_mode is {unix_mode}"
+    assert seen == {allowed}
+    with open_stub(process.unix_target) as stub:
+        assert stub.Ping(pb.PingRequest(), timeout=10).databases[0].ok
+    # Nothing of the staging is left beside the socket.
+    assert sorted(p.name for p in socket_path.parent.iterdir() if p.name.startswith(".mb")) == []
+
+
+def _another_group() -> int:
+    """A group the broker may give files: any group for root, else a supplementary one."""
+    if os.geteuid() == 0:
+        for entry in grp.getgrall():
+            if entry.gr_gid != os.getgid():
+                return entry.gr_gid
+    for gid in os.getgroups():
+        if gid != os.getgid():
+            return gid
+    pytest.skip("needs a group other than the primary one that this user may give files")
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o077])
+def test_created_socket_directory_belongs_to_unix_group(start_broker, umask):
+    gid = _another_group()
+    config = start_broker.base_config()
+    base = Path(config["listen"]["unix"]).parent
+    socket_path = base / "run" / "mongo-broker" / "broker.sock"
+    config["listen"]["unix"] = str(socket_path)
+    config["listen"]["unix_group"] = str(gid)
+    process = _start(start_broker, config, umask=umask)
+    process.wait_ready(30)
+    for directory in (socket_path.parent, socket_path.parent.parent):
+        info = os.stat(directory)
+        assert (oct(stat.S_IMODE(info.st_mode)), info.st_gid) == (oct(0o750), gid), directory
+    info = os.stat(socket_path)
+    assert (oct(stat.S_IMODE(info.st_mode)), info.st_gid) == (oct(0o660), gid)
+    with open_stub(process.unix_target) as stub:
+        assert stub.Ping(pb.PingRequest(), timeout=10).databases[0].ok
+
+
+def test_existing_socket_directory_is_left_as_it_is(start_broker):
+    gid = _another_group()
+    config = start_broker.base_config()
+    socket_path = Path(config["listen"]["unix"])
+    socket_path.parent.chmod(0o711)
+    before = os.stat(socket_path.parent)
+    config["listen"]["unix_group"] = str(gid)
+    process = _start(start_broker, config, umask=0o022)
+    process.wait_ready(30)
+    after = os.stat(socket_path.parent)
+    assert (after.st_mode, after.st_gid) == (before.st_mode, before.st_gid)
+    assert os.stat(socket_path).st_gid == gid
+
+
+def test_unknown_unix_group_is_refused_at_startup_with_exit_2(start_broker):
+    config = start_broker.base_config()
+    config["listen"]["unix_group"] = "no-such-group-mb"
+    process = start_broker(config, wait=False)
+    assert process.wait(timeout=30) == 2
+    log = process.log_text()
+    assert "listen.unix_group 'no-such-group-mb': no such group" in log
+    assert "Traceback" not in log
+    # The refused start leaves no staging directory and no socket behind.
+    left = [p.name for p in Path(config["listen"]["unix"]).parent.iterdir()]
+    assert not [name for name in left if name.startswith((".mb", "broker.sock"))], left
