@@ -21,7 +21,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, unquote_plus, urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -54,7 +54,9 @@ __all__ = [
     "Settings",
     "TokenSettings",
     "load_settings",
+    "redact_text",
     "redact_uri",
+    "uri_secrets",
 ]
 
 ENV_PREFIX = "MONGO_BROKER_"
@@ -74,18 +76,103 @@ class ConfigError(Exception):
     """The configuration is invalid; the message names the offending key."""
 
 
+# URI options whose values are secrets: tlsCertificateKeyFilePassword, and
+# any other whose name says so (matched case-insensitively, as pymongo does).
+_SECRET_OPTION = re.compile(r"password|secret|token", re.IGNORECASE)
+# One option of a URI's query: its separator, name and value.
+_URI_OPTION = re.compile(r"(?P<sep>[?&;])(?P<name>[^=&;?]*)=(?P<value>[^&;]*)")
+# Characters that end the user-info in an unescaped password (pymongo
+# splits the URI at them), so they cut a password into the pieces an error
+# message may quote.
+_URI_DELIMITERS = re.compile(r"[/?#@:\[\]]")
+REDACTED = "***"
+
+
+def _redact_mechanism_properties(value: str) -> str:
+    """authMechanismProperties=KEY:VALUE,...: hide the values of secret keys (AWS_SESSION_TOKEN)."""
+    properties = []
+    for item in unquote(value).split(","):
+        key, colon, _ = item.partition(":")
+        properties.append(f"{key}:{REDACTED}" if colon and _SECRET_OPTION.search(key) else item)
+    return ",".join(properties)
+
+
+def _redact_option(match: re.Match[str]) -> str:
+    name, value = match["name"], match["value"]
+    if _SECRET_OPTION.search(unquote(name)):
+        value = REDACTED
+    elif unquote(name).lower() == "authmechanismproperties":
+        value = _redact_mechanism_properties(value)
+    return f"{match['sep']}{name}={value}"
+
+
+def _split_userinfo(uri: str) -> tuple[str, str, str]:
+    """(scheme and ``://``, user-info or '', the rest after its ``@``), for any string.
+
+    The user-info ends at the last ``@`` before the query, else at the last
+    ``@`` of all: a password with an unescaped ``/`` or ``?`` (which pymongo
+    refuses, but an error must still not show) stays inside it.
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        scheme, rest = "", uri
+    prefix = scheme + sep
+    before_query = rest.partition("?")[0]
+    at = before_query.rfind("@")
+    if at < 0:
+        at = rest.rfind("@")
+    if at < 0:
+        return prefix, "", rest
+    return prefix, rest[:at], rest[at + 1 :]
+
+
 def redact_uri(uri: str) -> str:
-    """Return ``uri`` with any password replaced by ``***``, safe for logs and errors."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return "<unparseable uri>"
-    if "@" not in parts.netloc:
-        return uri
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    netloc = f"{user}:***@{hosts}" if ":" in userinfo else f"{user}@{hosts}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    """Return ``uri`` with its secrets replaced by ``***``, safe for logs and errors.
+
+    Hidden: the password in the user-info, the value of every query option
+    whose name contains "password", "secret" or "token" (e.g.
+    tlsCertificateKeyFilePassword), and such keys' values inside
+    authMechanismProperties (e.g. AWS_SESSION_TOKEN). Works on malformed
+    URIs too, hiding more rather than less.
+    """
+    prefix, userinfo, rest = _split_userinfo(uri)
+    rest = _URI_OPTION.sub(_redact_option, rest)
+    if not userinfo:
+        return prefix + rest
+    user, colon, _ = userinfo.partition(":")
+    if not colon:
+        # No password, but the user-info may hold options when the '@' was
+        # in the query: redact those as well.
+        user = _URI_OPTION.sub(_redact_option, user)
+        return f"{prefix}{user}@{rest}"
+    return f"{prefix}{user}:{REDACTED}@{rest}"
+
+
+def uri_secrets(uri: str) -> set[str]:
+    """Every secret in ``uri`` (raw and percent-decoded), and the pieces an error may quote."""
+    found: set[str] = set()
+    _, userinfo, rest = _split_userinfo(uri)
+    password = userinfo.partition(":")[2]
+    if password:
+        found.add(password)
+        found.update(piece for piece in _URI_DELIMITERS.split(password) if piece)
+    for match in _URI_OPTION.finditer(rest):
+        name, value = unquote(match["name"]), match["value"]
+        if _SECRET_OPTION.search(name) and value:
+            found.add(value)
+        elif name.lower() == "authmechanismproperties":
+            for item in unquote(value).split(","):
+                key, colon, secret = item.partition(":")
+                if colon and secret and _SECRET_OPTION.search(key):
+                    found.add(secret)
+    return found | {unquote_plus(secret) for secret in found} | {unquote(secret) for secret in found}
+
+
+def redact_text(text: str, uri: str) -> str:
+    """``text`` (e.g. a pymongo error about ``uri``) with every secret of ``uri`` replaced by ``***``."""
+    for secret in sorted(uri_secrets(uri), key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
 
 
 class ListenSettings(BaseModel):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 
 import bson
 import pytest
 
-from broker.settings import ConfigError, Settings, load_settings, redact_uri
+from broker.settings import ConfigError, Settings, load_settings, redact_text, redact_uri, uri_secrets
+from harness.process import free_port
 from tests.rpc import open_stub, pb
 
 
@@ -132,3 +134,105 @@ def test_stale_socket_is_replaced_and_live_one_is_refused(start_broker):
     # The first broker still serves.
     with open_stub(first.unix_target) as stub:
         assert stub.Ping(pb.PingRequest(), timeout=10).databases[0].ok
+
+
+# --- secrets in URIs ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "redacted", "secret"),
+    [
+        (
+            "mongodb://db/?tls=true&tlsCertificateKeyFilePassword=Canary-Tls-1&appname=x",
+            "mongodb://db/?tls=true&tlsCertificateKeyFilePassword=***&appname=x",
+            "Canary-Tls-1",
+        ),
+        (
+            "mongodb://db/?TLSCERTIFICATEKEYFILEPASSWORD=Canary-Tls-2",
+            "mongodb://db/?TLSCERTIFICATEKEYFILEPASSWORD=***",
+            "Canary-Tls-2",
+        ),
+        (
+            "mongodb://k@db/?authMechanism=MONGODB-AWS"
+            "&authMechanismProperties=SERVICE_NAME:svc,AWS_SESSION_TOKEN:Canary-Aws-3",
+            "mongodb://k@db/?authMechanism=MONGODB-AWS"
+            "&authMechanismProperties=SERVICE_NAME:svc,AWS_SESSION_TOKEN:***",
+            "Canary-Aws-3",
+        ),
+        (
+            "mongodb://db/?authMechanismProperties=AWS_SESSION_TOKEN%3ACanary-Aws-4",
+            "mongodb://db/?authMechanismProperties=AWS_SESSION_TOKEN:***",
+            "Canary-Aws-4",
+        ),
+        ("mongodb://db/?x=1;apiSecret=Canary-5;y=2", "mongodb://db/?x=1;apiSecret=***;y=2", "Canary-5"),
+        ("mongodb://db/?refreshToken=Canary-6", "mongodb://db/?refreshToken=***", "Canary-6"),
+        # Passwords with characters pymongo needs escaped are still hidden whole.
+        ("mongodb://u:Canary/7@db/", "mongodb://u:***@db/", "Canary/7"),
+        ("mongodb://u:Canary?8@db/app", "mongodb://u:***@db/app", "Canary?8"),
+        ("mongodb://u:Can@ry-9@db/?appname=a@b", "mongodb://u:***@db/?appname=a@b", "Can@ry-9"),
+        ("u:Canary-10@db", "u:***@db", "Canary-10"),
+        # Nothing secret: unchanged.
+        ("mongodb://db:27017/app?authSource=admin&tls=true", None, None),
+        ("mongodb://user@db/?tlsCAFile=/etc/ca.pem", None, None),
+    ],
+)
+def test_redact_uri_hides_every_secret_bearing_part(uri, redacted, secret):
+    assert redact_uri(uri) == (redacted if redacted is not None else uri)
+    if secret is not None:
+        assert secret not in redact_uri(uri)
+        assert secret in uri_secrets(uri)
+        assert redact_text(f"error about {secret}!", uri) == "error about ***!"
+
+
+def test_settings_repr_shows_no_uri_option_secret():
+    canary = "Canary-Option-5512"
+    settings = Settings(databases={"app": {"uri": f"mongodb://db/?tlsCertificateKeyFilePassword={canary}"}})
+    assert canary not in repr(settings) and canary not in str(settings)
+    assert settings.databases["app"].redacted_uri == "mongodb://db/?tlsCertificateKeyFilePassword=***"
+
+
+def _encrypted_client_pem(directory, password: str) -> str:
+    """A self-signed certificate and its key encrypted with ``password``, in one PEM file."""
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-keyout", "key.pem", "-out", "cert.pem", "-passout", f"pass:{password}",
+            "-subj", "/CN=broker", "-days", "2",
+        ],
+        cwd=directory, check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    pem = directory / "client.pem"
+    pem.write_text((directory / "cert.pem").read_text() + (directory / "key.pem").read_text())
+    return str(pem)
+
+
+def test_uri_option_secrets_never_reach_the_log_or_replies(start_broker, tmp_path):
+    key_password = "Canary-KeyPass-2291"
+    session_token = "Canary-Session-7730"
+    secret_key = "Canary-SecretKey-1047"
+    pem = _encrypted_client_pem(tmp_path, key_password)
+    config = start_broker.base_config()
+    quiet = {"server_selection_timeout_ms": 500, "min_pool_size": 0, "connect_timeout_ms": 300}
+    # Nothing listens on these ports: the clients are built, never authenticated.
+    config["databases"]["tlsdb"] = {
+        "uri": f"mongodb://127.0.0.1:{free_port()}/?tls=true&tlsCertificateKeyFile={pem}"
+        f"&tlsCertificateKeyFilePassword={key_password}",
+        **quiet,
+    }
+    config["databases"]["awsdb"] = {
+        "uri": f"mongodb://AKIDEXAMPLE:{secret_key}@127.0.0.1:{free_port()}/?authMechanism=MONGODB-AWS"
+        f"&authMechanismProperties=AWS_SESSION_TOKEN:{session_token}",
+        **quiet,
+    }
+    proc = start_broker(config)
+    with open_stub(proc.unix_target) as stub:
+        replies = [
+            str(stub.Ping(pb.PingRequest(), timeout=15)),
+            str(stub.Stats(pb.StatsRequest(), timeout=15)),
+        ]
+    proc.stop()
+    log = proc.log_text()
+    assert "tlsCertificateKeyFilePassword=***" in log
+    assert "AWS_SESSION_TOKEN:***" in log
+    for text in (log, *replies):
+        assert key_password not in text and session_token not in text and secret_key not in text
