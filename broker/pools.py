@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
 
 from broker.admission import Admission
 from broker.errors import UnknownDatabaseError
 from broker.monitoring import DatabaseStats
-from broker.settings import DatabaseSettings
+from broker.settings import ConfigError, DatabaseSettings, redact_text, redact_uri
 
-__all__ = ["DatabasePool", "Pools"]
+__all__ = ["DatabasePool", "Pools", "check_client"]
 
 log = logging.getLogger("mongo_broker.pools")
 
@@ -46,7 +48,14 @@ class Pools:
 
     @classmethod
     def build(cls, databases: Mapping[str, DatabaseSettings]) -> Pools:
-        """Construct one client per database. No I/O happens until `connect`."""
+        """Construct one client per database. No I/O happens until `connect`.
+
+        Raises ConfigError naming ``databases.NAME.uri`` when pymongo refuses
+        a database's URI or options; every database is checked before any
+        client is built, so a refusal leaves nothing behind.
+        """
+        for name, settings in databases.items():
+            check_client(name, settings)
         return cls({name: _open(name, settings) for name, settings in databases.items()})
 
     async def reconfigure(self, databases: Mapping[str, DatabaseSettings]) -> list[DatabasePool]:
@@ -57,18 +66,39 @@ class Pools:
         on the client they started with, and the caller closes a retired pool
         once its calls are done (see `close_when_idle`).
         """
+        # Every new database is checked first (a refused URI is a ConfigError
+        # before anything is built), then every client is built, and only
+        # then connected; if anything fails, the clients opened so far are
+        # closed again and the running set is kept, so a refused reload
+        # leaks no connections.
         retired = []
         pools = {}
-        for name, settings in databases.items():
-            old = self._pools.get(name)
-            if old is not None and old.settings == settings:
-                pools[name] = old
-                continue
-            pool = pools[name] = _open(name, settings)
-            await pool.client.aconnect()
+        changed = {
+            name: settings
+            for name, settings in databases.items()
+            if name not in self._pools or self._pools[name].settings != settings
+        }
+        for name, settings in changed.items():
+            check_client(name, settings)
+        opened: list[DatabasePool] = []
+        try:
+            for name, settings in databases.items():
+                if name not in changed:
+                    pools[name] = self._pools[name]
+                    continue
+                pool = pools[name] = _open(name, settings)
+                opened.append(pool)
+            for pool in opened:
+                await pool.client.aconnect()
+        except BaseException:
+            for pool in opened:
+                await _close(pool)
+            raise
+        for pool in opened:
+            old = self._pools.get(pool.name)
             if old is not None:
                 retired.append(old)
-            log.info("database %s %s", name, "re-tuned" if old is not None else "added")
+            log.info("database %s %s", pool.name, "re-tuned" if old is not None else "added")
         for name, old in self._pools.items():
             if name not in databases:
                 retired.append(old)
@@ -113,6 +143,31 @@ class Pools:
             await _close(pool)
 
 
+def check_client(name: str, settings: DatabaseSettings) -> None:
+    """Raise ConfigError, naming ``databases.NAME.uri``, if pymongo refuses the URI or options.
+
+    pymongo's own constructor is the check: it validates the URI and the
+    options together, without I/O (a mongodb+srv:// name is resolved only on
+    connect). Without event listeners and unconnected, the client starts
+    no task and holds nothing, so it is simply dropped.
+    """
+    uri = settings.uri.get_secret_value()
+    try:
+        # pymongo only warns about an unknown option or a bad option value
+        # and then ignores it; a sidecar would run with a setting nobody
+        # asked for, so those warnings refuse the URI too.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            AsyncMongoClient(uri, connect=False, **settings.client_options())
+    except (PyMongoError, ValueError, TypeError) as exc:
+        raise ConfigError(f"invalid configuration:\n  databases.{name}.uri: {_refusal(exc, uri)}") from None
+    for warning in caught:
+        if issubclass(warning.category, UserWarning):
+            reason = _refusal(ValueError(str(warning.message)), uri)
+            raise ConfigError(f"invalid configuration:\n  databases.{name}.uri: {reason}")
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
 def _open(name: str, settings: DatabaseSettings) -> DatabasePool:
     stats = DatabaseStats.create(name, settings.max_pool_size, settings.min_pool_size)
     client: AsyncMongoClient[Any] = AsyncMongoClient(
@@ -131,6 +186,17 @@ def _open(name: str, settings: DatabaseSettings) -> DatabasePool:
     return DatabasePool(
         name, settings, client, client.get_database(settings.database or name), stats, admission
     )
+
+
+def _refusal(exc: Exception, uri: str) -> str:
+    """pymongo's reason for refusing ``uri``, with the URI, and without any of its secrets."""
+    message = str(exc) or type(exc).__name__
+    shown = redact_text(message, uri)
+    if shown != message:
+        # A password with unescaped characters is cut into pieces by the
+        # parser, and its error may quote one of them.
+        shown += "; percent-encode the user name and password (urllib.parse.quote_plus)"
+    return f"pymongo refuses {redact_uri(uri)!r}: {shown}"
 
 
 # Closing sends endSessions to the server; a slow or unreachable server must

@@ -292,6 +292,7 @@ class _Broker:
             health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.health_server)
         self.retiring: set[asyncio.Task[None]] = set()
         self.staged: _StagedSocket | None = None
+        self.reload_lock = asyncio.Lock()
 
     def bind(self) -> Listeners:
         listeners, self.staged = _bind(self.server, self.settings.listen)
@@ -318,14 +319,27 @@ class _Broker:
         await self.health.start(self.pools)
 
     async def reload(self) -> None:
-        try:
-            settings = load_settings(self.config_path)
-        except ConfigError as exc:
-            log.error("reload rejected, keeping the running configuration: %s", exc)
-            return
+        """SIGHUP: apply the config file, or log why not and keep the running configuration.
+
+        Never raises: it runs as a task nobody awaits, where an exception
+        would surface only as "Task exception was never retrieved".
+        """
+        # One reload at a time: a second SIGHUP waits for the first rather
+        # than interleaving with its connects.
+        async with self.reload_lock:
+            try:
+                await self._reload()
+            except ConfigError as exc:
+                log.error("reload rejected, keeping the running configuration: %s", exc)
+            except Exception:
+                log.exception("reload rejected, keeping the running configuration: unexpected error")
+
+    async def _reload(self) -> None:
+        settings = load_settings(self.config_path)
         for section in ("listen", "health", "metrics"):
             if getattr(settings, section) != getattr(self.settings, section):
                 log.warning("reload: [%s] changed; it takes effect only after a restart", section)
+        # Either switches to the new databases or raises having closed what it opened.
         retired = await self.pools.reconfigure(settings.databases)
         self.service.configure(settings)
         self.settings = settings

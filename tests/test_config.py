@@ -9,6 +9,7 @@ import subprocess
 import bson
 import pytest
 
+from broker.pools import Pools
 from broker.settings import ConfigError, Settings, load_settings, redact_text, redact_uri, uri_secrets
 from harness.process import free_port
 from tests.rpc import open_stub, pb
@@ -189,6 +190,35 @@ def test_settings_repr_shows_no_uri_option_secret():
     settings = Settings(databases={"app": {"uri": f"mongodb://db/?tlsCertificateKeyFilePassword={canary}"}})
     assert canary not in repr(settings) and canary not in str(settings)
     assert settings.databases["app"].redacted_uri == "mongodb://db/?tlsCertificateKeyFilePassword=***"
+
+
+@pytest.mark.parametrize(
+    ("uri", "needle"),
+    [
+        ("mongodb://127.0.0.1:99999/", "Port must be an integer between 0 and 65535"),
+        ("mongodb://db/?maxPoolSize=many", "maxpoolsize must be an integer"),
+        ("mongodb+srv://db.example:27017/", "must not include a port number"),
+        # pymongo would only warn and run without it.
+        ("mongodb://db/?maxPoolSise=3", "Unknown option"),
+    ],
+)
+def test_a_uri_pymongo_refuses_is_a_config_error_naming_the_key(uri, needle):
+    settings = Settings(databases={"good": {"uri": "mongodb://db/"}, "bad": {"uri": uri}})
+    with pytest.raises(ConfigError) as caught:
+        Pools.build(settings.databases)
+    message = str(caught.value)
+    assert "databases.bad.uri: pymongo refuses" in message and needle in message, message
+
+
+def test_a_refused_uri_never_shows_its_password():
+    # pymongo cuts an unescaped '/' in the password and quotes the piece after it.
+    uri = "mongodb://user:Canary/Piece-6630@127.0.0.1:27017/"
+    settings = Settings(databases={"app": {"uri": uri}})
+    with pytest.raises(ConfigError) as caught:
+        Pools.build(settings.databases)
+    message = str(caught.value)
+    assert "databases.app.uri" in message and "quote_plus" in message, message
+    assert "Canary" not in message and "Piece-6630" not in message, message
 
 
 def _encrypted_client_pem(directory, password: str) -> str:
