@@ -484,7 +484,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             call.documents = len(prepared.documents)
             call.bytes = sum(len(d) for d in raw_documents)
             collection = call.pool.db.get_collection(
-                _collection_name(request.collection),
+                _writable_collection_name(request.collection, call.pool),
                 write_concern=_write_concern(request),
             )
             await call.round_trip(
@@ -708,11 +708,40 @@ async def _kill_cursor(cursor: Any) -> None:
         log.warning("could not close a server cursor; it will time out on the server", exc_info=True)
 
 
+# MongoDB's documented restrictions on collection names
+# (https://www.mongodb.com/docs/manual/reference/limits/#naming-restrictions),
+# checked by the broker for every call so that a bad name is refused the same
+# way whatever the server: `$cmd` and other `$` names are the wire
+# protocol's, not collections.
+_MAX_COLLECTION_BYTES = 255
+_SYSTEM_PREFIX = "system."
+
+
 def _collection_name(name: str) -> str:
+    """``name`` if it is a valid collection name, else INVALID_ARGUMENT naming the rule it breaks."""
     if not name:
         raise invalid_argument("collection is required")
-    if len(name.encode()) > 255:
-        raise invalid_argument("collection name is longer than 255 bytes")
+    if len(name.encode()) > _MAX_COLLECTION_BYTES:
+        raise invalid_argument(f"collection name is longer than {_MAX_COLLECTION_BYTES} bytes")
+    if "\0" in name:
+        raise invalid_argument("collection name must not contain the NUL character")
+    if "$" in name:
+        raise invalid_argument(
+            f"collection name {name!r} must not contain '$' (reserved by MongoDB, as in $cmd)"
+        )
+    return name
+
+
+def _writable_collection_name(name: str, pool: DatabasePool) -> str:
+    """``name`` if a write may go to it: valid, and not system.* unless the database allows it."""
+    name = _collection_name(name)
+    if name.startswith(_SYSTEM_PREFIX) and not pool.settings.allow_system_writes:
+        raise RpcError(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"collection {name!r} is a system collection: writes to system.* are refused "
+            f"unless databases.{pool.name}.allow_system_writes is true",
+            Reason.NOT_AUTHORIZED,
+        )
     return name
 
 

@@ -293,6 +293,10 @@ class DatabaseSettings(BaseModel):
     database: str | None = None
     # Refuse Insert on this database for every caller (PERMISSION_DENIED).
     read_only: bool = False
+    # Allow writes to collections named system.* (MongoDB's own: system.js,
+    # system.views, ...). Off: they are refused with PERMISSION_DENIED for
+    # every caller, whatever its token; reads stay allowed.
+    allow_system_writes: bool = False
     # pymongo: 100. Every pod runs a broker, so pods x max_pool_size is what
     # the server sees; 10 covers a pod's concurrency while keeping that small.
     max_pool_size: PositiveInt = 10
