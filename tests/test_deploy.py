@@ -14,7 +14,11 @@
   the broker.toml embedded in the ConfigMap, which must load with the
   broker's own ``load_settings``.
 
-The install-path test builds wheels from the package index (the Docker
+- ``test_source_install_command_from_the_readme`` runs the README's install
+  from a checkout (``pip install ./clients/python .``), exactly as written,
+  in a fresh virtualenv, and the installed ``mongo-broker --help``.
+
+The two install tests get packages from the package index (the Docker
 builder stage does the same); everything else is offline.
 """
 
@@ -49,6 +53,9 @@ K8S_DIR = ROOT / "deploy" / "kubernetes"
 # Dockerfile says; these keep the Dockerfile from drifting unnoticed.
 WHEEL_COMMAND = "pip wheel -c constraints.txt --wheel-dir /wheels ./clients/python ."
 INSTALL_COMMAND = "pip install --no-index --find-links /wheels mongo-broker"
+# The README's install from a source checkout: both packages in one command,
+# as the client package (the server's generated stubs) is not on PyPI.
+SOURCE_INSTALL_COMMAND = "pip install ./clients/python ."
 
 # Anything that would put a compiler or a build toolchain into the final image.
 BUILD_TOOLS = {
@@ -444,26 +451,37 @@ def _wait_for_file(path: Path, process: subprocess.Popen[str], timeout: float) -
     pytest.fail(f"the installed broker wrote no ready file within {timeout:.0f}s")
 
 
-def test_image_install_path(dockerfile: Dockerfile, tmp_path: Path) -> None:
-    """Replay the builder's COPY + `pip wheel` and the final stage's `pip install`."""
-    builder, final = dockerfile.stage("builder"), dockerfile.final
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MONGO_BROKER_")}
-    # The image has no local wheel directories and no extra import paths:
-    # take nothing from this machine's.
-    for key in ("PIP_FIND_LINKS", "PYTHONPATH", "PYTHONHOME"):
-        env.pop(key, None)
-    env.update(builder.env())
-
-    # 1. The build context, as the builder's COPY lines lay it out.
+def _builder_context(builder: Stage, src: Path) -> Path:
+    """The source tree the builder's COPY lines lay out in its WORKDIR, at ``src``."""
     patterns = _dockerignore_patterns()
     workdir = PurePosixPath(builder.last("WORKDIR").args)
-    src = tmp_path / "src"
     for instruction in builder.all("COPY"):
         words = [w for w in instruction.words() if not w.startswith("--")]
         dest = PurePosixPath(words[-1])
         dest = dest if dest.is_absolute() else workdir / dest
         target = src / dest.relative_to(workdir)
         _copy_context(words[:-1], target, words[-1].endswith("/"), patterns)
+    return src
+
+
+def _install_env() -> dict[str, str]:
+    """This environment without MONGO_BROKER_* and without this machine's wheel dirs and import paths."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MONGO_BROKER_")}
+    for key in ("PIP_FIND_LINKS", "PYTHONPATH", "PYTHONHOME"):
+        env.pop(key, None)
+    return env
+
+
+def test_image_install_path(dockerfile: Dockerfile, tmp_path: Path) -> None:
+    """Replay the builder's COPY + `pip wheel` and the final stage's `pip install`."""
+    builder, final = dockerfile.stage("builder"), dockerfile.final
+    # The image has no local wheel directories and no extra import paths:
+    # take nothing from this machine's.
+    env = _install_env()
+    env.update(builder.env())
+
+    # 1. The build context, as the builder's COPY lines lay it out.
+    src = _builder_context(builder, tmp_path / "src")
 
     # 2. The builder's `pip wheel`, with /wheels moved into the temp dir.
     wheels = tmp_path / "wheels"
@@ -540,6 +558,30 @@ def test_image_install_path(dockerfile: Dockerfile, tmp_path: Path) -> None:
             process.wait()
         if process.stderr:
             process.stderr.close()
+
+
+def test_source_install_command_from_the_readme(dockerfile: Dockerfile, tmp_path: Path) -> None:
+    """The README's install from a checkout, exactly as written, in a fresh virtualenv.
+
+    `pip install .` alone cannot work: the server depends on mongo-broker-client,
+    which is not on PyPI. Dependencies come from the package index (pip's
+    --isolated ignores this machine's pip settings; its cache is reused).
+    """
+    readme = (ROOT / "README.md").read_text()
+    assert f"\n  {SOURCE_INSTALL_COMMAND}\n" in readme, f"the README lacks {SOURCE_INSTALL_COMMAND!r}"
+    env = _install_env()
+    # The same files a source checkout has for the two packages (what the image's builder copies).
+    src = _builder_context(dockerfile.stage("builder"), tmp_path / "src")
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path, env=env)
+    pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "--isolated"]
+    words = shlex.split(SOURCE_INSTALL_COMMAND)
+    assert words[0] == "pip"
+    _run([*pip, *words[1:]], cwd=src, env=env)
+    _run([*pip, "check"], cwd=tmp_path, env=env)
+    usage = _run([str(venv / "bin" / "mongo-broker"), "--help"], cwd=tmp_path, env=env)
+    for command in ("serve", "ping", "stats", "health"):
+        assert command in usage, usage
 
 
 # --- deploy/kubernetes ---------------------------------------------------------------
