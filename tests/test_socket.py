@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import grp
 import os
+import socket
 import stat
 import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 
 from harness.brokerproc import BrokerProcess
 from tests.rpc import open_stub, pb
@@ -122,3 +127,32 @@ def test_unknown_unix_group_is_refused_at_startup_with_exit_2(start_broker):
     # The refused start leaves no staging directory and no socket behind.
     left = [p.name for p in Path(config["listen"]["unix"]).parent.iterdir()]
     assert not [name for name in left if name.startswith((".mb", "broker.sock"))], left
+
+
+def test_grpc_listens_on_a_unix_socket_from_add_insecure_port_and_serves_after_a_rename(tmp_path):
+    """What _StagedSocket relies on: the socket exists and accepts from add_insecure_port on
+    (so its mode must be right before then, hence the private directory), and grpc
+    keeps serving on it under a new name (it holds the listening fd)."""
+    staged, final = tmp_path / "stage" / "s", tmp_path / "final.sock"
+    staged.parent.mkdir()
+
+    async def run() -> int:
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(), server)
+        server.add_insecure_port(f"unix:{staged}")
+        try:
+            assert stat.S_ISSOCK(os.lstat(staged).st_mode), "grpc did not bind in add_insecure_port"
+            early = socket.socket(socket.AF_UNIX)
+            early.connect(str(staged))  # accepted on the backlog before start()
+            early.close()
+            await server.start()
+            os.rename(staged, final)
+            async with grpc.aio.insecure_channel(f"unix:{final}") as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5
+                )
+                return int(reply.status)
+        finally:
+            await server.stop(0)
+
+    assert asyncio.run(run()) == health_pb2.HealthCheckResponse.SERVING
