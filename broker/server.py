@@ -1,7 +1,9 @@
 """The gRPC server: listeners, start-up, signals, reload and graceful drain.
 
-Start-up: build the clients, bind every listener (a bad address fails before
-anything is announced), start serving, then write the ready file.
+Start-up: build the clients (a URI pymongo refuses is a ConfigError naming
+its key), bind every listener (a bad address fails before anything is
+announced; the Unix socket in a private directory, see _StagedSocket), start
+serving, move the secured socket into place, then write the ready file.
 
 SIGTERM/SIGINT: health goes NOT_SERVING at once and the listeners stop
 accepting; calls in flight get `shutdown_grace_s` to finish and whatever is
@@ -10,8 +12,9 @@ the wait. The counts of drained and aborted calls are logged.
 
 SIGHUP: reload the config file. Databases are added, removed or re-tuned
 without a restart; calls in flight finish on the client they started with,
-which is closed afterwards. An invalid config is logged and the old one kept.
-Listener addresses need a restart.
+which is closed afterwards. An invalid config (a URI pymongo refuses
+included) is logged and the old one kept, with whatever the attempt opened
+closed again. Listener addresses need a restart.
 """
 
 from __future__ import annotations
