@@ -1,5 +1,6 @@
-"""Collection names: MongoDB's documented restrictions, checked by the broker for every call;
-writes to system.* only where the database allows them."""
+"""Collection names end to end: MongoDB's documented restrictions, checked by the broker for
+every call; writes to system.* only where the database allows them (the rule itself:
+tests/unit/test_collection_names.py)."""
 
 from __future__ import annotations
 
@@ -11,44 +12,7 @@ import grpc
 import pytest
 from pymongo.errors import PyMongoError
 
-from broker.errors import Reason, RpcError
-from broker.service import _collection_name
-from broker.settings import Settings
 from tests.rpc import fails, find_all, find_one, open_stub, pb
-
-# --- the rule ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "name",
-    ["items", "items.2024", "_private", "2024_orders", "system.js", "x" * 255, "é" * 127, "a b-c"],
-)
-def test_valid_collection_names_pass(name):
-    assert _collection_name(name) == name
-
-
-@pytest.mark.parametrize(
-    ("name", "rule"),
-    [
-        ("", "collection is required"),
-        ("x" * 256, "longer than 255 bytes"),
-        ("é" * 128, "longer than 255 bytes"),  # 256 bytes in UTF-8
-        ("a\x00b", "must not contain the NUL character"),
-        ("$cmd", "must not contain '$'"),
-        ("$cmd.sys.inprog", "must not contain '$'"),
-        ("oplog.$main", "must not contain '$'"),
-        ("price$", "must not contain '$'"),
-    ],
-)
-def test_invalid_collection_names_are_refused_naming_the_rule(name, rule):
-    with pytest.raises(RpcError) as caught:
-        _collection_name(name)
-    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert caught.value.reason == Reason.INVALID_REQUEST
-    assert rule in str(caught.value.message)
-
-
-# --- end to end ------------------------------------------------------------------
 
 
 def _insert(stub, collection: str, database: str = "appdb"):
@@ -105,8 +69,3 @@ def test_allow_system_writes_lets_writes_through_to_the_server(start_broker, mon
     finally:
         with contextlib.suppress(PyMongoError):
             mongo["broker_test"]["system.js"].delete_many({"_id": marker})
-
-
-def test_system_writes_are_off_by_default():
-    settings = Settings(databases={"app": {"uri": "mongodb://db/"}})
-    assert settings.databases["app"].allow_system_writes is False

@@ -15,7 +15,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+
+# The public name of the asyncio servicer; the type stubs know only the sync one.
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
 from harness.brokerproc import BrokerProcess
 from tests.rpc import open_stub, pb
@@ -138,7 +140,7 @@ def test_grpc_listens_on_a_unix_socket_from_add_insecure_port_and_serves_after_a
 
     async def run() -> int:
         server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(), server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
         server.add_insecure_port(f"unix:{staged}")
         try:
             assert stat.S_ISSOCK(os.lstat(staged).st_mode), "grpc did not bind in add_insecure_port"
