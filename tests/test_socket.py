@@ -8,6 +8,7 @@ import grp
 import os
 import socket
 import stat
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -71,6 +72,63 @@ def test_socket_is_never_more_open_than_unix_mode_even_under_umask_000(start_bro
         assert stub.Ping(pb.PingRequest(), timeout=10).databases[0].ok
     # Nothing of the staging is left beside the socket.
     assert sorted(p.name for p in socket_path.parent.iterdir() if p.name.startswith(".mb")) == []
+
+
+# Run as another uid: connect to PATH as often as possible until STOP exists;
+# print CONNECTED if a connection was ever accepted (and kept open a moment).
+_INTRUDER = """
+import os, socket, sys, time
+path, stop = sys.argv[1], sys.argv[2]
+print("READY", flush=True)
+deadline = time.monotonic() + 60
+while not os.path.exists(stop) and time.monotonic() < deadline:
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+    except OSError:
+        s.close()
+        continue
+    print("CONNECTED", flush=True)
+    s.close()
+    break
+"""
+
+
+def _system_python() -> str:
+    """A Python another uid may run (this one may live in a private home directory)."""
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    pytest.skip("no system python3 for a process of another uid")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another uid")
+def test_another_uid_never_connects_during_startup(start_broker):
+    config = start_broker.base_config()
+    socket_path = Path(config["listen"]["unix"])
+    socket_path.parent.chmod(0o755)
+    stop = socket_path.parent / "stop"
+    intruder = subprocess.Popen(
+        [_system_python(), "-I", "-c", _INTRUDER, str(socket_path), str(stop)],
+        user=65534,
+        group=65534,
+        extra_groups=[],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert intruder.stdout is not None
+        assert intruder.stdout.readline().strip() == "READY"
+        process = _start(start_broker, config, umask=0)
+        process.wait_ready(30)
+        time.sleep(0.1)
+        stop.touch()
+        out, _ = intruder.communicate(timeout=30)
+    finally:
+        if intruder.poll() is None:
+            intruder.kill()
+            intruder.wait()
+    assert "CONNECTED" not in out, "a process of another uid connected to the socket during start-up"
 
 
 def _another_group() -> int:
