@@ -30,6 +30,7 @@ from pymongo.write_concern import WriteConcern
 
 from broker import documents
 from broker.errors import Reason, RpcError, invalid_argument, to_rpc_error
+from broker.logs import log_value
 from broker.metrics import BrokerMetrics, checkout_failures
 from broker.pools import DatabasePool, Pools
 from broker.security import Authenticator, Principal, check_depth, check_operators
@@ -178,9 +179,11 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
     def describe_in_flight(self) -> list[str]:
         """One line per call in flight: method, database, stage and age."""
         now = time.monotonic()
+        # The names are the callers' own: escaped, as in the access log.
         return [
-            f"{c.method} db={c.database} coll={c.collection} rid={c.request_id} "
-            f"stage={c.stage} age_s={now - c.started:.1f} remaining_s={c.remaining():.1f}"
+            f"{c.method} db={log_value(c.database)} coll={log_value(c.collection)} "
+            f"rid={log_value(c.request_id)} stage={log_value(c.stage)} "
+            f"age_s={now - c.started:.1f} remaining_s={c.remaining():.1f}"
             for c in self._inflight.values()
         ]
 
@@ -319,17 +322,21 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         # otherwise create any number of time series.
         self._metrics.rpc_duration.labels(call.method, label, call.code).observe(elapsed)
         if self._settings.log.access:
+            # Database and collection are whatever the caller sent, logged
+            # even when the call is refused: escaped, so that a name holding
+            # a line break cannot write an access-log line of its own. The
+            # JSON fields keep the exact values (json.dumps escapes them).
             access_log.info(
                 "%s db=%s coll=%s code=%s ms=%.2f docs=%d bytes=%d wait_ms=%.2f rid=%s",
-                call.method,
-                call.database or "-",
-                call.collection or "-",
+                log_value(call.method),
+                log_value(call.database),
+                log_value(call.collection),
                 call.code,
                 elapsed * 1000,
                 call.documents,
                 call.bytes,
                 call.queue_wait_s * 1000,
-                call.request_id,
+                log_value(call.request_id),
                 extra={
                     "method": call.method,
                     "database": call.database,

@@ -1,0 +1,98 @@
+"""What operators and callers learn about calls: access log, trailers, ErrorInfo, counts, RetryInfo.
+
+A real broker over real gRPC in front of the real test database; faults
+between them come from toxiproxy, never from a mocked database.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import time
+from collections.abc import Callable
+
+import grpc
+import pytest
+
+from tests.rpc import open_stub, pb
+
+WEB = "web-token-0123456789abcdef"
+ADMIN = "admin-token-0123456789abcdef"
+FORGED = "2026-01-01 00:00:00,000 INFO mongo_broker.access: Find db=appdb coll=y code=OK ms=1.00 rid=forged"
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
+def _md(token: str | None, request_id: str) -> tuple[tuple[str, str], ...]:
+    auth = () if token is None else (("authorization", f"Bearer {token}"),)
+    return (*auth, ("x-request-id", request_id))
+
+
+@pytest.fixture
+def secured(start_broker):
+    config = start_broker.base_config()
+    config["auth"] = {
+        "tokens": [
+            {"name": "web", "token": WEB, "databases": ["appdb"], "collections": ["items*"]},
+            {"name": "admin", "token": ADMIN},
+        ]
+    }
+    return start_broker(config)
+
+
+# --- the access log cannot be forged ---------------------------------------------
+
+
+def _access_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "mongo_broker.access:" in line]
+
+
+def _fields(line: str) -> dict[str, str]:
+    """The key=value pairs of an access line, split as the README says (quotes, then the first =)."""
+    message = line.split("mongo_broker.access: ", 1)[1]
+    method, *pairs = shlex.split(message, posix=True)
+    return {"method": method, **dict(pair.split("=", 1) for pair in pairs)}
+
+
+@pytest.mark.parametrize(
+    ("token", "where", "code"),
+    [
+        (None, "collection", "UNAUTHENTICATED"),
+        (WEB, "collection", "PERMISSION_DENIED"),
+        (WEB, "database", "NOT_FOUND"),
+        (ADMIN, "database", "NOT_FOUND"),
+        (ADMIN, "collection", None),  # whatever the database makes of the name
+    ],
+)
+def test_a_name_with_a_line_break_writes_exactly_one_access_line(secured, token, where, code):
+    rid = f"forge-{where}-{code or 'any'}"
+    name = f"x\n{FORGED}\r\n{FORGED}\u2028{FORGED}"
+    request = pb.FindRequest(database="appdb", collection="items")
+    setattr(request, where, name)
+    with open_stub(secured.unix_target) as stub:
+        try:
+            list(stub.Find(request, metadata=_md(token, rid), timeout=10))
+            answered = "OK"
+        except grpc.RpcError as exc:
+            answered = exc.code().name
+    if code is not None:
+        assert answered == code
+    assert _eventually(lambda: f"rid={rid}" in secured.log_text())
+    lines = _access_lines(secured.log_text())
+    ours = [line for line in lines if f"rid={rid}" in line]
+    assert len(ours) == 1, ours
+    assert not [line for line in lines if "rid=forged" in line], lines
+    (line,) = ours
+    fields = _fields(line)
+    assert fields["code"] == answered and fields["rid"] == rid
+    # The name reads back exactly: the escapes are a Python string literal's.
+    logged = fields["db" if where == "database" else "coll"]
+    assert logged == name.encode("unicode_escape").decode().replace("=", "\\x3d")
+    assert re.findall(r"\bcode=(\S+)", line) == [answered]
