@@ -115,10 +115,11 @@ class UnknownDatabaseError(RpcError):
     """NOT_FOUND: a call named a database that is not configured."""
 
     def __init__(self, name: str, known: list[str]) -> None:
+        # ``known`` is what the caller may use, not everything configured.
         listed = ", ".join(repr(n) for n in known) or "none"
         super().__init__(
             grpc.StatusCode.NOT_FOUND,
-            f"database {name!r} is not configured on this broker; configured: {listed}",
+            f"database {name!r} is not configured on this broker; configured for this caller: {listed}",
             Reason.UNKNOWN_DATABASE,
             {"database": name},
         )

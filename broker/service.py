@@ -258,8 +258,11 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             principal = self._principal(context)
             if not database:
                 raise invalid_argument("database is required: name one of the configured databases")
-            pool = self._pools.get(database)
+            # Authorised before the lookup: a name the token may not use is
+            # PERMISSION_DENIED whether or not it is configured, so a scoped
+            # token cannot probe for other databases' names.
             principal.authorize(database, collection, write=write)
+            pool = self._pools.get(database, principal.may_use)
             if write and pool.settings.read_only:
                 raise RpcError(
                     grpc.StatusCode.PERMISSION_DENIED,
@@ -569,8 +572,8 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         try:
             principal = self._principal(context)
             if request.database:
-                pools = [self._pools.get(request.database)]
                 principal.authorize(request.database, "", write=False)
+                pools = [self._pools.get(request.database, principal.may_use)]
             else:
                 pools = [pool for pool in self._pools if principal.may_use(pool.name)]
         except RpcError as error:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from tests.rpc import open_stub, pb
+from tests.rpc import fails, open_stub, pb
 
 WEB = "web-token-0123456789abcdef"
 ADMIN = "admin-token-0123456789abcdef"
@@ -66,7 +66,7 @@ def _fields(line: str) -> dict[str, str]:
     [
         (None, "collection", "UNAUTHENTICATED"),
         (WEB, "collection", "PERMISSION_DENIED"),
-        (WEB, "database", "NOT_FOUND"),
+        (WEB, "database", "PERMISSION_DENIED"),
         (ADMIN, "database", "NOT_FOUND"),
         (ADMIN, "collection", None),  # whatever the database makes of the name
     ],
@@ -96,3 +96,50 @@ def test_a_name_with_a_line_break_writes_exactly_one_access_line(secured, token,
     logged = fields["db" if where == "database" else "coll"]
     assert logged == name.encode("unicode_escape").decode().replace("=", "\\x3d")
     assert re.findall(r"\bcode=(\S+)", line) == [answered]
+
+
+# --- a scoped token learns only its own databases' names --------------------------
+
+SCOPED = "scoped-token-0123456789abcdef"
+
+
+@pytest.fixture
+def many_databases(start_broker, db_server):
+    config = start_broker.base_config()
+    for name in ("archive", "secretdb"):
+        config["databases"][name] = {"uri": db_server.uri, "database": "broker_test"}
+    config["auth"] = {
+        "tokens": [
+            {"name": "scoped", "token": SCOPED, "databases": ["app*"]},
+            {"name": "admin", "token": ADMIN},
+        ]
+    }
+    return start_broker(config)
+
+
+def test_not_found_lists_only_the_databases_the_token_may_use(many_databases):
+    scoped = (("authorization", f"Bearer {SCOPED}"),)
+    with open_stub(many_databases.unix_target) as stub:
+        calls = {
+            "Find": lambda db: list(stub.Find(pb.FindRequest(database=db, collection="c"), metadata=scoped)),
+            "FindOne": lambda db: stub.FindOne(pb.FindRequest(database=db, collection="c"), metadata=scoped),
+            "Ping": lambda db: stub.Ping(pb.PingRequest(database=db), metadata=scoped, timeout=10),
+            "Stats": lambda db: stub.Stats(pb.StatsRequest(database=db), metadata=scoped, timeout=10),
+        }
+        for method, call in calls.items():
+            with fails(grpc.StatusCode.NOT_FOUND, "UNKNOWN_DATABASE") as failure:
+                call("appmissing")
+            assert "'appdb'" in failure.message, (method, failure.message)
+            assert "archive" not in failure.message and "secretdb" not in failure.message, failure.message
+            # A configured database outside the token's scope answers exactly
+            # as an unconfigured one does: no probing for names.
+            answers = []
+            for name in ("secretdb", "nosuchdb"):
+                with fails(grpc.StatusCode.PERMISSION_DENIED, "NOT_AUTHORIZED") as denied:
+                    call(name)
+                answers.append(denied.message.replace(name, "NAME"))
+            assert answers[0] == answers[1], (method, answers)
+        # An unscoped token still sees every configured name.
+        with fails(grpc.StatusCode.NOT_FOUND, "UNKNOWN_DATABASE") as failure:
+            stub.Ping(pb.PingRequest(database="nope"), metadata=(("authorization", f"Bearer {ADMIN}"),))
+        assert all(f"'{name}'" in failure.message for name in ("appdb", "archive", "secretdb"))
