@@ -11,6 +11,7 @@ import shlex
 import time
 from collections.abc import Callable
 
+import bson
 import grpc
 import pytest
 
@@ -143,3 +144,56 @@ def test_not_found_lists_only_the_databases_the_token_may_use(many_databases):
         with fails(grpc.StatusCode.NOT_FOUND, "UNKNOWN_DATABASE") as failure:
             stub.Ping(pb.PingRequest(database="nope"), metadata=(("authorization", f"Bearer {ADMIN}"),))
         assert all(f"'{name}'" in failure.message for name in ("appdb", "archive", "secretdb"))
+
+
+# --- ErrorInfo carries what the README says, on real errors ----------------------
+
+
+def test_duplicate_key_error_info_has_code_name_index_and_count(broker, stub, collection_name):
+    documents = [bson.encode({"_id": n}) for n in (1, 2, 1)]
+    stub.Insert(pb.InsertRequest(database="appdb", collection=collection_name, documents=[documents[0]]))
+    with fails(grpc.StatusCode.ALREADY_EXISTS, "DUPLICATE_KEY") as failure:
+        request = pb.InsertRequest(database="appdb", collection=collection_name, documents=documents[1:])
+        stub.Insert(request, timeout=10)
+    # A write error has a code but no codeName: the name comes from MongoDB's table.
+    assert failure.metadata == {
+        "database": "appdb",
+        "mongo_code": "11000",
+        "mongo_code_name": "DuplicateKey",
+        "inserted_count": "1",
+        "failed_index": "1",
+    }
+
+
+def test_a_refused_query_carries_the_servers_code_name(broker, stub, collection_name):
+    stub.Insert(pb.InsertRequest(database="appdb", collection=collection_name, documents=[bson.encode({})]))
+    for call in (stub.FindOne, lambda r, **kw: list(stub.Find(r, **kw))):
+        with fails(grpc.StatusCode.INVALID_ARGUMENT, "QUERY_REJECTED") as failure:
+            call(
+                pb.FindRequest(
+                    database="appdb", collection=collection_name, filter=bson.encode({"a": {"$bogus": 1}})
+                ),
+                timeout=10,
+            )
+        assert failure.metadata == {"database": "appdb", "mongo_code": "2", "mongo_code_name": "BadValue"}
+
+
+def test_a_network_error_carries_the_drivers_error_labels(start_broker, proxy, collection_name):
+    from tests.conftest import proxied_config
+
+    # No pooled connection survives to the call (max_idle_time_ms), and the
+    # heartbeat is too slow to notice the fault first: the call itself opens
+    # a connection, which the proxy cuts during the handshake.
+    config = proxied_config(
+        start_broker, proxy, min_pool_size=0, max_idle_time_ms=50, heartbeat_frequency_ms=60_000
+    )
+    proc = start_broker(config)
+    with open_stub(proc.unix_target) as stub:
+        insert = pb.InsertRequest(database="appdb", collection=collection_name, documents=[bson.encode({})])
+        stub.Insert(insert, timeout=10)
+        time.sleep(0.2)
+        proxy.add_toxic("limit_data", bytes=10)
+        with fails(grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE") as failure:
+            stub.Insert(insert, timeout=10)
+    assert "mongo_code" not in failure.metadata
+    assert "RetryableWriteError" in failure.metadata["mongo_labels"].split(","), failure.metadata
