@@ -60,8 +60,8 @@ class _Call:
     """One call: what it asked for, its limits, and what it did (for the access log)."""
 
     __slots__ = (
-        "bytes", "code", "collection", "database", "deadline", "documents",
-        "method", "pool", "queue_wait_s", "request_id", "stage", "started",
+        "bytes", "code", "collection", "counted", "database", "deadline", "documents",
+        "method", "pool", "principal", "queue_wait_s", "request_id", "stage", "started",
     )  # fmt: skip
 
     def __init__(self, method: str, database: str, collection: str, request_id: str) -> None:
@@ -72,6 +72,10 @@ class _Call:
         self.started = time.monotonic()
         self.deadline = self.started + _NO_DEADLINE_S
         self.pool: DatabasePool | None = None
+        # The databases a call that spans several (a Ping of every database)
+        # is counted under in Stats and metrics; empty for the others.
+        self.counted: tuple[DatabasePool, ...] = ()
+        self.principal: Principal | None = None
         self.code = "OK"
         self.documents = 0
         self.bytes = 0
@@ -81,6 +85,12 @@ class _Call:
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
+
+    def count_under(self, pools: Sequence[DatabasePool]) -> None:
+        """Count this call under each of ``pools``: in flight now, by method when it ends."""
+        self.counted = tuple(pools)
+        for pool in self.counted:
+            pool.stats.in_flight += 1
 
     def comment(self, comment: str = "") -> str:
         # Ties the server's slow-query log and currentOp back to the worker.
@@ -242,8 +252,15 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         max_time_ms: int = 0,
         *,
         write: bool = False,
+        local: bool = False,
     ) -> AsyncIterator[_Call]:
-        """Authenticate, resolve the database, apply limits, observe, map failures to statuses."""
+        """Authenticate, resolve the database, apply limits, observe, map failures to statuses.
+
+        A ``local`` call (a Ping of every database, Stats) is answered from
+        the broker's own state: it gets the request id, drain refusal,
+        authentication (``call.principal``), status mapping and access log
+        of every call, and resolves its databases itself.
+        """
         call = _Call(method, database, collection, _request_id(context))
         task = asyncio.current_task()
         if task is not None:
@@ -255,7 +272,10 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             context.set_trailing_metadata(((REQUEST_ID_HEADER, call.request_id),))
             if self._draining:
                 raise _shutting_down()
-            principal = self._principal(context)
+            principal = call.principal = self._principal(context)
+            if local:
+                yield call
+                return
             if not database:
                 raise invalid_argument("database is required: name one of the configured databases")
             # Authorised before the lookup: a name the token may not use is
@@ -312,18 +332,19 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
 
     def _finish(self, call: _Call) -> None:
         elapsed = time.monotonic() - call.started
-        label = ""
-        if call.pool is not None:
-            label = call.database
-            stats = call.pool.stats
+        counted = call.counted or ((call.pool,) if call.pool is not None else ())
+        for pool in counted:
+            stats = pool.stats
             stats.in_flight -= 1
             stats.rpcs[call.method] += 1
             if call.code != "OK":
                 stats.errors[call.code] += 1
-            self._metrics.queue_wait.labels(label).observe(call.queue_wait_s)
-        # Unknown database names are not used as labels: a caller could
-        # otherwise create any number of time series.
-        self._metrics.rpc_duration.labels(call.method, label, call.code).observe(elapsed)
+            self._metrics.queue_wait.labels(pool.name).observe(call.queue_wait_s)
+            self._metrics.rpc_duration.labels(call.method, pool.name, call.code).observe(elapsed)
+        if not counted:
+            # Unknown database names are not used as labels: a caller could
+            # otherwise create any number of time series.
+            self._metrics.rpc_duration.labels(call.method, "", call.code).observe(elapsed)
         if self._settings.log.access:
             # Database and collection are whatever the caller sent, logged
             # even when the call is refused: escaped, so that a name holding
@@ -530,8 +551,8 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 result = await _ping(call.pool)
             return broker_pb2.PingResponse(version=self._version, databases=[result])
         # Every database the caller may use: report each one's health; the
-        # call itself succeeds.
-        try:
+        # call itself succeeds, and is counted under each database pinged.
+        async with self._serve(context, "Ping", "", local=True) as call:
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise RpcError(
@@ -539,13 +560,13 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                     "the call's deadline had already passed when it reached the broker",
                     Reason.TIMEOUT,
                 )
-            principal = self._principal(context)
-        except RpcError as error:
-            await _answer(context, error)
-            raise
-        pools = [pool for pool in self._pools if principal.may_use(pool.name)]
-        results = await asyncio.gather(*(self._ping_reporting(pool, context) for pool in pools))
-        return broker_pb2.PingResponse(version=self._version, databases=results)
+            assert call.principal is not None
+            pools = [pool for pool in self._pools if call.principal.may_use(pool.name)]
+            call.count_under(pools)
+            call.stage = "pinging every database"
+            results = await asyncio.gather(*(self._ping_reporting(pool, context) for pool in pools))
+            return broker_pb2.PingResponse(version=self._version, databases=results)
+        raise AssertionError("unreachable: _serve aborts on error")  # pragma: no cover
 
     async def _ping_reporting(self, pool: DatabasePool, context: Context) -> broker_pb2.DatabasePing:
         start = time.monotonic()
@@ -569,21 +590,21 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         request: broker_pb2.StatsRequest,
         context: grpc.aio.ServicerContext[broker_pb2.StatsRequest, broker_pb2.StatsResponse],
     ) -> broker_pb2.StatsResponse:
-        try:
-            principal = self._principal(context)
+        # Not counted under its databases: reading Stats must not change it.
+        async with self._serve(context, "Stats", request.database, local=True) as call:
+            principal = call.principal
+            assert principal is not None
             if request.database:
                 principal.authorize(request.database, "", write=False)
                 pools = [self._pools.get(request.database, principal.may_use)]
             else:
                 pools = [pool for pool in self._pools if principal.may_use(pool.name)]
-        except RpcError as error:
-            await _answer(context, error)
-            raise
-        return broker_pb2.StatsResponse(
-            version=self._version,
-            uptime_s=time.monotonic() - self._started,
-            databases=[database_stats(pool) for pool in pools],
-        )
+            return broker_pb2.StatsResponse(
+                version=self._version,
+                uptime_s=time.monotonic() - self._started,
+                databases=[database_stats(pool) for pool in pools],
+            )
+        raise AssertionError("unreachable: _serve aborts on error")  # pragma: no cover
 
 
 def database_stats(db: DatabasePool) -> broker_pb2.DatabaseStats:

@@ -6,14 +6,20 @@ between them come from toxiproxy, never from a mocked database.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
+import signal
 import time
+import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import bson
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.rpc import fails, open_stub, pb
 
@@ -197,3 +203,106 @@ def test_a_network_error_carries_the_drivers_error_labels(start_broker, proxy, c
             stub.Insert(insert, timeout=10)
     assert "mongo_code" not in failure.metadata
     assert "RetryableWriteError" in failure.metadata["mongo_labels"].split(","), failure.metadata
+
+
+# --- Ping and Stats are calls like the others ------------------------------------
+
+
+def _request_id(call) -> str:
+    return str(dict(call.trailing_metadata())["x-request-id"])
+
+
+def test_ping_and_stats_send_the_request_id_in_the_trailers(secured):
+    admin = (("authorization", f"Bearer {ADMIN}"),)
+    with open_stub(secured.unix_target) as stub:
+        calls = {
+            "ping-all": lambda md: stub.Ping.with_call(pb.PingRequest(), metadata=md, timeout=10),
+            "ping-one": lambda md: stub.Ping.with_call(
+                pb.PingRequest(database="appdb"), metadata=md, timeout=10
+            ),
+            "stats-all": lambda md: stub.Stats.with_call(pb.StatsRequest(), metadata=md, timeout=10),
+            "stats-one": lambda md: stub.Stats.with_call(
+                pb.StatsRequest(database="appdb"), metadata=md, timeout=10
+            ),
+        }
+        for name, call in calls.items():
+            _, done = call((*admin, ("x-request-id", f"rid-{name}")))
+            assert _request_id(done) == f"rid-{name}", name
+            _, done = call(admin)
+            assert re.fullmatch(r"[0-9a-f]{16}", _request_id(done)), name
+            # On errors too: unauthenticated, and (for Stats) an unknown database.
+            with pytest.raises(grpc.RpcError) as caught:
+                call((("x-request-id", f"bad-{name}"),))
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert _request_id(caught.value) == f"bad-{name}", name
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Stats(pb.StatsRequest(database="nope"), metadata=(*admin, ("x-request-id", "rid-nope")))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert _request_id(caught.value) == "rid-nope"
+    # And each is in the access log with its id and code.
+    assert _eventually(lambda: "rid=rid-nope" in secured.log_text())
+    lines = _access_lines(secured.log_text())
+    for name in ("ping-all", "ping-one", "stats-all", "stats-one"):
+        for rid, code in ((f"rid-{name}", "OK"), (f"bad-{name}", "UNAUTHENTICATED")):
+            (line,) = [line for line in lines if f"rid={rid}" in line]
+            fields = _fields(line)
+            assert fields["method"] == name.split("-")[0].title() and fields["code"] == code, line
+    (line,) = [line for line in lines if "rid=rid-nope" in line]
+    assert _fields(line)["code"] == "NOT_FOUND" and _fields(line)["db"] == "nope"
+
+
+def test_a_ping_of_every_database_is_counted_under_each(start_broker, db_server):
+    config = start_broker.base_config()
+    config["databases"]["other"] = {"uri": db_server.uri, "database": "broker_test"}
+    config["metrics"] = {"listen": "127.0.0.1:0"}
+    proc = start_broker(config)
+    with open_stub(proc.unix_target) as stub:
+        for _ in range(3):
+            reply = stub.Ping(pb.PingRequest(), timeout=10)
+            assert sorted(d.database for d in reply.databases) == ["appdb", "other"]
+        stub.Ping(pb.PingRequest(database="other"), timeout=10)
+        stats = {db.database: db for db in stub.Stats(pb.StatsRequest(), timeout=10).databases}
+    assert dict(stats["appdb"].rpcs) == {"Ping": 3}
+    assert dict(stats["other"].rpcs) == {"Ping": 4}
+    assert stats["appdb"].rpcs_in_flight == 0 and stats["other"].rpcs_in_flight == 0
+    ready = json.loads(proc.ready_path.read_text())
+    with urllib.request.urlopen(f"http://{ready['metrics']}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    counts = {
+        (s.labels["method"], s.labels["database"], s.labels["code"]): s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "mongo_broker_rpc_duration_seconds"
+        for s in family.samples
+        if s.name.endswith("_count")
+    }
+    assert counts[("Ping", "appdb", "OK")] == 3
+    assert counts[("Ping", "other", "OK")] == 4
+    assert ("Ping", "", "OK") not in counts
+    # Stats is timed, but under no database: reading it does not count in it.
+    assert counts[("Stats", "", "OK")] == 1
+
+
+def test_a_ping_of_every_database_still_running_after_the_grace_gets_shutting_down(start_broker, proxy):
+    from tests.conftest import proxied_config
+
+    config = proxied_config(start_broker, proxy, heartbeat_frequency_ms=60_000)
+    config["server"] = {"shutdown_grace_s": 0.5}
+    proc = start_broker(config)
+    with open_stub(proc.unix_target) as stub:
+        stub.Ping(pb.PingRequest(), timeout=10)
+        proxy.add_toxic("latency", latency=4000)
+        pinging = ThreadPoolExecutor(1).submit(
+            lambda: stub.Ping.with_call(pb.PingRequest(), metadata=(("x-request-id", "drained-ping"),))
+        )
+        time.sleep(0.3)
+        os.kill(proc.pid, signal.SIGTERM)
+        with pytest.raises(grpc.RpcError) as caught:
+            pinging.result(timeout=20)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in (caught.value.details() or "")
+    assert _request_id(caught.value) == "drained-ping"
+    assert proc.wait(timeout=15) == 0
+    log = proc.log_text()
+    assert "drained 0 call(s), aborted 1 with UNAVAILABLE" in log
+    (line,) = [line for line in _access_lines(log) if "rid=drained-ping" in line]
+    assert _fields(line)["code"] == "UNAVAILABLE"
