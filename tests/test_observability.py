@@ -306,3 +306,37 @@ def test_a_ping_of_every_database_still_running_after_the_grace_gets_shutting_do
     assert "drained 0 call(s), aborted 1 with UNAVAILABLE" in log
     (line,) = [line for line in _access_lines(log) if "rid=drained-ping" in line]
     assert _fields(line)["code"] == "UNAVAILABLE"
+
+
+# --- a document larger than gRPC's default 4 MiB receive limit ------------------
+
+
+def test_a_10_mib_document_needs_the_documented_receive_limit(broker, stub, collection_name):
+    from broker_client import BrokerClient
+    from broker_client.proto.broker.v1 import broker_pb2_grpc
+
+    big = "x" * (10 * 1024 * 1024)
+    reply = stub.Insert(
+        pb.InsertRequest(database="appdb", collection=collection_name, documents=[bson.encode({"big": big})]),
+        timeout=30,
+    )
+    request = pb.FindRequest(database="appdb", collection=collection_name, filter=reply.inserted_ids[0])
+    # gRPC's own default (4 MiB) refuses the message ...
+    with grpc.insecure_channel(broker.unix_target) as channel:
+        raw = broker_pb2_grpc.BrokerStub(channel)
+        for call in (raw.FindOne, lambda r, **kw: list(raw.Find(r, **kw))):
+            with pytest.raises(grpc.RpcError) as caught:
+                call(request, timeout=30)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # ... and the limit the README gives lets it through, as the bundled client does.
+    options = [("grpc.max_receive_message_length", 17825792)]
+    with grpc.insecure_channel(broker.unix_target, options=options) as channel:
+        raw = broker_pb2_grpc.BrokerStub(channel)
+        (found,) = raw.FindOne(request, timeout=30).documents
+        assert bson.decode(found)["big"] == big
+        (streamed,) = [d for m in raw.Find(request, timeout=30) for d in m.documents]
+        assert streamed == found
+    with BrokerClient(broker.unix_target) as client:
+        collection = client[broker.db_name][collection_name]
+        assert collection.find_one()["big"] == big
+        assert [d["big"] for d in collection.find()] == [big]
