@@ -21,7 +21,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.rpc import fails, open_stub, pb
+from tests.rpc import database_stats, fails, open_stub, pb
 
 WEB = "web-token-0123456789abcdef"
 ADMIN = "admin-token-0123456789abcdef"
@@ -338,5 +338,53 @@ def test_a_10_mib_document_needs_the_documented_receive_limit(broker, stub, coll
         assert streamed == found
     with BrokerClient(broker.unix_target) as client:
         collection = client[broker.db_name][collection_name]
-        assert collection.find_one()["big"] == big
+        one = collection.find_one()
+        assert one is not None and one["big"] == big
         assert [d["big"] for d in collection.find()] == [big]
+
+
+# --- RetryInfo on POOL_EXHAUSTED follows the queue ------------------------------
+
+
+def _retry_delay_s(error) -> float | None:
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(error)
+    for detail in status.details if status else ():
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return info.retry_delay.ToNanoseconds() / 1e9
+    return None
+
+
+def test_retry_info_on_a_full_queue_of_fast_calls_is_milliseconds(
+    start_broker, collection_name, record_property
+):
+    proc = start_broker(start_broker.base_config(max_pool_size=1, max_waiting=1))
+    delays: list[float] = []
+    with open_stub(proc.unix_target) as stub:
+        stub.Insert(
+            pb.InsertRequest(database="appdb", collection=collection_name, documents=[bson.encode({})])
+        )
+        request = pb.FindRequest(database="appdb", collection=collection_name)
+        end = time.monotonic() + 20
+
+        def caller() -> None:
+            while time.monotonic() < end and len(delays) < 20:
+                try:
+                    stub.FindOne(request, timeout=10)
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                    delay = _retry_delay_s(exc)
+                    assert delay is not None
+                    delays.append(delay)
+
+        with ThreadPoolExecutor(12) as pool:
+            for future in [pool.submit(caller) for _ in range(12)]:
+                future.result(timeout=30)
+        hold_ms = database_stats(stub).mean_hold_ms
+    record_property("retry_after_ms", sorted(round(d * 1000, 2) for d in delays))
+    assert len(delays) >= 5, "the queue never filled"
+    # Calls of a few milliseconds: the hint is milliseconds too, not a second.
+    assert all(0.005 <= d <= 0.25 for d in delays), (sorted(delays), hold_ms)
