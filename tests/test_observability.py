@@ -6,6 +6,7 @@ between them come from toxiproxy, never from a mocked database.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker.logs import log_value
 from tests.rpc import database_stats, fails, open_stub, pb
 
 WEB = "web-token-0123456789abcdef"
@@ -103,6 +105,45 @@ def test_a_name_with_a_line_break_writes_exactly_one_access_line(secured, token,
     logged = fields["db" if where == "database" else "coll"]
     assert logged == name.encode("unicode_escape").decode().replace("=", "\\x3d")
     assert re.findall(r"\bcode=(\S+)", line) == [answered]
+
+
+def test_sigusr1_lists_a_call_with_a_line_break_in_its_name_on_one_line(start_broker, proxy):
+    from tests.conftest import proxied_config
+
+    proc = start_broker(proxied_config(start_broker, proxy, heartbeat_frequency_ms=60_000))
+    name = f"stuck\n{FORGED}"
+    with open_stub(proc.unix_target) as stub:
+        stub.Ping(pb.PingRequest(database="appdb"), timeout=10)
+        proxy.add_toxic("latency", latency=1500)
+        request = pb.FindRequest(database="appdb", collection=name)
+        finding = ThreadPoolExecutor(1).submit(
+            lambda: list(stub.Find(request, metadata=(("x-request-id", "stuck-find"),), timeout=10))
+        )
+        time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGUSR1)
+        assert _eventually(lambda: "SIGUSR1: 1 calls in flight" in proc.log_text())
+        with contextlib.suppress(grpc.RpcError):
+            finding.result(timeout=20)
+    lines = proc.log_text().splitlines()
+    (listed,) = [line for line in lines if "rid=stuck-find" in line and "stage=" in line]
+    assert f" coll={log_value(name)} rid=stuck-find " in listed, listed
+    assert not [line for line in lines if "rid=forged" in line], lines
+    # Only the first line of each record starts in column 0.
+    assert not [line for line in lines if line.startswith("2026-01-01")], lines
+
+
+def test_json_access_lines_keep_the_exact_names(start_broker):
+    config = start_broker.base_config()
+    config["log"] = {"format": "json"}
+    proc = start_broker(config)
+    name = f"x\n{FORGED}\u2028"
+    with open_stub(proc.unix_target) as stub:
+        list(stub.Find(pb.FindRequest(database="appdb", collection=name), metadata=(("x-request-id", "j1"),)))
+    assert _eventually(lambda: '"request_id": "j1"' in proc.log_text())
+    entries = [json.loads(line) for line in proc.log_text().splitlines()]  # every line is one JSON object
+    (entry,) = [e for e in entries if e.get("request_id") == "j1"]
+    assert entry["collection"] == name and entry["code"] == "OK"
+    assert "\n" not in entry["msg"]
 
 
 # --- a scoped token learns only its own databases' names --------------------------
