@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -136,12 +137,25 @@ class Mongobetween:
             return cls(None, "not measured: `go install` of mongobetween took over 300 s")
         if done.returncode == 0 and os.access(local, os.X_OK):
             return cls(str(local), f"built with `{' '.join(command[1:])}`")
-        detail = " ".join(done.stderr.split())[:300]
-        return cls(
-            None,
-            "not measured: mongobetween could not be obtained from the Go module proxy "
-            f"(`go {' '.join(command[1:])}`: {detail})",
-        )
+        return cls(None, _install_failure(command, done.returncode, done.stderr))
+
+
+# The Go toolchain's own error text names the module proxy's host and the
+# URL it read; that text ends up in committed reports, so only its gist is kept.
+_FETCH_REFUSED = re.compile(
+    r"reading https?://|\b(?:401|403|404|410)\b|Forbidden|Not Found|module lookup disabled"
+)
+
+
+def _install_failure(command: list[str], returncode: int, stderr: str) -> str:
+    """Why `go install` failed, in words fit for a committed report (never the raw tool output)."""
+    shown = f"`go {' '.join(command[1:])}`"
+    if _FETCH_REFUSED.search(stderr):
+        return f"not measured: mongobetween could not be obtained: the Go module proxy refused it ({shown})"
+    return (
+        f"not measured: mongobetween could not be built: {shown} exited with status {returncode} "
+        "(run it by hand to see why)"
+    )
 
 
 class MongobetweenProcess:

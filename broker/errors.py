@@ -115,10 +115,11 @@ class UnknownDatabaseError(RpcError):
     """NOT_FOUND: a call named a database that is not configured."""
 
     def __init__(self, name: str, known: list[str]) -> None:
+        # ``known`` is what the caller may use, not everything configured.
         listed = ", ".join(repr(n) for n in known) or "none"
         super().__init__(
             grpc.StatusCode.NOT_FOUND,
-            f"database {name!r} is not configured on this broker; configured: {listed}",
+            f"database {name!r} is not configured on this broker; configured for this caller: {listed}",
             Reason.UNKNOWN_DATABASE,
             {"database": name},
         )
@@ -128,66 +129,100 @@ def invalid_argument(message: str, reason: str = Reason.INVALID_REQUEST) -> RpcE
     return RpcError(grpc.StatusCode.INVALID_ARGUMENT, message, reason)
 
 
-# MongoDB error codes by the gRPC code they map to.
+# MongoDB error codes by the gRPC code they map to, with their names in
 # https://github.com/mongodb/mongo/blob/master/src/mongo/base/error_codes.yml
-_DUPLICATE_KEY_CODES: Final = frozenset({11000, 11001, 12582})
-_TIMEOUT_CODES: Final = frozenset(
-    {
-        50,  # MaxTimeMSExpired
-        64,  # WriteConcernFailed (wtimeout)
-        202,  # NetworkInterfaceExceededTimeLimit
-        262,  # ExceededTimeLimit
-    }
-)
-_UNAVAILABLE_CODES: Final = frozenset(
-    {
-        6,  # HostUnreachable
-        7,  # HostNotFound
-        89,  # NetworkTimeout
-        91,  # ShutdownInProgress
-        189,  # PrimarySteppedDown
-        9001,  # SocketException
-        10107,  # NotWritablePrimary
-        11600,  # InterruptedAtShutdown
-        11602,  # InterruptedDueToReplStateChange
-        13435,  # NotPrimaryNoSecondaryOk
-        13436,  # NotPrimaryOrSecondary
-    }
-)
-_PERMISSION_CODES: Final = frozenset({13})  # Unauthorized
-_CURSOR_LOST_CODES: Final = frozenset({43, 237})  # CursorNotFound, CursorKilled
-_UNSUPPORTED_CODES: Final = frozenset({115, 238})  # CommandNotSupported, NotImplemented
-_BAD_INPUT_CODES: Final = frozenset(
-    {
-        2,  # BadValue (unknown operator, bad operand)
-        9,  # FailedToParse
-        14,  # TypeMismatch
-        22,  # InvalidBSON
-        52,  # DollarPrefixedFieldName
-        53,  # InvalidIdField
-        56,  # EmptyFieldName
-        57,  # DottedFieldName
-        73,  # InvalidNamespace
-        121,  # DocumentValidationFailure
-        10334,  # BSONObjectTooLarge
-        17287,  # NoQueryExecutionPlans / cannot canonicalize query
-        51091,  # invalid regular expression
-    }
-)
+# (the names fill in mongo_code_name where the server sends none: a write
+# error in an insert's writeErrors has a code but no codeName).
+_DUPLICATE_KEY_CODES: Final[Mapping[int, str]] = {
+    11000: "DuplicateKey",
+    # Legacy duplicate-key codes of old servers; error_codes.yml has no name for them.
+    11001: "",
+    12582: "",
+}
+_TIMEOUT_CODES: Final[Mapping[int, str]] = {
+    50: "MaxTimeMSExpired",
+    64: "WriteConcernFailed",  # wtimeout
+    202: "NetworkInterfaceExceededTimeLimit",
+    262: "ExceededTimeLimit",
+}
+_UNAVAILABLE_CODES: Final[Mapping[int, str]] = {
+    6: "HostUnreachable",
+    7: "HostNotFound",
+    89: "NetworkTimeout",
+    91: "ShutdownInProgress",
+    189: "PrimarySteppedDown",
+    9001: "SocketException",
+    10107: "NotWritablePrimary",
+    11600: "InterruptedAtShutdown",
+    11602: "InterruptedDueToReplStateChange",
+    13435: "NotPrimaryNoSecondaryOk",
+    13436: "NotPrimaryOrSecondary",
+}
+_PERMISSION_CODES: Final[Mapping[int, str]] = {13: "Unauthorized"}
+_CURSOR_LOST_CODES: Final[Mapping[int, str]] = {43: "CursorNotFound", 237: "CursorKilled"}
+_UNSUPPORTED_CODES: Final[Mapping[int, str]] = {115: "CommandNotSupported", 238: "NotImplemented"}
+_BAD_INPUT_CODES: Final[Mapping[int, str]] = {
+    2: "BadValue",  # unknown operator, bad operand
+    9: "FailedToParse",
+    14: "TypeMismatch",
+    22: "InvalidBSON",
+    52: "DollarPrefixedFieldName",
+    53: "InvalidIdField",
+    56: "EmptyFieldName",
+    57: "DottedFieldName",
+    73: "InvalidNamespace",
+    121: "DocumentValidationFailure",
+    10334: "BSONObjectTooLarge",
+    # Assertion codes without a name of their own are reported as "Location<code>".
+    17287: "Location17287",  # cannot canonicalize query
+    51091: "Location51091",  # invalid regular expression
+}
+_CODE_NAMES: Final[Mapping[int, str]] = {
+    code: name
+    for table in (
+        _DUPLICATE_KEY_CODES,
+        _TIMEOUT_CODES,
+        _UNAVAILABLE_CODES,
+        _PERMISSION_CODES,
+        _CURSOR_LOST_CODES,
+        _UNSUPPORTED_CODES,
+        _BAD_INPUT_CODES,
+    )
+    for code, name in table.items()
+    if name
+}
 
 
-def _mongo_metadata(code: int | None, exc: mongo_errors.PyMongoError) -> dict[str, str]:
+def _labels(exc: mongo_errors.PyMongoError) -> dict[str, str]:
+    """``mongo_labels``: the error's labels, the server's and those pymongo adds.
+
+    pymongo keeps them in ``_error_labels`` (public only as ``has_error_label``):
+    a server's ``errorLabels``, and labels it adds itself, such as
+    RetryableWriteError on a network error during a write. Network errors are
+    not OperationFailures, so this is read for every PyMongoError.
+    """
+    labels = sorted(getattr(exc, "_error_labels", ()) or ())
+    return {"mongo_labels": ",".join(labels)} if labels else {}
+
+
+def _mongo_metadata(
+    code: int | None, exc: mongo_errors.PyMongoError, error: Mapping[str, Any] | None = None
+) -> dict[str, str]:
+    """``mongo_code``, ``mongo_code_name`` and ``mongo_labels`` of a database error.
+
+    ``error`` is the server's error document when it is not ``exc.details``
+    (an insert's first write error).
+    """
     meta: dict[str, str] = {}
     if code is not None:
         meta["mongo_code"] = str(code)
-    details = getattr(exc, "details", None)
-    if isinstance(details, Mapping):
-        name = details.get("codeName")
-        if isinstance(name, str):
-            meta["mongo_code_name"] = name
-    labels = sorted(getattr(exc, "_error_labels", ()) or ())
-    if labels:
-        meta["mongo_labels"] = ",".join(labels)
+    details = error if error is not None else getattr(exc, "details", None)
+    name = details.get("codeName") if isinstance(details, Mapping) else None
+    if not isinstance(name, str) or not name:
+        name = _CODE_NAMES.get(code) if code is not None else None
+    if name:
+        meta["mongo_code_name"] = name
+    meta.update(_labels(exc))
     return meta
 
 
@@ -221,7 +256,9 @@ def _bulk_write_error(exc: mongo_errors.BulkWriteError, database: str) -> RpcErr
     code = first.get("code") if isinstance(first, Mapping) else None
     grpc_code, reason = _status_for_code(code if isinstance(code, int) else None)
     inserted = int(details.get("nInserted", 0) or 0)
-    meta = _mongo_metadata(code if isinstance(code, int) else None, exc)
+    meta = _mongo_metadata(
+        code if isinstance(code, int) else None, exc, first if isinstance(first, Mapping) and first else None
+    )
     meta.update(database=database, inserted_count=str(inserted))
     if isinstance(first, Mapping) and "index" in first:
         meta["failed_index"] = str(first["index"])
@@ -257,6 +294,7 @@ def to_rpc_error(exc: BaseException, *, database: str = "", deadline_passed: boo
 
     where = f" (database {database!r})" if database else ""
     meta: dict[str, str] = {"database": database} if database else {}
+    meta.update(_labels(exc))
 
     # Order matters: the specific classes come before their base classes.
     if isinstance(exc, mongo_errors.WaitQueueTimeoutError):

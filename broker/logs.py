@@ -1,14 +1,30 @@
-"""Logging set-up: named loggers under `mongo_broker`, text or JSON lines."""
+"""Logging set-up: named loggers under `mongo_broker`, text or JSON lines.
+
+Log lines carry names that callers choose (database and collection names go
+into the access log even for calls that are refused), so nothing a caller
+sends may be able to write a line of its own:
+
+- every caller-supplied value is put into a text line through
+  `log_value`, which escapes it the way Python's repr does (`\\n`, `\\x00`,
+  `\\\\`, `\\u2028`; `=` too, as `\\x3d`) and double-quotes it when it holds
+  a space or `"`, so `key=value` parsing stays unambiguous;
+- the text formatter indents every continuation line of a record (a
+  traceback, the SIGUSR1 listing), so only the first line of a record ever
+  starts in column 0;
+- JSON lines are escaped by `json.dumps` (with `ensure_ascii`, so even
+  U+2028 is written as `\\u2028`).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
-from typing import Any
+from typing import Any, Final
 
-__all__ = ["JsonFormatter", "configure_logging"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "log_value"]
 
 # Attributes every LogRecord has; anything else was passed in `extra=` and
 # belongs in the JSON object.
@@ -16,6 +32,78 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
     "asctime",
 }
+
+# Anything outside printable ASCII, and the characters that have a meaning
+# in a `key=value` line. Values without any (nearly all) are logged as they are.
+_NEEDS_CARE: Final = re.compile(r'[^\x21-\x7e]|[\\"=]')
+_QUOTE_IF: Final = frozenset(' "')
+# `=` is escaped rather than kept, so that `key=` appears in a line only
+# where the broker wrote a key: even a naive `code=(\S+)` finds the real one.
+_NAMED: Final = {
+    "\\": "\\\\",
+    '"': '\\"',
+    "=": "\\x3d",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+}
+# What stands for "no value" in a text line, e.g. `coll=-` for a Ping.
+_EMPTY: Final = "-"
+_LINE_BREAK: Final = re.compile(r"\r\n|\r|\n")
+
+
+def _escape_char(ch: str) -> str:
+    named = _NAMED.get(ch)
+    if named is not None:
+        return named
+    if ch == " " or ch.isprintable():
+        # Printable letters of any script stay readable; only what a terminal
+        # or a log shipper would act on (controls, separators, format
+        # characters such as U+202E) is escaped.
+        return ch
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def log_value(value: str) -> str:
+    """``value`` as one unambiguous token of a text log line.
+
+    The rule: backslash, double quote, `=` and every non-printable character
+    are escaped as in a Python string literal (`\\\\`, `\\"`, `\\x3d`, `\\n`,
+    `\\x1b`, `\\u2028`); a value holding a space or `"` (or one that reads
+    `-`) is wrapped in double quotes; an empty value is `-`. The result never
+    holds a line break or a `=`, and splitting a line on the spaces outside
+    quotes gives back its `key=value` pairs.
+    """
+    if not value:
+        return _EMPTY
+    if value == _EMPTY:
+        return '"-"'
+    if _NEEDS_CARE.search(value) is None:
+        return value
+    escaped = "".join(_escape_char(ch) for ch in value)
+    if any(ch in _QUOTE_IF for ch in value):
+        return f'"{escaped}"'
+    return escaped
+
+
+class TextFormatter(logging.Formatter):
+    """``%(asctime)s %(levelname)s %(name)s: %(message)s``, one record per unindented line."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if "\n" in text or "\r" in text:
+            # A continuation line (a traceback, a multi-line message) is
+            # indented, so it can never pass for a record of its own.
+            text = _LINE_BREAK.sub("\n    ", text)
+        return text
 
 
 class JsonFormatter(logging.Formatter):
@@ -42,7 +130,7 @@ def configure_logging(level: str, fmt: str) -> None:
         formatter: logging.Formatter = JsonFormatter()
         formatter.converter = time.gmtime
     else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        formatter = TextFormatter()
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,11 +118,18 @@ class Pools:
                 pool.settings.max_pool_size,
             )
 
-    def get(self, name: str) -> DatabasePool:
+    def get(self, name: str, visible: Callable[[str], bool] | None = None) -> DatabasePool:
+        """The pool of database ``name``; NOT_FOUND if it is not configured.
+
+        ``visible`` says which database names the caller may use: the
+        NOT_FOUND message lists only those, so a token scoped to some
+        databases does not learn the names of the others.
+        """
         try:
             return self._pools[name]
         except KeyError:
-            raise UnknownDatabaseError(name, sorted(self._pools)) from None
+            known = [n for n in sorted(self._pools) if visible is None or visible(n)]
+            raise UnknownDatabaseError(name, known) from None
 
     def __iter__(self) -> Iterator[DatabasePool]:
         return iter(self._pools.values())

@@ -30,6 +30,7 @@ from pymongo.write_concern import WriteConcern
 
 from broker import documents
 from broker.errors import Reason, RpcError, invalid_argument, to_rpc_error
+from broker.logs import log_value
 from broker.metrics import BrokerMetrics, checkout_failures
 from broker.pools import DatabasePool, Pools
 from broker.security import Authenticator, Principal, check_depth, check_operators
@@ -59,8 +60,8 @@ class _Call:
     """One call: what it asked for, its limits, and what it did (for the access log)."""
 
     __slots__ = (
-        "bytes", "code", "collection", "database", "deadline", "documents",
-        "method", "pool", "queue_wait_s", "request_id", "stage", "started",
+        "bytes", "code", "collection", "counted", "database", "deadline", "documents",
+        "method", "pool", "principal", "queue_wait_s", "request_id", "stage", "started",
     )  # fmt: skip
 
     def __init__(self, method: str, database: str, collection: str, request_id: str) -> None:
@@ -71,6 +72,10 @@ class _Call:
         self.started = time.monotonic()
         self.deadline = self.started + _NO_DEADLINE_S
         self.pool: DatabasePool | None = None
+        # The databases a call that spans several (a Ping of every database)
+        # is counted under in Stats and metrics; empty for the others.
+        self.counted: tuple[DatabasePool, ...] = ()
+        self.principal: Principal | None = None
         self.code = "OK"
         self.documents = 0
         self.bytes = 0
@@ -80,6 +85,12 @@ class _Call:
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
+
+    def count_under(self, pools: Sequence[DatabasePool]) -> None:
+        """Count this call under each of ``pools``: in flight now, by method when it ends."""
+        self.counted = tuple(pools)
+        for pool in self.counted:
+            pool.stats.in_flight += 1
 
     def comment(self, comment: str = "") -> str:
         # Ties the server's slow-query log and currentOp back to the worker.
@@ -178,9 +189,11 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
     def describe_in_flight(self) -> list[str]:
         """One line per call in flight: method, database, stage and age."""
         now = time.monotonic()
+        # The names are the callers' own: escaped, as in the access log.
         return [
-            f"{c.method} db={c.database} coll={c.collection} rid={c.request_id} "
-            f"stage={c.stage} age_s={now - c.started:.1f} remaining_s={c.remaining():.1f}"
+            f"{c.method} db={log_value(c.database)} coll={log_value(c.collection)} "
+            f"rid={log_value(c.request_id)} stage={log_value(c.stage)} "
+            f"age_s={now - c.started:.1f} remaining_s={c.remaining():.1f}"
             for c in self._inflight.values()
         ]
 
@@ -239,8 +252,15 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         max_time_ms: int = 0,
         *,
         write: bool = False,
+        local: bool = False,
     ) -> AsyncIterator[_Call]:
-        """Authenticate, resolve the database, apply limits, observe, map failures to statuses."""
+        """Authenticate, resolve the database, apply limits, observe, map failures to statuses.
+
+        A ``local`` call (a Ping of every database, Stats) is answered from
+        the broker's own state: it gets the request id, drain refusal,
+        authentication (``call.principal``), status mapping and access log
+        of every call, and resolves its databases itself.
+        """
         call = _Call(method, database, collection, _request_id(context))
         task = asyncio.current_task()
         if task is not None:
@@ -252,11 +272,17 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             context.set_trailing_metadata(((REQUEST_ID_HEADER, call.request_id),))
             if self._draining:
                 raise _shutting_down()
-            principal = self._principal(context)
+            principal = call.principal = self._principal(context)
+            if local:
+                yield call
+                return
             if not database:
                 raise invalid_argument("database is required: name one of the configured databases")
-            pool = self._pools.get(database)
+            # Authorised before the lookup: a name the token may not use is
+            # PERMISSION_DENIED whether or not it is configured, so a scoped
+            # token cannot probe for other databases' names.
             principal.authorize(database, collection, write=write)
+            pool = self._pools.get(database, principal.may_use)
             if write and pool.settings.read_only:
                 raise RpcError(
                     grpc.StatusCode.PERMISSION_DENIED,
@@ -306,30 +332,35 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
 
     def _finish(self, call: _Call) -> None:
         elapsed = time.monotonic() - call.started
-        label = ""
-        if call.pool is not None:
-            label = call.database
-            stats = call.pool.stats
+        counted = call.counted or ((call.pool,) if call.pool is not None else ())
+        for pool in counted:
+            stats = pool.stats
             stats.in_flight -= 1
             stats.rpcs[call.method] += 1
             if call.code != "OK":
                 stats.errors[call.code] += 1
-            self._metrics.queue_wait.labels(label).observe(call.queue_wait_s)
-        # Unknown database names are not used as labels: a caller could
-        # otherwise create any number of time series.
-        self._metrics.rpc_duration.labels(call.method, label, call.code).observe(elapsed)
+            self._metrics.queue_wait.labels(pool.name).observe(call.queue_wait_s)
+            self._metrics.rpc_duration.labels(call.method, pool.name, call.code).observe(elapsed)
+        if not counted:
+            # Unknown database names are not used as labels: a caller could
+            # otherwise create any number of time series.
+            self._metrics.rpc_duration.labels(call.method, "", call.code).observe(elapsed)
         if self._settings.log.access:
+            # Database and collection are whatever the caller sent, logged
+            # even when the call is refused: escaped, so that a name holding
+            # a line break cannot write an access-log line of its own. The
+            # JSON fields keep the exact values (json.dumps escapes them).
             access_log.info(
                 "%s db=%s coll=%s code=%s ms=%.2f docs=%d bytes=%d wait_ms=%.2f rid=%s",
-                call.method,
-                call.database or "-",
-                call.collection or "-",
+                log_value(call.method),
+                log_value(call.database),
+                log_value(call.collection),
                 call.code,
                 elapsed * 1000,
                 call.documents,
                 call.bytes,
                 call.queue_wait_s * 1000,
-                call.request_id,
+                log_value(call.request_id),
                 extra={
                     "method": call.method,
                     "database": call.database,
@@ -520,8 +551,8 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 result = await _ping(call.pool)
             return broker_pb2.PingResponse(version=self._version, databases=[result])
         # Every database the caller may use: report each one's health; the
-        # call itself succeeds.
-        try:
+        # call itself succeeds, and is counted under each database pinged.
+        async with self._serve(context, "Ping", "", local=True) as call:
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise RpcError(
@@ -529,13 +560,13 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                     "the call's deadline had already passed when it reached the broker",
                     Reason.TIMEOUT,
                 )
-            principal = self._principal(context)
-        except RpcError as error:
-            await _answer(context, error)
-            raise
-        pools = [pool for pool in self._pools if principal.may_use(pool.name)]
-        results = await asyncio.gather(*(self._ping_reporting(pool, context) for pool in pools))
-        return broker_pb2.PingResponse(version=self._version, databases=results)
+            assert call.principal is not None
+            pools = [pool for pool in self._pools if call.principal.may_use(pool.name)]
+            call.count_under(pools)
+            call.stage = "pinging every database"
+            results = await asyncio.gather(*(self._ping_reporting(pool, context) for pool in pools))
+            return broker_pb2.PingResponse(version=self._version, databases=results)
+        raise AssertionError("unreachable: _serve aborts on error")  # pragma: no cover
 
     async def _ping_reporting(self, pool: DatabasePool, context: Context) -> broker_pb2.DatabasePing:
         start = time.monotonic()
@@ -559,21 +590,21 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         request: broker_pb2.StatsRequest,
         context: grpc.aio.ServicerContext[broker_pb2.StatsRequest, broker_pb2.StatsResponse],
     ) -> broker_pb2.StatsResponse:
-        try:
-            principal = self._principal(context)
+        # Not counted under its databases: reading Stats must not change it.
+        async with self._serve(context, "Stats", request.database, local=True) as call:
+            principal = call.principal
+            assert principal is not None
             if request.database:
-                pools = [self._pools.get(request.database)]
                 principal.authorize(request.database, "", write=False)
+                pools = [self._pools.get(request.database, principal.may_use)]
             else:
                 pools = [pool for pool in self._pools if principal.may_use(pool.name)]
-        except RpcError as error:
-            await _answer(context, error)
-            raise
-        return broker_pb2.StatsResponse(
-            version=self._version,
-            uptime_s=time.monotonic() - self._started,
-            databases=[database_stats(pool) for pool in pools],
-        )
+            return broker_pb2.StatsResponse(
+                version=self._version,
+                uptime_s=time.monotonic() - self._started,
+                databases=[database_stats(pool) for pool in pools],
+            )
+        raise AssertionError("unreachable: _serve aborts on error")  # pragma: no cover
 
 
 def database_stats(db: DatabasePool) -> broker_pb2.DatabaseStats:

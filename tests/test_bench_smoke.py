@@ -141,3 +141,24 @@ def test_profile_summary_reads_speedscope(tmp_path: Path) -> None:
     assert self_share["encode (bson/__init__.py)"] == pytest.approx(200 / 3)
     assert dict(summary["inclusive"])["Find (broker/service.py)"] == pytest.approx(100)
     assert dict(summary["areas"])["bson"] == pytest.approx(200 / 3)
+
+
+def test_a_refused_mongobetween_download_is_reported_without_the_tools_text() -> None:
+    """The reason lands in committed reports: it must not quote the Go toolchain (hosts, URLs)."""
+    from bench import workloads
+
+    command = ["go", "install", "github.com/coinbase/mongobetween@latest"]
+    stderr = (
+        "go: github.com/coinbase/mongobetween@latest: module github.com/coinbase/mongobetween: "
+        "reading https://modules.example.invalid/github.com/coinbase/mongobetween/@v/list: "
+        "403 Forbidden\n\tserver response: This module version is not available.\n"
+    )
+    refused = workloads._install_failure(command, 1, stderr)
+    assert refused == (
+        "not measured: mongobetween could not be obtained: the Go module proxy refused it "
+        "(`go install github.com/coinbase/mongobetween@latest`)"
+    )
+    broken = workloads._install_failure(command, 2, "main.go:3:1: syntax error near https-ish text\n")
+    assert "exited with status 2" in broken
+    for reason in (refused, broken):
+        assert "example.invalid" not in reason and "syntax error" not in reason and "403" not in reason

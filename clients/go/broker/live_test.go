@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"go.mongodb.org/mongo-driver/v2/bson"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -225,6 +226,49 @@ func TestLiveFindStreamsManyBatches(t *testing.T) {
 	}
 	if cursor.Batches() < total/100 {
 		t.Fatalf("%d documents came in %d messages; want one per batch of 100", total, cursor.Batches())
+	}
+}
+
+// TestLiveLargeDocument reads one 10 MiB document, more than grpc-go's
+// default 4 MiB receive limit: a document always travels alone in one
+// message (up to 16 MiB plus framing), so the client's limit decides.
+func TestLiveLargeDocument(t *testing.T) {
+	coll := liveCollection(t)
+	ctx := testContext(t)
+	big := strings.Repeat("x", 10*1024*1024)
+	inserted, err := coll.InsertOne(ctx, bson.D{{Key: "big", Value: big}})
+	if err != nil {
+		t.Fatalf("InsertOne: %v", err)
+	}
+	byID := bson.D{{Key: "_id", Value: inserted.InsertedID}}
+	type large struct {
+		Big string `bson:"big"`
+	}
+	cursor, err := coll.Find(ctx, byID)
+	if err != nil {
+		t.Fatalf("Find: %v", err)
+	}
+	var found []large
+	if err := cursor.All(ctx, &found); err != nil {
+		t.Fatalf("Find of a 10 MiB document: %v", err)
+	}
+	if len(found) != 1 || found[0].Big != big {
+		t.Fatalf("Find returned %d documents, or a changed one", len(found))
+	}
+	var one large
+	if err := coll.FindOne(ctx, byID).Decode(&one); err != nil || one.Big != big {
+		t.Fatalf("FindOne of a 10 MiB document: %v", err)
+	}
+	// With grpc-go's own default the same read fails: the option is needed.
+	small, err := broker.Dial(os.Getenv("MONGO_BROKER_TARGET"), broker.WithDialOptions(
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(4*1024*1024))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer small.Close()
+	err = small.Database(coll.Database().Name()).Collection(coll.Name()).FindOne(ctx, byID).Err()
+	if broker.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("FindOne with a 4 MiB receive limit: got %v, want ResourceExhausted", err)
 	}
 }
 

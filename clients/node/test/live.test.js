@@ -139,6 +139,32 @@ describe('against a live broker', { skip }, () => {
     assert.ok(cursor.batches >= total / 100, `${total} documents in ${cursor.batches} messages`);
   });
 
+  it('reads a 10 MiB document with find and findOne, over grpc-js\'s 4 MiB default', async () => {
+    const coll = collection('large');
+    // One document always travels alone in one message (up to 16 MiB plus
+    // framing): the client's receive limit, not the broker, decides.
+    const big = 'x'.repeat(10 * 1024 * 1024);
+    const { insertedId } = await coll.insertOne({ big });
+    const found = await coll.find({ _id: insertedId }).toArray();
+    assert.equal(found.length, 1);
+    assert.equal(found[0].big.length, big.length);
+    const one = await coll.findOne({ _id: insertedId });
+    assert.ok(one && one.big === big);
+    // With grpc-js's own default the same reads fail: the option is needed.
+    const small = new broker.BrokerClient(TARGET, {
+      timeoutMs: 20_000,
+      channelOptions: { 'grpc.max_receive_message_length': 4 * 1024 * 1024 },
+    });
+    try {
+      await assert.rejects(small.db(DATABASE).collection(coll.collectionName).findOne({ _id: insertedId }), (err) => {
+        assert.equal(err.code, broker.status.RESOURCE_EXHAUSTED, String(err));
+        return true;
+      });
+    } finally {
+      small.close();
+    }
+  });
+
   it('stops the stream on an early break and on close()', async () => {
     const coll = collection('early');
     await coll.insertMany(Array.from({ length: 50 }, (_, n) => ({ n })));

@@ -12,6 +12,13 @@ driver's BSON library can produce and read them, so types survive exactly
 Errors are gRPC status codes. The `google.rpc.Status` details carry a
 `google.rpc.ErrorInfo` with domain "mongo-broker", a machine-readable
 reason, and metadata such as `mongo_code` and `mongo_labels`.
+
+Message size: a response message is at most 16 MiB + 64 KiB, because one
+BSON document (up to 16 MiB) always travels whole, alone in its message
+when it is larger than the broker's response cap. gRPC clients accept
+4 MiB by default; set the channel's receive limit to at least 17 MiB
+(grpc.max_receive_message_length in C-core and grpc-js, MaxCallRecvMsgSize
+in grpc-go), as the bundled clients do.
 """
 
 from broker_client.proto.broker.v1 import broker_pb2 as _broker_pb2
