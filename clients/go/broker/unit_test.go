@@ -2,13 +2,14 @@ package broker
 
 // Tests that need no broker: address forms, client-side _id, the
 // conversion of a broker status (with google.rpc details) into *Error, and
-// FindOne against an in-test server that plays a broker without FindOne.
+// calls against an in-test gRPC server.
 
 import (
 	"context"
 	"errors"
 	"net"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -17,9 +18,7 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/mongo-broker/mongo-broker/clients/go/brokerv1"
@@ -176,77 +175,36 @@ func TestIsRetryable(t *testing.T) {
 	}
 }
 
-// findOnlyServer plays a broker from before FindOne: it serves Find alone,
-// so FindOne gets the Unimplemented of the embedded server.
+// findOnlyServer serves Find alone: gRPC itself answers its other methods
+// Unimplemented, without a broker reason.
 type findOnlyServer struct {
 	brokerv1.UnimplementedBrokerServer
-	// documents is what every Find sends, in one message.
-	documents [][]byte
 
-	mu       sync.Mutex
-	methods  []string
-	requests map[string][]*brokerv1.FindRequest
-	tokens   map[string][][]string
+	mu      sync.Mutex
+	methods []string
 }
 
 func (s *findOnlyServer) Find(request *brokerv1.FindRequest, stream grpc.ServerStreamingServer[brokerv1.FindResponse]) error {
-	s.mu.Lock()
-	documents := s.documents
-	s.mu.Unlock()
-	return stream.Send(&brokerv1.FindResponse{Documents: documents})
+	return stream.Send(&brokerv1.FindResponse{})
 }
 
-// seen is what the server was asked so far: the methods in order, and each
-// method's requests and authorization headers.
-func (s *findOnlyServer) seen() ([]string, map[string][]*brokerv1.FindRequest, map[string][][]string) {
+// seen is the methods the server was asked for so far, in order.
+func (s *findOnlyServer) seen() []string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	requests := map[string][]*brokerv1.FindRequest{}
-	for k, v := range s.requests {
-		requests[k] = append([]*brokerv1.FindRequest(nil), v...)
-	}
-	tokens := map[string][][]string{}
-	for k, v := range s.tokens {
-		tokens[k] = append([][]string(nil), v...)
-	}
-	return append([]string(nil), s.methods...), requests, tokens
+	return append([]string(nil), s.methods...)
 }
 
-// record notes each call the server gets, FindOne included, with its
-// request and its authorization header.
-func (s *findOnlyServer) record(ctx context.Context, method string, request any) {
+func (s *findOnlyServer) record(method string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	md, _ := metadata.FromIncomingContext(ctx)
-	name := method[len("/broker.v1.Broker/"):]
-	s.methods = append(s.methods, name)
-	if find, ok := request.(*brokerv1.FindRequest); ok {
-		s.requests[name] = append(s.requests[name], proto.Clone(find).(*brokerv1.FindRequest))
-	}
-	s.tokens[name] = append(s.tokens[name], md.Get("authorization"))
+	s.methods = append(s.methods, strings.TrimPrefix(method, "/broker.v1.Broker/"))
 }
 
-// recordingStream hands the request a server-streaming handler receives
-// to record.
-type recordingStream struct {
-	grpc.ServerStream
-	server *findOnlyServer
-	method string
-}
-
-func (r *recordingStream) RecvMsg(m any) error {
-	err := r.ServerStream.RecvMsg(m)
-	if err == nil {
-		r.server.record(r.Context(), r.method, m)
-	}
-	return err
-}
-
-// serveBroker runs srv on a Unix socket for the test and dials it.
+// serveBroker runs srv on a Unix socket for the test, noting each call's
+// method in recorder, and connects a client to it.
 func serveBroker(t *testing.T, srv brokerv1.BrokerServer, recorder *findOnlyServer) *Client {
 	t.Helper()
-	recorder.requests = map[string][]*brokerv1.FindRequest{}
-	recorder.tokens = map[string][][]string{}
 	socket := filepath.Join(t.TempDir(), "broker.sock")
 	listener, err := net.Listen("unix", socket)
 	if err != nil {
@@ -254,17 +212,18 @@ func serveBroker(t *testing.T, srv brokerv1.BrokerServer, recorder *findOnlyServ
 	}
 	server := grpc.NewServer(
 		grpc.UnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-			recorder.record(ctx, info.FullMethod, req)
+			recorder.record(info.FullMethod)
 			return handler(ctx, req)
 		}),
 		grpc.StreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-			return handler(srv, &recordingStream{ServerStream: ss, server: recorder, method: info.FullMethod})
+			recorder.record(info.FullMethod)
+			return handler(srv, ss)
 		}),
 	)
 	brokerv1.RegisterBrokerServer(server, srv)
 	go func() { _ = server.Serve(listener) }()
 	t.Cleanup(server.Stop)
-	client, err := Dial("unix://"+socket, WithToken("s3cret"), WithTimeout(10*time.Second))
+	client, err := Dial("unix://"+socket, WithTimeout(10*time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -272,53 +231,20 @@ func serveBroker(t *testing.T, srv brokerv1.BrokerServer, recorder *findOnlyServ
 	return client
 }
 
-func TestFindOneFallsBackToFindOnABrokerWithoutFindOne(t *testing.T) {
-	want := mustMarshal(t, bson.D{{Key: "_id", Value: int32(7)}, {Key: "sku", Value: "a1"}})
-	srv := &findOnlyServer{documents: [][]byte{want}}
+func TestFindOneReturnsGRPCsUnimplementedWithoutAFind(t *testing.T) {
+	srv := &findOnlyServer{}
 	client := serveBroker(t, srv, srv)
-	coll := client.Database("appdb").Collection("items")
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-
-	raw, err := coll.FindOne(ctx, bson.M{"_id": 7}, Projection(bson.M{"sku": 1}), Limit(5)).Raw()
-	if err != nil {
-		t.Fatalf("FindOne: %v", err)
+	err := client.Database("appdb").Collection("items").FindOne(context.Background(), bson.M{"_id": 7}).Err()
+	if e := AsError(err); e == nil || e.Code != codes.Unimplemented || e.Reason != "" {
+		t.Fatalf("got %v, want gRPC's own Unimplemented", err)
 	}
-	if string(raw) != string(want) {
-		t.Fatalf("FindOne returned %v, want %v", raw, bson.Raw(want))
-	}
-	methods, requests, tokens := srv.seen()
-	if len(methods) != 2 || methods[0] != "FindOne" || methods[1] != "Find" {
-		t.Fatalf("calls %v, want FindOne then Find", methods)
-	}
-	sent, fallback := requests["FindOne"][0], requests["Find"][0]
-	if fallback.GetLimit() != 1 || fallback.GetDatabase() != "appdb" || fallback.GetCollection() != "items" {
-		t.Fatalf("the fallback Find asked for %v; want limit 1 on appdb.items", fallback)
-	}
-	if !proto.Equal(sent, fallback) {
-		t.Fatalf("the fallback Find's request differs from FindOne's:\n%v\n%v", sent, fallback)
-	}
-	if id := bson.Raw(fallback.GetFilter()).Lookup("_id").Int32(); id != 7 {
-		t.Fatalf("the fallback's filter is %v", bson.Raw(fallback.GetFilter()))
-	}
-	for method, got := range tokens {
-		// Once each: the fallback must not add the client's metadata again.
-		if len(got) != 1 || len(got[0]) != 1 || got[0][0] != "Bearer s3cret" {
-			t.Errorf("%s got authorization %v, want the token once", method, got)
-		}
-	}
-
-	srv.mu.Lock()
-	srv.documents = nil
-	srv.mu.Unlock()
-	if err := coll.FindOne(ctx, bson.M{"_id": 8}).Err(); !errors.Is(err, ErrNoDocuments) {
-		t.Fatalf("FindOne of nothing, by Find: got %v, want ErrNoDocuments", err)
+	if methods := srv.seen(); len(methods) != 1 || methods[0] != "FindOne" {
+		t.Fatalf("calls %v, want FindOne alone", methods)
 	}
 }
 
 // refusingServer answers FindOne with the broker's own Unimplemented: the
-// database does not support the query. Unlike gRPC's Unimplemented for an
-// unknown method, it carries a reason, and a Find would fail the same way.
+// database does not support the query.
 type refusingServer struct {
 	findOnlyServer
 }
@@ -332,14 +258,14 @@ func (s *refusingServer) FindOne(context.Context, *brokerv1.FindRequest) (*broke
 	return nil, st.Err()
 }
 
-func TestFindOneReturnsTheBrokersErrorsWithoutFallingBack(t *testing.T) {
+func TestFindOneReturnsTheBrokersErrorsAsTheyCome(t *testing.T) {
 	srv := &refusingServer{}
 	client := serveBroker(t, srv, &srv.findOnlyServer)
 	err := client.Database("appdb").Collection("items").FindOne(context.Background(), nil).Err()
 	if e := AsError(err); e == nil || e.Code != codes.Unimplemented || e.Reason != "NOT_SUPPORTED" {
 		t.Fatalf("got %v, want the broker's Unimplemented NOT_SUPPORTED", err)
 	}
-	if methods, _, _ := srv.seen(); len(methods) != 1 || methods[0] != "FindOne" {
+	if methods := srv.seen(); len(methods) != 1 || methods[0] != "FindOne" {
 		t.Fatalf("calls %v, want FindOne alone", methods)
 	}
 }

@@ -303,9 +303,8 @@ class Collection {
   }
 
   /**
-   * The first matching document, or null. One unary call; a broker older
-   * than FindOne answers UNIMPLEMENTED, and the lookup is then a find with
-   * limit 1, within the same deadline.
+   * The first matching document, or null: one unary FindOne call, whose
+   * errors are thrown as the broker (or grpc) gives them.
    * @param {object} [filter]
    * @param {FindOptions} [options]
    * @returns {Promise<any>}
@@ -313,27 +312,8 @@ class Collection {
   async findOne(filter = {}, options = {}) {
     const client = this.db.client;
     const request = this._findRequest(filter, { ...options, limit: 1 });
-    const bsonOptions = this._bsonOptions(options);
-    // The deadline is fixed here rather than per call, so that a fallback
-    // find does not get a fresh timeout of its own.
-    const callOptions = { ...options, deadline: client._deadline(options) };
-    let response;
-    try {
-      response = await client._unary('FindOne', request, callOptions);
-    } catch (error) {
-      if (!(error instanceof BrokerError) || error.code !== grpc.status.UNIMPLEMENTED || error.reason) {
-        throw error;
-      }
-      // A broker older than FindOne: grpc itself answers so, without running
-      // anything, and a find is the same lookup. (The broker's own
-      // UNIMPLEMENTED, reason NOT_SUPPORTED, is the database refusing the
-      // query: a find would only fail the same way.) The stream is read to
-      // its end (one document at most) rather than cancelled after the
-      // first: a cancel counts as a failed call.
-      const found = await new Cursor(client, request, callOptions, bsonOptions).toArray();
-      return found.length > 0 ? found[0] : null;
-    }
-    return response.documents.length > 0 ? BSON.deserialize(response.documents[0], bsonOptions) : null;
+    const response = await client._unary('FindOne', request, options);
+    return response.documents.length > 0 ? BSON.deserialize(response.documents[0], this._bsonOptions(options)) : null;
   }
 
   /**
