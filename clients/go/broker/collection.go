@@ -46,6 +46,9 @@ type InsertManyResult struct {
 // the Go driver does; so a retried insert that had already landed shows up
 // as a duplicate key (IsDuplicateKey).
 func (c *Collection) InsertOne(ctx context.Context, document any, opts ...InsertOption) (*InsertOneResult, error) {
+	if ctx == nil {
+		return nil, ErrNilContext
+	}
 	raw, err := marshalForInsert(document)
 	if err != nil {
 		return nil, err
@@ -66,6 +69,9 @@ func (c *Collection) InsertOne(ctx context.Context, document any, opts ...Insert
 // an _id gets a new ObjectID here first. On error, the *Error's
 // InsertedCount and FailedIndex say what happened.
 func (c *Collection) InsertMany(ctx context.Context, documents any, opts ...InsertOption) (*InsertManyResult, error) {
+	if ctx == nil {
+		return nil, ErrNilContext
+	}
 	value := reflect.ValueOf(documents)
 	if value.Kind() != reflect.Slice && value.Kind() != reflect.Array {
 		return nil, fmt.Errorf("broker: InsertMany needs a slice of documents, not %T", documents)
@@ -202,6 +208,9 @@ func marshalDocument(what string, document any) ([]byte, error) {
 // later batches are read as Next reaches them. ctx bounds the whole stream:
 // keep it alive until the cursor is done, and Close the cursor.
 func (c *Collection) Find(ctx context.Context, filter any, opts ...FindOption) (*Cursor, error) {
+	if ctx == nil {
+		return nil, ErrNilContext
+	}
 	request, err := c.findRequest(filter, opts)
 	if err != nil {
 		return nil, err
@@ -294,6 +303,9 @@ func (r *SingleResult) Decode(v any) error {
 // Limit is always 1. It is one unary call; its errors are returned as the
 // broker (or gRPC) gives them.
 func (c *Collection) FindOne(ctx context.Context, filter any, opts ...FindOption) *SingleResult {
+	if ctx == nil {
+		return &SingleResult{err: ErrNilContext}
+	}
 	request, err := c.findRequest(filter, append(opts, Limit(1)))
 	if err != nil {
 		return &SingleResult{err: err}

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"net"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -19,6 +20,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/mongo-broker/mongo-broker/clients/go/brokerv1"
@@ -45,12 +47,23 @@ func TestNormalizeTarget(t *testing.T) {
 	}
 }
 
-func TestDialRejectsBadOptions(t *testing.T) {
-	if _, err := Dial("127.0.0.1:1", WithTimeout(0)); err == nil {
-		t.Error("Dial accepted a zero timeout")
+func TestNewClientRejectsBadOptions(t *testing.T) {
+	if _, err := NewClient("127.0.0.1:1", WithTimeout(0)); err == nil {
+		t.Error("NewClient accepted a zero timeout")
 	}
-	if _, err := Dial("127.0.0.1:1", WithMetadata("odd")); err == nil {
-		t.Error("Dial accepted an odd number of metadata strings")
+	if _, err := NewClient("127.0.0.1:1", WithMetadata("odd")); err == nil {
+		t.Error("NewClient accepted an odd number of metadata strings")
+	}
+	if _, err := NewClient("unix://relative/path"); err == nil {
+		t.Error("NewClient accepted a relative unix target")
+	}
+	client, err := NewClient("/run/mb/broker.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	if client.Target() != "unix:///run/mb/broker.sock" {
+		t.Errorf("Target() = %q", client.Target())
 	}
 }
 
@@ -223,7 +236,7 @@ func serveBroker(t *testing.T, srv brokerv1.BrokerServer, recorder *findOnlyServ
 	brokerv1.RegisterBrokerServer(server, srv)
 	go func() { _ = server.Serve(listener) }()
 	t.Cleanup(server.Stop)
-	client, err := Dial("unix://"+socket, WithTimeout(10*time.Second))
+	client, err := NewClient("unix://"+socket, WithTimeout(10*time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -267,6 +280,166 @@ func TestFindOneReturnsTheBrokersErrorsAsTheyCome(t *testing.T) {
 	}
 	if methods := srv.seen(); len(methods) != 1 || methods[0] != "FindOne" {
 		t.Fatalf("calls %v, want FindOne alone", methods)
+	}
+}
+
+// statsServer answers Stats with response, noting each request's database.
+type statsServer struct {
+	findOnlyServer
+	response  *brokerv1.StatsResponse
+	databases []string
+}
+
+func (s *statsServer) Stats(_ context.Context, request *brokerv1.StatsRequest) (*brokerv1.StatsResponse, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.databases = append(s.databases, request.GetDatabase())
+	return s.response, nil
+}
+
+// filledDatabaseStats is a DatabaseStats message with every field set, each
+// to a value of its own, so that a field the conversion drops shows as zero.
+func filledDatabaseStats(t *testing.T) *brokerv1.DatabaseStats {
+	t.Helper()
+	message := &brokerv1.DatabaseStats{}
+	reflected := message.ProtoReflect()
+	fields := reflected.Descriptor().Fields()
+	for i := range fields.Len() {
+		field := fields.Get(i)
+		n := int64(i + 1)
+		switch {
+		case field.IsMap():
+			entries := reflected.Mutable(field).Map()
+			entries.Set(protoreflect.ValueOfString(string(field.Name())).MapKey(), protoreflect.ValueOfInt64(n))
+		case field.Kind() == protoreflect.StringKind:
+			reflected.Set(field, protoreflect.ValueOfString(string(field.Name())))
+		case field.Kind() == protoreflect.BoolKind:
+			reflected.Set(field, protoreflect.ValueOfBool(true))
+		case field.Kind() == protoreflect.Int64Kind:
+			reflected.Set(field, protoreflect.ValueOfInt64(n))
+		case field.Kind() == protoreflect.DoubleKind:
+			reflected.Set(field, protoreflect.ValueOfFloat64(float64(n)+0.5))
+		default:
+			t.Fatalf("DatabaseStats.%s is a %v: teach this test (and statsFromProto) about it", field.Name(), field.Kind())
+		}
+	}
+	return message
+}
+
+func TestStatsResultHasEveryFieldOfTheProto(t *testing.T) {
+	proto := filledDatabaseStats(t)
+	result := statsFromProto(&brokerv1.StatsResponse{Version: "1.2.3", UptimeS: 90.25, Databases: []*brokerv1.DatabaseStats{proto}})
+	if result.Version != "1.2.3" || result.Uptime != 90250*time.Millisecond || len(result.Databases) != 1 {
+		t.Fatalf("got %+v", result)
+	}
+	db := result.Databases[0]
+	value := reflect.ValueOf(db)
+	for i := range value.NumField() {
+		if value.Field(i).IsZero() {
+			t.Errorf("DatabaseStats.%s was not filled from the proto", value.Type().Field(i).Name)
+		}
+	}
+	if got := reflect.TypeOf(db).NumField(); got != proto.ProtoReflect().Descriptor().Fields().Len() {
+		t.Errorf("DatabaseStats has %d fields for the proto's %d", got, proto.ProtoReflect().Descriptor().Fields().Len())
+	}
+	// The proto's milliseconds are Durations, its counts int64s, by name.
+	if db.WaitP50 != milliseconds(proto.GetWaitP50Ms()) || db.MeanHold != milliseconds(proto.GetMeanHoldMs()) ||
+		db.ServerRTT != milliseconds(proto.GetServerRttMs()) || db.WaitMax != milliseconds(proto.GetWaitMaxMs()) {
+		t.Errorf("durations: %+v", db)
+	}
+	if db.RPCs["rpcs"] != proto.GetRpcs()["rpcs"] || db.RPCsInFlight != proto.GetRpcsInFlight() ||
+		db.Database != "database" || db.ConnectionsIdle != proto.GetConnectionsIdle() {
+		t.Errorf("values: %+v", db)
+	}
+	// The result owns its maps.
+	db.RPCs["rpcs"] = -1
+	if proto.GetRpcs()["rpcs"] == -1 {
+		t.Error("the result's RPCs map is the response's")
+	}
+	if empty := statsFromProto(&brokerv1.StatsResponse{Databases: []*brokerv1.DatabaseStats{{}}}); empty.Databases[0].RPCs == nil {
+		t.Error("a database without calls has a nil RPCs map")
+	}
+}
+
+func TestStatsAskForEveryDatabaseOrOne(t *testing.T) {
+	srv := &statsServer{response: &brokerv1.StatsResponse{
+		Version: "1.2.3",
+		Databases: []*brokerv1.DatabaseStats{
+			{Database: "appdb", MaxPoolSize: 10, Rpcs: map[string]int64{"FindOne": 3}},
+			{Database: "other", WaitP99Ms: 1.5},
+		},
+	}}
+	client := serveBroker(t, srv, &srv.findOnlyServer)
+	ctx := context.Background()
+	all, err := client.Stats(ctx)
+	if err != nil {
+		t.Fatalf("Stats: %v", err)
+	}
+	if _, err := client.Database("appdb").Stats(ctx); err != nil {
+		t.Fatalf("Database.Stats: %v", err)
+	}
+	if srv.databases[0] != "" || srv.databases[1] != "appdb" {
+		t.Fatalf("asked for %q, want every database, then appdb", srv.databases)
+	}
+	appdb, ok := all.Database("appdb")
+	if !ok || appdb.MaxPoolSize != 10 || appdb.RPCs["FindOne"] != 3 {
+		t.Fatalf("appdb: %+v, %v", appdb, ok)
+	}
+	if other, ok := all.Database("other"); !ok || other.WaitP99 != 1500*time.Microsecond {
+		t.Fatalf("other: %+v, %v", other, ok)
+	}
+	if _, ok := all.Database("missing"); ok {
+		t.Fatal("found a database the result does not have")
+	}
+}
+
+func TestNilContextIsRefusedWithoutACall(t *testing.T) {
+	srv := &findOnlyServer{}
+	client := serveBroker(t, srv, srv)
+	coll := client.Database("appdb").Collection("items")
+	var nilCtx context.Context // a nil context.Context, as a caller's bug would pass
+	calls := map[string]func() error{
+		"Client.Ping":           func() error { _, err := client.Ping(nilCtx); return err },
+		"Client.Stats":          func() error { _, err := client.Stats(nilCtx); return err },
+		"Database.Ping":         func() error { _, err := coll.Database().Ping(nilCtx); return err },
+		"Database.Stats":        func() error { _, err := coll.Database().Stats(nilCtx); return err },
+		"Collection.InsertOne":  func() error { _, err := coll.InsertOne(nilCtx, bson.M{"a": 1}); return err },
+		"Collection.InsertMany": func() error { _, err := coll.InsertMany(nilCtx, []bson.M{{"a": 1}}); return err },
+		"Collection.Find":       func() error { _, err := coll.Find(nilCtx, nil); return err },
+		"Collection.FindOne":    func() error { return coll.FindOne(nilCtx, nil).Err() },
+	}
+	for name, call := range calls {
+		if err := call(); !errors.Is(err, ErrNilContext) {
+			t.Errorf("%s(nil context): got %v, want ErrNilContext", name, err)
+		}
+	}
+	if methods := srv.seen(); len(methods) != 0 {
+		t.Fatalf("calls %v went out with a nil context", methods)
+	}
+
+	ctx := context.Background()
+	open := func() *Cursor {
+		t.Helper()
+		cursor, err := coll.Find(ctx, nil)
+		if err != nil {
+			t.Fatalf("Find: %v", err)
+		}
+		return cursor
+	}
+	cursor := open()
+	if cursor.Next(nilCtx) || !errors.Is(cursor.Err(), ErrNilContext) {
+		t.Errorf("Cursor.Next(nil context): error %v, want ErrNilContext", cursor.Err())
+	}
+	var all []bson.M
+	if err := open().All(nilCtx, &all); !errors.Is(err, ErrNilContext) {
+		t.Errorf("Cursor.All(nil context): got %v, want ErrNilContext", err)
+	}
+	cursor = open()
+	if err := cursor.Close(nilCtx); !errors.Is(err, ErrNilContext) {
+		t.Errorf("Cursor.Close(nil context): got %v, want ErrNilContext", err)
+	}
+	if cursor.Next(ctx) {
+		t.Error("Close with a nil context left the cursor open")
 	}
 }
 
