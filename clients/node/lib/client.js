@@ -125,6 +125,8 @@ class BrokerClient {
       ...channelOptions,
     });
     this._closed = false;
+    /** @type {Promise<void>|null} what close() returns, once called */
+    this._closing = null;
   }
 
   /**
@@ -146,35 +148,41 @@ class BrokerClient {
   async ping(database, options = {}) {
     const response = await this._unary('Ping', { database: database || '' }, options);
     const databases = response.databases.map((/** @type {any} */ db) => ({
-      database: db.database,
-      ok: db.ok,
-      rttMs: db.rtt_ms,
-      error: db.error,
-      pool: {
-        connectionsOpen: db.pool ? db.pool.connections_open : 0,
-        connectionsInUse: db.pool ? db.pool.connections_in_use : 0,
-        maxPoolSize: db.pool ? db.pool.max_pool_size : 0,
-      },
+      ...camelCaseFields(db),
+      // A message field the broker left unset reads as null: a pool of zeros.
+      pool: camelCaseFields(db.pool || { connections_open: 0, connections_in_use: 0, max_pool_size: 0 }),
     }));
-    return { version: response.version, databases, ok: databases.every((db) => db.ok) };
+    return { version: response.version, databases, ok: databases.every((/** @type {any} */ db) => db.ok) };
   }
 
   /**
-   * The broker's pool, queue and operation figures, as the proto's
-   * StatsResponse (field names as in the proto).
+   * The broker's pool, queue and operation figures, for every database or
+   * the one named: the proto's StatsResponse with camelCase field names
+   * (`uptimeS`, `connectionsInUse`, `waitP99Ms`, ...), as `ping` has. The
+   * keys of the count maps (`rpcs.FindOne`, `operations.getMore`) are kept.
    * @param {string} [database]
    * @param {CallOptions} [options]
+   * @returns {Promise<StatsResult>}
    */
   async stats(database, options = {}) {
-    return this._unary('Stats', { database: database || '' }, options);
+    const response = await this._unary('Stats', { database: database || '' }, options);
+    return { ...camelCaseFields(response), databases: response.databases.map(camelCaseFields) };
   }
 
-  /** Closes the channel; calls in flight fail with CANCELLED. */
+  /**
+   * Closes the channel; calls in flight fail with CANCELLED. The promise
+   * resolves once the channel is shut down; calling it again returns the
+   * same promise.
+   * @returns {Promise<void>}
+   */
   close() {
-    if (!this._closed) {
+    if (this._closing === null) {
       this._closed = true;
+      const channel = this._stub.getChannel();
       this._stub.close();
+      this._closing = shutDown(channel);
     }
+    return this._closing;
   }
 
   /**
@@ -232,6 +240,48 @@ class BrokerClient {
  * @property {{database: string, ok: boolean, rttMs: number, error: string,
  *   pool: {connectionsOpen: number, connectionsInUse: number, maxPoolSize: number}}[]} databases
  */
+
+/**
+ * @typedef {object} StatsResult
+ * @property {string} version the broker's version
+ * @property {number} uptimeS seconds since the broker started
+ * @property {Record<string, any>[]} databases each database's figures: the
+ *   proto's DatabaseStats fields, in camelCase
+ */
+
+/**
+ * A proto message's fields under camelCase names, the Node driver's style:
+ * `connections_in_use` becomes `connectionsInUse`, `rtt_ms` `rttMs`. Only
+ * the message's own field names change: the keys inside a map field (a
+ * method name, a command name) are data, and are kept.
+ * @param {Record<string, any>} message
+ * @returns {Record<string, any>}
+ */
+function camelCaseFields(message) {
+  /** @type {Record<string, any>} */
+  const out = {};
+  for (const [name, value] of Object.entries(message)) {
+    out[name.replace(/_([a-z0-9])/g, (_, c) => c.toUpperCase())] = value;
+  }
+  return out;
+}
+
+/**
+ * Resolves once a closed grpc-js channel reports SHUTDOWN (at once in the
+ * versions we pin, which shut down synchronously; watched otherwise).
+ * @param {import('@grpc/grpc-js').Channel} channel
+ * @returns {Promise<void>}
+ */
+function shutDown(channel) {
+  return new Promise((resolve) => {
+    const check = () => {
+      const state = channel.getConnectivityState(false);
+      if (state === grpc.connectivityState.SHUTDOWN) resolve();
+      else channel.watchConnectivityState(state, Infinity, check);
+    };
+    check();
+  });
+}
 
 /** A database configured on the broker. */
 class Database {

@@ -9,6 +9,7 @@ const os = require('node:os');
 const path = require('node:path');
 const fs = require('node:fs');
 const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
 const { BSON, ObjectId } = require('bson');
 
 const broker = require('..');
@@ -62,7 +63,7 @@ test('non-documents and bad counts are refused before any call', async () => {
     assert.throws(() => coll.find(/** @type {any} */ ('text')), /filter must be a document/);
     await assert.rejects(coll.insertMany([]), TypeError);
   } finally {
-    client.close();
+    await client.close();
   }
 });
 
@@ -154,16 +155,45 @@ test('a call to a socket where nothing listens fails UNAVAILABLE', async () => {
       return true;
     });
   } finally {
-    client.close();
+    await client.close();
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
 
 test('a closed client refuses calls', async () => {
   const client = new broker.BrokerClient('127.0.0.1:1');
-  client.close();
+  await client.close();
   await assert.rejects(client.ping(), /closed/);
 });
+
+test('close() returns one promise, resolved once the channel is shut down', async () => {
+  const client = new broker.BrokerClient('127.0.0.1:1');
+  const channel = client._stub.getChannel();
+  const closing = client.close();
+  assert.ok(closing instanceof Promise);
+  assert.equal(client.close(), closing, 'a second close() returns the same promise');
+  assert.equal(await closing, undefined);
+  assert.equal(channel.getConnectivityState(false), grpc.connectivityState.SHUTDOWN);
+  assert.equal(await client.close(), undefined);
+});
+
+/**
+ * The field names of a message of the contract, as the proto spells them.
+ * @param {string} name
+ * @returns {string[]}
+ */
+function protoFields(name) {
+  const definition = protoLoader.loadSync(path.join('broker', 'v1', 'broker.proto'), {
+    includeDirs: [path.join(__dirname, '..', 'proto')],
+    keepCase: true,
+  });
+  return /** @type {any} */ (definition[name]).type.field.map((/** @type {{name: string}} */ f) => f.name);
+}
+
+/** @param {string} name */
+function camelCase(name) {
+  return name.replace(/_([a-z0-9])/g, (_, c) => c.toUpperCase());
+}
 
 /**
  * Serves `implementation` (the methods it has; grpc-js answers the others
@@ -240,6 +270,56 @@ test("findOne throws the broker's own UNIMPLEMENTED as it comes", async () => {
     );
     assert.deepEqual(methods, ['FindOne']);
     assert.equal(finds, 0);
+  } finally {
+    stop();
+  }
+});
+
+test('ping and stats results are camelCase throughout; the count maps keep their keys', async () => {
+  const { client, methods, stop } = await serveBroker({
+    Ping(/** @type {any} */ call, /** @type {Function} */ callback) {
+      callback(null, {
+        version: '1.2.3',
+        databases: [{ database: call.request.database || 'appdb', ok: true, rtt_ms: 0.5,
+          pool: { connections_open: 2, connections_in_use: 1, max_pool_size: 10 } }],
+      });
+    },
+    Stats(/** @type {any} */ call, /** @type {Function} */ callback) {
+      callback(null, {
+        version: '1.2.3',
+        uptime_s: 90.5,
+        databases: [{ database: call.request.database, connections_in_use: 3, wait_p99_ms: 1.5,
+          rpcs: { FindOne: 4, Insert: 1 }, operations: { getMore: 2 }, checkout_failures: { queue_full: 1 },
+          rpcs_in_flight: 1, server_rtt_ms: 0.25 }],
+      });
+    },
+  });
+  try {
+    const ping = await client.db('appdb').ping();
+    assert.deepEqual(ping, {
+      version: '1.2.3',
+      ok: true,
+      databases: [{ database: 'appdb', ok: true, rttMs: 0.5, error: '',
+        pool: { connectionsOpen: 2, connectionsInUse: 1, maxPoolSize: 10 } }],
+    });
+
+    const stats = await client.stats('appdb');
+    assert.equal(stats.version, '1.2.3');
+    assert.equal(stats.uptimeS, 90.5);
+    const [db] = stats.databases;
+    // Every field of the proto, each under its camelCase name.
+    assert.deepEqual(Object.keys(stats).sort(), ['databases', 'uptimeS', 'version']);
+    assert.deepEqual(Object.keys(db).sort(), protoFields('broker.v1.DatabaseStats').map(camelCase).sort());
+    assert.equal(db.database, 'appdb');
+    assert.equal(db.connectionsInUse, 3);
+    assert.equal(db.waitP99Ms, 1.5);
+    assert.equal(db.rpcsInFlight, 1);
+    assert.equal(db.serverRttMs, 0.25);
+    assert.equal(db.maxPoolSize, 0, 'a field the broker did not send reads as 0');
+    assert.deepEqual(db.rpcs, { FindOne: 4, Insert: 1 });
+    assert.deepEqual(db.operations, { getMore: 2 });
+    assert.deepEqual(db.checkoutFailures, { queue_full: 1 }, 'map keys are data, not field names');
+    assert.deepEqual(methods, ['Ping', 'Stats']);
   } finally {
     stop();
   }
