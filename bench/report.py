@@ -951,7 +951,7 @@ def optimisation_section(raw: dict[str, Any], agg: Aggregate, summaries: dict[st
             "half of the steady mix is `find_one`, which opened a server stream (`Find`, limit 1): stream "
             "set-up, a message write and a separate status on both sides. `FindOne` answers in one unary "
             "response and asks MongoDB for a single batch, so the server closes its cursor in the same "
-            "reply (no killCursors). Clients fall back to `Find` on a broker without it.",
+            "reply (no killCursors).",
             f"steady C=1 p50 (now {fig('steady', 1, PRIMARY, 'p50_ms', 2)} ms), ghz Find calls/s",
         ),
         (

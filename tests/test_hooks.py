@@ -295,6 +295,64 @@ def test_init_worker_is_cheap() -> None:
     assert json.loads(out.stdout) == {"grpc": False, "channel": False, "threads": 1}
 
 
+def test_importing_hooks_registers_no_at_fork_hook_until_one_is_configured() -> None:
+    """The at-fork hook comes with the first configure (once), not with the import."""
+    script = textwrap.dedent(
+        """
+        import json, os
+
+        registered = []  # broker_client's own; the stdlib and bson register theirs
+        real_register_at_fork = os.register_at_fork
+
+        def register_at_fork(**hooks_given):
+            if any(f.__module__.startswith("broker_client") for f in hooks_given.values()):
+                registered.append(hooks_given)
+            real_register_at_fork(**hooks_given)
+
+        os.register_at_fork = register_at_fork
+        from broker_client import hooks
+
+        def hook_runs_in_a_child():
+            # The hook gives a forked child a new lock.
+            lock = hooks._state.lock
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.write(write_fd, b"1" if hooks._state.lock is not lock else b"0")
+                os._exit(0)
+            os.close(write_fd)
+            os.waitpid(pid, 0)
+            with os.fdopen(read_fd, "rb") as pipe:
+                return pipe.read() == b"1"
+
+        report = {
+            "imported": {
+                "flag": hooks._at_fork_registered,
+                "registrations": len(registered),
+                "runs_in_child": hook_runs_in_a_child(),
+            }
+        }
+        hooks.configure("unix:///nonexistent/broker.sock")
+        hooks.init_worker("unix:///nonexistent/broker.sock")
+        hooks.client()
+        hooks.connect_celery("unix:///nonexistent/broker.sock")
+        report["configured"] = {
+            "flag": hooks._at_fork_registered,
+            "registrations": [r.get("after_in_child") is hooks._after_fork_in_child for r in registered],
+            "runs_in_child": hook_runs_in_a_child(),
+        }
+        print(json.dumps(report))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert json.loads(out.stdout) == {
+        "imported": {"flag": False, "registrations": 0, "runs_in_child": False},
+        "configured": {"flag": True, "registrations": [True], "runs_in_child": True},
+    }
+
+
 def test_hooks_make_sync_clients(broker: Any) -> None:
     hooks.init_worker(broker.unix_target, timeout=5)
     assert isinstance(hooks.client(), BrokerClient)

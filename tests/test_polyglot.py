@@ -41,8 +41,10 @@ def tool(name: str) -> str:
 
 
 def require_node_modules() -> None:
-    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        pytest.fail(f"clients/node/node_modules is missing or incomplete: {MAKE_CLIENTS}", pytrace=False)
+    # grpc-js for the client, typescript (a devDependency) for its type test.
+    for package in (Path("@grpc", "grpc-js"), Path("typescript")):
+        if not (NODE_DIR / "node_modules" / package).is_dir():
+            pytest.fail(f"clients/node/node_modules is missing or incomplete: {MAKE_CLIENTS}", pytrace=False)
 
 
 def live_env(broker) -> dict[str, str]:

@@ -120,7 +120,7 @@ def test_python_client_find_one_is_one_findone_call(broker, stub, filled):
 
 
 class _FindOnlyBroker(broker_pb2_grpc.BrokerServicer):
-    """A broker from before FindOne: the base servicer answers FindOne UNIMPLEMENTED."""
+    """A servicer without FindOne: the base servicer answers it UNIMPLEMENTED, from gRPC itself."""
 
     def __init__(self) -> None:
         self.finds: list[pb.FindRequest] = []
@@ -156,19 +156,16 @@ def serve(tmp_path):
         server.stop(0)
 
 
-def test_python_client_falls_back_to_find_on_a_broker_without_findone(serve):
-    servicer = _FindOnlyBroker()  # type: ignore[abstract]  # the other methods answer UNIMPLEMENTED
-    with BrokerClient(serve(servicer)) as client:
-        assert client["appdb"]["items"].find_one({"_id": 1}) == {"_id": 1, "old": True}
-    (request,) = servicer.finds
-    assert request.limit == 1 and bson.decode(request.filter) == {"_id": 1}
-
-
-def test_python_client_does_not_fall_back_when_the_database_refuses(serve):
-    servicer = _NotSupportedBroker()  # type: ignore[abstract]  # the other methods answer UNIMPLEMENTED
+@pytest.mark.parametrize(
+    ("servicer_class", "reason"), [(_FindOnlyBroker, ""), (_NotSupportedBroker, "NOT_SUPPORTED")]
+)
+def test_python_client_find_one_raises_unimplemented_as_it_comes(serve, servicer_class, reason):
+    # gRPC's own UNIMPLEMENTED (no such method) and the broker's (the database
+    # refuses the query) alike: find_one makes no other call in their place.
+    servicer = servicer_class()
     with BrokerClient(serve(servicer)) as client, pytest.raises(BrokerError) as caught:
         client["appdb"]["items"].find_one({"_id": 1})
-    assert caught.value.code == grpc.StatusCode.UNIMPLEMENTED and caught.value.reason == "NOT_SUPPORTED"
+    assert caught.value.code == grpc.StatusCode.UNIMPLEMENTED and caught.value.reason == reason
     assert servicer.finds == []
 
 

@@ -111,7 +111,7 @@ async function main(args) {
       throw new Error(USAGE);
     }
   } finally {
-    client.close();
+    await client.close();
   }
 }
 

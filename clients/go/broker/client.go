@@ -38,7 +38,7 @@ type options struct {
 	dialOptions []grpc.DialOption
 }
 
-// An Option configures a Client in Dial.
+// An Option configures a Client in NewClient.
 type Option func(*options)
 
 // WithToken sends "authorization: Bearer <token>" with every call.
@@ -79,10 +79,16 @@ type Client struct {
 	metadata metadata.MD
 }
 
-// Dial returns a Client for the broker at target: "unix:///path/broker.sock",
-// "unix:/path/broker.sock", a bare absolute socket path, or "host:port"
-// (any gRPC target). No connection is made until the first call.
-func Dial(target string, opts ...Option) (*Client, error) {
+// ErrNilContext is returned by every method given a nil context.Context, in
+// place of the panic that gRPC would give. Pass context.Background() or
+// context.TODO() when there is no context at hand.
+var ErrNilContext = errors.New("broker: nil Context (use context.Background() or context.TODO())")
+
+// NewClient returns a Client for the broker at target:
+// "unix:///path/broker.sock", "unix:/path/broker.sock", a bare absolute
+// socket path, or "host:port" (any gRPC target). Like grpc.NewClient, it
+// makes no connection: the first call does.
+func NewClient(target string, opts ...Option) (*Client, error) {
 	o := options{timeout: DefaultTimeout}
 	for _, opt := range opts {
 		opt(&o)
@@ -159,8 +165,8 @@ func (c *Client) Database(name string) *Database {
 	return &Database{client: c, name: name}
 }
 
-// Raw returns the generated gRPC stub, for calls this package does not wrap
-// (Stats, Extended JSON encodings). Add deadlines and metadata yourself.
+// Raw returns the generated gRPC stub, for what this package does not wrap
+// (the Extended JSON encodings). Add deadlines and metadata yourself.
 func (c *Client) Raw() brokerv1.BrokerClient { return c.stub }
 
 // Ping checks the broker and every configured database. A database that is
@@ -169,19 +175,16 @@ func (c *Client) Ping(ctx context.Context) (*PingResult, error) {
 	return c.ping(ctx, "")
 }
 
-// Stats returns the broker's pool, queue and operation figures for one
-// database, or for every one when database is "".
-func (c *Client) Stats(ctx context.Context, database string) (*brokerv1.StatsResponse, error) {
-	ctx, cancel := c.callContext(ctx)
-	defer cancel()
-	resp, err := c.stub.Stats(ctx, &brokerv1.StatsRequest{Database: database})
-	if err != nil {
-		return nil, fromRPC(err)
-	}
-	return resp, nil
+// Stats returns the broker's pool, queue and operation figures for every
+// configured database; Database.Stats gives one database's.
+func (c *Client) Stats(ctx context.Context) (*StatsResult, error) {
+	return c.stats(ctx, "")
 }
 
 func (c *Client) ping(ctx context.Context, database string) (*PingResult, error) {
+	if ctx == nil {
+		return nil, ErrNilContext
+	}
 	ctx, cancel := c.callContext(ctx)
 	defer cancel()
 	resp, err := c.stub.Ping(ctx, &brokerv1.PingRequest{Database: database})
@@ -193,7 +196,7 @@ func (c *Client) ping(ctx context.Context, database string) (*PingResult, error)
 		result.Databases = append(result.Databases, DatabasePing{
 			Database: db.GetDatabase(),
 			OK:       db.GetOk(),
-			RTT:      time.Duration(db.GetRttMs() * float64(time.Millisecond)),
+			RTT:      milliseconds(db.GetRttMs()),
 			Error:    db.GetError(),
 			Pool: PoolSummary{
 				ConnectionsOpen:  db.GetPool().GetConnectionsOpen(),
@@ -205,13 +208,29 @@ func (c *Client) ping(ctx context.Context, database string) (*PingResult, error)
 	return result, nil
 }
 
+func (c *Client) stats(ctx context.Context, database string) (*StatsResult, error) {
+	if ctx == nil {
+		return nil, ErrNilContext
+	}
+	ctx, cancel := c.callContext(ctx)
+	defer cancel()
+	resp, err := c.stub.Stats(ctx, &brokerv1.StatsRequest{Database: database})
+	if err != nil {
+		return nil, fromRPC(err)
+	}
+	return statsFromProto(resp), nil
+}
+
+// milliseconds turns the proto's float milliseconds into a Duration.
+func milliseconds(ms float64) time.Duration {
+	return time.Duration(ms * float64(time.Millisecond))
+}
+
 // callContext adds the client's metadata and, when ctx has none, the
 // default deadline. The deadline becomes the gRPC deadline, which the broker
-// turns into MongoDB's client-side operation timeout.
+// turns into MongoDB's client-side operation timeout. ctx is not nil: the
+// methods refuse a nil one first.
 func (c *Client) callContext(ctx context.Context) (context.Context, context.CancelFunc) {
-	if ctx == nil {
-		ctx = context.Background()
-	}
 	if len(c.metadata) > 0 {
 		existing, _ := metadata.FromOutgoingContext(ctx)
 		ctx = metadata.NewOutgoingContext(ctx, metadata.Join(c.metadata, existing))
@@ -283,4 +302,9 @@ func (d *Database) Collection(name string) *Collection {
 // Ping pings this database only.
 func (d *Database) Ping(ctx context.Context) (*PingResult, error) {
 	return d.client.ping(ctx, d.name)
+}
+
+// Stats returns this database's figures only.
+func (d *Database) Stats(ctx context.Context) (*StatsResult, error) {
+	return d.client.stats(ctx, d.name)
 }

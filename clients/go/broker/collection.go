@@ -8,7 +8,6 @@ import (
 	"reflect"
 
 	"go.mongodb.org/mongo-driver/v2/bson"
-	"google.golang.org/grpc/codes"
 
 	"github.com/mongo-broker/mongo-broker/clients/go/brokerv1"
 )
@@ -47,6 +46,9 @@ type InsertManyResult struct {
 // the Go driver does; so a retried insert that had already landed shows up
 // as a duplicate key (IsDuplicateKey).
 func (c *Collection) InsertOne(ctx context.Context, document any, opts ...InsertOption) (*InsertOneResult, error) {
+	if ctx == nil {
+		return nil, ErrNilContext
+	}
 	raw, err := marshalForInsert(document)
 	if err != nil {
 		return nil, err
@@ -67,6 +69,9 @@ func (c *Collection) InsertOne(ctx context.Context, document any, opts ...Insert
 // an _id gets a new ObjectID here first. On error, the *Error's
 // InsertedCount and FailedIndex say what happened.
 func (c *Collection) InsertMany(ctx context.Context, documents any, opts ...InsertOption) (*InsertManyResult, error) {
+	if ctx == nil {
+		return nil, ErrNilContext
+	}
 	value := reflect.ValueOf(documents)
 	if value.Kind() != reflect.Slice && value.Kind() != reflect.Array {
 		return nil, fmt.Errorf("broker: InsertMany needs a slice of documents, not %T", documents)
@@ -203,6 +208,9 @@ func marshalDocument(what string, document any) ([]byte, error) {
 // later batches are read as Next reaches them. ctx bounds the whole stream:
 // keep it alive until the cursor is done, and Close the cursor.
 func (c *Collection) Find(ctx context.Context, filter any, opts ...FindOption) (*Cursor, error) {
+	if ctx == nil {
+		return nil, ErrNilContext
+	}
 	request, err := c.findRequest(filter, opts)
 	if err != nil {
 		return nil, err
@@ -292,67 +300,25 @@ func (r *SingleResult) Decode(v any) error {
 }
 
 // FindOne returns the first matching document. Its options are Find's;
-// Limit is always 1. It is one unary call; a broker older than FindOne
-// answers Unimplemented, and the lookup is then a Find with limit 1, within
-// the same deadline.
+// Limit is always 1. It is one unary call; its errors are returned as the
+// broker (or gRPC) gives them.
 func (c *Collection) FindOne(ctx context.Context, filter any, opts ...FindOption) *SingleResult {
+	if ctx == nil {
+		return &SingleResult{err: ErrNilContext}
+	}
 	request, err := c.findRequest(filter, append(opts, Limit(1)))
 	if err != nil {
 		return &SingleResult{err: err}
 	}
 	client := c.db.client
-	if ctx == nil {
-		ctx = context.Background()
-	}
-	if _, ok := ctx.Deadline(); !ok {
-		// Set here rather than per call, so that a fallback Find does not
-		// get a fresh default timeout of its own.
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, client.timeout)
-		defer cancel()
-	}
-	callCtx, cancel := client.callContext(ctx)
+	ctx, cancel := client.callContext(ctx)
 	defer cancel()
-	response, err := client.stub.FindOne(callCtx, request)
+	response, err := client.stub.FindOne(ctx, request)
 	if err != nil {
-		failure := fromRPC(err)
-		if e := AsError(failure); e != nil && e.Code == codes.Unimplemented && e.Reason == "" {
-			// A broker older than FindOne: gRPC itself answers so, without
-			// running anything, and a Find is the same lookup. (The broker's
-			// own Unimplemented, reason NOT_SUPPORTED, is the database
-			// refusing the query: a Find would only fail the same way.)
-			return c.findOneByFind(ctx, request)
-		}
-		return &SingleResult{err: failure}
+		return &SingleResult{err: fromRPC(err)}
 	}
 	if documents := response.GetDocuments(); len(documents) > 0 {
 		return &SingleResult{raw: bson.Raw(documents[0])}
 	}
 	return &SingleResult{err: ErrNoDocuments}
-}
-
-// findOneByFind is FindOne for a broker without it: a Find stream with
-// limit 1.
-func (c *Collection) findOneByFind(ctx context.Context, request *brokerv1.FindRequest) *SingleResult {
-	cursor, err := c.find(ctx, request)
-	if err != nil {
-		return &SingleResult{err: err}
-	}
-	// Read the stream to its end (one document at most) rather than
-	// cancelling it after the first: a cancel would count as a failed call
-	// on the broker.
-	defer cursor.Close(ctx)
-	var found bson.Raw
-	for cursor.Next(ctx) {
-		if found == nil {
-			found = cursor.Current
-		}
-	}
-	if err := cursor.Err(); err != nil {
-		return &SingleResult{err: err}
-	}
-	if found == nil {
-		return &SingleResult{err: ErrNoDocuments}
-	}
-	return &SingleResult{raw: found}
 }

@@ -36,8 +36,14 @@ type Cursor struct {
 // Next moves to the next document, reading the next batch from the stream
 // when the current one is used up. It returns false at the end of the
 // results or on an error (see Err). If ctx is done while Next waits for a
-// batch, the stream is cancelled and Err reports it.
+// batch, the stream is cancelled and Err reports it; a nil ctx ends the
+// cursor with ErrNilContext.
 func (c *Cursor) Next(ctx context.Context) bool {
+	if ctx == nil {
+		c.finish(ErrNilContext)
+		c.Current = nil
+		return false
+	}
 	for len(c.batch) == 0 {
 		if c.done || !c.fetch(ctx) {
 			c.Current = nil
@@ -51,12 +57,12 @@ func (c *Cursor) Next(ctx context.Context) bool {
 
 // fetch reads the next message; false at the end of the stream or on error.
 func (c *Cursor) fetch(ctx context.Context) bool {
-	if ctx != nil && ctx.Err() != nil {
+	if ctx.Err() != nil {
 		// Done already: fail now rather than race Recv against the cancel.
 		c.finish(fromStatus(status.FromContextError(ctx.Err())))
 		return false
 	}
-	if ctx != nil && ctx.Done() != nil {
+	if ctx.Done() != nil {
 		// The stream lives on Find's context; a Next context that ends
 		// while Recv waits cancels it too.
 		stop := context.AfterFunc(ctx, c.cancel)
@@ -107,6 +113,9 @@ func (c *Cursor) Batches() int { return c.batches }
 // (*[]bson.D, *[]MyStruct, ...), and closes the cursor.
 func (c *Cursor) All(ctx context.Context, results any) error {
 	defer c.Close(ctx)
+	if ctx == nil {
+		return ErrNilContext
+	}
 	target := reflect.ValueOf(results)
 	if target.Kind() != reflect.Pointer || target.IsNil() || target.Elem().Kind() != reflect.Slice {
 		return fmt.Errorf("broker: All needs a pointer to a slice, not %T", results)
@@ -125,12 +134,16 @@ func (c *Cursor) All(ctx context.Context, results any) error {
 }
 
 // Close stops the stream if it is still running (the broker then closes
-// the server cursor). Closing twice is harmless.
-func (c *Cursor) Close(context.Context) error {
+// the server cursor). Closing twice is harmless. Given a nil ctx it closes
+// all the same, and returns ErrNilContext.
+func (c *Cursor) Close(ctx context.Context) error {
 	if !c.done {
 		c.done = true
 		c.batch = nil
 		c.cancel()
+	}
+	if ctx == nil {
+		return ErrNilContext
 	}
 	return nil
 }

@@ -4,7 +4,7 @@
 //
 // Its shape follows the official Go driver:
 //
-//	client, err := broker.Dial("unix:///run/mongo-broker/broker.sock")
+//	client, err := broker.NewClient("unix:///run/mongo-broker/broker.sock")
 //	if err != nil { ... }
 //	defer client.Close()
 //	items := client.Database("appdb").Collection("items")
@@ -26,6 +26,7 @@
 // Deadlines: a call's context deadline becomes the gRPC deadline, which the
 // broker carries through to MongoDB. A context without a deadline gets the
 // client's default timeout (WithTimeout, 30 s): there is no "wait forever".
+// A nil context is refused with ErrNilContext rather than a panic.
 //
 // Errors from the broker are *Error values carrying the gRPC code and the
 // broker's google.rpc.ErrorInfo (reason, MongoDB code, metadata); test them

@@ -14,7 +14,7 @@ import (
 
 // Compiled, not run: it needs a broker.
 func Example() {
-	client, err := broker.Dial("unix:///run/mongo-broker/broker.sock", broker.WithTimeout(10*time.Second))
+	client, err := broker.NewClient("unix:///run/mongo-broker/broker.sock", broker.WithTimeout(10*time.Second))
 	if err != nil {
 		log.Fatal(err)
 	}

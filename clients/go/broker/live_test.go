@@ -37,9 +37,9 @@ func liveClient(t *testing.T) (*broker.Client, string) {
 	if database == "" {
 		database = "appdb"
 	}
-	client, err := broker.Dial(target, broker.WithTimeout(20*time.Second))
+	client, err := broker.NewClient(target, broker.WithTimeout(20*time.Second))
 	if err != nil {
-		t.Fatalf("Dial(%q): %v", target, err)
+		t.Fatalf("NewClient(%q): %v", target, err)
 	}
 	t.Cleanup(func() { _ = client.Close() })
 	return client, database
@@ -81,6 +81,35 @@ func TestLivePing(t *testing.T) {
 	}
 	if one.Databases[0].Pool.MaxPoolSize < 1 {
 		t.Errorf("pool summary missing: %+v", one.Databases[0].Pool)
+	}
+}
+
+func TestLiveStats(t *testing.T) {
+	client, database := liveClient(t)
+	ctx := testContext(t)
+	if _, err := client.Ping(ctx); err != nil {
+		t.Fatalf("Ping: %v", err)
+	}
+	all, err := client.Stats(ctx)
+	if err != nil {
+		t.Fatalf("Stats: %v", err)
+	}
+	db, ok := all.Database(database)
+	if all.Version == "" || all.Uptime <= 0 || !ok {
+		t.Fatalf("unexpected stats %+v", all)
+	}
+	if db.MaxPoolSize < 1 || db.RPCs["Ping"] < 1 || db.Operations == nil || db.ServerType == "" {
+		t.Errorf("unexpected stats of %s: %+v", database, db)
+	}
+	one, err := client.Database(database).Stats(ctx)
+	if err != nil {
+		t.Fatalf("Database.Stats: %v", err)
+	}
+	if len(one.Databases) != 1 || one.Databases[0].Database != database {
+		t.Fatalf("Database.Stats gave %+v", one)
+	}
+	if _, err := client.Database("no_such_database").Stats(ctx); !broker.IsUnknownDatabase(err) {
+		t.Fatalf("Stats of an unknown database: got %v, want NotFound", err)
 	}
 }
 
@@ -260,7 +289,7 @@ func TestLiveLargeDocument(t *testing.T) {
 		t.Fatalf("FindOne of a 10 MiB document: %v", err)
 	}
 	// With grpc-go's own default the same read fails: the option is needed.
-	small, err := broker.Dial(os.Getenv("MONGO_BROKER_TARGET"), broker.WithDialOptions(
+	small, err := broker.NewClient(os.Getenv("MONGO_BROKER_TARGET"), broker.WithDialOptions(
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(4*1024*1024))))
 	if err != nil {
 		t.Fatal(err)
@@ -318,17 +347,16 @@ func TestLiveFindOneIsOneUnaryCall(t *testing.T) {
 	coll := liveCollection(t)
 	ctx := testContext(t)
 	client := coll.Database().Client()
-	database := coll.Database().Name()
 	result, err := coll.InsertMany(ctx, []item{{SKU: "a", Qty: 1, Tag: "t"}, {SKU: "b", Qty: 2, Tag: "t"}})
 	if err != nil {
 		t.Fatalf("InsertMany: %v", err)
 	}
 	findOnes := func() int64 {
-		stats, err := client.Stats(ctx, database)
-		if err != nil || len(stats.GetDatabases()) != 1 {
+		stats, err := coll.Database().Stats(ctx)
+		if err != nil || len(stats.Databases) != 1 {
 			t.Fatalf("Stats: %v, %v", stats, err)
 		}
-		return stats.GetDatabases()[0].GetRpcs()["FindOne"]
+		return stats.Databases[0].RPCs["FindOne"]
 	}
 	before := findOnes()
 
@@ -485,7 +513,7 @@ func TestLiveRequestIDAndToken(t *testing.T) {
 	if target == "" {
 		t.Skip("MONGO_BROKER_TARGET is not set")
 	}
-	client, err := broker.Dial(target, broker.WithToken("a-token-the-broker-ignores"),
+	client, err := broker.NewClient(target, broker.WithToken("a-token-the-broker-ignores"),
 		broker.WithMetadata("x-client", "go-test"))
 	if err != nil {
 		t.Fatal(err)
@@ -499,7 +527,7 @@ func TestLiveRequestIDAndToken(t *testing.T) {
 
 func TestUnavailableWhenNothingListens(t *testing.T) {
 	// Needs no broker: a socket path where nothing listens.
-	client, err := broker.Dial("unix://" + filepath.Join(t.TempDir(), "nobody.sock"))
+	client, err := broker.NewClient("unix://" + filepath.Join(t.TempDir(), "nobody.sock"))
 	if err != nil {
 		t.Fatal(err)
 	}

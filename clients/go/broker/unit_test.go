@@ -2,13 +2,15 @@ package broker
 
 // Tests that need no broker: address forms, client-side _id, the
 // conversion of a broker status (with google.rpc details) into *Error, and
-// FindOne against an in-test server that plays a broker without FindOne.
+// calls against an in-test gRPC server.
 
 import (
 	"context"
 	"errors"
 	"net"
 	"path/filepath"
+	"reflect"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -17,9 +19,8 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/mongo-broker/mongo-broker/clients/go/brokerv1"
@@ -46,12 +47,23 @@ func TestNormalizeTarget(t *testing.T) {
 	}
 }
 
-func TestDialRejectsBadOptions(t *testing.T) {
-	if _, err := Dial("127.0.0.1:1", WithTimeout(0)); err == nil {
-		t.Error("Dial accepted a zero timeout")
+func TestNewClientRejectsBadOptions(t *testing.T) {
+	if _, err := NewClient("127.0.0.1:1", WithTimeout(0)); err == nil {
+		t.Error("NewClient accepted a zero timeout")
 	}
-	if _, err := Dial("127.0.0.1:1", WithMetadata("odd")); err == nil {
-		t.Error("Dial accepted an odd number of metadata strings")
+	if _, err := NewClient("127.0.0.1:1", WithMetadata("odd")); err == nil {
+		t.Error("NewClient accepted an odd number of metadata strings")
+	}
+	if _, err := NewClient("unix://relative/path"); err == nil {
+		t.Error("NewClient accepted a relative unix target")
+	}
+	client, err := NewClient("/run/mb/broker.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	if client.Target() != "unix:///run/mb/broker.sock" {
+		t.Errorf("Target() = %q", client.Target())
 	}
 }
 
@@ -176,77 +188,36 @@ func TestIsRetryable(t *testing.T) {
 	}
 }
 
-// findOnlyServer plays a broker from before FindOne: it serves Find alone,
-// so FindOne gets the Unimplemented of the embedded server.
+// findOnlyServer serves Find alone: gRPC itself answers its other methods
+// Unimplemented, without a broker reason.
 type findOnlyServer struct {
 	brokerv1.UnimplementedBrokerServer
-	// documents is what every Find sends, in one message.
-	documents [][]byte
 
-	mu       sync.Mutex
-	methods  []string
-	requests map[string][]*brokerv1.FindRequest
-	tokens   map[string][][]string
+	mu      sync.Mutex
+	methods []string
 }
 
 func (s *findOnlyServer) Find(request *brokerv1.FindRequest, stream grpc.ServerStreamingServer[brokerv1.FindResponse]) error {
-	s.mu.Lock()
-	documents := s.documents
-	s.mu.Unlock()
-	return stream.Send(&brokerv1.FindResponse{Documents: documents})
+	return stream.Send(&brokerv1.FindResponse{})
 }
 
-// seen is what the server was asked so far: the methods in order, and each
-// method's requests and authorization headers.
-func (s *findOnlyServer) seen() ([]string, map[string][]*brokerv1.FindRequest, map[string][][]string) {
+// seen is the methods the server was asked for so far, in order.
+func (s *findOnlyServer) seen() []string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	requests := map[string][]*brokerv1.FindRequest{}
-	for k, v := range s.requests {
-		requests[k] = append([]*brokerv1.FindRequest(nil), v...)
-	}
-	tokens := map[string][][]string{}
-	for k, v := range s.tokens {
-		tokens[k] = append([][]string(nil), v...)
-	}
-	return append([]string(nil), s.methods...), requests, tokens
+	return append([]string(nil), s.methods...)
 }
 
-// record notes each call the server gets, FindOne included, with its
-// request and its authorization header.
-func (s *findOnlyServer) record(ctx context.Context, method string, request any) {
+func (s *findOnlyServer) record(method string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	md, _ := metadata.FromIncomingContext(ctx)
-	name := method[len("/broker.v1.Broker/"):]
-	s.methods = append(s.methods, name)
-	if find, ok := request.(*brokerv1.FindRequest); ok {
-		s.requests[name] = append(s.requests[name], proto.Clone(find).(*brokerv1.FindRequest))
-	}
-	s.tokens[name] = append(s.tokens[name], md.Get("authorization"))
+	s.methods = append(s.methods, strings.TrimPrefix(method, "/broker.v1.Broker/"))
 }
 
-// recordingStream hands the request a server-streaming handler receives
-// to record.
-type recordingStream struct {
-	grpc.ServerStream
-	server *findOnlyServer
-	method string
-}
-
-func (r *recordingStream) RecvMsg(m any) error {
-	err := r.ServerStream.RecvMsg(m)
-	if err == nil {
-		r.server.record(r.Context(), r.method, m)
-	}
-	return err
-}
-
-// serveBroker runs srv on a Unix socket for the test and dials it.
+// serveBroker runs srv on a Unix socket for the test, noting each call's
+// method in recorder, and connects a client to it.
 func serveBroker(t *testing.T, srv brokerv1.BrokerServer, recorder *findOnlyServer) *Client {
 	t.Helper()
-	recorder.requests = map[string][]*brokerv1.FindRequest{}
-	recorder.tokens = map[string][][]string{}
 	socket := filepath.Join(t.TempDir(), "broker.sock")
 	listener, err := net.Listen("unix", socket)
 	if err != nil {
@@ -254,17 +225,18 @@ func serveBroker(t *testing.T, srv brokerv1.BrokerServer, recorder *findOnlyServ
 	}
 	server := grpc.NewServer(
 		grpc.UnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-			recorder.record(ctx, info.FullMethod, req)
+			recorder.record(info.FullMethod)
 			return handler(ctx, req)
 		}),
 		grpc.StreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-			return handler(srv, &recordingStream{ServerStream: ss, server: recorder, method: info.FullMethod})
+			recorder.record(info.FullMethod)
+			return handler(srv, ss)
 		}),
 	)
 	brokerv1.RegisterBrokerServer(server, srv)
 	go func() { _ = server.Serve(listener) }()
 	t.Cleanup(server.Stop)
-	client, err := Dial("unix://"+socket, WithToken("s3cret"), WithTimeout(10*time.Second))
+	client, err := NewClient("unix://"+socket, WithTimeout(10*time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -272,53 +244,20 @@ func serveBroker(t *testing.T, srv brokerv1.BrokerServer, recorder *findOnlyServ
 	return client
 }
 
-func TestFindOneFallsBackToFindOnABrokerWithoutFindOne(t *testing.T) {
-	want := mustMarshal(t, bson.D{{Key: "_id", Value: int32(7)}, {Key: "sku", Value: "a1"}})
-	srv := &findOnlyServer{documents: [][]byte{want}}
+func TestFindOneReturnsGRPCsUnimplementedWithoutAFind(t *testing.T) {
+	srv := &findOnlyServer{}
 	client := serveBroker(t, srv, srv)
-	coll := client.Database("appdb").Collection("items")
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-
-	raw, err := coll.FindOne(ctx, bson.M{"_id": 7}, Projection(bson.M{"sku": 1}), Limit(5)).Raw()
-	if err != nil {
-		t.Fatalf("FindOne: %v", err)
+	err := client.Database("appdb").Collection("items").FindOne(context.Background(), bson.M{"_id": 7}).Err()
+	if e := AsError(err); e == nil || e.Code != codes.Unimplemented || e.Reason != "" {
+		t.Fatalf("got %v, want gRPC's own Unimplemented", err)
 	}
-	if string(raw) != string(want) {
-		t.Fatalf("FindOne returned %v, want %v", raw, bson.Raw(want))
-	}
-	methods, requests, tokens := srv.seen()
-	if len(methods) != 2 || methods[0] != "FindOne" || methods[1] != "Find" {
-		t.Fatalf("calls %v, want FindOne then Find", methods)
-	}
-	sent, fallback := requests["FindOne"][0], requests["Find"][0]
-	if fallback.GetLimit() != 1 || fallback.GetDatabase() != "appdb" || fallback.GetCollection() != "items" {
-		t.Fatalf("the fallback Find asked for %v; want limit 1 on appdb.items", fallback)
-	}
-	if !proto.Equal(sent, fallback) {
-		t.Fatalf("the fallback Find's request differs from FindOne's:\n%v\n%v", sent, fallback)
-	}
-	if id := bson.Raw(fallback.GetFilter()).Lookup("_id").Int32(); id != 7 {
-		t.Fatalf("the fallback's filter is %v", bson.Raw(fallback.GetFilter()))
-	}
-	for method, got := range tokens {
-		// Once each: the fallback must not add the client's metadata again.
-		if len(got) != 1 || len(got[0]) != 1 || got[0][0] != "Bearer s3cret" {
-			t.Errorf("%s got authorization %v, want the token once", method, got)
-		}
-	}
-
-	srv.mu.Lock()
-	srv.documents = nil
-	srv.mu.Unlock()
-	if err := coll.FindOne(ctx, bson.M{"_id": 8}).Err(); !errors.Is(err, ErrNoDocuments) {
-		t.Fatalf("FindOne of nothing, by Find: got %v, want ErrNoDocuments", err)
+	if methods := srv.seen(); len(methods) != 1 || methods[0] != "FindOne" {
+		t.Fatalf("calls %v, want FindOne alone", methods)
 	}
 }
 
 // refusingServer answers FindOne with the broker's own Unimplemented: the
-// database does not support the query. Unlike gRPC's Unimplemented for an
-// unknown method, it carries a reason, and a Find would fail the same way.
+// database does not support the query.
 type refusingServer struct {
 	findOnlyServer
 }
@@ -332,15 +271,175 @@ func (s *refusingServer) FindOne(context.Context, *brokerv1.FindRequest) (*broke
 	return nil, st.Err()
 }
 
-func TestFindOneReturnsTheBrokersErrorsWithoutFallingBack(t *testing.T) {
+func TestFindOneReturnsTheBrokersErrorsAsTheyCome(t *testing.T) {
 	srv := &refusingServer{}
 	client := serveBroker(t, srv, &srv.findOnlyServer)
 	err := client.Database("appdb").Collection("items").FindOne(context.Background(), nil).Err()
 	if e := AsError(err); e == nil || e.Code != codes.Unimplemented || e.Reason != "NOT_SUPPORTED" {
 		t.Fatalf("got %v, want the broker's Unimplemented NOT_SUPPORTED", err)
 	}
-	if methods, _, _ := srv.seen(); len(methods) != 1 || methods[0] != "FindOne" {
+	if methods := srv.seen(); len(methods) != 1 || methods[0] != "FindOne" {
 		t.Fatalf("calls %v, want FindOne alone", methods)
+	}
+}
+
+// statsServer answers Stats with response, noting each request's database.
+type statsServer struct {
+	findOnlyServer
+	response  *brokerv1.StatsResponse
+	databases []string
+}
+
+func (s *statsServer) Stats(_ context.Context, request *brokerv1.StatsRequest) (*brokerv1.StatsResponse, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.databases = append(s.databases, request.GetDatabase())
+	return s.response, nil
+}
+
+// filledDatabaseStats is a DatabaseStats message with every field set, each
+// to a value of its own, so that a field the conversion drops shows as zero.
+func filledDatabaseStats(t *testing.T) *brokerv1.DatabaseStats {
+	t.Helper()
+	message := &brokerv1.DatabaseStats{}
+	reflected := message.ProtoReflect()
+	fields := reflected.Descriptor().Fields()
+	for i := range fields.Len() {
+		field := fields.Get(i)
+		n := int64(i + 1)
+		switch {
+		case field.IsMap():
+			entries := reflected.Mutable(field).Map()
+			entries.Set(protoreflect.ValueOfString(string(field.Name())).MapKey(), protoreflect.ValueOfInt64(n))
+		case field.Kind() == protoreflect.StringKind:
+			reflected.Set(field, protoreflect.ValueOfString(string(field.Name())))
+		case field.Kind() == protoreflect.BoolKind:
+			reflected.Set(field, protoreflect.ValueOfBool(true))
+		case field.Kind() == protoreflect.Int64Kind:
+			reflected.Set(field, protoreflect.ValueOfInt64(n))
+		case field.Kind() == protoreflect.DoubleKind:
+			reflected.Set(field, protoreflect.ValueOfFloat64(float64(n)+0.5))
+		default:
+			t.Fatalf("DatabaseStats.%s is a %v: teach this test (and statsFromProto) about it", field.Name(), field.Kind())
+		}
+	}
+	return message
+}
+
+func TestStatsResultHasEveryFieldOfTheProto(t *testing.T) {
+	proto := filledDatabaseStats(t)
+	result := statsFromProto(&brokerv1.StatsResponse{Version: "1.2.3", UptimeS: 90.25, Databases: []*brokerv1.DatabaseStats{proto}})
+	if result.Version != "1.2.3" || result.Uptime != 90250*time.Millisecond || len(result.Databases) != 1 {
+		t.Fatalf("got %+v", result)
+	}
+	db := result.Databases[0]
+	value := reflect.ValueOf(db)
+	for i := range value.NumField() {
+		if value.Field(i).IsZero() {
+			t.Errorf("DatabaseStats.%s was not filled from the proto", value.Type().Field(i).Name)
+		}
+	}
+	if got := reflect.TypeOf(db).NumField(); got != proto.ProtoReflect().Descriptor().Fields().Len() {
+		t.Errorf("DatabaseStats has %d fields for the proto's %d", got, proto.ProtoReflect().Descriptor().Fields().Len())
+	}
+	// The proto's milliseconds are Durations, its counts int64s, by name.
+	if db.WaitP50 != milliseconds(proto.GetWaitP50Ms()) || db.MeanHold != milliseconds(proto.GetMeanHoldMs()) ||
+		db.ServerRTT != milliseconds(proto.GetServerRttMs()) || db.WaitMax != milliseconds(proto.GetWaitMaxMs()) {
+		t.Errorf("durations: %+v", db)
+	}
+	if db.RPCs["rpcs"] != proto.GetRpcs()["rpcs"] || db.RPCsInFlight != proto.GetRpcsInFlight() ||
+		db.Database != "database" || db.ConnectionsIdle != proto.GetConnectionsIdle() {
+		t.Errorf("values: %+v", db)
+	}
+	// The result owns its maps.
+	db.RPCs["rpcs"] = -1
+	if proto.GetRpcs()["rpcs"] == -1 {
+		t.Error("the result's RPCs map is the response's")
+	}
+	if empty := statsFromProto(&brokerv1.StatsResponse{Databases: []*brokerv1.DatabaseStats{{}}}); empty.Databases[0].RPCs == nil {
+		t.Error("a database without calls has a nil RPCs map")
+	}
+}
+
+func TestStatsAskForEveryDatabaseOrOne(t *testing.T) {
+	srv := &statsServer{response: &brokerv1.StatsResponse{
+		Version: "1.2.3",
+		Databases: []*brokerv1.DatabaseStats{
+			{Database: "appdb", MaxPoolSize: 10, Rpcs: map[string]int64{"FindOne": 3}},
+			{Database: "other", WaitP99Ms: 1.5},
+		},
+	}}
+	client := serveBroker(t, srv, &srv.findOnlyServer)
+	ctx := context.Background()
+	all, err := client.Stats(ctx)
+	if err != nil {
+		t.Fatalf("Stats: %v", err)
+	}
+	if _, err := client.Database("appdb").Stats(ctx); err != nil {
+		t.Fatalf("Database.Stats: %v", err)
+	}
+	if srv.databases[0] != "" || srv.databases[1] != "appdb" {
+		t.Fatalf("asked for %q, want every database, then appdb", srv.databases)
+	}
+	appdb, ok := all.Database("appdb")
+	if !ok || appdb.MaxPoolSize != 10 || appdb.RPCs["FindOne"] != 3 {
+		t.Fatalf("appdb: %+v, %v", appdb, ok)
+	}
+	if other, ok := all.Database("other"); !ok || other.WaitP99 != 1500*time.Microsecond {
+		t.Fatalf("other: %+v, %v", other, ok)
+	}
+	if _, ok := all.Database("missing"); ok {
+		t.Fatal("found a database the result does not have")
+	}
+}
+
+func TestNilContextIsRefusedWithoutACall(t *testing.T) {
+	srv := &findOnlyServer{}
+	client := serveBroker(t, srv, srv)
+	coll := client.Database("appdb").Collection("items")
+	var nilCtx context.Context // a nil context.Context, as a caller's bug would pass
+	calls := map[string]func() error{
+		"Client.Ping":           func() error { _, err := client.Ping(nilCtx); return err },
+		"Client.Stats":          func() error { _, err := client.Stats(nilCtx); return err },
+		"Database.Ping":         func() error { _, err := coll.Database().Ping(nilCtx); return err },
+		"Database.Stats":        func() error { _, err := coll.Database().Stats(nilCtx); return err },
+		"Collection.InsertOne":  func() error { _, err := coll.InsertOne(nilCtx, bson.M{"a": 1}); return err },
+		"Collection.InsertMany": func() error { _, err := coll.InsertMany(nilCtx, []bson.M{{"a": 1}}); return err },
+		"Collection.Find":       func() error { _, err := coll.Find(nilCtx, nil); return err },
+		"Collection.FindOne":    func() error { return coll.FindOne(nilCtx, nil).Err() },
+	}
+	for name, call := range calls {
+		if err := call(); !errors.Is(err, ErrNilContext) {
+			t.Errorf("%s(nil context): got %v, want ErrNilContext", name, err)
+		}
+	}
+	if methods := srv.seen(); len(methods) != 0 {
+		t.Fatalf("calls %v went out with a nil context", methods)
+	}
+
+	ctx := context.Background()
+	open := func() *Cursor {
+		t.Helper()
+		cursor, err := coll.Find(ctx, nil)
+		if err != nil {
+			t.Fatalf("Find: %v", err)
+		}
+		return cursor
+	}
+	cursor := open()
+	if cursor.Next(nilCtx) || !errors.Is(cursor.Err(), ErrNilContext) {
+		t.Errorf("Cursor.Next(nil context): error %v, want ErrNilContext", cursor.Err())
+	}
+	var all []bson.M
+	if err := open().All(nilCtx, &all); !errors.Is(err, ErrNilContext) {
+		t.Errorf("Cursor.All(nil context): got %v, want ErrNilContext", err)
+	}
+	cursor = open()
+	if err := cursor.Close(nilCtx); !errors.Is(err, ErrNilContext) {
+		t.Errorf("Cursor.Close(nil context): got %v, want ErrNilContext", err)
+	}
+	if cursor.Next(ctx) {
+		t.Error("Close with a nil context left the cursor open")
 	}
 }
 

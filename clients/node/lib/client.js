@@ -125,6 +125,8 @@ class BrokerClient {
       ...channelOptions,
     });
     this._closed = false;
+    /** @type {Promise<void>|null} what close() returns, once called */
+    this._closing = null;
   }
 
   /**
@@ -146,35 +148,41 @@ class BrokerClient {
   async ping(database, options = {}) {
     const response = await this._unary('Ping', { database: database || '' }, options);
     const databases = response.databases.map((/** @type {any} */ db) => ({
-      database: db.database,
-      ok: db.ok,
-      rttMs: db.rtt_ms,
-      error: db.error,
-      pool: {
-        connectionsOpen: db.pool ? db.pool.connections_open : 0,
-        connectionsInUse: db.pool ? db.pool.connections_in_use : 0,
-        maxPoolSize: db.pool ? db.pool.max_pool_size : 0,
-      },
+      ...camelCaseFields(db),
+      // A message field the broker left unset reads as null: a pool of zeros.
+      pool: camelCaseFields(db.pool || { connections_open: 0, connections_in_use: 0, max_pool_size: 0 }),
     }));
-    return { version: response.version, databases, ok: databases.every((db) => db.ok) };
+    return { version: response.version, databases, ok: databases.every((/** @type {any} */ db) => db.ok) };
   }
 
   /**
-   * The broker's pool, queue and operation figures, as the proto's
-   * StatsResponse (field names as in the proto).
+   * The broker's pool, queue and operation figures, for every database or
+   * the one named: the proto's StatsResponse with camelCase field names
+   * (`uptimeS`, `connectionsInUse`, `waitP99Ms`, ...), as `ping` has. The
+   * keys of the count maps (`rpcs.FindOne`, `operations.getMore`) are kept.
    * @param {string} [database]
    * @param {CallOptions} [options]
+   * @returns {Promise<StatsResult>}
    */
   async stats(database, options = {}) {
-    return this._unary('Stats', { database: database || '' }, options);
+    const response = await this._unary('Stats', { database: database || '' }, options);
+    return { ...camelCaseFields(response), databases: response.databases.map(camelCaseFields) };
   }
 
-  /** Closes the channel; calls in flight fail with CANCELLED. */
+  /**
+   * Closes the channel; calls in flight fail with CANCELLED. The promise
+   * resolves once the channel is shut down; calling it again returns the
+   * same promise.
+   * @returns {Promise<void>}
+   */
   close() {
-    if (!this._closed) {
+    if (this._closing === null) {
       this._closed = true;
+      const channel = this._stub.getChannel();
       this._stub.close();
+      this._closing = shutDown(channel);
     }
+    return this._closing;
   }
 
   /**
@@ -232,6 +240,48 @@ class BrokerClient {
  * @property {{database: string, ok: boolean, rttMs: number, error: string,
  *   pool: {connectionsOpen: number, connectionsInUse: number, maxPoolSize: number}}[]} databases
  */
+
+/**
+ * @typedef {object} StatsResult
+ * @property {string} version the broker's version
+ * @property {number} uptimeS seconds since the broker started
+ * @property {Record<string, any>[]} databases each database's figures: the
+ *   proto's DatabaseStats fields, in camelCase
+ */
+
+/**
+ * A proto message's fields under camelCase names, the Node driver's style:
+ * `connections_in_use` becomes `connectionsInUse`, `rtt_ms` `rttMs`. Only
+ * the message's own field names change: the keys inside a map field (a
+ * method name, a command name) are data, and are kept.
+ * @param {Record<string, any>} message
+ * @returns {Record<string, any>}
+ */
+function camelCaseFields(message) {
+  /** @type {Record<string, any>} */
+  const out = {};
+  for (const [name, value] of Object.entries(message)) {
+    out[name.replace(/_([a-z0-9])/g, (_, c) => c.toUpperCase())] = value;
+  }
+  return out;
+}
+
+/**
+ * Resolves once a closed grpc-js channel reports SHUTDOWN (at once in the
+ * versions we pin, which shut down synchronously; watched otherwise).
+ * @param {import('@grpc/grpc-js').Channel} channel
+ * @returns {Promise<void>}
+ */
+function shutDown(channel) {
+  return new Promise((resolve) => {
+    const check = () => {
+      const state = channel.getConnectivityState(false);
+      if (state === grpc.connectivityState.SHUTDOWN) resolve();
+      else channel.watchConnectivityState(state, Infinity, check);
+    };
+    check();
+  });
+}
 
 /** A database configured on the broker. */
 class Database {
@@ -303,9 +353,8 @@ class Collection {
   }
 
   /**
-   * The first matching document, or null. One unary call; a broker older
-   * than FindOne answers UNIMPLEMENTED, and the lookup is then a find with
-   * limit 1, within the same deadline.
+   * The first matching document, or null: one unary FindOne call, whose
+   * errors are thrown as the broker (or grpc) gives them.
    * @param {object} [filter]
    * @param {FindOptions} [options]
    * @returns {Promise<any>}
@@ -313,27 +362,8 @@ class Collection {
   async findOne(filter = {}, options = {}) {
     const client = this.db.client;
     const request = this._findRequest(filter, { ...options, limit: 1 });
-    const bsonOptions = this._bsonOptions(options);
-    // The deadline is fixed here rather than per call, so that a fallback
-    // find does not get a fresh timeout of its own.
-    const callOptions = { ...options, deadline: client._deadline(options) };
-    let response;
-    try {
-      response = await client._unary('FindOne', request, callOptions);
-    } catch (error) {
-      if (!(error instanceof BrokerError) || error.code !== grpc.status.UNIMPLEMENTED || error.reason) {
-        throw error;
-      }
-      // A broker older than FindOne: grpc itself answers so, without running
-      // anything, and a find is the same lookup. (The broker's own
-      // UNIMPLEMENTED, reason NOT_SUPPORTED, is the database refusing the
-      // query: a find would only fail the same way.) The stream is read to
-      // its end (one document at most) rather than cancelled after the
-      // first: a cancel counts as a failed call.
-      const found = await new Cursor(client, request, callOptions, bsonOptions).toArray();
-      return found.length > 0 ? found[0] : null;
-    }
-    return response.documents.length > 0 ? BSON.deserialize(response.documents[0], bsonOptions) : null;
+    const response = await client._unary('FindOne', request, options);
+    return response.documents.length > 0 ? BSON.deserialize(response.documents[0], this._bsonOptions(options)) : null;
   }
 
   /**

@@ -7,7 +7,7 @@
  *     const items = client.db('appdb').collection('items');
  *     await items.insertOne({ sku: 'a1', qty: 5 });
  *     for await (const doc of items.find({ qty: { $gt: 3 } }, { sort: { sku: 1 }, limit: 10 })) { ... }
- *     client.close();
+ *     await client.close();
  */
 
 const client = require('./client');

@@ -26,8 +26,8 @@ describe('against a live broker', { skip }, () => {
     client = new broker.BrokerClient(TARGET, { timeoutMs: 20_000 });
   });
 
-  after(() => {
-    if (client) client.close();
+  after(async () => {
+    if (client) await client.close();
   });
 
   /** A collection of the test's own. */
@@ -43,6 +43,18 @@ describe('against a live broker', { skip }, () => {
     assert.equal(one.databases[0].database, DATABASE);
     assert.ok(one.databases[0].ok);
     assert.ok(one.databases[0].pool.maxPoolSize >= 1);
+  });
+
+  it('reports stats in camelCase, for every database or one', async () => {
+    await client.ping(DATABASE);
+    const all = await client.stats();
+    assert.ok(all.version && all.uptimeS > 0, JSON.stringify(all));
+    const mine = all.databases.find((db) => db.database === DATABASE);
+    assert.ok(mine, `no stats for ${DATABASE}`);
+    assert.ok(mine.maxPoolSize >= 1 && mine.rpcs.Ping >= 1 && typeof mine.connectionsInUse === 'number');
+    assert.ok(Object.keys(mine).every((key) => !key.includes('_')), Object.keys(mine).join(', '));
+    const one = await client.stats(DATABASE);
+    assert.deepEqual(one.databases.map((db) => db.database), [DATABASE]);
   });
 
   it('round-trips a document with every type exactly', async () => {
@@ -161,7 +173,7 @@ describe('against a live broker', { skip }, () => {
         return true;
       });
     } finally {
-      small.close();
+      await small.close();
     }
   });
 
@@ -245,7 +257,7 @@ describe('against a live broker', { skip }, () => {
       const result = await withToken.ping(DATABASE, { requestId: 'node-test.request-1' });
       assert.ok(result.ok);
     } finally {
-      withToken.close();
+      await withToken.close();
     }
   });
 });

@@ -1,7 +1,7 @@
 'use strict';
 // Tests that need no broker: address forms, client-side _id, argument
-// checks, decoding a broker status (with google.rpc details), and findOne
-// against an in-test server that plays a broker without FindOne.
+// checks, decoding a broker status (with google.rpc details), and calls
+// against an in-test gRPC server.
 
 const test = require('node:test');
 const assert = require('node:assert/strict');
@@ -9,6 +9,7 @@ const os = require('node:os');
 const path = require('node:path');
 const fs = require('node:fs');
 const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
 const { BSON, ObjectId } = require('bson');
 
 const broker = require('..');
@@ -62,7 +63,7 @@ test('non-documents and bad counts are refused before any call', async () => {
     assert.throws(() => coll.find(/** @type {any} */ ('text')), /filter must be a document/);
     await assert.rejects(coll.insertMany([]), TypeError);
   } finally {
-    client.close();
+    await client.close();
   }
 });
 
@@ -154,16 +155,45 @@ test('a call to a socket where nothing listens fails UNAVAILABLE', async () => {
       return true;
     });
   } finally {
-    client.close();
+    await client.close();
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
 
 test('a closed client refuses calls', async () => {
   const client = new broker.BrokerClient('127.0.0.1:1');
-  client.close();
+  await client.close();
   await assert.rejects(client.ping(), /closed/);
 });
+
+test('close() returns one promise, resolved once the channel is shut down', async () => {
+  const client = new broker.BrokerClient('127.0.0.1:1');
+  const channel = client._stub.getChannel();
+  const closing = client.close();
+  assert.ok(closing instanceof Promise);
+  assert.equal(client.close(), closing, 'a second close() returns the same promise');
+  assert.equal(await closing, undefined);
+  assert.equal(channel.getConnectivityState(false), grpc.connectivityState.SHUTDOWN);
+  assert.equal(await client.close(), undefined);
+});
+
+/**
+ * The field names of a message of the contract, as the proto spells them.
+ * @param {string} name
+ * @returns {string[]}
+ */
+function protoFields(name) {
+  const definition = protoLoader.loadSync(path.join('broker', 'v1', 'broker.proto'), {
+    includeDirs: [path.join(__dirname, '..', 'proto')],
+    keepCase: true,
+  });
+  return /** @type {any} */ (definition[name]).type.field.map((/** @type {{name: string}} */ f) => f.name);
+}
+
+/** @param {string} name */
+function camelCase(name) {
+  return name.replace(/_([a-z0-9])/g, (_, c) => c.toUpperCase());
+}
 
 /**
  * Serves `implementation` (the methods it has; grpc-js answers the others
@@ -196,44 +226,28 @@ async function serveBroker(implementation) {
   return { client, methods, stop };
 }
 
-test('findOne falls back to a find with limit 1 on a broker without FindOne', async () => {
-  const document = { _id: 7, sku: 'a1' };
-  /** @type {Buffer[]} */
-  let sends = [Buffer.from(BSON.serialize(document))];
-  /** @type {{request: any, authorization: any[]}[]} */
-  const finds = [];
+test("findOne throws grpc's own UNIMPLEMENTED as it comes, without a find", async () => {
+  let finds = 0;
   const { client, methods, stop } = await serveBroker({
     Find(/** @type {any} */ call) {
-      finds.push({ request: call.request, authorization: call.metadata.get('authorization') });
-      call.write({ documents: sends });
+      finds += 1;
       call.end();
     },
   });
   try {
-    const coll = client.db('appdb').collection('items');
-    const found = await coll.findOne({ _id: 7 }, { projection: { sku: 1 }, limit: 5 });
-    assert.deepEqual(found, document);
-    assert.deepEqual(methods, ['FindOne', 'Find']);
-    assert.equal(finds.length, 1);
-    const { request, authorization } = finds[0];
-    assert.equal(request.limit, 1);
-    assert.equal(request.database, 'appdb');
-    assert.equal(request.collection, 'items');
-    assert.deepEqual(BSON.deserialize(request.filter), { _id: 7 });
-    assert.deepEqual(BSON.deserialize(request.projection), { sku: 1 });
-    assert.deepEqual(authorization, ['Bearer s3cret']);
-
-    sends = [];
-    assert.equal(await coll.findOne({ _id: 8 }), null);
-    assert.deepEqual(methods, ['FindOne', 'Find', 'FindOne', 'Find']);
+    await assert.rejects(
+      client.db('appdb').collection('items').findOne({ _id: 7 }),
+      (/** @type {any} */ error) => error.code === grpc.status.UNIMPLEMENTED && error.reason === '',
+    );
+    assert.deepEqual(methods, ['FindOne']);
+    assert.equal(finds, 0);
   } finally {
     stop();
   }
 });
 
-test("findOne throws the broker's own UNIMPLEMENTED without falling back", async () => {
-  // The database refusing the query (reason NOT_SUPPORTED), unlike grpc's
-  // UNIMPLEMENTED for an unknown method: a find would fail the same way.
+test("findOne throws the broker's own UNIMPLEMENTED as it comes", async () => {
+  // The database refusing the query (reason NOT_SUPPORTED).
   let finds = 0;
   const { client, methods, stop } = await serveBroker({
     FindOne(/** @type {any} */ _call, /** @type {Function} */ callback) {
@@ -256,6 +270,56 @@ test("findOne throws the broker's own UNIMPLEMENTED without falling back", async
     );
     assert.deepEqual(methods, ['FindOne']);
     assert.equal(finds, 0);
+  } finally {
+    stop();
+  }
+});
+
+test('ping and stats results are camelCase throughout; the count maps keep their keys', async () => {
+  const { client, methods, stop } = await serveBroker({
+    Ping(/** @type {any} */ call, /** @type {Function} */ callback) {
+      callback(null, {
+        version: '1.2.3',
+        databases: [{ database: call.request.database || 'appdb', ok: true, rtt_ms: 0.5,
+          pool: { connections_open: 2, connections_in_use: 1, max_pool_size: 10 } }],
+      });
+    },
+    Stats(/** @type {any} */ call, /** @type {Function} */ callback) {
+      callback(null, {
+        version: '1.2.3',
+        uptime_s: 90.5,
+        databases: [{ database: call.request.database, connections_in_use: 3, wait_p99_ms: 1.5,
+          rpcs: { FindOne: 4, Insert: 1 }, operations: { getMore: 2 }, checkout_failures: { queue_full: 1 },
+          rpcs_in_flight: 1, server_rtt_ms: 0.25 }],
+      });
+    },
+  });
+  try {
+    const ping = await client.db('appdb').ping();
+    assert.deepEqual(ping, {
+      version: '1.2.3',
+      ok: true,
+      databases: [{ database: 'appdb', ok: true, rttMs: 0.5, error: '',
+        pool: { connectionsOpen: 2, connectionsInUse: 1, maxPoolSize: 10 } }],
+    });
+
+    const stats = await client.stats('appdb');
+    assert.equal(stats.version, '1.2.3');
+    assert.equal(stats.uptimeS, 90.5);
+    const [db] = stats.databases;
+    // Every field of the proto, each under its camelCase name.
+    assert.deepEqual(Object.keys(stats).sort(), ['databases', 'uptimeS', 'version']);
+    assert.deepEqual(Object.keys(db).sort(), protoFields('broker.v1.DatabaseStats').map(camelCase).sort());
+    assert.equal(db.database, 'appdb');
+    assert.equal(db.connectionsInUse, 3);
+    assert.equal(db.waitP99Ms, 1.5);
+    assert.equal(db.rpcsInFlight, 1);
+    assert.equal(db.serverRttMs, 0.25);
+    assert.equal(db.maxPoolSize, 0, 'a field the broker did not send reads as 0');
+    assert.deepEqual(db.rpcs, { FindOne: 4, Insert: 1 });
+    assert.deepEqual(db.operations, { getMore: 2 });
+    assert.deepEqual(db.checkoutFailures, { queue_full: 1 }, 'map keys are data, not field names');
+    assert.deepEqual(methods, ['Ping', 'Stats']);
   } finally {
     stop();
   }

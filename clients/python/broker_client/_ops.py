@@ -193,19 +193,8 @@ def find_all_plan(request: broker_pb2.FindRequest, state: RetryState) -> Plan[li
 
 
 def find_one_plan(request: broker_pb2.FindRequest, state: RetryState) -> Plan[list[bytes]]:
-    """The first matching document (a list of zero or one BSON document).
-
-    One unary FindOne call. A broker older than FindOne answers
-    UNIMPLEMENTED from gRPC itself, without running anything; the lookup is
-    then a Find. (The broker's own UNIMPLEMENTED, reason NOT_SUPPORTED, is
-    the database refusing the query: a Find would only fail the same way.)
-    """
-    try:
-        response = yield from unary_plan("FindOne", request, state)
-    except BrokerError as exc:
-        if exc.code is None or exc.code.name != "UNIMPLEMENTED" or exc.reason:
-            raise
-        return (yield from find_all_plan(request, state))
+    """The first matching document (a list of zero or one BSON document): one unary FindOne call."""
+    response = yield from unary_plan("FindOne", request, state)
     return list(response.documents)
 
 

@@ -87,12 +87,30 @@ class _State:
 _state = _State()
 
 
+# Whether _after_fork_in_child is registered with os.register_at_fork. It is
+# registered by the first configure, init_worker, connect_celery, client or
+# async_client, not at import: importing the package has no side effects.
+# The registration is inherited by forked children, and so is the flag.
+_at_fork_registered = False
+_registering = threading.Lock()
+
+
 def _after_fork_in_child() -> None:
-    # The lock may have been held by a thread that does not exist here.
+    global _registering  # noqa: PLW0603 - per-process state, reset in the child
+    # The locks may have been held by a thread that does not exist here.
     _state.lock = threading.Lock()
+    _registering = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+def _register_at_fork() -> None:
+    """Register the at-fork hook, once per interpreter, before the state's lock is first used."""
+    global _at_fork_registered  # noqa: PLW0603 - one registration per interpreter
+    if _at_fork_registered:
+        return
+    with _registering:
+        if not _at_fork_registered:
+            os.register_at_fork(after_in_child=_after_fork_in_child)
+            _at_fork_registered = True
 
 
 def configure(target: str | None = None, **options: Any) -> None:
@@ -103,6 +121,7 @@ def configure(target: str | None = None, **options: Any) -> None:
     so that a mistake fails at start-up rather than in every worker.
     """
     BrokerClient(_resolve(target), **options)  # checks them; opens nothing
+    _register_at_fork()
     with _state.lock:
         _state.target = target
         _state.options = dict(options)
@@ -118,6 +137,7 @@ def init_worker(target: str | None = None, **options: Any) -> None:
     """
     if target is not None or options:
         configure(target, **options)
+    _register_at_fork()
     with _state.lock:
         _new_clients()
 
@@ -127,6 +147,7 @@ def client() -> BrokerClient[dict[str, Any]]:
     current = _state.client
     if current is not None and _state.pid == os.getpid():
         return current
+    _register_at_fork()  # a target from the environment needs no configure
     with _state.lock:
         if _state.client is None or _state.pid != os.getpid():
             _new_clients()
@@ -146,6 +167,7 @@ def async_client() -> AsyncBrokerClient[dict[str, Any]]:
     from broker_client.async_client import AsyncBrokerClient
 
     loop = asyncio.get_running_loop()
+    _register_at_fork()
     with _state.lock:
         if _state.pid != os.getpid():
             _new_clients()
@@ -162,6 +184,8 @@ def close() -> None:
     Async clients are forgotten rather than closed: closing needs their own
     event loop. Close them there with ``await hooks.async_client().close()``.
     """
+    if not _at_fork_registered:
+        return  # no client was made in this interpreter: nothing to close
     with _state.lock:
         if _state.pid == os.getpid() and _state.client is not None:
             _state.client.close()

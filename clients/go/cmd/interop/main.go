@@ -46,7 +46,7 @@ func run(args []string) error {
 	if database == "" {
 		database = "appdb"
 	}
-	client, err := broker.Dial(target)
+	client, err := broker.NewClient(target)
 	if err != nil {
 		return err
 	}

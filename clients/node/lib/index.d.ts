@@ -1,0 +1,265 @@
+// Type declarations of mongo-broker-client's public API (lib/index.js).
+// Written by hand beside the JavaScript; test/types.test.js compiles
+// typecheck/usage.ts against them with tsc and checks that they name every
+// export, so the two cannot drift apart unnoticed.
+
+import type { ChannelCredentials, ClientOptions as GrpcClientOptions, status as grpcStatus } from '@grpc/grpc-js';
+import type { DeserializeOptions, Document, SerializeOptions } from 'bson';
+
+/** This client's version, sent in the gRPC user agent. */
+export declare const VERSION: string;
+/** Default time limit of a call, in milliseconds: there is no "wait forever". */
+export declare const DEFAULT_TIMEOUT_MS: number;
+/** grpc-js's status codes, to compare with `BrokerError.code`. */
+export declare const status: typeof grpcStatus;
+
+/**
+ * The address forms every mongo-broker client accepts: "unix:///abs/path",
+ * "unix:/abs/path", a bare absolute socket path, or any gRPC target.
+ * Throws a TypeError for an empty or relative-socket target.
+ */
+export declare function normalizeTarget(target: string): string;
+
+/** Per-call options: a time limit and a request id. */
+export interface CallOptions {
+  /** Time limit of this call in milliseconds (default: the client's `timeoutMs`). */
+  timeoutMs?: number;
+  /** An absolute deadline (a Date or epoch milliseconds) instead of `timeoutMs`. */
+  deadline?: Date | number;
+  /** Sent as `x-request-id`; the broker logs it and puts it into the MongoDB comment. */
+  requestId?: string;
+}
+
+export interface ClientOptions {
+  /** Bearer token, sent as `authorization: Bearer <token>`. */
+  token?: string;
+  /** Default time limit of every call, in milliseconds (30000). */
+  timeoutMs?: number;
+  /** More gRPC metadata for every call. */
+  metadata?: Record<string, string>;
+  /** TLS; default plaintext, which suits a Unix socket or loopback. */
+  credentials?: ChannelCredentials;
+  /** Extra grpc-js client and channel options (they win over the client's own). */
+  channelOptions?: GrpcClientOptions;
+  /** How documents are decoded (default: the Node driver's). */
+  bsonOptions?: DeserializeOptions;
+  /** How documents are encoded (default `{ignoreUndefined: true}`). */
+  serializeOptions?: SerializeOptions;
+}
+
+/** A document, a Map, or one document's BSON bytes. */
+export type DocumentLike = Document | Map<string, unknown> | Uint8Array;
+
+export interface FindOptions extends CallOptions {
+  projection?: DocumentLike;
+  sort?: DocumentLike;
+  skip?: number;
+  /** At most this many documents; 0 means no limit. */
+  limit?: number;
+  /** Documents per MongoDB batch (one gRPC message each). */
+  batchSize?: number;
+  /** An index name, or a key pattern. */
+  hint?: string | DocumentLike;
+  maxTimeMS?: number;
+  comment?: string;
+  /** How this call's documents are decoded, over the client's `bsonOptions`. */
+  bsonOptions?: DeserializeOptions;
+}
+
+export interface WriteConcern {
+  /** A number of nodes or a tag such as "majority". */
+  w?: number | string;
+  j?: boolean;
+  wtimeoutMS?: number;
+}
+
+export interface InsertOptions extends CallOptions {
+  /** Stop at the first error (default true). */
+  ordered?: boolean;
+  bypassDocumentValidation?: boolean;
+  writeConcern?: WriteConcern;
+}
+
+export interface InsertOneResult {
+  acknowledged: boolean;
+  /** The document's `_id`: its own, or the ObjectId made for it here. */
+  insertedId: any;
+}
+
+export interface InsertManyResult {
+  acknowledged: boolean;
+  insertedCount: number;
+  /** Each document's `_id`, in the order given. */
+  insertedIds: any[];
+}
+
+/** The broker's connection pool to one database. */
+export interface PoolSummary {
+  connectionsOpen: number;
+  connectionsInUse: number;
+  maxPoolSize: number;
+}
+
+/** One database's answer to a ping. */
+export interface DatabasePing {
+  database: string;
+  ok: boolean;
+  /** Round-trip time of MongoDB's `ping` command, in milliseconds. */
+  rttMs: number;
+  /** Why the ping failed; empty when ok. */
+  error: string;
+  pool: PoolSummary;
+}
+
+export interface PingResult {
+  /** The broker's version. */
+  version: string;
+  /** Every pinged database answered. */
+  ok: boolean;
+  databases: DatabasePing[];
+}
+
+/** One database's pool, wait queue, operation and server figures. */
+export interface DatabaseStats {
+  database: string;
+  connectionsOpen: number;
+  connectionsInUse: number;
+  connectionsIdle: number;
+  connectionsCreated: number;
+  connectionsClosed: number;
+  maxPoolSize: number;
+  poolClears: number;
+  waitQueueLength: number;
+  waitQueueMax: number;
+  maxWaiting: number;
+  waitP50Ms: number;
+  waitP99Ms: number;
+  waitMaxMs: number;
+  /** Calls refused or failed while getting a connection, by reason. */
+  checkoutFailures: Record<string, number>;
+  /** Commands sent to MongoDB, by command name (find, getMore, insert, ...). */
+  operations: Record<string, number>;
+  /** Calls answered, by method (Find, FindOne, Insert, Ping). */
+  rpcs: Record<string, number>;
+  /** Calls that failed, by gRPC status code name. */
+  errors: Record<string, number>;
+  rpcsInFlight: number;
+  openCursors: number;
+  available: boolean;
+  serverType: string;
+  serverRttMs: number;
+  lastError: string;
+  recommendedMaxPoolSize: number;
+  demandConnections: number;
+  roundTripsPerSecond: number;
+  meanHoldMs: number;
+}
+
+export interface StatsResult {
+  /** The broker's version. */
+  version: string;
+  /** Seconds since the broker started. */
+  uptimeS: number;
+  databases: DatabaseStats[];
+}
+
+/** A client for one broker. Make one per process; `close()` it when done. */
+export declare class BrokerClient {
+  constructor(target: string, options?: ClientOptions);
+  /** The gRPC target, normalized. */
+  readonly target: string;
+  readonly timeoutMs: number;
+  bsonOptions: DeserializeOptions;
+  serializeOptions: SerializeOptions;
+  /** A database configured on the broker (its configured name). */
+  db(name: string): Database;
+  /** Checks the broker and its databases (every one, or the one named). */
+  ping(database?: string, options?: CallOptions): Promise<PingResult>;
+  /** Pool, queue and operation figures, for every database or the one named. */
+  stats(database?: string, options?: CallOptions): Promise<StatsResult>;
+  /** Closes the channel; resolves once it is shut down. Calling it again returns the same promise. */
+  close(): Promise<void>;
+}
+
+/** A database configured on the broker. */
+export declare class Database {
+  constructor(client: BrokerClient, name: string);
+  readonly client: BrokerClient;
+  readonly databaseName: string;
+  collection<TSchema extends Document = Document>(name: string): Collection<TSchema>;
+  /** Pings this database only. */
+  ping(options?: CallOptions): Promise<PingResult>;
+}
+
+/** A collection of a configured database. */
+export declare class Collection<TSchema extends Document = Document> {
+  constructor(db: Database, name: string);
+  readonly db: Database;
+  readonly collectionName: string;
+  /** A lazy cursor; the call starts when it is first read. */
+  find(filter?: DocumentLike, options?: FindOptions): Cursor<TSchema>;
+  /** The first matching document, or null: one unary call. */
+  findOne(filter?: DocumentLike, options?: FindOptions): Promise<TSchema | null>;
+  /** Inserts one document; without an `_id` it gets an ObjectId here, first. */
+  insertOne(document: Document | Map<string, unknown>, options?: InsertOptions): Promise<InsertOneResult>;
+  /** Inserts documents in one call. */
+  insertMany(documents: Array<Document | Map<string, unknown>>, options?: InsertOptions): Promise<InsertManyResult>;
+}
+
+/** The result of `find()`: an async iterable over the stream, read once. */
+export declare class Cursor<TSchema extends Document = Document> implements AsyncIterable<TSchema> {
+  /** Messages (MongoDB batches) received so far. */
+  readonly batches: number;
+  [Symbol.asyncIterator](): AsyncGenerator<TSchema, void, undefined>;
+  /** The next document, or null at the end. */
+  next(): Promise<TSchema | null>;
+  hasNext(): Promise<boolean>;
+  toArray(): Promise<TSchema[]>;
+  /** Stops the stream if it is still running. Closing twice is harmless. */
+  close(): Promise<void>;
+}
+
+export interface BrokerErrorFields {
+  code?: number | null;
+  reason?: string;
+  metadata?: Record<string, string>;
+  retryAfterMs?: number | null;
+  details?: unknown[];
+  cause?: Error;
+}
+
+/** Base class of every error this package throws. */
+export declare class BrokerError extends Error {
+  constructor(message: string, fields?: BrokerErrorFields);
+  /** The gRPC status code, e.g. 6; null when raised by the client itself. */
+  code: number | null;
+  /** The gRPC code's name, e.g. "ALREADY_EXISTS". */
+  codeName: string;
+  /** The broker's reason, e.g. "DUPLICATE_KEY"; "" when gRPC itself failed. */
+  reason: string;
+  metadata: Record<string, string>;
+  /** Milliseconds the broker asks the caller to wait before retrying. */
+  retryAfterMs: number | null;
+  details: unknown[];
+  readonly mongoCode: number | null;
+  readonly mongoCodeName: string | null;
+  readonly labels: string[];
+  hasErrorLabel(label: string): boolean;
+  readonly database: string | null;
+  readonly insertedCount: number | null;
+  readonly failedIndex: number | null;
+  /** Worth retrying after a pause (UNAVAILABLE, a full pool). */
+  readonly retryable: boolean;
+}
+
+export declare class DuplicateKeyError extends BrokerError {}
+export declare class UnavailableError extends BrokerError {}
+export declare class DeadlineExceededError extends BrokerError {}
+export declare class PoolExhaustedError extends BrokerError {}
+export declare class LimitExceededError extends BrokerError {}
+export declare class InvalidArgumentError extends BrokerError {}
+export declare class UnknownDatabaseError extends BrokerError {}
+export declare class PermissionDeniedError extends BrokerError {}
+export declare class UnauthenticatedError extends BrokerError {}
+export declare class CancelledError extends BrokerError {}
+export declare class OperationFailedError extends BrokerError {}
