@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
 import grpc
+from broker_client.proto.broker.v1 import broker_pb2
 from bson.errors import BSONError
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -37,6 +38,10 @@ log = logging.getLogger("mongo_broker.errors")
 DOMAIN: Final = "mongo-broker"
 
 
+def _reason(value: broker_pb2.ErrorReason.ValueType) -> str:
+    return broker_pb2.ErrorReason.Name(value)
+
+
 class _StatusFields(NamedTuple):
     code: grpc.StatusCode
     details: str
@@ -48,25 +53,29 @@ class _Status(_StatusFields, grpc.Status):
 
 
 class Reason:
-    """`ErrorInfo.reason` values. Stable: clients may switch on them."""
+    """`ErrorInfo.reason` values: the names of the contract's ErrorReason enum.
 
-    DUPLICATE_KEY = "DUPLICATE_KEY"
-    DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
-    TIMEOUT = "TIMEOUT"
-    POOL_EXHAUSTED = "POOL_EXHAUSTED"
-    INVALID_REQUEST = "INVALID_REQUEST"
-    INVALID_BSON = "INVALID_BSON"
-    INVALID_JSON = "INVALID_JSON"
-    QUERY_REJECTED = "QUERY_REJECTED"
-    UNKNOWN_DATABASE = "UNKNOWN_DATABASE"
-    NOT_AUTHORIZED = "NOT_AUTHORIZED"
-    UNAUTHENTICATED = "UNAUTHENTICATED"
-    LIMIT_EXCEEDED = "LIMIT_EXCEEDED"
-    SHUTTING_DOWN = "SHUTTING_DOWN"
-    CURSOR_LOST = "CURSOR_LOST"
-    NOT_SUPPORTED = "NOT_SUPPORTED"
-    OPERATION_FAILED = "OPERATION_FAILED"
-    INTERNAL = "INTERNAL"
+    Stable, so clients may switch on them; a unit test keeps this list and
+    the enum equal.
+    """
+
+    DUPLICATE_KEY: Final = _reason(broker_pb2.DUPLICATE_KEY)
+    DATABASE_UNAVAILABLE: Final = _reason(broker_pb2.DATABASE_UNAVAILABLE)
+    TIMEOUT: Final = _reason(broker_pb2.TIMEOUT)
+    POOL_EXHAUSTED: Final = _reason(broker_pb2.POOL_EXHAUSTED)
+    INVALID_REQUEST: Final = _reason(broker_pb2.INVALID_REQUEST)
+    INVALID_BSON: Final = _reason(broker_pb2.INVALID_BSON)
+    INVALID_JSON: Final = _reason(broker_pb2.INVALID_JSON)
+    QUERY_REJECTED: Final = _reason(broker_pb2.QUERY_REJECTED)
+    UNKNOWN_DATABASE: Final = _reason(broker_pb2.UNKNOWN_DATABASE)
+    NOT_AUTHORIZED: Final = _reason(broker_pb2.NOT_AUTHORIZED)
+    UNAUTHENTICATED: Final = _reason(broker_pb2.UNAUTHENTICATED)
+    LIMIT_EXCEEDED: Final = _reason(broker_pb2.LIMIT_EXCEEDED)
+    SHUTTING_DOWN: Final = _reason(broker_pb2.SHUTTING_DOWN)
+    CURSOR_LOST: Final = _reason(broker_pb2.CURSOR_LOST)
+    NOT_SUPPORTED: Final = _reason(broker_pb2.NOT_SUPPORTED)
+    OPERATION_FAILED: Final = _reason(broker_pb2.OPERATION_FAILED)
+    INTERNAL: Final = _reason(broker_pb2.INTERNAL)
 
 
 class RpcError(Exception):

@@ -143,3 +143,12 @@ def test_a_status_carries_error_info_and_retry_info_and_extra_trailers() -> None
         {"database": "a"},
     )
     assert retry.retry_delay.ToMilliseconds() == 250
+
+
+def test_the_reasons_are_the_contracts_error_reason_enum() -> None:
+    from broker_client.proto.broker.v1 import broker_pb2
+
+    reasons = {name: value for name, value in vars(Reason).items() if name.isupper()}
+    enum = {v.name for v in broker_pb2.ErrorReason.DESCRIPTOR.values if v.number != 0}
+    assert set(reasons) == enum
+    assert all(name == value for name, value in reasons.items())

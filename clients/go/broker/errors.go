@@ -11,6 +11,8 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/mongo-broker/mongo-broker/clients/go/brokerv1"
 )
 
 // Domain is the google.rpc.ErrorInfo domain of the broker's errors.
@@ -20,7 +22,7 @@ const Domain = "mongo-broker"
 // google.rpc.Status details. Use errors.As to get at it:
 //
 //	var e *broker.Error
-//	if errors.As(err, &e) && e.Reason == "DUPLICATE_KEY" { ... }
+//	if errors.As(err, &e) && e.HasReason(brokerv1.ErrorReason_DUPLICATE_KEY) { ... }
 //
 // status.Code(err) and status.FromError(err) work on it too, and
 // errors.Is(err, context.DeadlineExceeded) holds for DeadlineExceeded (and
@@ -30,8 +32,9 @@ type Error struct {
 	Code codes.Code
 	// Message is the status message, written for a person.
 	Message string
-	// Reason is the broker's ErrorInfo reason (e.g. "DUPLICATE_KEY"), or ""
-	// when the status came from gRPC itself (no broker listening).
+	// Reason is the broker's ErrorInfo reason, the name of a
+	// brokerv1.ErrorReason value (e.g. "DUPLICATE_KEY"), or "" when the
+	// status came from gRPC itself (no broker listening). See HasReason.
 	Reason string
 	// MongoCode is MongoDB's error code (e.g. 11000), 0 when it gave none.
 	MongoCode int
@@ -46,6 +49,12 @@ type Error struct {
 	Details []any
 
 	status *status.Status
+}
+
+// HasReason reports whether the broker gave this reason: the contract's
+// enum, compared by its name, which is what ErrorInfo carries on the wire.
+func (e *Error) HasReason(reason brokerv1.ErrorReason) bool {
+	return e != nil && e.Reason != "" && e.Reason == reason.String()
 }
 
 func (e *Error) Error() string {
@@ -214,7 +223,7 @@ func IsRetryable(err error) bool {
 		return true
 	case codes.ResourceExhausted:
 		e := AsError(err)
-		return e != nil && e.Reason != "LIMIT_EXCEEDED" && !strings.Contains(e.Message, "larger than max")
+		return e != nil && !e.HasReason(brokerv1.ErrorReason_LIMIT_EXCEEDED) && !strings.Contains(e.Message, "larger than max")
 	}
 	return false
 }

@@ -136,6 +136,12 @@ func TestFromStatusReadsErrorInfoAndRetryInfo(t *testing.T) {
 	if e.Code != codes.AlreadyExists || e.Reason != "DUPLICATE_KEY" || e.MongoCode != 11000 {
 		t.Fatalf("got %+v", e)
 	}
+	if !e.HasReason(brokerv1.ErrorReason_DUPLICATE_KEY) || e.HasReason(brokerv1.ErrorReason_TIMEOUT) {
+		t.Errorf("HasReason disagrees with Reason %q", e.Reason)
+	}
+	if (*Error)(nil).HasReason(brokerv1.ErrorReason_DUPLICATE_KEY) || (&Error{}).HasReason(brokerv1.ErrorReason_ERROR_REASON_UNSPECIFIED) {
+		t.Error("no error, or an error without a reason, has no reason")
+	}
 	if n, ok := e.InsertedCount(); !ok || n != 2 {
 		t.Errorf("InsertedCount = %d, %v", n, ok)
 	}

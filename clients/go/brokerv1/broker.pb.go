@@ -8,7 +8,8 @@
 //
 // Errors are gRPC status codes. The `google.rpc.Status` details carry a
 // `google.rpc.ErrorInfo` with domain "mongo-broker", a machine-readable
-// reason, and metadata such as `mongo_code` and `mongo_labels`.
+// reason (the name of an `ErrorReason` value, below), and metadata such as
+// `mongo_code` and `mongo_labels`.
 //
 // Message size: a response message is at most 16 MiB + 64 KiB, because one
 // BSON document (up to 16 MiB) always travels whole, alone in its message
@@ -39,6 +40,123 @@ const (
 	// Verify that runtime/protoimpl is sufficiently up-to-date.
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
+
+// The `reason` of the `google.rpc.ErrorInfo` in every error the broker
+// sends. ErrorInfo carries it as a string, the value's name (for example
+// "POOL_EXHAUSTED"), as Google's own ErrorReason enums do; the names are
+// therefore stable and not prefixed. Clients compare against the generated
+// names rather than string literals.
+type ErrorReason int32
+
+const (
+	// Never sent: an error without ErrorInfo comes from gRPC itself.
+	ErrorReason_ERROR_REASON_UNSPECIFIED ErrorReason = 0
+	// Duplicate key (MongoDB 11000).
+	ErrorReason_DUPLICATE_KEY ErrorReason = 1
+	// The database cannot be reached, or the connection was lost mid-operation.
+	ErrorReason_DATABASE_UNAVAILABLE ErrorReason = 2
+	// The call's time limit ran out.
+	ErrorReason_TIMEOUT ErrorReason = 3
+	// The database's wait queue is full, or no connection came free in time.
+	ErrorReason_POOL_EXHAUSTED ErrorReason = 4
+	// The request is malformed (a missing or bad field).
+	ErrorReason_INVALID_REQUEST ErrorReason = 5
+	// A BSON field is not one valid BSON document.
+	ErrorReason_INVALID_BSON ErrorReason = 6
+	// An Extended JSON field is not valid.
+	ErrorReason_INVALID_JSON ErrorReason = 7
+	// MongoDB refused the query or document as malformed.
+	ErrorReason_QUERY_REJECTED ErrorReason = 8
+	// The database is not configured on this broker.
+	ErrorReason_UNKNOWN_DATABASE ErrorReason = 9
+	// The caller may not do this.
+	ErrorReason_NOT_AUTHORIZED ErrorReason = 10
+	// Tokens are configured and the call has none, or a wrong one.
+	ErrorReason_UNAUTHENTICATED ErrorReason = 11
+	// A configured limit was exceeded.
+	ErrorReason_LIMIT_EXCEEDED ErrorReason = 12
+	// The broker is draining.
+	ErrorReason_SHUTTING_DOWN ErrorReason = 13
+	// A Find's server cursor disappeared mid-stream.
+	ErrorReason_CURSOR_LOST ErrorReason = 14
+	// The database does not support the command or feature.
+	ErrorReason_NOT_SUPPORTED ErrorReason = 15
+	// MongoDB refused the operation for another reason.
+	ErrorReason_OPERATION_FAILED ErrorReason = 16
+	// A bug in the broker.
+	ErrorReason_INTERNAL ErrorReason = 17
+)
+
+// Enum value maps for ErrorReason.
+var (
+	ErrorReason_name = map[int32]string{
+		0:  "ERROR_REASON_UNSPECIFIED",
+		1:  "DUPLICATE_KEY",
+		2:  "DATABASE_UNAVAILABLE",
+		3:  "TIMEOUT",
+		4:  "POOL_EXHAUSTED",
+		5:  "INVALID_REQUEST",
+		6:  "INVALID_BSON",
+		7:  "INVALID_JSON",
+		8:  "QUERY_REJECTED",
+		9:  "UNKNOWN_DATABASE",
+		10: "NOT_AUTHORIZED",
+		11: "UNAUTHENTICATED",
+		12: "LIMIT_EXCEEDED",
+		13: "SHUTTING_DOWN",
+		14: "CURSOR_LOST",
+		15: "NOT_SUPPORTED",
+		16: "OPERATION_FAILED",
+		17: "INTERNAL",
+	}
+	ErrorReason_value = map[string]int32{
+		"ERROR_REASON_UNSPECIFIED": 0,
+		"DUPLICATE_KEY":            1,
+		"DATABASE_UNAVAILABLE":     2,
+		"TIMEOUT":                  3,
+		"POOL_EXHAUSTED":           4,
+		"INVALID_REQUEST":          5,
+		"INVALID_BSON":             6,
+		"INVALID_JSON":             7,
+		"QUERY_REJECTED":           8,
+		"UNKNOWN_DATABASE":         9,
+		"NOT_AUTHORIZED":           10,
+		"UNAUTHENTICATED":          11,
+		"LIMIT_EXCEEDED":           12,
+		"SHUTTING_DOWN":            13,
+		"CURSOR_LOST":              14,
+		"NOT_SUPPORTED":            15,
+		"OPERATION_FAILED":         16,
+		"INTERNAL":                 17,
+	}
+)
+
+func (x ErrorReason) Enum() *ErrorReason {
+	p := new(ErrorReason)
+	*p = x
+	return p
+}
+
+func (x ErrorReason) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ErrorReason) Descriptor() protoreflect.EnumDescriptor {
+	return file_broker_v1_broker_proto_enumTypes[0].Descriptor()
+}
+
+func (ErrorReason) Type() protoreflect.EnumType {
+	return &file_broker_v1_broker_proto_enumTypes[0]
+}
+
+func (x ErrorReason) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ErrorReason.Descriptor instead.
+func (ErrorReason) EnumDescriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{0}
+}
 
 // How documents are written in a request and its response.
 //
@@ -80,11 +198,11 @@ func (x Encoding) String() string {
 }
 
 func (Encoding) Descriptor() protoreflect.EnumDescriptor {
-	return file_broker_v1_broker_proto_enumTypes[0].Descriptor()
+	return file_broker_v1_broker_proto_enumTypes[1].Descriptor()
 }
 
 func (Encoding) Type() protoreflect.EnumType {
-	return &file_broker_v1_broker_proto_enumTypes[0]
+	return &file_broker_v1_broker_proto_enumTypes[1]
 }
 
 func (x Encoding) Number() protoreflect.EnumNumber {
@@ -93,7 +211,7 @@ func (x Encoding) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Encoding.Descriptor instead.
 func (Encoding) EnumDescriptor() ([]byte, []int) {
-	return file_broker_v1_broker_proto_rawDescGZIP(), []int{0}
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{1}
 }
 
 type FindRequest struct {
@@ -1387,7 +1505,27 @@ const file_broker_v1_broker_proto_rawDesc = "" +
 	"\rStatsResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12\x19\n" +
 	"\buptime_s\x18\x02 \x01(\x01R\auptimeS\x126\n" +
-	"\tdatabases\x18\x03 \x03(\v2\x18.broker.v1.DatabaseStatsR\tdatabases*U\n" +
+	"\tdatabases\x18\x03 \x03(\v2\x18.broker.v1.DatabaseStatsR\tdatabases*\xf4\x02\n" +
+	"\vErrorReason\x12\x1c\n" +
+	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12\x11\n" +
+	"\rDUPLICATE_KEY\x10\x01\x12\x18\n" +
+	"\x14DATABASE_UNAVAILABLE\x10\x02\x12\v\n" +
+	"\aTIMEOUT\x10\x03\x12\x12\n" +
+	"\x0ePOOL_EXHAUSTED\x10\x04\x12\x13\n" +
+	"\x0fINVALID_REQUEST\x10\x05\x12\x10\n" +
+	"\fINVALID_BSON\x10\x06\x12\x10\n" +
+	"\fINVALID_JSON\x10\a\x12\x12\n" +
+	"\x0eQUERY_REJECTED\x10\b\x12\x14\n" +
+	"\x10UNKNOWN_DATABASE\x10\t\x12\x12\n" +
+	"\x0eNOT_AUTHORIZED\x10\n" +
+	"\x12\x13\n" +
+	"\x0fUNAUTHENTICATED\x10\v\x12\x12\n" +
+	"\x0eLIMIT_EXCEEDED\x10\f\x12\x11\n" +
+	"\rSHUTTING_DOWN\x10\r\x12\x0f\n" +
+	"\vCURSOR_LOST\x10\x0e\x12\x11\n" +
+	"\rNOT_SUPPORTED\x10\x0f\x12\x14\n" +
+	"\x10OPERATION_FAILED\x10\x10\x12\f\n" +
+	"\bINTERNAL\x10\x11*U\n" +
 	"\bEncoding\x12\x11\n" +
 	"\rENCODING_BSON\x10\x00\x12\x1b\n" +
 	"\x17ENCODING_CANONICAL_JSON\x10\x01\x12\x19\n" +
@@ -1411,48 +1549,49 @@ func file_broker_v1_broker_proto_rawDescGZIP() []byte {
 	return file_broker_v1_broker_proto_rawDescData
 }
 
-var file_broker_v1_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_broker_v1_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
 var file_broker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_broker_v1_broker_proto_goTypes = []any{
-	(Encoding)(0),          // 0: broker.v1.Encoding
-	(*FindRequest)(nil),    // 1: broker.v1.FindRequest
-	(*FindResponse)(nil),   // 2: broker.v1.FindResponse
-	(*WriteConcern)(nil),   // 3: broker.v1.WriteConcern
-	(*InsertRequest)(nil),  // 4: broker.v1.InsertRequest
-	(*InsertResponse)(nil), // 5: broker.v1.InsertResponse
-	(*PingRequest)(nil),    // 6: broker.v1.PingRequest
-	(*PoolSummary)(nil),    // 7: broker.v1.PoolSummary
-	(*DatabasePing)(nil),   // 8: broker.v1.DatabasePing
-	(*PingResponse)(nil),   // 9: broker.v1.PingResponse
-	(*StatsRequest)(nil),   // 10: broker.v1.StatsRequest
-	(*DatabaseStats)(nil),  // 11: broker.v1.DatabaseStats
-	(*StatsResponse)(nil),  // 12: broker.v1.StatsResponse
-	nil,                    // 13: broker.v1.DatabaseStats.CheckoutFailuresEntry
-	nil,                    // 14: broker.v1.DatabaseStats.OperationsEntry
-	nil,                    // 15: broker.v1.DatabaseStats.RpcsEntry
-	nil,                    // 16: broker.v1.DatabaseStats.ErrorsEntry
+	(ErrorReason)(0),       // 0: broker.v1.ErrorReason
+	(Encoding)(0),          // 1: broker.v1.Encoding
+	(*FindRequest)(nil),    // 2: broker.v1.FindRequest
+	(*FindResponse)(nil),   // 3: broker.v1.FindResponse
+	(*WriteConcern)(nil),   // 4: broker.v1.WriteConcern
+	(*InsertRequest)(nil),  // 5: broker.v1.InsertRequest
+	(*InsertResponse)(nil), // 6: broker.v1.InsertResponse
+	(*PingRequest)(nil),    // 7: broker.v1.PingRequest
+	(*PoolSummary)(nil),    // 8: broker.v1.PoolSummary
+	(*DatabasePing)(nil),   // 9: broker.v1.DatabasePing
+	(*PingResponse)(nil),   // 10: broker.v1.PingResponse
+	(*StatsRequest)(nil),   // 11: broker.v1.StatsRequest
+	(*DatabaseStats)(nil),  // 12: broker.v1.DatabaseStats
+	(*StatsResponse)(nil),  // 13: broker.v1.StatsResponse
+	nil,                    // 14: broker.v1.DatabaseStats.CheckoutFailuresEntry
+	nil,                    // 15: broker.v1.DatabaseStats.OperationsEntry
+	nil,                    // 16: broker.v1.DatabaseStats.RpcsEntry
+	nil,                    // 17: broker.v1.DatabaseStats.ErrorsEntry
 }
 var file_broker_v1_broker_proto_depIdxs = []int32{
-	0,  // 0: broker.v1.FindRequest.encoding:type_name -> broker.v1.Encoding
-	3,  // 1: broker.v1.InsertRequest.write_concern:type_name -> broker.v1.WriteConcern
-	0,  // 2: broker.v1.InsertRequest.encoding:type_name -> broker.v1.Encoding
-	7,  // 3: broker.v1.DatabasePing.pool:type_name -> broker.v1.PoolSummary
-	8,  // 4: broker.v1.PingResponse.databases:type_name -> broker.v1.DatabasePing
-	13, // 5: broker.v1.DatabaseStats.checkout_failures:type_name -> broker.v1.DatabaseStats.CheckoutFailuresEntry
-	14, // 6: broker.v1.DatabaseStats.operations:type_name -> broker.v1.DatabaseStats.OperationsEntry
-	15, // 7: broker.v1.DatabaseStats.rpcs:type_name -> broker.v1.DatabaseStats.RpcsEntry
-	16, // 8: broker.v1.DatabaseStats.errors:type_name -> broker.v1.DatabaseStats.ErrorsEntry
-	11, // 9: broker.v1.StatsResponse.databases:type_name -> broker.v1.DatabaseStats
-	1,  // 10: broker.v1.Broker.Find:input_type -> broker.v1.FindRequest
-	1,  // 11: broker.v1.Broker.FindOne:input_type -> broker.v1.FindRequest
-	4,  // 12: broker.v1.Broker.Insert:input_type -> broker.v1.InsertRequest
-	6,  // 13: broker.v1.Broker.Ping:input_type -> broker.v1.PingRequest
-	10, // 14: broker.v1.Broker.Stats:input_type -> broker.v1.StatsRequest
-	2,  // 15: broker.v1.Broker.Find:output_type -> broker.v1.FindResponse
-	2,  // 16: broker.v1.Broker.FindOne:output_type -> broker.v1.FindResponse
-	5,  // 17: broker.v1.Broker.Insert:output_type -> broker.v1.InsertResponse
-	9,  // 18: broker.v1.Broker.Ping:output_type -> broker.v1.PingResponse
-	12, // 19: broker.v1.Broker.Stats:output_type -> broker.v1.StatsResponse
+	1,  // 0: broker.v1.FindRequest.encoding:type_name -> broker.v1.Encoding
+	4,  // 1: broker.v1.InsertRequest.write_concern:type_name -> broker.v1.WriteConcern
+	1,  // 2: broker.v1.InsertRequest.encoding:type_name -> broker.v1.Encoding
+	8,  // 3: broker.v1.DatabasePing.pool:type_name -> broker.v1.PoolSummary
+	9,  // 4: broker.v1.PingResponse.databases:type_name -> broker.v1.DatabasePing
+	14, // 5: broker.v1.DatabaseStats.checkout_failures:type_name -> broker.v1.DatabaseStats.CheckoutFailuresEntry
+	15, // 6: broker.v1.DatabaseStats.operations:type_name -> broker.v1.DatabaseStats.OperationsEntry
+	16, // 7: broker.v1.DatabaseStats.rpcs:type_name -> broker.v1.DatabaseStats.RpcsEntry
+	17, // 8: broker.v1.DatabaseStats.errors:type_name -> broker.v1.DatabaseStats.ErrorsEntry
+	12, // 9: broker.v1.StatsResponse.databases:type_name -> broker.v1.DatabaseStats
+	2,  // 10: broker.v1.Broker.Find:input_type -> broker.v1.FindRequest
+	2,  // 11: broker.v1.Broker.FindOne:input_type -> broker.v1.FindRequest
+	5,  // 12: broker.v1.Broker.Insert:input_type -> broker.v1.InsertRequest
+	7,  // 13: broker.v1.Broker.Ping:input_type -> broker.v1.PingRequest
+	11, // 14: broker.v1.Broker.Stats:input_type -> broker.v1.StatsRequest
+	3,  // 15: broker.v1.Broker.Find:output_type -> broker.v1.FindResponse
+	3,  // 16: broker.v1.Broker.FindOne:output_type -> broker.v1.FindResponse
+	6,  // 17: broker.v1.Broker.Insert:output_type -> broker.v1.InsertResponse
+	10, // 18: broker.v1.Broker.Ping:output_type -> broker.v1.PingResponse
+	13, // 19: broker.v1.Broker.Stats:output_type -> broker.v1.StatsResponse
 	15, // [15:20] is the sub-list for method output_type
 	10, // [10:15] is the sub-list for method input_type
 	10, // [10:10] is the sub-list for extension type_name
@@ -1479,7 +1618,7 @@ func file_broker_v1_broker_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_broker_v1_broker_proto_rawDesc), len(file_broker_v1_broker_proto_rawDesc)),
-			NumEnums:      1,
+			NumEnums:      2,
 			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   1,

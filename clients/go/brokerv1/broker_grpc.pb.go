@@ -8,7 +8,8 @@
 //
 // Errors are gRPC status codes. The `google.rpc.Status` details carry a
 // `google.rpc.ErrorInfo` with domain "mongo-broker", a machine-readable
-// reason, and metadata such as `mongo_code` and `mongo_labels`.
+// reason (the name of an `ErrorReason` value, below), and metadata such as
+// `mongo_code` and `mongo_labels`.
 //
 // Message size: a response message is at most 16 MiB + 64 KiB, because one
 // BSON document (up to 16 MiB) always travels whole, alone in its message

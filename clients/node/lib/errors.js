@@ -10,10 +10,30 @@
  * `inserted_count`, `failed_index`) and a `RetryInfo` delay.
  */
 
+const path = require('node:path');
 const protobuf = require('protobufjs');
 const { status: Status } = require('@grpc/grpc-js');
 
 const DOMAIN = 'mongo-broker';
+const PROTO_FILE = path.join(__dirname, '..', 'proto', 'broker', 'v1', 'broker.proto');
+
+/** @type {Readonly<Record<string, string>> | null} */
+let errorReasons = null;
+
+/**
+ * The contract's ErrorReason names, each mapped to itself: what
+ * `BrokerError.reason` holds (e.g. `ErrorReason.DUPLICATE_KEY`). Read from
+ * the .proto on first use, so requiring the package parses nothing.
+ * @returns {Readonly<Record<string, string>>}
+ */
+function errorReason() {
+  if (errorReasons === null) {
+    const values = protobuf.loadSync(PROTO_FILE).lookupEnum('broker.v1.ErrorReason').values;
+    const names = Object.keys(values).filter((name) => values[name] !== 0);
+    errorReasons = Object.freeze(Object.fromEntries(names.map((name) => [name, name])));
+  }
+  return errorReasons;
+}
 
 /** @type {Record<number, string>} gRPC code number -> name */
 const CODE_NAMES = Object.fromEntries(Object.entries(Status).map(([name, code]) => [code, name]));
@@ -169,7 +189,10 @@ const CLASS_BY_CODE = {
 function classFor(code, reason, message) {
   // RESOURCE_EXHAUSTED also means "too big", which backing off will not
   // fix: the broker's LIMIT_EXCEEDED, or gRPC's own message-size check.
-  if (code === Status.RESOURCE_EXHAUSTED && (reason === 'LIMIT_EXCEEDED' || /larger than max/i.test(message))) {
+  if (
+    code === Status.RESOURCE_EXHAUSTED &&
+    (reason === errorReason().LIMIT_EXCEEDED || /larger than max/i.test(message))
+  ) {
     return LimitExceededError;
   }
   return CLASS_BY_CODE[code] || BrokerError;
@@ -242,6 +265,7 @@ function intOrNull(value) {
 module.exports = {
   DOMAIN,
   CODE_NAMES,
+  errorReason,
   BrokerError,
   DuplicateKeyError,
   UnavailableError,

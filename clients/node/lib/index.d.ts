@@ -12,6 +12,27 @@ export declare const VERSION: string;
 export declare const DEFAULT_TIMEOUT_MS: number;
 /** grpc-js's status codes, to compare with `BrokerError.code`. */
 export declare const status: typeof grpcStatus;
+/** The contract's ErrorReason names: what `BrokerError.reason` holds. */
+export type ErrorReasonName =
+  | 'DUPLICATE_KEY'
+  | 'DATABASE_UNAVAILABLE'
+  | 'TIMEOUT'
+  | 'POOL_EXHAUSTED'
+  | 'INVALID_REQUEST'
+  | 'INVALID_BSON'
+  | 'INVALID_JSON'
+  | 'QUERY_REJECTED'
+  | 'UNKNOWN_DATABASE'
+  | 'NOT_AUTHORIZED'
+  | 'UNAUTHENTICATED'
+  | 'LIMIT_EXCEEDED'
+  | 'SHUTTING_DOWN'
+  | 'CURSOR_LOST'
+  | 'NOT_SUPPORTED'
+  | 'OPERATION_FAILED'
+  | 'INTERNAL';
+/** Each ErrorReason name mapped to itself, e.g. `ErrorReason.DUPLICATE_KEY`. */
+export declare const ErrorReason: Readonly<{ [N in ErrorReasonName]: N }>;
 
 /**
  * The address forms every mongo-broker client accepts: "unix:///abs/path",
@@ -235,7 +256,7 @@ export declare class BrokerError extends Error {
   code: number | null;
   /** The gRPC code's name, e.g. "ALREADY_EXISTS". */
   codeName: string;
-  /** The broker's reason, e.g. "DUPLICATE_KEY"; "" when gRPC itself failed. */
+  /** The broker's reason, a name in `ErrorReason` (e.g. "DUPLICATE_KEY"); "" when gRPC itself failed. */
   reason: string;
   metadata: Record<string, string>;
   /** Milliseconds the broker asks the caller to wait before retrying. */

@@ -35,3 +35,6 @@ module.exports = {
   CancelledError: errors.CancelledError,
   OperationFailedError: errors.OperationFailedError,
 };
+// A getter: the names are read from the contract on first use.
+Object.defineProperty(module.exports, 'ErrorReason', { enumerable: true, get: errors.errorReason });
+

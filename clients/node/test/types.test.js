@@ -56,3 +56,17 @@ test("the declared DatabaseStats fields are the proto's, in camelCase", () => {
   const declared = [...body[1].matchAll(/^\s+(\w+):/gm)].map((m) => m[1]);
   assert.deepEqual(declared, fields);
 });
+
+test("ErrorReason is the proto's enum, less its unspecified zero, and the declarations list the same names", () => {
+  const definition = protoLoader.loadSync(path.join('broker', 'v1', 'broker.proto'), {
+    includeDirs: [path.join(PACKAGE, 'proto')],
+  });
+  const values = /** @type {any} */ (definition['broker.v1.ErrorReason']).type.value;
+  const names = values.filter((/** @type {{number: number}} */ v) => v.number !== 0).map((/** @type {{name: string}} */ v) => v.name);
+  assert.deepEqual(Object.keys(broker.ErrorReason), names);
+  for (const name of names) assert.equal(broker.ErrorReason[name], name);
+  assert.ok(Object.isFrozen(broker.ErrorReason));
+  const union = /export type ErrorReasonName =([^;]*);/.exec(DECLARATIONS);
+  assert.ok(union, 'lib/index.d.ts declares no ErrorReasonName');
+  assert.deepEqual([...union[1].matchAll(/'(\w+)'/g)].map((m) => m[1]), names);
+});

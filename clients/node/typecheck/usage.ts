@@ -8,6 +8,7 @@ import {
   BrokerError,
   DEFAULT_TIMEOUT_MS,
   DuplicateKeyError,
+  ErrorReason,
   normalizeTarget,
   status,
   VERSION,
@@ -58,6 +59,9 @@ export async function usage(): Promise<void> {
     } else if (error instanceof BrokerError && error.code === status.UNAVAILABLE && error.retryable) {
       const wait: number | null = error.retryAfterMs;
       void wait;
+    } else if (error instanceof BrokerError && error.reason === ErrorReason.POOL_EXHAUSTED) {
+      const reason: 'POOL_EXHAUSTED' = ErrorReason.POOL_EXHAUSTED;
+      void reason;
     }
   }
 

@@ -36,6 +36,7 @@ and ``error``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -149,13 +150,22 @@ class RetryPolicy:
 DEFAULT_RETRY_POLICY: Final = RetryPolicy()
 
 
+@functools.cache
+def _pool_exhausted() -> str:
+    # The contract's name for it. Looked up on the first failure, by when the
+    # generated code is loaded anyway: importing this module loads no protobuf.
+    from broker_client.proto.broker.v1 import broker_pb2
+
+    return broker_pb2.ErrorReason.Name(broker_pb2.POOL_EXHAUSTED)
+
+
 def is_retryable(error: BrokerError) -> bool:
     """True for the errors a retry may cure: UNAVAILABLE, and RESOURCE_EXHAUSTED/POOL_EXHAUSTED."""
     code = error.code
     if code is None:
         return False
     return code.name == "UNAVAILABLE" or (
-        code.name == "RESOURCE_EXHAUSTED" and error.reason == "POOL_EXHAUSTED"
+        code.name == "RESOURCE_EXHAUSTED" and error.reason == _pool_exhausted()
     )
 
 
@@ -202,7 +212,7 @@ class RetryState:
         if policy is None or not is_retryable(error) or self.failures + 1 >= policy.max_attempts:
             raise error
         delay = random.random() * policy.backoff_cap(self.failures + 1)
-        if error.retry_after is not None and error.reason == "POOL_EXHAUSTED":
+        if error.retry_after is not None and error.reason == _pool_exhausted():
             delay = max(delay, error.retry_after)
         left = self.deadline - time.monotonic() - delay
         if left < MIN_ATTEMPT_S:

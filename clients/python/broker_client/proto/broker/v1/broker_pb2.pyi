@@ -11,7 +11,8 @@ driver's BSON library can produce and read them, so types survive exactly
 
 Errors are gRPC status codes. The `google.rpc.Status` details carry a
 `google.rpc.ErrorInfo` with domain "mongo-broker", a machine-readable
-reason, and metadata such as `mongo_code` and `mongo_labels`.
+reason (the name of an `ErrorReason` value, below), and metadata such as
+`mongo_code` and `mongo_labels`.
 
 Message size: a response message is at most 16 MiB + 64 KiB, because one
 BSON document (up to 16 MiB) always travels whole, alone in its message
@@ -36,6 +37,95 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ErrorReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ERROR_REASON_UNSPECIFIED: _ErrorReason.ValueType  # 0
+    """Never sent: an error without ErrorInfo comes from gRPC itself."""
+    DUPLICATE_KEY: _ErrorReason.ValueType  # 1
+    """Duplicate key (MongoDB 11000)."""
+    DATABASE_UNAVAILABLE: _ErrorReason.ValueType  # 2
+    """The database cannot be reached, or the connection was lost mid-operation."""
+    TIMEOUT: _ErrorReason.ValueType  # 3
+    """The call's time limit ran out."""
+    POOL_EXHAUSTED: _ErrorReason.ValueType  # 4
+    """The database's wait queue is full, or no connection came free in time."""
+    INVALID_REQUEST: _ErrorReason.ValueType  # 5
+    """The request is malformed (a missing or bad field)."""
+    INVALID_BSON: _ErrorReason.ValueType  # 6
+    """A BSON field is not one valid BSON document."""
+    INVALID_JSON: _ErrorReason.ValueType  # 7
+    """An Extended JSON field is not valid."""
+    QUERY_REJECTED: _ErrorReason.ValueType  # 8
+    """MongoDB refused the query or document as malformed."""
+    UNKNOWN_DATABASE: _ErrorReason.ValueType  # 9
+    """The database is not configured on this broker."""
+    NOT_AUTHORIZED: _ErrorReason.ValueType  # 10
+    """The caller may not do this."""
+    UNAUTHENTICATED: _ErrorReason.ValueType  # 11
+    """Tokens are configured and the call has none, or a wrong one."""
+    LIMIT_EXCEEDED: _ErrorReason.ValueType  # 12
+    """A configured limit was exceeded."""
+    SHUTTING_DOWN: _ErrorReason.ValueType  # 13
+    """The broker is draining."""
+    CURSOR_LOST: _ErrorReason.ValueType  # 14
+    """A Find's server cursor disappeared mid-stream."""
+    NOT_SUPPORTED: _ErrorReason.ValueType  # 15
+    """The database does not support the command or feature."""
+    OPERATION_FAILED: _ErrorReason.ValueType  # 16
+    """MongoDB refused the operation for another reason."""
+    INTERNAL: _ErrorReason.ValueType  # 17
+    """A bug in the broker."""
+
+class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
+    """The `reason` of the `google.rpc.ErrorInfo` in every error the broker
+    sends. ErrorInfo carries it as a string, the value's name (for example
+    "POOL_EXHAUSTED"), as Google's own ErrorReason enums do; the names are
+    therefore stable and not prefixed. Clients compare against the generated
+    names rather than string literals.
+    """
+
+ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
+"""Never sent: an error without ErrorInfo comes from gRPC itself."""
+DUPLICATE_KEY: ErrorReason.ValueType  # 1
+"""Duplicate key (MongoDB 11000)."""
+DATABASE_UNAVAILABLE: ErrorReason.ValueType  # 2
+"""The database cannot be reached, or the connection was lost mid-operation."""
+TIMEOUT: ErrorReason.ValueType  # 3
+"""The call's time limit ran out."""
+POOL_EXHAUSTED: ErrorReason.ValueType  # 4
+"""The database's wait queue is full, or no connection came free in time."""
+INVALID_REQUEST: ErrorReason.ValueType  # 5
+"""The request is malformed (a missing or bad field)."""
+INVALID_BSON: ErrorReason.ValueType  # 6
+"""A BSON field is not one valid BSON document."""
+INVALID_JSON: ErrorReason.ValueType  # 7
+"""An Extended JSON field is not valid."""
+QUERY_REJECTED: ErrorReason.ValueType  # 8
+"""MongoDB refused the query or document as malformed."""
+UNKNOWN_DATABASE: ErrorReason.ValueType  # 9
+"""The database is not configured on this broker."""
+NOT_AUTHORIZED: ErrorReason.ValueType  # 10
+"""The caller may not do this."""
+UNAUTHENTICATED: ErrorReason.ValueType  # 11
+"""Tokens are configured and the call has none, or a wrong one."""
+LIMIT_EXCEEDED: ErrorReason.ValueType  # 12
+"""A configured limit was exceeded."""
+SHUTTING_DOWN: ErrorReason.ValueType  # 13
+"""The broker is draining."""
+CURSOR_LOST: ErrorReason.ValueType  # 14
+"""A Find's server cursor disappeared mid-stream."""
+NOT_SUPPORTED: ErrorReason.ValueType  # 15
+"""The database does not support the command or feature."""
+OPERATION_FAILED: ErrorReason.ValueType  # 16
+"""MongoDB refused the operation for another reason."""
+INTERNAL: ErrorReason.ValueType  # 17
+"""A bug in the broker."""
+Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 class _Encoding:
     ValueType = _typing.NewType("ValueType", _builtins.int)

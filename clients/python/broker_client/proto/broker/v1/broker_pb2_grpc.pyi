@@ -11,7 +11,8 @@ driver's BSON library can produce and read them, so types survive exactly
 
 Errors are gRPC status codes. The `google.rpc.Status` details carry a
 `google.rpc.ErrorInfo` with domain "mongo-broker", a machine-readable
-reason, and metadata such as `mongo_code` and `mongo_labels`.
+reason (the name of an `ErrorReason` value, below), and metadata such as
+`mongo_code` and `mongo_labels`.
 
 Message size: a response message is at most 16 MiB + 64 KiB, because one
 BSON document (up to 16 MiB) always travels whole, alone in its message
