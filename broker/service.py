@@ -32,7 +32,7 @@ from broker import documents
 from broker.errors import Reason, RpcError, invalid_argument, to_rpc_error
 from broker.metrics import BrokerMetrics, checkout_failures
 from broker.pools import DatabasePool, Pools
-from broker.security import Authenticator, Principal, check_depth, check_operators
+from broker.security import JS_OPERATORS, Authenticator, Principal
 from broker.settings import Settings
 
 __all__ = ["REQUEST_ID_HEADER", "BrokerService"]
@@ -224,10 +224,10 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(task)
 
-    def _inspect(self, document: dict[str, Any], field: str) -> None:
-        check_depth(document, field, self._settings.limits)
-        if not self._settings.security.allow_js_operators:
-            check_operators(document, field)
+    def _checks(self) -> documents.Checks:
+        """What a filter or projection is held to: depth, and the JavaScript operator guard."""
+        denied = frozenset() if self._settings.security.allow_js_operators else JS_OPERATORS
+        return documents.Checks(self._settings.limits.max_bson_depth, denied)
 
     @asynccontextmanager
     async def _serve(
@@ -437,7 +437,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
 
     def _find_options(self, request: broker_pb2.FindRequest, call: _Call) -> dict[str, Any]:
         assert call.pool is not None
-        options = _find_options(request, call.pool.settings.default_batch_size, self._inspect)
+        options = _find_options(request, call.pool.settings.default_batch_size, self._checks())
         options["comment"] = call.comment(request.comment)
         return options
 
@@ -455,34 +455,29 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         async with self._serve(context, "Insert", request.database, request.collection, write=True) as call:
             assert call.pool is not None
             json_mode = _json_mode(request.encoding)
-            raw_documents: Sequence[bytes] = request.documents
+            sent: Sequence[bytes] | Sequence[str] = request.documents
             if json_mode is not None:
                 if request.documents:
                     raise invalid_argument(
                         "documents holds BSON but encoding is Extended JSON: send json_documents"
                     )
-                raw_documents = [
-                    documents.json_to_bson(text, f"json_documents[{i}]")
-                    for i, text in enumerate(request.json_documents)
-                ]
+                sent = request.json_documents
             elif request.json_documents:
                 raise invalid_argument(_JSON_FIELDS_NEED_ENCODING)
-            if not raw_documents:
+            if not sent:
                 raise invalid_argument("documents is empty: send at least one document")
             most = self._settings.limits.max_insert_documents
-            if len(raw_documents) > most:
+            if len(sent) > most:
                 raise RpcError(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{len(raw_documents)} documents exceed limits.max_insert_documents ({most}); "
-                    "split the insert",
+                    f"{len(sent)} documents exceed limits.max_insert_documents ({most}); split the insert",
                     Reason.LIMIT_EXCEEDED,
                 )
-            limits = self._settings.limits
-            prepared = documents.prepare_inserts(
-                raw_documents, lambda doc, field: check_depth(doc, field, limits)
+            prepared = _prepare_inserts(
+                request, json_mode, documents.Checks(self._settings.limits.max_bson_depth)
             )
             call.documents = len(prepared.documents)
-            call.bytes = sum(len(d) for d in raw_documents)
+            call.bytes = prepared.bytes
             collection = call.pool.db.get_collection(
                 _collection_name(request.collection),
                 write_concern=_write_concern(request),
@@ -752,6 +747,19 @@ async def _write_batch(context: Context, docs: list[bytes], max_message: int, js
         await _transmit(context.write(broker_pb2.FindResponse(json_documents=[t.decode() for t in part])))
 
 
+def _prepare_inserts(
+    request: broker_pb2.InsertRequest, json_mode: str | None, checks: documents.Checks
+) -> documents.PreparedInsert:
+    """An Insert's documents, from BSON or Extended JSON, checked and ready for insert_many."""
+    raw_documents: Sequence[bytes] = request.documents
+    if json_mode is not None:
+        raw_documents = [
+            documents.json_to_bson(text, f"json_documents[{i}]")
+            for i, text in enumerate(request.json_documents)
+        ]
+    return documents.prepare_inserts(raw_documents, checks)
+
+
 def _find_request_as_bson(request: broker_pb2.FindRequest) -> tuple[broker_pb2.FindRequest, str | None]:
     """The request with any Extended JSON documents turned into BSON, and the JSON mode."""
     json_mode = _json_mode(request.encoding)
@@ -773,7 +781,7 @@ def _find_request_as_bson(request: broker_pb2.FindRequest) -> tuple[broker_pb2.F
 
 
 def _find_options(
-    request: broker_pb2.FindRequest, default_batch_size: int, inspect: documents.Inspector
+    request: broker_pb2.FindRequest, default_batch_size: int, checks: documents.Checks
 ) -> dict[str, Any]:
     options: dict[str, Any] = {
         "skip": _non_negative(request.skip, "skip"),
@@ -781,12 +789,12 @@ def _find_options(
         "batch_size": _non_negative(request.batch_size, "batch_size") or default_batch_size,
     }
     _non_negative(request.max_time_ms, "max_time_ms")
-    options["filter"] = documents.raw_document(request.filter, "filter", inspect)
-    projection = documents.raw_document(request.projection, "projection", inspect)
+    options["filter"] = documents.raw_document(request.filter, "filter", checks)
+    projection = documents.raw_document(request.projection, "projection", checks)
     if projection is not None:
         options["projection"] = projection
     if request.sort:
-        sort = documents.parse_document(request.sort, "sort")
+        sort = documents.parse_document(request.sort, "sort", checks.max_depth)
         if sort:
             options["sort"] = _index_spec(sort, "sort", index_types=False)
     hint = request.WhichOneof("hint")
@@ -796,7 +804,9 @@ def _find_options(
         options["hint"] = request.hint_name
     elif hint == "hint_keys":
         options["hint"] = _index_spec(
-            documents.parse_document(request.hint_keys, "hint_keys"), "hint_keys", index_types=True
+            documents.parse_document(request.hint_keys, "hint_keys", checks.max_depth),
+            "hint_keys",
+            index_types=True,
         )
     return options
 

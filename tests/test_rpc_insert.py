@@ -12,6 +12,7 @@ import pytest
 from bson import Binary, Decimal128, Int64, ObjectId
 from bson.raw_bson import RawBSONDocument
 
+from tests.rawbson import array, document
 from tests.rpc import fails, find_all, open_stub, pb
 
 
@@ -146,8 +147,16 @@ def test_write_concern_is_accepted(broker, stub, collection_name, mongo_collecti
         ([bson.encode({"ok": 1}), bson.encode({"a": 1})[:-1]], "documents[1] is not a valid BSON"),
         ([bson.encode({"ok": 1}) + b"\x00"], "documents[0]"),
         ([bson.encode({"s": "x"}).replace(b"x", b"\xff")], "utf-8"),
+        (
+            [bson.encode({"ok": 1}), document(("_id", 1), ("n", 1), ("_id", 2))],
+            "documents[1]._id: duplicate key",
+        ),
+        (
+            [document(("a", document(("b", array({"c": 1}, document(("d", 1), ("d", 2)))))))],
+            "documents[0].a.b[1].d: duplicate key",
+        ),
     ],
-    ids=["empty", "garbage", "truncated", "trailing-byte", "bad-utf8"],
+    ids=["empty", "garbage", "truncated", "trailing-byte", "bad-utf8", "duplicate-id", "duplicate-deep"],
 )
 def test_bad_documents_are_rejected_and_nothing_is_stored(
     broker, stub, collection_name, mongo_collection, documents, needle
