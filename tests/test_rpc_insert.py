@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import uuid
+from concurrent import futures
 from typing import Any
 
 import bson
@@ -13,7 +14,7 @@ from bson import Binary, Decimal128, Int64, ObjectId
 from bson.raw_bson import RawBSONDocument
 
 from tests.rawbson import array, document
-from tests.rpc import fails, find_all, open_stub, pb
+from tests.rpc import database_stats, fails, find_all, open_stub, pb
 
 
 def _ids(reply: Any) -> list[Any]:
@@ -166,6 +167,35 @@ def test_bad_documents_are_rejected_and_nothing_is_stored(
             pb.InsertRequest(database=broker.db_name, collection=collection_name, documents=documents)
         )
     assert needle in failure.message
+    assert mongo_collection.count_documents({}) == 0
+
+
+def test_ping_answers_while_a_large_insert_is_validated(broker, stub, collection_name, mongo_collection):
+    # Three 8 MB documents of tiny fields: validating them takes the broker
+    # a second or more. w_nodes=0 is refused right after validation, so the
+    # Insert answers as soon as its validation ends, and stores nothing.
+    big = bson.encode({f"k{i:06d}": 1 for i in range(600_000)})
+    request = pb.InsertRequest(
+        database=broker.db_name,
+        collection=collection_name,
+        documents=[big, big, big],
+        write_concern=pb.WriteConcern(w_nodes=0),
+    )
+    with futures.ThreadPoolExecutor(1) as pool:
+        insert = pool.submit(stub.Insert, request, timeout=120)
+        # Wait until the broker has the Insert in hand: while validation held
+        # the event loop, no other call could even see it in flight.
+        while database_stats(stub, broker.db_name, timeout=120).rpcs_in_flight == 0 and not insert.done():
+            pass
+        assert not insert.done(), "the Insert was answered before any other call could run beside it"
+        reply = stub.Ping(pb.PingRequest(database=broker.db_name), timeout=120)
+        assert reply.databases[0].ok
+        # Answered while the Insert is still being validated, not after it.
+        assert not insert.done()
+        with pytest.raises(grpc.RpcError) as caught:
+            insert.result()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "w_nodes = 0" in (caught.value.details() or "")
     assert mongo_collection.count_documents({}) == 0
 
 
