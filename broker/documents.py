@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import bson
+import grpc
 from bson import json_util
 from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.objectid import ObjectId
 from bson.raw_bson import RawBSONDocument
 
 from broker import bsonwalk
-from broker.errors import Reason, invalid_argument
+from broker.errors import Reason, RpcError, invalid_argument
 from broker.security import depth_exceeded, operator_denied
 
 __all__ = [
@@ -132,12 +133,17 @@ def _id_document(element: bytes) -> bytes:
     return _INT32.pack(len(element) + 5) + element + b"\x00"
 
 
-def prepare_inserts(raw_documents: Sequence[bytes], checks: Checks) -> PreparedInsert:
+def prepare_inserts(raw_documents: Sequence[bytes], checks: Checks, max_bytes: int) -> PreparedInsert:
     """Check every document and give one without `_id` a new ObjectId.
 
     pymongo will not add an `_id` to a RawBSONDocument, so the broker does, and
     returns it, as pymongo does for dicts. Clients normally generate `_id`s
     themselves, which makes a retried insert detectable as a duplicate key.
+
+    A document larger than ``max_bytes`` (the server's maxBsonObjectSize),
+    counting an added `_id`, is refused: pymongo does not check a
+    RawBSONDocument's size, and some servers store such a document and then
+    cannot send it back.
     """
     prepared = PreparedInsert()
     for index, data in enumerate(raw_documents):
@@ -152,6 +158,15 @@ def prepare_inserts(raw_documents: Sequence[bytes], checks: Checks) -> PreparedI
             oid = ObjectId()
             document = _with_object_id(data, oid)
             prepared.id_documents.append(bson.encode({"_id": oid}))
+        if len(document) > max_bytes:
+            added = "" if document is data else f" with the _id the broker added ({len(data)} as sent)"
+            raise RpcError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{field} is {len(document)} bytes{added}, larger than the database server's "
+                f"maxBsonObjectSize ({max_bytes} bytes); split it, or store large data with GridFS",
+                Reason.LIMIT_EXCEEDED,
+                {"index": str(index), "document_bytes": str(len(document)), "max_bytes": str(max_bytes)},
+            )
         prepared.documents.append(RawBSONDocument(document, _RAW))
     return prepared
 

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import grpc
 import pymongo
 from broker_client.proto.broker.v1 import broker_pb2, broker_pb2_grpc
+from pymongo import common
 from pymongo.write_concern import WriteConcern
 
 from broker import documents
@@ -493,6 +494,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                     request,
                     json_mode,
                     documents.Checks(self._settings.limits.max_bson_depth),
+                    _max_document_bytes(call.pool),
                 ),
             )
             call.documents = len(prepared.documents)
@@ -773,8 +775,18 @@ async def _validate(size: int, validation: Callable[[], _T]) -> _T:
     return await asyncio.to_thread(validation)
 
 
+def _max_document_bytes(pool: DatabasePool) -> int:
+    """The largest document the database server stores: its maxBsonObjectSize.
+
+    From the server's handshake (hello), through pymongo's view of the
+    topology; 16 MiB, every MongoDB's, while no writable server is known.
+    """
+    servers = pool.client.topology_description.server_descriptions().values()
+    return min((s.max_bson_size for s in servers if s.is_writable), default=common.MAX_BSON_SIZE)
+
+
 def _prepare_inserts(
-    request: broker_pb2.InsertRequest, json_mode: str | None, checks: documents.Checks
+    request: broker_pb2.InsertRequest, json_mode: str | None, checks: documents.Checks, max_bytes: int
 ) -> documents.PreparedInsert:
     """An Insert's documents, from BSON or Extended JSON, checked and ready for insert_many."""
     raw_documents: Sequence[bytes] = request.documents
@@ -783,7 +795,7 @@ def _prepare_inserts(
             documents.json_to_bson(text, f"json_documents[{i}]")
             for i, text in enumerate(request.json_documents)
         ]
-    return documents.prepare_inserts(raw_documents, checks)
+    return documents.prepare_inserts(raw_documents, checks, max_bytes)
 
 
 def _find_request_as_bson(request: broker_pb2.FindRequest) -> tuple[broker_pb2.FindRequest, str | None]:

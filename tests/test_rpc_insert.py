@@ -10,6 +10,7 @@ from typing import Any
 import bson
 import grpc
 import pytest
+from broker_client import BrokerClient
 from bson import Binary, Decimal128, Int64, ObjectId
 from bson.raw_bson import RawBSONDocument
 
@@ -168,6 +169,57 @@ def test_bad_documents_are_rejected_and_nothing_is_stored(
         )
     assert needle in failure.message
     assert mongo_collection.count_documents({}) == 0
+
+
+def _document_of_size(size: int, **fields: Any) -> bytes:
+    """A document of exactly ``size`` bytes: ``fields`` and a binary filling the rest."""
+    empty = len(bson.encode({**fields, "blob": Binary(b"")}))
+    encoded = bson.encode({**fields, "blob": Binary(b"x" * (size - empty))})
+    assert len(encoded) == size
+    return encoded
+
+
+def test_document_over_the_server_limit_is_refused_and_nothing_is_stored(
+    broker, stub, collection_name, mongo, mongo_collection
+):
+    # pymongo does not check a RawBSONDocument's size; a server that stored
+    # one larger than its maxBsonObjectSize could not send it back.
+    limit = mongo.admin.command("hello")["maxBsonObjectSize"]
+    small = bson.encode({"_id": 1})
+    with fails(grpc.StatusCode.INVALID_ARGUMENT, "LIMIT_EXCEEDED") as failure:
+        stub.Insert(
+            pb.InsertRequest(
+                database=broker.db_name,
+                collection=collection_name,
+                documents=[small, _document_of_size(limit + 1, _id=2)],
+            ),
+            timeout=60,
+        )
+    assert failure.message.startswith(f"documents[1] is {limit + 1} bytes")
+    assert f"maxBsonObjectSize ({limit} bytes)" in failure.message
+    assert failure.metadata["index"] == "1"
+    # Without an _id the broker adds one (17 bytes): that counts too.
+    with fails(grpc.StatusCode.INVALID_ARGUMENT, "LIMIT_EXCEEDED") as failure:
+        stub.Insert(
+            pb.InsertRequest(
+                database=broker.db_name, collection=collection_name, documents=[_document_of_size(limit - 16)]
+            ),
+            timeout=60,
+        )
+    assert f"with the _id the broker added ({limit - 16} as sent)" in failure.message
+    assert mongo_collection.count_documents({}) == 0
+
+
+def test_the_largest_document_the_server_holds_round_trips_through_the_client(broker, collection_name, mongo):
+    limit = mongo.admin.command("hello")["maxBsonObjectSize"]
+    largest = _document_of_size(limit, _id="largest")
+    with BrokerClient(broker.unix_target, timeout=120) as client:
+        collection = client[broker.db_name][collection_name]
+        collection.insert_one(RawBSONDocument(largest))
+        (found,) = list(collection.find({}))
+        assert bson.encode(found) == largest
+        one = collection.find_one({"_id": "largest"})
+        assert one is not None and bson.encode(one) == largest
 
 
 def test_ping_answers_while_a_large_insert_is_validated(broker, stub, collection_name, mongo_collection):
