@@ -1,32 +1,40 @@
 """BSON on the wire: validate what comes in, frame what goes out.
 
 Documents pass through the broker as the caller's own bytes. Incoming
-documents are decoded once, only to validate them and to find their `_id`;
-what is sent to MongoDB is the original bytes (as RawBSONDocument), so field
-order, numeric types and every BSON type survive exactly. Outgoing batches
-from `find_raw_batches` are cut into documents by their length prefixes,
-never decoded.
+documents are checked on those bytes by `broker.bsonwalk`, which reads them
+as the server will (structure, depth, duplicate keys, denied operators) and
+finds an insert's `_id` without decoding; only sort and hint documents,
+whose values the broker needs, are decoded, after that check. What is sent
+to MongoDB is the original bytes (as RawBSONDocument), so field order,
+numeric types and every BSON type survive exactly. Outgoing batches from
+`find_raw_batches` are cut into documents by their length prefixes, never
+decoded.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import bson
+import grpc
 from bson import json_util
 from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.objectid import ObjectId
 from bson.raw_bson import RawBSONDocument
 
-from broker.errors import Reason, invalid_argument
+from broker import bsonwalk
+from broker.errors import Reason, RpcError, invalid_argument
+from broker.security import depth_exceeded, operator_denied
 
 __all__ = [
-    "Inspector",
+    "Checks",
     "PreparedInsert",
     "bson_to_json",
+    "check_document",
     "chunk_documents",
     "json_to_bson",
     "parse_document",
@@ -46,40 +54,71 @@ _INT32 = struct.Struct("<i")
 _FIELD_OVERHEAD = 6
 
 
-def parse_document(data: bytes, field: str) -> dict[str, Any]:
-    """Decode ``data`` as exactly one BSON document, or raise INVALID_ARGUMENT naming ``field``."""
+@dataclass(frozen=True, slots=True)
+class Checks:
+    """What an incoming document is held to, besides being one valid BSON document."""
+
+    # limits.max_bson_depth: deeper gets INVALID_ARGUMENT (LIMIT_EXCEEDED).
+    max_depth: int
+    # Keys refused with PERMISSION_DENIED wherever they appear (the JavaScript
+    # operators in a filter or projection); empty for stored documents.
+    denied: frozenset[str] = frozenset()
+
+
+def check_document(data: bytes, field: str, checks: Checks) -> bsonwalk.Walk:
+    """Check ``data`` as the server will read it, or raise the RpcError for what is wrong.
+
+    Errors, in the order the walk meets them: malformed BSON (INVALID_BSON),
+    a duplicate key (INVALID_REQUEST), nesting past max_depth
+    (LIMIT_EXCEEDED); then, for a document that is otherwise valid, a denied
+    operator (PERMISSION_DENIED).
+    """
     try:
-        return bson.decode(data, _DECODE)
-    except Exception as exc:  # bson raises several types for malformed input
+        walked = bsonwalk.walk(data, field, max_depth=checks.max_depth, denied=checks.denied)
+    except bsonwalk.MalformedBson as exc:
+        where = "" if exc.path == field else f" at {exc.path}"
         raise invalid_argument(
-            f"{field} is not a valid BSON document ({len(data)} bytes): {exc}",
+            f"{field} is not a valid BSON document ({len(data)} bytes){where}: {exc.problem}",
             Reason.INVALID_BSON,
         ) from None
+    except bsonwalk.DuplicateKey as exc:
+        raise invalid_argument(
+            f"{exc.path}: duplicate key. A field name may appear only once in a document: "
+            "decoders and servers differ on which of two equal keys counts",
+        ) from None
+    except bsonwalk.TooDeep:
+        raise depth_exceeded(field, checks.max_depth) from None
+    if walked.denied is not None:
+        raise operator_denied(walked.denied)
+    return walked
 
 
-# Checks a decoded document further (depth, operators); raises RpcError.
-Inspector = Callable[[dict[str, Any], str], None]
+def parse_document(data: bytes, field: str, max_depth: int) -> dict[str, Any]:
+    """Check ``data`` (structure, depth, duplicate keys), then decode it, for a sort or hint."""
+    check_document(data, field, Checks(max_depth))
+    # Checked first, so decoding cannot fail, nor recurse deeper than max_depth.
+    return bson.decode(data, _DECODE)
 
 
-def raw_document(data: bytes, field: str, inspect: Inspector | None = None) -> RawBSONDocument | None:
-    """Validate ``data`` and return it unchanged as a RawBSONDocument; empty means absent."""
+def raw_document(data: bytes, field: str, checks: Checks) -> RawBSONDocument | None:
+    """Check ``data`` and return it unchanged as a RawBSONDocument; empty means absent."""
     if not data:
         return None
-    decoded = parse_document(data, field)
-    if inspect is not None:
-        inspect(decoded, field)
+    check_document(data, field, checks)
     return RawBSONDocument(data, _RAW)
 
 
 class PreparedInsert:
     """Documents ready for insert_many, and their `_id`s for the response."""
 
-    __slots__ = ("documents", "id_documents")
+    __slots__ = ("bytes", "documents", "id_documents")
 
     def __init__(self) -> None:
         self.documents: list[RawBSONDocument] = []
         # {"_id": value} encoded as BSON, one per document, in request order.
         self.id_documents: list[bytes] = []
+        # Size of the documents as the caller sent them (BSON).
+        self.bytes = 0
 
 
 def _with_object_id(data: bytes, oid: ObjectId) -> bytes:
@@ -89,30 +128,46 @@ def _with_object_id(data: bytes, oid: ObjectId) -> bytes:
     return _INT32.pack(len(data) + len(element)) + element + data[4:]
 
 
-def prepare_inserts(raw_documents: Sequence[bytes], inspect: Inspector | None = None) -> PreparedInsert:
-    """Validate every document and give one without `_id` a new ObjectId.
+def _id_document(element: bytes) -> bytes:
+    # {"_id": value} from the document's own `_id` element, byte for byte.
+    return _INT32.pack(len(element) + 5) + element + b"\x00"
+
+
+def prepare_inserts(raw_documents: Sequence[bytes], checks: Checks, max_bytes: int) -> PreparedInsert:
+    """Check every document and give one without `_id` a new ObjectId.
 
     pymongo will not add an `_id` to a RawBSONDocument, so the broker does, and
     returns it, as pymongo does for dicts. Clients normally generate `_id`s
     themselves, which makes a retried insert detectable as a duplicate key.
+
+    A document larger than ``max_bytes`` (the server's maxBsonObjectSize),
+    counting an added `_id`, is refused: pymongo does not check a
+    RawBSONDocument's size, and some servers store such a document and then
+    cannot send it back.
     """
     prepared = PreparedInsert()
     for index, data in enumerate(raw_documents):
         field = f"documents[{index}]"
-        decoded = parse_document(data, field)
-        if inspect is not None:
-            inspect(decoded, field)
-        if "_id" in decoded:
-            value = decoded["_id"]
-            if isinstance(value, dict):
-                # Keep an embedded `_id` document's exact bytes.
-                value = RawBSONDocument(data, _RAW)["_id"]
-            prepared.documents.append(RawBSONDocument(data, _RAW))
-            prepared.id_documents.append(bson.encode({"_id": value}))
+        walked = check_document(data, field, checks)
+        prepared.bytes += len(data)
+        if walked.id_element is not None:
+            _, start, _, end = walked.id_element
+            document = data
+            prepared.id_documents.append(_id_document(data[start:end]))
         else:
             oid = ObjectId()
-            prepared.documents.append(RawBSONDocument(_with_object_id(data, oid), _RAW))
+            document = _with_object_id(data, oid)
             prepared.id_documents.append(bson.encode({"_id": oid}))
+        if len(document) > max_bytes:
+            added = "" if document is data else f" with the _id the broker added ({len(data)} as sent)"
+            raise RpcError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{field} is {len(document)} bytes{added}, larger than the database server's "
+                f"maxBsonObjectSize ({max_bytes} bytes); split it, or store large data with GridFS",
+                Reason.LIMIT_EXCEEDED,
+                {"index": str(index), "document_bytes": str(len(document)), "max_bytes": str(max_bytes)},
+            )
+        prepared.documents.append(RawBSONDocument(document, _RAW))
     return prepared
 
 
@@ -161,18 +216,58 @@ _JSON_WRITE = {
 }
 
 
+class _DuplicateJsonKey(Exception):
+    """An Extended JSON object has a key twice (json.loads would keep the last)."""
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> Any:
+    if len(pairs) > 1 and len({key for key, _ in pairs}) < len(pairs):
+        raise _DuplicateJsonKey
+    return json_util.object_pairs_hook(pairs, _JSON_READ)
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object with all its pairs, to find where a duplicate is."""
+
+
+def _duplicate_json_path(text: str, field: str) -> str:
+    """The path of the first object, depth first, that has a key twice (for the message)."""
+    stack: list[tuple[Any, str]] = [(json.loads(text, object_pairs_hook=_Pairs), field)]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, _Pairs):
+            seen: set[str] = set()
+            for key, _ in value:
+                if key in seen:
+                    return f"{path}.{key}"
+                seen.add(key)
+            stack.extend((child, f"{path}.{key}") for key, child in reversed(value))
+        elif isinstance(value, list):
+            stack.extend((child, f"{path}[{i}]") for i, child in reversed(list(enumerate(value))))
+    return field  # not reached: the first parse found one
+
+
 def json_to_bson(text: str, field: str) -> bytes:
     """Parse one Extended JSON document (canonical or relaxed) into BSON bytes.
 
-    Raises INVALID_ARGUMENT saying where the text failed.
+    Raises INVALID_ARGUMENT saying where the text failed. A key given twice
+    in one object is refused, as in BSON: json.loads would keep only the
+    last. The BSON made here is then checked like any other (check_document).
     """
     try:
-        value = json_util.loads(text, json_options=_JSON_READ)
+        value = json.loads(text, object_pairs_hook=_json_object)
+    except _DuplicateJsonKey:
+        raise invalid_argument(
+            f"{_duplicate_json_path(text, field)}: duplicate key. A field name may appear only once "
+            "in a JSON object"
+        ) from None
     except json.JSONDecodeError as exc:
         raise invalid_argument(
             f"{field} is not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}",
             Reason.INVALID_JSON,
         ) from None
+    except RecursionError:
+        raise depth_exceeded(field) from None
     except Exception as exc:  # json_util raises several types for bad $-types
         raise invalid_argument(f"{field} is not valid Extended JSON: {exc}", Reason.INVALID_JSON) from None
     if not isinstance(value, dict):
@@ -181,6 +276,8 @@ def json_to_bson(text: str, field: str) -> bytes:
         )
     try:
         return bson.encode(value)
+    except RecursionError:
+        raise depth_exceeded(field) from None
     except Exception as exc:
         raise invalid_argument(f"{field} cannot be stored as BSON: {exc}", Reason.INVALID_JSON) from None
 

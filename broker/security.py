@@ -7,7 +7,10 @@
 - Each token carries an allowlist of database and collection glob patterns
   and may be read-only; a database may be read-only for everyone.
 - Server-side JavaScript (`$where`, `$function`, `$accumulator`) is refused
-  anywhere in a filter or projection, at any depth, unless allowed.
+  anywhere in a filter or projection, at any depth, unless allowed. The
+  search runs on the document's bytes (`broker.bsonwalk`, called from
+  `broker.documents`), so duplicate keys and DBRef-shaped sub-documents
+  cannot hide an operator from it; this module says how a refusal reads.
 - Size limits name themselves in their error messages.
 """
 
@@ -16,21 +19,21 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from broker.errors import Reason, RpcError
-from broker.settings import AuthSettings, LimitSettings
+from broker.settings import AuthSettings
 
 __all__ = [
     "JS_OPERATORS",
     "Authenticator",
     "Principal",
-    "check_depth",
-    "check_operators",
+    "depth_exceeded",
+    "operator_denied",
 ]
 
 JS_OPERATORS = frozenset({"$where", "$function", "$accumulator"})
@@ -116,44 +119,23 @@ class Authenticator:
         return found
 
 
-def check_operators(document: Mapping[str, Any], field: str, denied: frozenset[str] = JS_OPERATORS) -> None:
-    """Raise PERMISSION_DENIED if ``document`` uses a denied operator at any depth."""
-    path = _find_operator(document, field, denied)
-    if path is not None:
-        operator = path.rsplit(".", 1)[-1]
-        raise _denied(
-            f"{path}: {operator} runs JavaScript on the database server and is disabled on "
-            "this broker (security.allow_js_operators)"
-        )
+def operator_denied(path: str) -> RpcError:
+    """PERMISSION_DENIED for the JavaScript operator at ``path`` (e.g. "filter.$or[1].$where")."""
+    operator = path.rsplit(".", 1)[-1]
+    return _denied(
+        f"{path}: {operator} runs JavaScript on the database server and is disabled on "
+        "this broker (security.allow_js_operators)"
+    )
 
 
-def _find_operator(value: Any, path: str, denied: frozenset[str]) -> str | None:
-    # Iterative, so a deeply nested document cannot exhaust the stack.
-    stack: list[tuple[Any, str]] = [(value, path)]
-    while stack:
-        item, where = stack.pop()
-        if isinstance(item, Mapping):
-            for key, child in item.items():
-                if key in denied:
-                    return f"{where}.{key}"
-                stack.append((child, f"{where}.{key}"))
-        elif isinstance(item, Sequence) and not isinstance(item, str | bytes):
-            stack.extend((child, f"{where}[{i}]") for i, child in enumerate(item))
-    return None
+def depth_exceeded(field: str, limit: int | None = None) -> RpcError:
+    """INVALID_ARGUMENT (LIMIT_EXCEEDED) for ``field`` nesting deeper than max_bson_depth.
 
-
-def check_depth(document: Mapping[str, Any], field: str, limits: LimitSettings) -> None:
-    """Raise INVALID_ARGUMENT if ``document`` nests deeper than max_bson_depth."""
-    stack: list[tuple[Any, int]] = [(document, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limits.max_bson_depth:
-            raise RpcError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{field} nests deeper than limits.max_bson_depth ({limits.max_bson_depth})",
-                Reason.LIMIT_EXCEEDED,
-            )
-        if isinstance(item, Mapping):
-            stack.extend((child, depth + 1) for child in item.values())
-        elif isinstance(item, list):
-            stack.extend((child, depth + 1) for child in item)
+    ``limit`` is None where the depth is not counted, only found too deep to
+    parse (Extended JSON nested past Python's recursion limit).
+    """
+    if limit is None:
+        message = f"{field} nests too deeply to parse, deeper than limits.max_bson_depth allows"
+    else:
+        message = f"{field} nests deeper than limits.max_bson_depth ({limit})"
+    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, message, Reason.LIMIT_EXCEEDED)

@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import grpc
 import pymongo
 from broker_client.proto.broker.v1 import broker_pb2, broker_pb2_grpc
+from pymongo import common
 from pymongo.write_concern import WriteConcern
 
 from broker import documents
@@ -33,7 +35,7 @@ from broker.errors import Reason, RpcError, invalid_argument, to_rpc_error
 from broker.logs import log_value
 from broker.metrics import BrokerMetrics, checkout_failures
 from broker.pools import DatabasePool, Pools
-from broker.security import Authenticator, Principal, check_depth, check_operators
+from broker.security import JS_OPERATORS, Authenticator, Principal
 from broker.settings import Settings
 
 __all__ = ["REQUEST_ID_HEADER", "BrokerService"]
@@ -51,6 +53,14 @@ _NO_DEADLINE_S = 10 * 365 * 86400
 # How long past its time limit a database round trip may run before the
 # broker abandons it (see _Call.round_trip).
 _ROUND_TRIP_GUARD_S = 1.0
+# Validating a request walks every byte of its documents in Python, about
+# 0.6 µs a field: an 8 MB document of tiny fields takes half a second. Above
+# this many bytes the walk runs in a worker thread, so the event loop, and
+# every other call, goes on meanwhile (the walk is Python code, so the
+# interpreter hands the loop its turn every few milliseconds). Below it the
+# walk takes at most a few milliseconds, less than the loop would lose to
+# the thread hop (~50 µs) on every small call.
+_INLINE_VALIDATION_BYTES = 64 * 1024
 _T = TypeVar("_T")
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -237,10 +247,10 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(task)
 
-    def _inspect(self, document: dict[str, Any], field: str) -> None:
-        check_depth(document, field, self._settings.limits)
-        if not self._settings.security.allow_js_operators:
-            check_operators(document, field)
+    def _checks(self) -> documents.Checks:
+        """What a filter or projection is held to: depth, and the JavaScript operator guard."""
+        denied = frozenset() if self._settings.security.allow_js_operators else JS_OPERATORS
+        return documents.Checks(self._settings.limits.max_bson_depth, denied)
 
     @asynccontextmanager
     async def _serve(
@@ -391,7 +401,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 call_ref = call
                 assert call.pool is not None
                 request, json_mode = _find_request_as_bson(request)
-                options = self._find_options(request, call)
+                options = await self._find_options(request, call)
                 cap = self._settings.limits.max_find_documents
                 if cap and (options["limit"] == 0 or options["limit"] > cap):
                     # One more than the cap: the broker must tell "exactly the
@@ -443,7 +453,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             context, "FindOne", request.database, request.collection, request.max_time_ms
         ) as call:
             request, json_mode = _find_request_as_bson(request)
-            options = self._find_options(request, call)
+            options = await self._find_options(request, call)
             if options["limit"] > 1:
                 raise invalid_argument(
                     f"FindOne returns at most one document, so limit must be 0 or 1, got {options['limit']}; "
@@ -466,9 +476,13 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             return broker_pb2.FindResponse(documents=docs)
         raise AssertionError("unreachable: _serve aborts on error")  # pragma: no cover
 
-    def _find_options(self, request: broker_pb2.FindRequest, call: _Call) -> dict[str, Any]:
+    async def _find_options(self, request: broker_pb2.FindRequest, call: _Call) -> dict[str, Any]:
         assert call.pool is not None
-        options = _find_options(request, call.pool.settings.default_batch_size, self._inspect)
+        size = len(request.filter) + len(request.projection) + len(request.sort) + len(request.hint_keys)
+        options = await _validate(
+            size,
+            functools.partial(_find_options, request, call.pool.settings.default_batch_size, self._checks()),
+        )
         options["comment"] = call.comment(request.comment)
         return options
 
@@ -486,34 +500,36 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         async with self._serve(context, "Insert", request.database, request.collection, write=True) as call:
             assert call.pool is not None
             json_mode = _json_mode(request.encoding)
-            raw_documents: Sequence[bytes] = request.documents
+            sent: Sequence[bytes] | Sequence[str] = request.documents
             if json_mode is not None:
                 if request.documents:
                     raise invalid_argument(
                         "documents holds BSON but encoding is Extended JSON: send json_documents"
                     )
-                raw_documents = [
-                    documents.json_to_bson(text, f"json_documents[{i}]")
-                    for i, text in enumerate(request.json_documents)
-                ]
+                sent = request.json_documents
             elif request.json_documents:
                 raise invalid_argument(_JSON_FIELDS_NEED_ENCODING)
-            if not raw_documents:
+            if not sent:
                 raise invalid_argument("documents is empty: send at least one document")
             most = self._settings.limits.max_insert_documents
-            if len(raw_documents) > most:
+            if len(sent) > most:
                 raise RpcError(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{len(raw_documents)} documents exceed limits.max_insert_documents ({most}); "
-                    "split the insert",
+                    f"{len(sent)} documents exceed limits.max_insert_documents ({most}); split the insert",
                     Reason.LIMIT_EXCEEDED,
                 )
-            limits = self._settings.limits
-            prepared = documents.prepare_inserts(
-                raw_documents, lambda doc, field: check_depth(doc, field, limits)
+            prepared = await _validate(
+                sum(len(d) for d in sent),
+                functools.partial(
+                    _prepare_inserts,
+                    request,
+                    json_mode,
+                    documents.Checks(self._settings.limits.max_bson_depth),
+                    _max_document_bytes(call.pool),
+                ),
             )
             call.documents = len(prepared.documents)
-            call.bytes = sum(len(d) for d in raw_documents)
+            call.bytes = prepared.bytes
             collection = call.pool.db.get_collection(
                 _writable_collection_name(request.collection, call.pool),
                 write_concern=_write_concern(request),
@@ -812,6 +828,36 @@ async def _write_batch(context: Context, docs: list[bytes], max_message: int, js
         await _transmit(context.write(broker_pb2.FindResponse(json_documents=[t.decode() for t in part])))
 
 
+async def _validate(size: int, validation: Callable[[], _T]) -> _T:
+    """Run ``validation`` of ``size`` bytes of documents: inline, or off the event loop if large."""
+    if size <= _INLINE_VALIDATION_BYTES:
+        return validation()
+    return await asyncio.to_thread(validation)
+
+
+def _max_document_bytes(pool: DatabasePool) -> int:
+    """The largest document the database server stores: its maxBsonObjectSize.
+
+    From the server's handshake (hello), through pymongo's view of the
+    topology; 16 MiB, every MongoDB's, while no writable server is known.
+    """
+    servers = pool.client.topology_description.server_descriptions().values()
+    return min((s.max_bson_size for s in servers if s.is_writable), default=common.MAX_BSON_SIZE)
+
+
+def _prepare_inserts(
+    request: broker_pb2.InsertRequest, json_mode: str | None, checks: documents.Checks, max_bytes: int
+) -> documents.PreparedInsert:
+    """An Insert's documents, from BSON or Extended JSON, checked and ready for insert_many."""
+    raw_documents: Sequence[bytes] = request.documents
+    if json_mode is not None:
+        raw_documents = [
+            documents.json_to_bson(text, f"json_documents[{i}]")
+            for i, text in enumerate(request.json_documents)
+        ]
+    return documents.prepare_inserts(raw_documents, checks, max_bytes)
+
+
 def _find_request_as_bson(request: broker_pb2.FindRequest) -> tuple[broker_pb2.FindRequest, str | None]:
     """The request with any Extended JSON documents turned into BSON, and the JSON mode."""
     json_mode = _json_mode(request.encoding)
@@ -833,7 +879,7 @@ def _find_request_as_bson(request: broker_pb2.FindRequest) -> tuple[broker_pb2.F
 
 
 def _find_options(
-    request: broker_pb2.FindRequest, default_batch_size: int, inspect: documents.Inspector
+    request: broker_pb2.FindRequest, default_batch_size: int, checks: documents.Checks
 ) -> dict[str, Any]:
     options: dict[str, Any] = {
         "skip": _non_negative(request.skip, "skip"),
@@ -841,12 +887,12 @@ def _find_options(
         "batch_size": _non_negative(request.batch_size, "batch_size") or default_batch_size,
     }
     _non_negative(request.max_time_ms, "max_time_ms")
-    options["filter"] = documents.raw_document(request.filter, "filter", inspect)
-    projection = documents.raw_document(request.projection, "projection", inspect)
+    options["filter"] = documents.raw_document(request.filter, "filter", checks)
+    projection = documents.raw_document(request.projection, "projection", checks)
     if projection is not None:
         options["projection"] = projection
     if request.sort:
-        sort = documents.parse_document(request.sort, "sort")
+        sort = documents.parse_document(request.sort, "sort", checks.max_depth)
         if sort:
             options["sort"] = _index_spec(sort, "sort", index_types=False)
     hint = request.WhichOneof("hint")
@@ -856,7 +902,9 @@ def _find_options(
         options["hint"] = request.hint_name
     elif hint == "hint_keys":
         options["hint"] = _index_spec(
-            documents.parse_document(request.hint_keys, "hint_keys"), "hint_keys", index_types=True
+            documents.parse_document(request.hint_keys, "hint_keys", checks.max_depth),
+            "hint_keys",
+            index_types=True,
         )
     return options
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import datetime
 import uuid
+from concurrent import futures
 from typing import Any
 
 import bson
 import grpc
 import pytest
+from broker_client import BrokerClient
 from bson import Binary, Decimal128, Int64, ObjectId
 from bson.raw_bson import RawBSONDocument
 
-from tests.rpc import fails, find_all, open_stub, pb
+from tests.rawbson import array, document
+from tests.rpc import database_stats, fails, find_all, open_stub, pb
 
 
 def _ids(reply: Any) -> list[Any]:
@@ -146,8 +149,16 @@ def test_write_concern_is_accepted(broker, stub, collection_name, mongo_collecti
         ([bson.encode({"ok": 1}), bson.encode({"a": 1})[:-1]], "documents[1] is not a valid BSON"),
         ([bson.encode({"ok": 1}) + b"\x00"], "documents[0]"),
         ([bson.encode({"s": "x"}).replace(b"x", b"\xff")], "utf-8"),
+        (
+            [bson.encode({"ok": 1}), document(("_id", 1), ("n", 1), ("_id", 2))],
+            "documents[1]._id: duplicate key",
+        ),
+        (
+            [document(("a", document(("b", array({"c": 1}, document(("d", 1), ("d", 2)))))))],
+            "documents[0].a.b[1].d: duplicate key",
+        ),
     ],
-    ids=["empty", "garbage", "truncated", "trailing-byte", "bad-utf8"],
+    ids=["empty", "garbage", "truncated", "trailing-byte", "bad-utf8", "duplicate-id", "duplicate-deep"],
 )
 def test_bad_documents_are_rejected_and_nothing_is_stored(
     broker, stub, collection_name, mongo_collection, documents, needle
@@ -157,6 +168,86 @@ def test_bad_documents_are_rejected_and_nothing_is_stored(
             pb.InsertRequest(database=broker.db_name, collection=collection_name, documents=documents)
         )
     assert needle in failure.message
+    assert mongo_collection.count_documents({}) == 0
+
+
+def _document_of_size(size: int, **fields: Any) -> bytes:
+    """A document of exactly ``size`` bytes: ``fields`` and a binary filling the rest."""
+    empty = len(bson.encode({**fields, "blob": Binary(b"")}))
+    encoded = bson.encode({**fields, "blob": Binary(b"x" * (size - empty))})
+    assert len(encoded) == size
+    return encoded
+
+
+def test_document_over_the_server_limit_is_refused_and_nothing_is_stored(
+    broker, stub, collection_name, mongo, mongo_collection
+):
+    # pymongo does not check a RawBSONDocument's size; a server that stored
+    # one larger than its maxBsonObjectSize could not send it back.
+    limit = mongo.admin.command("hello")["maxBsonObjectSize"]
+    small = bson.encode({"_id": 1})
+    with fails(grpc.StatusCode.INVALID_ARGUMENT, "LIMIT_EXCEEDED") as failure:
+        stub.Insert(
+            pb.InsertRequest(
+                database=broker.db_name,
+                collection=collection_name,
+                documents=[small, _document_of_size(limit + 1, _id=2)],
+            ),
+            timeout=60,
+        )
+    assert failure.message.startswith(f"documents[1] is {limit + 1} bytes")
+    assert f"maxBsonObjectSize ({limit} bytes)" in failure.message
+    assert failure.metadata["index"] == "1"
+    # Without an _id the broker adds one (17 bytes): that counts too.
+    with fails(grpc.StatusCode.INVALID_ARGUMENT, "LIMIT_EXCEEDED") as failure:
+        stub.Insert(
+            pb.InsertRequest(
+                database=broker.db_name, collection=collection_name, documents=[_document_of_size(limit - 16)]
+            ),
+            timeout=60,
+        )
+    assert f"with the _id the broker added ({limit - 16} as sent)" in failure.message
+    assert mongo_collection.count_documents({}) == 0
+
+
+def test_the_largest_document_the_server_holds_round_trips_through_the_client(broker, collection_name, mongo):
+    limit = mongo.admin.command("hello")["maxBsonObjectSize"]
+    largest = _document_of_size(limit, _id="largest")
+    with BrokerClient(broker.unix_target, timeout=120) as client:
+        collection = client[broker.db_name][collection_name]
+        collection.insert_one(RawBSONDocument(largest))
+        (found,) = list(collection.find({}))
+        assert bson.encode(found) == largest
+        one = collection.find_one({"_id": "largest"})
+        assert one is not None and bson.encode(one) == largest
+
+
+def test_ping_answers_while_a_large_insert_is_validated(broker, stub, collection_name, mongo_collection):
+    # Three 8 MB documents of tiny fields: validating them takes the broker
+    # a second or more. w_nodes=0 is refused right after validation, so the
+    # Insert answers as soon as its validation ends, and stores nothing.
+    big = bson.encode({f"k{i:06d}": 1 for i in range(600_000)})
+    request = pb.InsertRequest(
+        database=broker.db_name,
+        collection=collection_name,
+        documents=[big, big, big],
+        write_concern=pb.WriteConcern(w_nodes=0),
+    )
+    with futures.ThreadPoolExecutor(1) as pool:
+        insert = pool.submit(stub.Insert, request, timeout=120)
+        # Wait until the broker has the Insert in hand: while validation held
+        # the event loop, no other call could even see it in flight.
+        while database_stats(stub, broker.db_name, timeout=120).rpcs_in_flight == 0 and not insert.done():
+            pass
+        assert not insert.done(), "the Insert was answered before any other call could run beside it"
+        reply = stub.Ping(pb.PingRequest(database=broker.db_name), timeout=120)
+        assert reply.databases[0].ok
+        # Answered while the Insert is still being validated, not after it.
+        assert not insert.done()
+        with pytest.raises(grpc.RpcError) as caught:
+            insert.result()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "w_nodes = 0" in (caught.value.details() or "")
     assert mongo_collection.count_documents({}) == 0
 
 

@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from harness.process import free_port
+from tests.rawbson import Raw, array, deep, document
 from tests.rpc import fails, find_all, open_stub, pb
 
 WEB = "web-token-0123456789abcdef"
@@ -150,6 +151,156 @@ def test_server_side_javascript_is_refused_at_any_depth(broker, collection_name,
         find_all(stub, database="appdb", collection=collection_name, **{field: bson.encode(document)})
     assert failure.message.startswith(path)
     assert "security.allow_js_operators" in failure.message
+
+
+_JS_FUNCTION = {"$function": {"body": "function () { return true; }", "args": [], "lang": "js"}}
+
+
+@pytest.mark.parametrize(
+    ("field", "raw", "path"),
+    [
+        # A decoded dict keeps the last of two equal keys; a server may act on
+        # the first. Each of these decodes to something harmless.
+        (
+            "filter",
+            document(
+                (
+                    "$or",
+                    array(
+                        document(("$and", array({"$where": "sleep(100) || true"})), ("$and", array({"a": 1})))
+                    ),
+                )
+            ),
+            "filter.$or[0].$and",
+        ),
+        ("filter", document(("$expr", _JS_FUNCTION), ("$expr", {"$eq": [1, 1]})), "filter.$expr"),
+        ("projection", document(("x", _JS_FUNCTION), ("x", 1)), "projection.x"),
+        ("filter", document(("a", 1), ("b", {"c": [{"d": 1}]}), ("a", 2)), "filter.a"),
+        ("sort", document(("a", 1), ("a", -1)), "sort.a"),
+    ],
+    ids=["hidden-where", "hidden-function-in-expr", "hidden-function-in-projection", "top-level", "sort"],
+)
+def test_duplicate_keys_are_refused_so_the_guard_sees_what_the_server_sees(
+    broker, collection_name, field, raw, path
+):
+    with (
+        open_stub(broker.unix_target) as stub,
+        fails(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST") as failure,
+    ):
+        find_all(stub, database="appdb", collection=collection_name, **{field: raw})
+    assert failure.message.startswith(f"{path}: duplicate key")
+
+
+def test_duplicate_keys_cannot_carry_a_deep_document_past_the_depth_limit(broker, collection_name):
+    # Decoded, the second "n" hides the first, 150 levels deep.
+    raw = document(("n", Raw(deep(150))), ("n", 1))
+    with open_stub(broker.unix_target) as stub:
+        with fails(grpc.StatusCode.INVALID_ARGUMENT, "LIMIT_EXCEEDED") as failure:
+            find_all(stub, database="appdb", collection=collection_name, filter=raw)
+        assert "limits.max_bson_depth (100)" in failure.message
+        with fails(grpc.StatusCode.INVALID_ARGUMENT, "LIMIT_EXCEEDED"):
+            stub.Insert(pb.InsertRequest(database="appdb", collection=collection_name, documents=[raw]))
+
+
+def test_duplicate_keys_in_extended_json_are_refused(broker, collection_name, mongo):
+    hidden = '{"$or": [{"$and": [{"$where": "sleep(100) || true"}], "$and": [{"a": 1}]}]}'
+    with open_stub(broker.unix_target) as stub:
+        with fails(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST") as failure:
+            find_all(
+                stub,
+                database="appdb",
+                collection=collection_name,
+                encoding=pb.ENCODING_RELAXED_JSON,
+                filter_json=hidden,
+            )
+        assert failure.message.startswith("filter_json.$or[0].$and: duplicate key")
+        with fails(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST") as failure:
+            stub.Insert(
+                pb.InsertRequest(
+                    database="appdb",
+                    collection=collection_name,
+                    encoding=pb.ENCODING_RELAXED_JSON,
+                    json_documents=['{"ok": 1}', '{"_id": 1, "n": {"$numberLong": "1", "$numberLong": "2"}}'],
+                )
+            )
+        assert failure.message.startswith("json_documents[1].n.$numberLong: duplicate key")
+    assert mongo["broker_test"][collection_name].count_documents({}) == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "path"),
+    [
+        (
+            {"filter": bson.encode({"a": {"$ref": "c", "$id": 1, "$where": "sleep(100) || true"}})},
+            "filter.a.$where",
+        ),
+        (
+            {"projection": bson.encode({"x": {"$ref": "c", "$id": 1, "$db": "d", "y": _JS_FUNCTION}})},
+            "projection.x.y.$function",
+        ),
+        (
+            {
+                "encoding": pb.ENCODING_RELAXED_JSON,
+                "filter_json": '{"a": {"$ref": "c", "$id": 1, "$where": "sleep(100) || true"}}',
+            },
+            "filter.a.$where",
+        ),
+    ],
+    ids=["bson", "bson-projection", "extended-json"],
+)
+def test_dbref_shaped_documents_do_not_hide_operators(broker, collection_name, fields, path):
+    # bson.decode (and json_util) turn {$ref, $id, ...} into a DBRef object,
+    # whose other keys a guard on decoded values never saw.
+    with (
+        open_stub(broker.unix_target) as stub,
+        fails(grpc.StatusCode.PERMISSION_DENIED, "NOT_AUTHORIZED") as failure,
+    ):
+        find_all(stub, database="appdb", collection=collection_name, **fields)
+    assert failure.message.startswith(path)
+    assert "security.allow_js_operators" in failure.message
+
+
+def _deep_json(levels: int) -> str:
+    return '{"n": ' * (levels - 1) + '{"leaf": 1}' + "}" * (levels - 1)
+
+
+@pytest.mark.parametrize("levels", [2000, 100_000])
+@pytest.mark.parametrize(
+    "field", ["filter", "projection", "sort", "hint_keys", "filter_json", "document", "json_document"]
+)
+def test_any_depth_is_limit_exceeded(broker, collection_name, mongo, field, levels):
+    # Past about 985 levels bson.decode's C recursion used to fail first,
+    # with Python's RecursionError text and reason INVALID_BSON.
+    with (
+        open_stub(broker.unix_target) as stub,
+        fails(grpc.StatusCode.INVALID_ARGUMENT, "LIMIT_EXCEEDED") as failure,
+    ):
+        if field == "document":
+            stub.Insert(
+                pb.InsertRequest(database="appdb", collection=collection_name, documents=[deep(levels)])
+            )
+        elif field == "json_document":
+            stub.Insert(
+                pb.InsertRequest(
+                    database="appdb",
+                    collection=collection_name,
+                    encoding=pb.ENCODING_RELAXED_JSON,
+                    json_documents=[_deep_json(levels)],
+                )
+            )
+        elif field == "filter_json":
+            find_all(
+                stub,
+                database="appdb",
+                collection=collection_name,
+                encoding=pb.ENCODING_RELAXED_JSON,
+                filter_json=_deep_json(levels),
+            )
+        else:
+            find_all(stub, database="appdb", collection=collection_name, **{field: deep(levels)})
+    assert "limits.max_bson_depth" in failure.message
+    assert "recursion" not in failure.message.lower()
+    assert mongo["broker_test"][collection_name].count_documents({}) == 0
 
 
 def test_operator_guard_can_be_switched_off(start_broker, collection_name):
