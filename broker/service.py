@@ -50,6 +50,12 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 # server maxTimeMS minus one round trip); within this margin it is ours.
 _DEADLINE_SLACK_S = 0.010
 _NO_DEADLINE_S = 10 * 365 * 86400
+# The longest time limit a call gets. pymongo sends what is left of it to the
+# server as maxTimeMS, which MongoDB (and FerretDB) refuse above 2^31-1 ms,
+# about 24.8 days, as out of range (BadValue): a 30-day gRPC deadline failed
+# every call with QUERY_REJECTED. 24 whole days stays under that bound with
+# a margin, and no operation of a sidecar's caller needs longer.
+_MAX_TIME_LIMIT_S = 24 * 86400
 # How long past its time limit a database round trip may run before the
 # broker abandons it (see _Call.round_trip).
 _ROUND_TRIP_GUARD_S = 1.0
@@ -179,7 +185,7 @@ def _time_limit(context: Context, pool: DatabasePool, max_time_ms: int) -> float
         remaining = pool.settings.default_timeout_ms / 1000
     if max_time_ms > 0:
         remaining = min(remaining, max_time_ms / 1000)
-    return float(remaining)
+    return float(min(remaining, _MAX_TIME_LIMIT_S))
 
 
 class BrokerService(broker_pb2_grpc.BrokerServicer):
