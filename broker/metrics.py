@@ -51,6 +51,7 @@ METRIC_NAMES = (
     "mongo_broker_server_rtt_seconds",
     "mongo_broker_recommended_max_pool_size",
     "mongo_broker_abandoned_round_trips_total",
+    "mongo_broker_stalled_streams_total",
 )
 
 
@@ -124,6 +125,11 @@ class _StatsCollector(Collector):
             "Database round trips still running a second past their time limit, answered without.",
             labels=label,
         )
+        stalled = CounterMetricFamily(
+            "mongo_broker_stalled_streams",
+            "Find streams ended at their time limit because their client stopped reading.",
+            labels=label,
+        )
         for db in self._databases():
             stats, admission = db.stats, db.admission
             name = stats.database
@@ -149,9 +155,10 @@ class _StatsCollector(Collector):
                 rtt.add_metric([name], stats.topology.rtt_s)
             advice.add_metric([name], stats.advice().recommended)
             abandoned.add_metric([name], stats.abandoned)
+            stalled.add_metric([name], stats.stalled_streams)
         yield from (
             connections, created, closed, max_pool, clears, queue, queue_max, failures,
-            commands, command_failures, in_flight, cursors, up, rtt, advice, abandoned,
+            commands, command_failures, in_flight, cursors, up, rtt, advice, abandoned, stalled,
         )  # fmt: skip
 
 

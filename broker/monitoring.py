@@ -28,6 +28,7 @@ from pymongo.topology_description import TopologyDescription
 __all__ = [
     "CommandMonitor",
     "DatabaseStats",
+    "DocumentSizes",
     "PoolAdvice",
     "PoolMonitor",
     "Reservoir",
@@ -252,6 +253,27 @@ class TopologyMonitor(monitoring.TopologyListener):
             callback(available)
 
 
+class DocumentSizes:
+    """Mean document size per collection seen by recent Finds, to size first batches.
+
+    Bounded: the least recently seen collection is forgotten first, so a
+    caller naming endless collections cannot grow it.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._means: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    def get(self, collection: str) -> float | None:
+        return self._means.get(collection)
+
+    def remember(self, collection: str, mean_bytes: float) -> None:
+        self._means[collection] = mean_bytes
+        self._means.move_to_end(collection)
+        while len(self._means) > self._size:
+            self._means.popitem(last=False)
+
+
 @dataclass
 class PoolAdvice:
     """A recommended max_pool_size from Little's law over the recent window."""
@@ -294,6 +316,10 @@ class DatabaseStats:
     open_cursors: int = 0
     # Round trips that outlived their time limit and were left behind.
     abandoned: int = 0
+    # Find streams ended at their time limit while their client was not
+    # reading (a write blocked on HTTP/2 flow control).
+    stalled_streams: int = 0
+    document_sizes: DocumentSizes = field(default_factory=DocumentSizes)
     _samples: collections.deque[_Sample] = field(default_factory=lambda: collections.deque(maxlen=_SAMPLES))
     _last_warning: float = 0.0
 

@@ -239,7 +239,9 @@ def _grpc_server(settings: Settings, concurrency: int | None) -> grpc.aio.Server
     server = settings.server
     return grpc.aio.server(
         # Past this many calls at once gRPC answers RESOURCE_EXHAUSTED itself,
-        # so the broker's memory stays bounded whatever the callers do.
+        # so the broker's memory stays bounded whatever the callers do. The
+        # broker refuses data-plane calls sooner (server.max_concurrent_rpcs),
+        # which keeps server.reserved_rpcs of this for Ping, Stats and health.
         maximum_concurrent_rpcs=concurrency,
         options=[
             ("grpc.max_receive_message_length", settings.limits.max_request_bytes),
@@ -281,7 +283,7 @@ class _Broker:
         self.metrics = BrokerMetrics(lambda: self.pools)
         self.health = Health()
         self.service = BrokerService(self.pools, settings, self.metrics, __version__)
-        self.server = _grpc_server(settings, settings.concurrency_limit())
+        self.server = _grpc_server(settings, settings.concurrency_limit() + settings.server.reserved_rpcs)
         broker_pb2_grpc.add_BrokerServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         if settings.server.reflection:

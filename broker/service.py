@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import re
@@ -67,6 +68,16 @@ _ROUND_TRIP_GUARD_S = 1.0
 # walk takes at most a few milliseconds, less than the loop would lose to
 # the thread hop (~50 µs) on every small call.
 _INLINE_VALIDATION_BYTES = 64 * 1024
+# The first batch of a Find that names no batch_size, on a collection whose
+# document size the broker has not seen yet: MongoDB's own default first
+# batch. Later batches are sized from the documents seen (see _batch_for).
+_FIRST_BATCH = 101
+# When a caller refused for the call limit should come back: parked streams
+# end at their time limit, ordinary calls within milliseconds.
+_CALL_LIMIT_RETRY_S = 1.0
+# The methods that count against server.max_concurrent_rpcs; Ping, Stats,
+# health and reflection run in the reserve above it (see BrokerService).
+_DATA_PLANE = frozenset({"Find", "FindOne", "Insert"})
 _T = TypeVar("_T")
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -76,8 +87,9 @@ class _Call:
     """One call: what it asked for, its limits, and what it did (for the access log)."""
 
     __slots__ = (
-        "bytes", "code", "collection", "counted", "database", "deadline", "documents",
-        "method", "pool", "principal", "queue_wait_s", "request_id", "stage", "started",
+        "bytes", "code", "collection", "counted", "data_plane", "database", "deadline",
+        "documents", "method", "pool", "principal", "queue_wait_s", "request_id", "stage",
+        "started",
     )  # fmt: skip
 
     def __init__(self, method: str, database: str, collection: str, request_id: str) -> None:
@@ -96,6 +108,8 @@ class _Call:
         self.documents = 0
         self.bytes = 0
         self.queue_wait_s = 0.0
+        # Holds one of the broker's data-plane call slots (see BrokerService).
+        self.data_plane = False
         # Where the call is now, for SIGUSR1 diagnostics of a stuck broker.
         self.stage = "start"
 
@@ -200,6 +214,14 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         self._drain_aborted: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._draining = False
+        # Data-plane calls (Find, FindOne, Insert) running now, and their
+        # bound. gRPC's own maximum_concurrent_rpcs is this bound plus
+        # server.reserved_rpcs (see server.py), so however many streams one
+        # client parks, Ping, Stats and health still have room. Fixed at
+        # start like gRPC's: a reload that added databases must not eat the
+        # reserve.
+        self._data_calls = 0
+        self._data_call_limit = settings.concurrency_limit()
         self.configure(settings)
 
     def describe_in_flight(self) -> list[str]:
@@ -247,7 +269,10 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             return
         if call is not None:
             call.stage = "closing the cursor"
-        task = asyncio.ensure_future(_kill_cursor(cursor))
+        # A context of its own: pymongo.timeout() nests by taking the earlier
+        # deadline, so under the call's (often spent) time limit _kill_cursor's
+        # fresh one would be ignored and killCursors never sent.
+        task = asyncio.get_running_loop().create_task(_kill_cursor(cursor), context=contextvars.Context())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         with contextlib.suppress(asyncio.CancelledError):
@@ -305,8 +330,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                     f"database {database!r} is read-only on this broker",
                     Reason.NOT_AUTHORIZED,
                 )
-            call.pool = pool
-            pool.stats.in_flight += 1
+            self._admit(call, pool)
             limit = _time_limit(context, pool, max_time_ms)
             call.deadline = call.started + limit
             if limit <= 0:
@@ -343,11 +367,28 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 self._drain_aborted.discard(task)
             self._finish(call)
 
+    def _admit(self, call: _Call, pool: DatabasePool) -> None:
+        """Count the call under its database, and a data-plane one against server.max_concurrent_rpcs.
+
+        Refused past that limit with RESOURCE_EXHAUSTED (POOL_EXHAUSTED): the
+        same back-off as a full wait queue, so clients need no new rule.
+        """
+        call.pool = pool
+        pool.stats.in_flight += 1
+        if call.method not in _DATA_PLANE:
+            return
+        if self._data_calls >= self._data_call_limit:
+            raise _too_many_calls(self._data_call_limit)
+        self._data_calls += 1
+        call.data_plane = True
+
     def _principal(self, context: Context) -> Principal:
         return self._auth.authenticate(context.invocation_metadata())
 
     def _finish(self, call: _Call) -> None:
         elapsed = time.monotonic() - call.started
+        if call.data_plane:
+            self._data_calls -= 1
         counted = call.counted or ((call.pool,) if call.pool is not None else ())
         for pool in counted:
             stats = pool.stats
@@ -397,56 +438,82 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
     ) -> None:
         # A coroutine that writes, rather than an async generator, so the
         # pymongo.timeout context and the cursor's cleanup stay in one task.
-        cursor = None
+        async with self._serve(
+            context, "Find", request.database, request.collection, request.max_time_ms
+        ) as call:
+            request, json_mode = _find_request_as_bson(request)
+            options = await self._find_options(request, call)
+            cap = self._settings.limits.max_find_documents
+            if cap and (options["limit"] == 0 or options["limit"] > cap):
+                # One more than the cap: the broker must tell "exactly the
+                # cap" from "more than the cap" to never end silently short.
+                options["limit"] = cap + 1
+            else:
+                cap = 0
+            await self._stream(context, request, call, options=options, cap=cap, json_mode=json_mode)
+
+    async def _stream(
+        self,
+        context: Context,
+        request: broker_pb2.FindRequest,
+        call: _Call,
+        *,
+        options: dict[str, Any],
+        cap: int,
+        json_mode: str | None,
+    ) -> None:
+        """Run a Find's cursor and send its batches; close the cursor before the call is answered.
+
+        Closing it here rather than after _serve has answered matters for a
+        stalled stream: its final status waits in gRPC behind the message the
+        client does not read, for as long as the client keeps the call open,
+        and the server cursor and the batch must not wait with it.
+        """
+        assert call.pool is not None
+        max_message = self._settings.limits.max_response_message_bytes
+        wanted = options["batch_size"]
+        options["batch_size"] = self._first_batch_size(request, call, max_message, wanted)
+        cursor = self._cursor(request, call, options)
+        batches = aiter(cursor)
         counted: DatabasePool | None = None
-        call_ref: _Call | None = None
+        docs: list[bytes] = []
         try:
-            async with self._serve(
-                context, "Find", request.database, request.collection, request.max_time_ms
-            ) as call:
-                call_ref = call
-                assert call.pool is not None
-                request, json_mode = _find_request_as_bson(request)
-                options = await self._find_options(request, call)
-                cap = self._settings.limits.max_find_documents
-                if cap and (options["limit"] == 0 or options["limit"] > cap):
-                    # One more than the cap: the broker must tell "exactly the
-                    # cap" from "more than the cap" to never end silently short.
-                    options["limit"] = cap + 1
-                else:
-                    cap = 0
-                cursor = self._cursor(request, call, options)
-                batches = aiter(cursor)
-                max_message = self._settings.limits.max_response_message_bytes
-                first = True
-                # After the first batch, an exhausted cursor has no round trip
-                # left: stop without taking an admission slot.
-                while first or cursor.alive:
-                    first = False
-                    batch = await call.round_trip(_next_batch(batches))
-                    if batch is None:
-                        break
-                    if counted is None and cursor.alive and cursor.cursor_id:
-                        counted = call.pool
-                        counted.stats.open_cursors += 1
-                    docs = documents.split_batch(batch)
-                    over = bool(cap) and call.documents + len(docs) > cap
-                    if over:
-                        docs = docs[: cap - call.documents]
-                    call.documents += len(docs)
-                    call.bytes += sum(len(d) for d in docs)
-                    call.stage = "sending to the client"
-                    await _write_batch(context, docs, max_message, json_mode)
-                    if over:
-                        raise RpcError(
-                            grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"the result has more than limits.max_find_documents ({cap}) documents; "
-                            f"{cap} were sent. Narrow the filter, or page with skip and limit",
-                            Reason.LIMIT_EXCEEDED,
-                        )
+            first = True
+            # After the first batch, an exhausted cursor has no round trip
+            # left: stop without taking an admission slot.
+            while first or cursor.alive:
+                first = False
+                batch = await call.round_trip(_next_batch(batches))
+                if batch is None:
+                    break
+                if counted is None and cursor.alive and cursor.cursor_id:
+                    counted = call.pool
+                    counted.stats.open_cursors += 1
+                docs = documents.split_batch(batch)
+                # The documents are copies: the raw batch need not wait for
+                # the client too.
+                del batch
+                over = bool(cap) and call.documents + len(docs) > cap
+                if over:
+                    docs = docs[: cap - call.documents]
+                call.documents += len(docs)
+                call.bytes += sum(len(d) for d in docs)
+                if call.documents:
+                    mean = call.bytes / call.documents
+                    call.pool.stats.document_sizes.remember(request.collection, mean)
+                    _size_next_batch(cursor, _batch_for(wanted, max_message, mean))
+                call.stage = "sending to the client"
+                await _write_batch(context, docs, max_message, json_mode, call)
+                if over:
+                    raise RpcError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"the result has more than limits.max_find_documents ({cap}) documents; "
+                        f"{cap} were sent. Narrow the filter, or page with skip and limit",
+                        Reason.LIMIT_EXCEEDED,
+                    )
         finally:
-            if cursor is not None:
-                await self._close_cursor(cursor, call_ref)
+            docs.clear()
+            await self._close_cursor(cursor, call)
             if counted is not None:
                 counted.stats.open_cursors -= 1
 
@@ -481,6 +548,23 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 return broker_pb2.FindResponse(json_documents=texts)
             return broker_pb2.FindResponse(documents=docs)
         raise AssertionError("unreachable: _serve aborts on error")  # pragma: no cover
+
+    @staticmethod
+    def _first_batch_size(request: broker_pb2.FindRequest, call: _Call, budget: int, wanted: int) -> int:
+        """The first batch's size: what a stream holds while its client does not read.
+
+        Batches are sized to about one message (``budget`` bytes): the first
+        from the size this collection's documents had in earlier Finds (or,
+        with none seen and no batch_size asked, MongoDB's default 101), the
+        later ones from this Find's own documents (see _size_next_batch).
+        """
+        assert call.pool is not None
+        seen = call.pool.stats.document_sizes.get(request.collection)
+        if seen is not None:
+            return _batch_for(wanted, budget, seen)
+        if not request.batch_size:
+            return min(wanted, _FIRST_BATCH)
+        return wanted
 
     async def _find_options(self, request: broker_pb2.FindRequest, call: _Call) -> dict[str, Any]:
         assert call.pool is not None
@@ -665,15 +749,39 @@ def database_stats(db: DatabasePool) -> broker_pb2.DatabaseStats:
     )
 
 
-async def _transmit(sending: Awaitable[None]) -> None:
+async def _transmit(sending: Awaitable[None], call: _Call | None = None) -> None:
     """Send headers or a message; if the call has already ended, stop serving it.
 
     A client whose deadline passed, or that went away, ends the call in gRPC
     core before the handler notices; sending then fails inside gRPC. That is
     a cancellation, not a broker error.
+
+    With ``call``, the send may take only what is left of the call's time
+    limit. A client that stops reading blocks a write on HTTP/2 flow control
+    for as long as it likes; without a bound such a stream kept its call
+    slot, its server cursor and its batch until the client disconnected. On
+    expiry the call is answered DEADLINE_EXCEEDED: gRPC queues that status
+    behind the message in flight, and the handler ends, releasing all it held.
     """
     try:
-        await sending
+        if call is None:
+            await sending
+            return
+        async with asyncio.timeout(max(call.remaining(), 0.0)):
+            await sending
+    except TimeoutError:
+        assert call is not None and call.pool is not None
+        call.pool.stats.stalled_streams += 1
+        log.info(
+            "%s on %r: the client read nothing more within the call's time limit; ending the stream",
+            call.method,
+            call.database,
+        )
+        raise RpcError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "the call's time limit ran out while the broker waited for the client to read the results",
+            Reason.TIMEOUT,
+        ) from None
     except asyncio.CancelledError:
         raise
     except Exception:
@@ -696,6 +804,16 @@ async def _answer(context: Context, error: RpcError, request_id: str = "") -> No
         # The call ended (deadline passed, client gone) just before the
         # answer could be sent; there is nobody left to tell.
         raise asyncio.CancelledError() from None
+
+
+def _too_many_calls(limit: int) -> RpcError:
+    return RpcError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"the broker is running its limit of {limit} Find, FindOne and Insert calls "
+        "(server.max_concurrent_rpcs); back off and retry",
+        Reason.POOL_EXHAUSTED,
+        retry_after_s=_CALL_LIMIT_RETRY_S,
+    )
 
 
 def _shutting_down() -> RpcError:
@@ -823,15 +941,41 @@ def _json_mode(encoding: broker_pb2.Encoding.ValueType) -> str | None:
         raise invalid_argument(f"unknown encoding {encoding}") from None
 
 
-async def _write_batch(context: Context, docs: list[bytes], max_message: int, json_mode: str | None) -> None:
-    """Send one batch as one message, or several when it is larger than ``max_message``."""
+async def _write_batch(
+    context: Context, docs: list[bytes], max_message: int, json_mode: str | None, call: _Call
+) -> None:
+    """Send one batch as one message, or several when it is larger than ``max_message``.
+
+    Each write is awaited before the next message is built, so gRPC holds at
+    most one of this stream's messages at a time.
+    """
     if json_mode is None:
         for chunk in documents.chunk_documents(docs, max_message):
-            await _transmit(context.write(broker_pb2.FindResponse(documents=chunk)))
+            await _transmit(context.write(broker_pb2.FindResponse(documents=chunk)), call)
         return
     texts = [documents.bson_to_json(d, json_mode).encode() for d in docs]
     for part in documents.chunk_documents(texts, max_message):
-        await _transmit(context.write(broker_pb2.FindResponse(json_documents=[t.decode() for t in part])))
+        await _transmit(
+            context.write(broker_pb2.FindResponse(json_documents=[t.decode() for t in part])), call
+        )
+
+
+def _batch_for(wanted: int, budget: int, mean_document_bytes: float) -> int:
+    """Documents per batch: what was asked, but no more than about ``budget`` bytes."""
+    return max(1, min(wanted, int(budget // max(mean_document_bytes, 1.0))))
+
+
+def _size_next_batch(cursor: Any, size: int) -> None:
+    """Set the batchSize of the cursor's next getMore.
+
+    pymongo's public ``batch_size()`` refuses once a cursor has run
+    (InvalidOperation: cannot set options after executing query), and there
+    is no other public way to size a getMore; the getMore reads
+    ``_batch_size``. A test (tests/test_parked_streams.py) checks that
+    batches follow it, so a pymongo that changes this is noticed.
+    """
+    if hasattr(cursor, "_batch_size"):
+        cursor._batch_size = size
 
 
 async def _validate(size: int, validation: Callable[[], _T]) -> _T:

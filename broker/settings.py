@@ -402,10 +402,16 @@ class ServerSettings(BaseModel):
 
     # Seconds in-flight calls get to finish on SIGTERM before being cancelled.
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 10.0
-    # Calls the server runs at once; more get RESOURCE_EXHAUSTED from gRPC.
-    # Default: every database's max_pool_size + max_waiting, plus 64 for
-    # pings and stats, so a flood on one database leaves room for the others.
+    # Find, FindOne and Insert calls the broker runs at once; more are refused
+    # with RESOURCE_EXHAUSTED (POOL_EXHAUSTED). Default: every database's
+    # max_pool_size + max_waiting, plus 64, so a flood on one database leaves
+    # room for the others.
     max_concurrent_rpcs: PositiveInt | None = None
+    # Calls kept free on top of max_concurrent_rpcs for Ping, Stats, health
+    # and reflection: gRPC's own limit is the sum, so a client that parks
+    # every data-plane slot (streams it never reads) cannot lock out the
+    # operator's and the probes' calls.
+    reserved_rpcs: PositiveInt = 32
     # Serve gRPC reflection (grpcurl and other tools can list and describe).
     reflection: bool = True
     # Close a client connection idle this long: dead workers' connections are
@@ -568,7 +574,7 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
     def concurrency_limit(self) -> int:
-        """The server's maximum concurrent calls (see ServerSettings)."""
+        """The data-plane calls (Find, FindOne, Insert) the broker runs at once (see ServerSettings)."""
         if self.server.max_concurrent_rpcs is not None:
             return self.server.max_concurrent_rpcs
         return 64 + sum(db.max_pool_size + db.max_waiting for db in self.databases.values())
