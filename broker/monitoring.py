@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import functools
 import itertools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec
 
-from pymongo import monitoring
+from pymongo import errors, monitoring
 from pymongo.server_description import ServerDescription
+from pymongo.server_type import SERVER_TYPE
 from pymongo.topology_description import TopologyDescription
 
 __all__ = [
@@ -38,6 +40,11 @@ __all__ = [
 log = logging.getLogger("mongo_broker.monitoring")
 
 _P = ParamSpec("_P")
+
+# What a heartbeat fails with when the driver itself cancelled the check
+# (pymongo.errors._OperationCancelled, private; looked up so that a pymongo
+# without it only loses the distinction).
+_CANCELLED: type[Exception] | None = getattr(errors, "_OperationCancelled", None)
 
 
 def _never_raises(method: Callable[_P, None]) -> Callable[_P, None]:
@@ -168,8 +175,8 @@ class CommandMonitor(monitoring.CommandListener):
         self.failures[event.command_name] += 1
 
 
-class TopologyMonitor(monitoring.TopologyListener):
-    """Whether one client's database can take writes, its state and RTT.
+class TopologyMonitor(monitoring.TopologyListener, monitoring.ServerHeartbeatListener):
+    """Whether one client's database can take writes, whether it is known down, its RTT.
 
     pymongo's CSOT replaces serverSelectionTimeoutMS with the whole remaining
     time limit, so a call to a dead database would wait out its full deadline.
@@ -177,10 +184,20 @@ class TopologyMonitor(monitoring.TopologyListener):
     server_selection_timeout_ms, or nothing at all once heartbeats have found
     the database down.
 
+    "Down" is a heartbeat's verdict, never one operation's. An operation's
+    network error also marks the server Unknown (the SDAM spec), and the
+    spec forbids the driver to re-check it at once: the server stays Unknown
+    until the next heartbeat, up to heartbeat_frequency_ms later, while
+    other connections to it work. One poison request (a document the server
+    drops the connection on) must not black the database out for that long,
+    so the heartbeat outcomes are tracked here and a server merely marked
+    Unknown is re-checked on demand (see `recheck`).
+
     The state is read from the client's live topology description: pymongo
     publishes SDAM *events* from a queue drained once a second, which would
-    make every decision up to a second stale. The events still drive the
-    health service and the log, where a second does not matter.
+    make every decision up to a second stale. Heartbeat events are published
+    as they happen. The events drive the health service and the log, where a
+    second does not matter.
     """
 
     def __init__(self, database: str) -> None:
@@ -188,6 +205,9 @@ class TopologyMonitor(monitoring.TopologyListener):
         self.on_change: list[Callable[[bool], None]] = []
         self._describe: Callable[[], TopologyDescription] | None = None
         self._reported = False
+        # Per server address: did its latest heartbeat fail?
+        self._heartbeat_failed: dict[Any, bool] = {}
+        self._probe: asyncio.Task[None] | None = None
 
     def attach(self, describe: Callable[[], TopologyDescription]) -> None:
         """Read the state from ``describe`` (the client's topology_description)."""
@@ -209,8 +229,14 @@ class TopologyMonitor(monitoring.TopologyListener):
 
     @property
     def known_down(self) -> bool:
-        """A heartbeat has failed since the last success: down, not merely undiscovered."""
-        return self.last_error is not None
+        """Unavailable, and the latest heartbeat of every Unknown server failed.
+
+        Not merely undiscovered, nor marked Unknown by one operation's error.
+        """
+        if self.available:
+            return False
+        unknown = [sd.address for sd in self._servers() if sd.server_type == SERVER_TYPE.Unknown]
+        return bool(unknown) and all(self._heartbeat_failed.get(address, False) for address in unknown)
 
     @property
     def server_type(self) -> str:
@@ -221,13 +247,54 @@ class TopologyMonitor(monitoring.TopologyListener):
         rtts = [sd.round_trip_time for sd in self._servers() if sd.round_trip_time is not None]
         return min(rtts) if rtts else None
 
-    async def wait_available(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for the database to become available."""
+    def recheck(self, probe: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Run ``probe`` (an operation that needs the server) unless one is running.
+
+        pymongo's server selection requests an immediate check of every
+        server when none is suitable, and the monitor answers within its
+        minimum interval (500 ms); that is the re-check an operation's
+        network error does not get. One probe at a time per database,
+        however many calls are waiting; its own context, so it carries no
+        caller's time limit.
+        """
+        if self._probe is not None and not self._probe.done():
+            return
+        self._probe = asyncio.get_running_loop().create_task(
+            _quietly(probe(), self.database), context=contextvars.Context()
+        )
+
+    async def wait_available(self, timeout: float, *, until_down: bool = False) -> bool:
+        """Wait up to ``timeout`` seconds for the database to become available.
+
+        With ``until_down``, stop waiting as soon as a heartbeat finds it down.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while not self.available and loop.time() < deadline:
+            if until_down and self.known_down:
+                break
             await asyncio.sleep(min(0.02, max(0.0, deadline - loop.time())))
         return self.available
+
+    # -- heartbeats ------------------------------------------------------------
+
+    def started(self, event: monitoring.ServerHeartbeatStartedEvent) -> None:
+        pass
+
+    @_never_raises
+    def succeeded(self, event: monitoring.ServerHeartbeatSucceededEvent) -> None:
+        self._heartbeat_failed[event.connection_id] = False
+
+    @_never_raises
+    def failed(self, event: monitoring.ServerHeartbeatFailedEvent) -> None:
+        if _CANCELLED is not None and isinstance(event.reply, _CANCELLED):
+            # The driver cancelled this check itself, because an operation hit
+            # a network error: no verdict on the server.
+            return
+        self._heartbeat_failed[event.connection_id] = True
+        self._report(self.available)
+
+    # -- topology --------------------------------------------------------------
 
     def opened(self, event: monitoring.TopologyOpenedEvent) -> None:
         pass
@@ -237,20 +304,28 @@ class TopologyMonitor(monitoring.TopologyListener):
 
     @_never_raises
     def description_changed(self, event: monitoring.TopologyDescriptionChangedEvent) -> None:
-        description = event.new_description
-        available = description.has_writable_server()
-        errors = [str(sd.error) for sd in description.server_descriptions().values() if sd.error]
-        if available == self._reported and (available or not errors):
+        self._report(event.new_description.has_writable_server())
+
+    def _report(self, available: bool) -> None:
+        """Tell the followers (health) when the database comes up or is found down."""
+        if not available and not self.known_down:
+            return  # not yet discovered, or Unknown after one operation's error: no verdict
+        if available == self._reported:
             return
         if available:
             log.info("database %s is available", self.database)
-        elif errors:
-            log.warning("database %s is unreachable: %s", self.database, errors[0])
         else:
-            return  # not yet discovered: nothing to report
+            log.warning("database %s is unreachable: %s", self.database, self.last_error)
         self._reported = available
         for callback in self.on_change:
             callback(available)
+
+
+async def _quietly(operation: Coroutine[Any, Any, Any], database: str) -> None:
+    try:
+        await operation
+    except Exception as exc:  # the waiting calls read the outcome from the topology
+        log.debug("re-check of database %s: %r", database, exc)
 
 
 class DocumentSizes:

@@ -825,25 +825,33 @@ def _shutting_down() -> RpcError:
 
 
 async def _require_available(pool: DatabasePool, limit: float) -> None:
-    """Fail fast with UNAVAILABLE when the database cannot be reached.
+    """Fail fast with UNAVAILABLE when the database is known to be down.
 
     pymongo's CSOT would otherwise spend the call's whole time limit on server
     selection; this keeps server_selection_timeout_ms meaningful.
+
+    Known down means a heartbeat failed (see TopologyMonitor). A server that
+    one operation's network error marked Unknown is not down: the call asks
+    for a re-check at once and waits for it, at most
+    server_selection_timeout_ms (or its time limit), instead of being
+    refused, or waiting for the next heartbeat, until heartbeat_frequency_ms.
     """
     topology = pool.stats.topology
     if topology.available:
         return
     settings = pool.settings
-    wait = 0.0 if topology.known_down and settings.fail_fast else settings.server_selection_timeout_ms / 1000
-    if await topology.wait_available(min(wait, limit)):
-        return
-    if wait > limit:
-        raise RpcError(
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            f"database {pool.name!r} did not become available within the call's time limit",
-            Reason.TIMEOUT,
-            {"database": pool.name},
-        )
+    wait = settings.server_selection_timeout_ms / 1000
+    if not (settings.fail_fast and topology.known_down):
+        topology.recheck(lambda: _probe(pool, wait))
+        if await topology.wait_available(min(wait, limit), until_down=settings.fail_fast):
+            return
+        if wait > limit and not (settings.fail_fast and topology.known_down):
+            raise RpcError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"database {pool.name!r} did not become available within the call's time limit",
+                Reason.TIMEOUT,
+                {"database": pool.name},
+            )
     cause = f": {topology.last_error}" if topology.last_error else ""
     raise RpcError(
         grpc.StatusCode.UNAVAILABLE,
@@ -852,6 +860,12 @@ async def _require_available(pool: DatabasePool, limit: float) -> None:
         Reason.DATABASE_UNAVAILABLE,
         {"database": pool.name},
     )
+
+
+async def _probe(pool: DatabasePool, timeout: float) -> None:
+    """One ping: its server selection makes the driver check the server now."""
+    with pymongo.timeout(timeout):
+        await pool.db.command("ping")
 
 
 async def _ping(pool: DatabasePool) -> broker_pb2.DatabasePing:
