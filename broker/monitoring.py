@@ -207,6 +207,7 @@ class TopologyMonitor(monitoring.TopologyListener, monitoring.ServerHeartbeatLis
         self._reported = False
         # Per server address: did its latest heartbeat fail?
         self._heartbeat_failed: dict[Any, bool] = {}
+        self._heartbeats_succeeded = 0
         self._probe: asyncio.Task[None] | None = None
 
     def attach(self, describe: Callable[[], TopologyDescription]) -> None:
@@ -266,11 +267,21 @@ class TopologyMonitor(monitoring.TopologyListener, monitoring.ServerHeartbeatLis
     async def wait_available(self, timeout: float, *, until_down: bool = False) -> bool:
         """Wait up to ``timeout`` seconds for the database to become available.
 
-        With ``until_down``, stop waiting as soon as a heartbeat finds it down.
+        Also True as soon as a heartbeat succeeds: the server answers, even if
+        another operation's network error has marked it Unknown again since.
+        A caller repeating a request the server drops the connection on (as
+        pymongo's read retries do under a time limit) flips it back to
+        Unknown within milliseconds of each check, faster than this polls;
+        pymongo's own server selection, which the call then goes on to, waits
+        on the topology itself and catches those moments. With
+        ``until_down``, stop waiting as soon as a heartbeat finds it down.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        answered = self._heartbeats_succeeded
         while not self.available and loop.time() < deadline:
+            if self._heartbeats_succeeded != answered:
+                return True
             if until_down and self.known_down:
                 break
             await asyncio.sleep(min(0.02, max(0.0, deadline - loop.time())))
@@ -284,6 +295,7 @@ class TopologyMonitor(monitoring.TopologyListener, monitoring.ServerHeartbeatLis
     @_never_raises
     def succeeded(self, event: monitoring.ServerHeartbeatSucceededEvent) -> None:
         self._heartbeat_failed[event.connection_id] = False
+        self._heartbeats_succeeded += 1
 
     @_never_raises
     def failed(self, event: monitoring.ServerHeartbeatFailedEvent) -> None:

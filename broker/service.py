@@ -360,6 +360,9 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             error = to_rpc_error(exc, database=database, deadline_passed=passed)
             call.code = error.code.name
             log.debug("%s on %r failed: %r", method, database, error)
+            # A stalled stream's status waits here behind the message its
+            # client has not read, until the client reads or leaves.
+            call.stage = "sending the status"
             await _answer(context, error, call.request_id)
         finally:
             if task is not None:
