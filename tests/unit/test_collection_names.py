@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from broker.errors import Reason, RpcError
-from broker.service import _collection_name
+from broker.requests import collection_name
 from broker.settings import Settings
 
 
@@ -15,7 +15,7 @@ from broker.settings import Settings
     ["items", "items.2024", "_private", "2024_orders", "system.js", "x" * 255, "é" * 127, "a b-c"],
 )
 def test_valid_collection_names_pass(name):
-    assert _collection_name(name) == name
+    assert collection_name(name) == name
 
 
 @pytest.mark.parametrize(
@@ -33,7 +33,7 @@ def test_valid_collection_names_pass(name):
 )
 def test_invalid_collection_names_are_refused_naming_the_rule(name, rule):
     with pytest.raises(RpcError) as caught:
-        _collection_name(name)
+        collection_name(name)
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.reason == Reason.INVALID_REQUEST
     assert rule in str(caught.value.message)
