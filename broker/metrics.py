@@ -21,8 +21,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from broker.pools import DatabasePool
+from broker.stats import database_stats
 
-__all__ = ["METRIC_NAMES", "BrokerMetrics", "checkout_failures"]
+__all__ = ["METRIC_NAMES", "BrokerMetrics"]
 
 log = logging.getLogger("mongo_broker.metrics")
 
@@ -131,43 +132,39 @@ class _StatsCollector(Collector):
             labels=label,
         )
         for db in self._databases():
-            stats, admission = db.stats, db.admission
-            name = stats.database
-            pool = stats.pool
-            for state, value in (("open", pool.open), ("in_use", pool.in_use), ("idle", pool.idle)):
+            # The same snapshot as the Stats reply: one set of numbers.
+            snap = database_stats(db)
+            name = snap.database
+            for state, value in (
+                ("open", snap.connections_open),
+                ("in_use", snap.connections_in_use),
+                ("idle", snap.connections_idle),
+            ):
                 connections.add_metric([name, state], value)
-            created.add_metric([name], pool.created)
-            closed.add_metric([name], pool.closed)
-            max_pool.add_metric([name], stats.max_pool_size)
-            clears.add_metric([name], pool.clears)
-            queue.add_metric([name], admission.waiting)
-            queue_max.add_metric([name], admission.waiting_max)
-            for reason, count in checkout_failures(db).items():
+            created.add_metric([name], snap.connections_created)
+            closed.add_metric([name], snap.connections_closed)
+            max_pool.add_metric([name], snap.max_pool_size)
+            clears.add_metric([name], snap.pool_clears)
+            queue.add_metric([name], snap.wait_queue_length)
+            queue_max.add_metric([name], snap.wait_queue_max)
+            for reason, count in snap.checkout_failures.items():
                 failures.add_metric([name, reason], count)
-            for command, count in stats.commands.sent.items():
+            for command, count in snap.operations.items():
                 commands.add_metric([name, command], count)
-            for command, count in stats.commands.failures.items():
+            for command, count in snap.command_failures.items():
                 command_failures.add_metric([name, command], count)
-            in_flight.add_metric([name], stats.in_flight)
-            cursors.add_metric([name], stats.open_cursors)
-            up.add_metric([name], 1 if stats.topology.available else 0)
-            if stats.topology.rtt_s is not None:
-                rtt.add_metric([name], stats.topology.rtt_s)
-            advice.add_metric([name], stats.advice().recommended)
-            abandoned.add_metric([name], stats.abandoned)
-            stalled.add_metric([name], stats.stalled_streams)
+            in_flight.add_metric([name], snap.rpcs_in_flight)
+            cursors.add_metric([name], snap.open_cursors)
+            up.add_metric([name], 1 if snap.available else 0)
+            if snap.server_rtt_ms > 0:  # 0: no heartbeat has measured it yet
+                rtt.add_metric([name], snap.server_rtt_ms / 1000)
+            advice.add_metric([name], snap.recommended_max_pool_size)
+            abandoned.add_metric([name], snap.abandoned_round_trips)
+            stalled.add_metric([name], snap.stalled_streams)
         yield from (
             connections, created, closed, max_pool, clears, queue, queue_max, failures,
             commands, command_failures, in_flight, cursors, up, rtt, advice, abandoned, stalled,
         )  # fmt: skip
-
-
-def checkout_failures(db: DatabasePool) -> dict[str, int]:
-    """Round trips that got no connection, by reason: the broker's queue and the driver's."""
-    reasons = dict(db.stats.pool.checkout_failures)
-    reasons["queue_full"] = db.admission.rejected_full
-    reasons["wait_timeout"] = db.admission.rejected_timeout
-    return reasons
 
 
 class BrokerMetrics:

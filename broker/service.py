@@ -32,10 +32,11 @@ from broker_client.proto.broker.v1 import broker_pb2, broker_pb2_grpc
 from broker import documents, requests
 from broker.errors import Reason, RpcError, invalid_argument, to_rpc_error
 from broker.logs import log_value
-from broker.metrics import BrokerMetrics, checkout_failures
+from broker.metrics import BrokerMetrics
 from broker.pools import DatabasePool, Pools
 from broker.security import JS_OPERATORS, Authenticator, Principal
 from broker.settings import Settings
+from broker.stats import database_stats, pool_summary
 
 __all__ = ["REQUEST_ID_HEADER", "BrokerService"]
 
@@ -683,7 +684,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 database=pool.name,
                 ok=False,
                 error=f"{error.code.name}: {error.message}",
-                pool=_pool_summary(pool),
+                pool=pool_summary(pool),
             )
 
     async def Stats(
@@ -706,42 +707,6 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 databases=[database_stats(pool) for pool in pools],
             )
         raise AssertionError("unreachable: _serve aborts on error")  # pragma: no cover
-
-
-def database_stats(db: DatabasePool) -> broker_pb2.DatabaseStats:
-    """One database's Stats message, read from its observers."""
-    stats, pool, admission = db.stats, db.stats.pool, db.admission
-    advice = stats.advice()
-    return broker_pb2.DatabaseStats(
-        database=db.name,
-        connections_open=pool.open,
-        connections_in_use=pool.in_use,
-        connections_idle=pool.idle,
-        connections_created=pool.created,
-        connections_closed=pool.closed,
-        max_pool_size=db.settings.max_pool_size,
-        pool_clears=pool.clears,
-        wait_queue_length=admission.waiting,
-        wait_queue_max=admission.waiting_max,
-        max_waiting=admission.max_waiting,
-        wait_p50_ms=stats.queue_waits.percentile(50) * 1000,
-        wait_p99_ms=stats.queue_waits.percentile(99) * 1000,
-        wait_max_ms=stats.queue_waits.maximum * 1000,
-        checkout_failures=checkout_failures(db),
-        operations=dict(stats.commands.sent),
-        rpcs=dict(stats.rpcs),
-        errors=dict(stats.errors),
-        rpcs_in_flight=stats.in_flight,
-        open_cursors=stats.open_cursors,
-        available=stats.topology.available,
-        server_type=stats.topology.server_type,
-        server_rtt_ms=(stats.topology.rtt_s or 0.0) * 1000,
-        last_error=stats.topology.last_error or "",
-        recommended_max_pool_size=advice.recommended,
-        demand_connections=advice.demand,
-        round_trips_per_second=advice.arrival_rate,
-        mean_hold_ms=advice.mean_hold_ms,
-    )
 
 
 async def _transmit(sending: Awaitable[None], call: _Call | None = None) -> None:
@@ -867,16 +832,7 @@ async def _ping(pool: DatabasePool) -> broker_pb2.DatabasePing:
     start = time.perf_counter()
     await pool.db.command("ping")
     rtt_ms = (time.perf_counter() - start) * 1000
-    return broker_pb2.DatabasePing(database=pool.name, ok=True, rtt_ms=rtt_ms, pool=_pool_summary(pool))
-
-
-def _pool_summary(pool: DatabasePool) -> broker_pb2.PoolSummary:
-    monitor = pool.stats.pool
-    return broker_pb2.PoolSummary(
-        connections_open=monitor.open,
-        connections_in_use=monitor.in_use,
-        max_pool_size=pool.settings.max_pool_size,
-    )
+    return broker_pb2.DatabasePing(database=pool.name, ok=True, rtt_ms=rtt_ms, pool=pool_summary(pool))
 
 
 async def _kill_cursor(cursor: Any) -> None:

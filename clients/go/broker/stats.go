@@ -76,6 +76,15 @@ type DatabaseStats struct {
 	DemandConnections   float64
 	RoundTripsPerSecond float64
 	MeanHold            time.Duration
+
+	// CommandFailures counts the commands that failed, by command name.
+	CommandFailures map[string]int64
+	// AbandonedRoundTrips counts round trips still running a second past
+	// their time limit, answered DEADLINE_EXCEEDED without (should stay 0).
+	AbandonedRoundTrips int64
+	// StalledStreams counts Find streams ended at their time limit because
+	// their client stopped reading.
+	StalledStreams int64
 }
 
 func statsFromProto(resp *brokerv1.StatsResponse) *StatsResult {
@@ -113,6 +122,9 @@ func statsFromProto(resp *brokerv1.StatsResponse) *StatsResult {
 			DemandConnections:      db.GetDemandConnections(),
 			RoundTripsPerSecond:    db.GetRoundTripsPerSecond(),
 			MeanHold:               milliseconds(db.GetMeanHoldMs()),
+			CommandFailures:        counts(db.GetCommandFailures()),
+			AbandonedRoundTrips:    db.GetAbandonedRoundTrips(),
+			StalledStreams:         db.GetStalledStreams(),
 		})
 	}
 	return result

@@ -1087,8 +1087,16 @@ type DatabaseStats struct {
 	DemandConnections   float64 `protobuf:"fixed64,26,opt,name=demand_connections,json=demandConnections,proto3" json:"demand_connections,omitempty"`
 	RoundTripsPerSecond float64 `protobuf:"fixed64,27,opt,name=round_trips_per_second,json=roundTripsPerSecond,proto3" json:"round_trips_per_second,omitempty"`
 	MeanHoldMs          float64 `protobuf:"fixed64,28,opt,name=mean_hold_ms,json=meanHoldMs,proto3" json:"mean_hold_ms,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// Commands that failed, by command name.
+	CommandFailures map[string]int64 `protobuf:"bytes,29,rep,name=command_failures,json=commandFailures,proto3" json:"command_failures,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	// Round trips still running a second past their time limit, which the
+	// broker answered DEADLINE_EXCEEDED without (should stay 0).
+	AbandonedRoundTrips int64 `protobuf:"varint,30,opt,name=abandoned_round_trips,json=abandonedRoundTrips,proto3" json:"abandoned_round_trips,omitempty"`
+	// Find streams ended at their time limit because their client stopped
+	// reading.
+	StalledStreams int64 `protobuf:"varint,31,opt,name=stalled_streams,json=stalledStreams,proto3" json:"stalled_streams,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *DatabaseStats) Reset() {
@@ -1317,6 +1325,27 @@ func (x *DatabaseStats) GetMeanHoldMs() float64 {
 	return 0
 }
 
+func (x *DatabaseStats) GetCommandFailures() map[string]int64 {
+	if x != nil {
+		return x.CommandFailures
+	}
+	return nil
+}
+
+func (x *DatabaseStats) GetAbandonedRoundTrips() int64 {
+	if x != nil {
+		return x.AbandonedRoundTrips
+	}
+	return 0
+}
+
+func (x *DatabaseStats) GetStalledStreams() int64 {
+	if x != nil {
+		return x.StalledStreams
+	}
+	return 0
+}
+
 type StatsResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Version       string                 `protobuf:"bytes,1,opt,name=version,proto3" json:"version,omitempty"`
@@ -1452,7 +1481,7 @@ const file_broker_v1_broker_proto_rawDesc = "" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x125\n" +
 	"\tdatabases\x18\x02 \x03(\v2\x17.broker.v1.DatabasePingR\tdatabases\"*\n" +
 	"\fStatsRequest\x12\x1a\n" +
-	"\bdatabase\x18\x01 \x01(\tR\bdatabase\"\xc8\v\n" +
+	"\bdatabase\x18\x01 \x01(\tR\bdatabase\"\xc3\r\n" +
 	"\rDatabaseStats\x12\x1a\n" +
 	"\bdatabase\x18\x01 \x01(\tR\bdatabase\x12)\n" +
 	"\x10connections_open\x18\x02 \x01(\x03R\x0fconnectionsOpen\x12,\n" +
@@ -1489,7 +1518,10 @@ const file_broker_v1_broker_proto_rawDesc = "" +
 	"\x12demand_connections\x18\x1a \x01(\x01R\x11demandConnections\x123\n" +
 	"\x16round_trips_per_second\x18\x1b \x01(\x01R\x13roundTripsPerSecond\x12 \n" +
 	"\fmean_hold_ms\x18\x1c \x01(\x01R\n" +
-	"meanHoldMs\x1aC\n" +
+	"meanHoldMs\x12X\n" +
+	"\x10command_failures\x18\x1d \x03(\v2-.broker.v1.DatabaseStats.CommandFailuresEntryR\x0fcommandFailures\x122\n" +
+	"\x15abandoned_round_trips\x18\x1e \x01(\x03R\x13abandonedRoundTrips\x12'\n" +
+	"\x0fstalled_streams\x18\x1f \x01(\x03R\x0estalledStreams\x1aC\n" +
 	"\x15CheckoutFailuresEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\x1a=\n" +
@@ -1500,6 +1532,9 @@ const file_broker_v1_broker_proto_rawDesc = "" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\x1a9\n" +
 	"\vErrorsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\x1aB\n" +
+	"\x14CommandFailuresEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"|\n" +
 	"\rStatsResponse\x12\x18\n" +
@@ -1550,7 +1585,7 @@ func file_broker_v1_broker_proto_rawDescGZIP() []byte {
 }
 
 var file_broker_v1_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_broker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_broker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_broker_v1_broker_proto_goTypes = []any{
 	(ErrorReason)(0),       // 0: broker.v1.ErrorReason
 	(Encoding)(0),          // 1: broker.v1.Encoding
@@ -1570,6 +1605,7 @@ var file_broker_v1_broker_proto_goTypes = []any{
 	nil,                    // 15: broker.v1.DatabaseStats.OperationsEntry
 	nil,                    // 16: broker.v1.DatabaseStats.RpcsEntry
 	nil,                    // 17: broker.v1.DatabaseStats.ErrorsEntry
+	nil,                    // 18: broker.v1.DatabaseStats.CommandFailuresEntry
 }
 var file_broker_v1_broker_proto_depIdxs = []int32{
 	1,  // 0: broker.v1.FindRequest.encoding:type_name -> broker.v1.Encoding
@@ -1581,22 +1617,23 @@ var file_broker_v1_broker_proto_depIdxs = []int32{
 	15, // 6: broker.v1.DatabaseStats.operations:type_name -> broker.v1.DatabaseStats.OperationsEntry
 	16, // 7: broker.v1.DatabaseStats.rpcs:type_name -> broker.v1.DatabaseStats.RpcsEntry
 	17, // 8: broker.v1.DatabaseStats.errors:type_name -> broker.v1.DatabaseStats.ErrorsEntry
-	12, // 9: broker.v1.StatsResponse.databases:type_name -> broker.v1.DatabaseStats
-	2,  // 10: broker.v1.Broker.Find:input_type -> broker.v1.FindRequest
-	2,  // 11: broker.v1.Broker.FindOne:input_type -> broker.v1.FindRequest
-	5,  // 12: broker.v1.Broker.Insert:input_type -> broker.v1.InsertRequest
-	7,  // 13: broker.v1.Broker.Ping:input_type -> broker.v1.PingRequest
-	11, // 14: broker.v1.Broker.Stats:input_type -> broker.v1.StatsRequest
-	3,  // 15: broker.v1.Broker.Find:output_type -> broker.v1.FindResponse
-	3,  // 16: broker.v1.Broker.FindOne:output_type -> broker.v1.FindResponse
-	6,  // 17: broker.v1.Broker.Insert:output_type -> broker.v1.InsertResponse
-	10, // 18: broker.v1.Broker.Ping:output_type -> broker.v1.PingResponse
-	13, // 19: broker.v1.Broker.Stats:output_type -> broker.v1.StatsResponse
-	15, // [15:20] is the sub-list for method output_type
-	10, // [10:15] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	18, // 9: broker.v1.DatabaseStats.command_failures:type_name -> broker.v1.DatabaseStats.CommandFailuresEntry
+	12, // 10: broker.v1.StatsResponse.databases:type_name -> broker.v1.DatabaseStats
+	2,  // 11: broker.v1.Broker.Find:input_type -> broker.v1.FindRequest
+	2,  // 12: broker.v1.Broker.FindOne:input_type -> broker.v1.FindRequest
+	5,  // 13: broker.v1.Broker.Insert:input_type -> broker.v1.InsertRequest
+	7,  // 14: broker.v1.Broker.Ping:input_type -> broker.v1.PingRequest
+	11, // 15: broker.v1.Broker.Stats:input_type -> broker.v1.StatsRequest
+	3,  // 16: broker.v1.Broker.Find:output_type -> broker.v1.FindResponse
+	3,  // 17: broker.v1.Broker.FindOne:output_type -> broker.v1.FindResponse
+	6,  // 18: broker.v1.Broker.Insert:output_type -> broker.v1.InsertResponse
+	10, // 19: broker.v1.Broker.Ping:output_type -> broker.v1.PingResponse
+	13, // 20: broker.v1.Broker.Stats:output_type -> broker.v1.StatsResponse
+	16, // [16:21] is the sub-list for method output_type
+	11, // [11:16] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_broker_v1_broker_proto_init() }
@@ -1619,7 +1656,7 @@ func file_broker_v1_broker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_broker_v1_broker_proto_rawDesc), len(file_broker_v1_broker_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   16,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -174,6 +174,12 @@ export interface DatabaseStats {
   demandConnections: number;
   roundTripsPerSecond: number;
   meanHoldMs: number;
+  /** Commands that failed, by command name. */
+  commandFailures: Record<string, number>;
+  /** Round trips still running a second past their time limit (should stay 0). */
+  abandonedRoundTrips: number;
+  /** Find streams ended at their time limit because their client stopped reading. */
+  stalledStreams: number;
 }
 
 export interface StatsResult {

@@ -606,6 +606,26 @@ class DatabaseStats(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class CommandFailuresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     DATABASE_FIELD_NUMBER: _builtins.int
     CONNECTIONS_OPEN_FIELD_NUMBER: _builtins.int
     CONNECTIONS_IN_USE_FIELD_NUMBER: _builtins.int
@@ -634,6 +654,9 @@ class DatabaseStats(_message.Message):
     DEMAND_CONNECTIONS_FIELD_NUMBER: _builtins.int
     ROUND_TRIPS_PER_SECOND_FIELD_NUMBER: _builtins.int
     MEAN_HOLD_MS_FIELD_NUMBER: _builtins.int
+    COMMAND_FAILURES_FIELD_NUMBER: _builtins.int
+    ABANDONED_ROUND_TRIPS_FIELD_NUMBER: _builtins.int
+    STALLED_STREAMS_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     connections_open: _builtins.int
     """The connection pool, from the driver's CMAP events."""
@@ -664,6 +687,14 @@ class DatabaseStats(_message.Message):
     """Peak connections wanted (busy + waiting), averaged per second."""
     round_trips_per_second: _builtins.float
     mean_hold_ms: _builtins.float
+    abandoned_round_trips: _builtins.int
+    """Round trips still running a second past their time limit, which the
+    broker answered DEADLINE_EXCEEDED without (should stay 0).
+    """
+    stalled_streams: _builtins.int
+    """Find streams ended at their time limit because their client stopped
+    reading.
+    """
     @_builtins.property
     def checkout_failures(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Calls refused or failed while getting a connection, by reason:
@@ -681,6 +712,10 @@ class DatabaseStats(_message.Message):
     @_builtins.property
     def errors(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Calls that failed, by gRPC status code name."""
+
+    @_builtins.property
+    def command_failures(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Commands that failed, by command name."""
 
     def __init__(
         self,
@@ -713,10 +748,13 @@ class DatabaseStats(_message.Message):
         demand_connections: _builtins.float = ...,
         round_trips_per_second: _builtins.float = ...,
         mean_hold_ms: _builtins.float = ...,
+        command_failures: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        abandoned_round_trips: _builtins.int = ...,
+        stalled_streams: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "checkout_failures", b"checkout_failures", "connections_closed", b"connections_closed", "connections_created", b"connections_created", "connections_idle", b"connections_idle", "connections_in_use", b"connections_in_use", "connections_open", b"connections_open", "database", b"database", "demand_connections", b"demand_connections", "errors", b"errors", "last_error", b"last_error", "max_pool_size", b"max_pool_size", "max_waiting", b"max_waiting", "mean_hold_ms", b"mean_hold_ms", "open_cursors", b"open_cursors", "operations", b"operations", "pool_clears", b"pool_clears", "recommended_max_pool_size", b"recommended_max_pool_size", "round_trips_per_second", b"round_trips_per_second", "rpcs", b"rpcs", "rpcs_in_flight", b"rpcs_in_flight", "server_rtt_ms", b"server_rtt_ms", "server_type", b"server_type", "wait_max_ms", b"wait_max_ms", "wait_p50_ms", b"wait_p50_ms", "wait_p99_ms", b"wait_p99_ms", "wait_queue_length", b"wait_queue_length", "wait_queue_max", b"wait_queue_max"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abandoned_round_trips", b"abandoned_round_trips", "available", b"available", "checkout_failures", b"checkout_failures", "command_failures", b"command_failures", "connections_closed", b"connections_closed", "connections_created", b"connections_created", "connections_idle", b"connections_idle", "connections_in_use", b"connections_in_use", "connections_open", b"connections_open", "database", b"database", "demand_connections", b"demand_connections", "errors", b"errors", "last_error", b"last_error", "max_pool_size", b"max_pool_size", "max_waiting", b"max_waiting", "mean_hold_ms", b"mean_hold_ms", "open_cursors", b"open_cursors", "operations", b"operations", "pool_clears", b"pool_clears", "recommended_max_pool_size", b"recommended_max_pool_size", "round_trips_per_second", b"round_trips_per_second", "rpcs", b"rpcs", "rpcs_in_flight", b"rpcs_in_flight", "server_rtt_ms", b"server_rtt_ms", "server_type", b"server_type", "stalled_streams", b"stalled_streams", "wait_max_ms", b"wait_max_ms", "wait_p50_ms", b"wait_p50_ms", "wait_p99_ms", b"wait_p99_ms", "wait_queue_length", b"wait_queue_length", "wait_queue_max", b"wait_queue_max"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
