@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any, Final, Generic
 
 from bson.codec_options import DEFAULT_CODEC_OPTIONS, CodecOptions
 
-from broker_client import _codec, _ops
+from broker_client import _ops, _requests
 from broker_client._channel import (
     DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
     DEFAULT_MAX_SEND_MESSAGE_BYTES,
     retire,
 )
-from broker_client._codec import Hint, Projection, Sort
+from broker_client._requests import Hint, Projection, Sort
 from broker_client._version import __version__
 from broker_client.errors import BrokerError, InvalidOperation
 from broker_client.retry import DEFAULT_RETRY_POLICY, RetryPolicy, RetryState
@@ -344,15 +344,15 @@ class CollectionBase(Generic[_Client, _Database, _Cursor, DocumentT]):
         from broker_client.proto.broker.v1 import broker_pb2
 
         opts = self._client.codec_options
-        hint_name, hint_keys = _codec.encode_hint(hint, opts)
+        hint_name, hint_keys = _requests.encode_hint(hint, opts)
         if comment is not None and not isinstance(comment, str):
             raise TypeError(f"comment must be a str, not {type(comment).__name__}")
         request = broker_pb2.FindRequest(
             database=self._database_name,
             collection=self._name,
-            filter=_codec.encode_filter(filter, opts),
-            projection=_codec.encode_projection(projection, opts),
-            sort=_codec.encode_sort(sort, opts),
+            filter=_requests.encode_filter(filter, opts),
+            projection=_requests.encode_projection(projection, opts),
+            sort=_requests.encode_sort(sort, opts),
             skip=_ops.check_count(skip, "skip"),
             limit=_ops.check_count(limit, "limit"),
             batch_size=_ops.check_count(batch_size, "batch_size", _ops.INT32_MAX),
@@ -395,7 +395,7 @@ class CollectionBase(Generic[_Client, _Database, _Cursor, DocumentT]):
 
     def _first(self, plan: _ops.Plan[list[bytes]]) -> _ops.Plan[DocumentT | None]:
         raw = yield from plan
-        found: list[DocumentT] = _codec.decode_batch(raw, self._client.codec_options)
+        found: list[DocumentT] = _requests.decode_batch(raw, self._client.codec_options)
         return found[0] if found else None
 
     # --- writes ------------------------------------------------------------
@@ -438,7 +438,7 @@ class CollectionBase(Generic[_Client, _Database, _Cursor, DocumentT]):
         result: Callable[[list[Any], bool, int], _Result],
     ) -> _ops.Plan[_Result]:
         opts = self._client.codec_options
-        prepared = [_codec.prepare_insert(document, opts) for document in documents]
+        prepared = [_requests.prepare_insert(document, opts) for document in documents]
         template = _ops.insert_template(
             self._database_name, self._name, ordered, bypass_document_validation, write_concern
         )
@@ -537,7 +537,7 @@ class CursorBase(Generic[_Client, DocumentT]):
             self._done = True
             self._stream = None
             return
-        batch = _codec.decode_batch(response.documents, self._codec_options)
+        batch = _requests.decode_batch(response.documents, self._codec_options)
         self._retrieved += len(batch)
         self._buffer.extend(batch)
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeAlias, Type
 import bson
 from bson.codec_options import CodecOptions
 
-from broker_client import _codec
+from broker_client import _requests
 from broker_client.errors import BrokerError, DuplicateKeyError
 from broker_client.retry import RetryState
 
@@ -160,17 +160,13 @@ def unary_plan(method: str, request: Any, state: RetryState) -> Plan[Any]:
 
 
 def ping_plan(request: broker_pb2.PingRequest, state: RetryState) -> Plan[PingResult]:
-    from broker_client.results import ping_result_from_proto
-
     response = yield from unary_plan("Ping", request, state)
-    return ping_result_from_proto(response, state.attempts)
+    return _requests.ping_result(response, state.attempts)
 
 
 def stats_plan(request: broker_pb2.StatsRequest, state: RetryState) -> Plan[BrokerStats]:
-    from broker_client.results import stats_from_proto
-
     response = yield from unary_plan("Stats", request, state)
-    return stats_from_proto(response, state.attempts)
+    return _requests.stats_result(response, state.attempts)
 
 
 def find_all_plan(request: broker_pb2.FindRequest, state: RetryState) -> Plan[list[bytes]]:
@@ -252,7 +248,7 @@ def insert_plan(
             continue
         if retry_safe:
             return list(made_ids)
-        return [_codec.decode_id(raw, id_codec_options) for raw in response.inserted_ids]
+        return [_requests.decode_id(raw, id_codec_options) for raw in response.inserted_ids]
 
 
 def _rebase(exc: BrokerError, pending: list[int], total: int) -> None:
@@ -299,7 +295,7 @@ def _not_yet_stored(
         raw = yield from find_all_plan(request, read)
     except BrokerError as read_error:
         raise exc from read_error
-    stored = {doc["_id"] for doc in _codec.decode_batch(raw, id_codec_options)}
+    stored = {doc["_id"] for doc in _requests.decode_batch(raw, id_codec_options)}
     missing = [i for i in must_be_stored if made_ids[i] not in stored]
     if missing:
         if not ordered:

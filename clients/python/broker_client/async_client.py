@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from broker_client import _ops
 from broker_client._base import ClientBase, CollectionBase, CursorBase, DatabaseBase, DocumentT
 from broker_client._channel import AsyncChannelHolder
-from broker_client._codec import Hint, Projection, Sort
 from broker_client._ops import WriteConcernSpec
+from broker_client._requests import Hint, Projection, Sort
 from broker_client.errors import BrokerError, from_rpc_error
 
 if TYPE_CHECKING:

@@ -27,8 +27,8 @@ from broker_client._base import (
     DocumentT,
 )
 from broker_client._channel import GATE, ChannelHolder
-from broker_client._codec import Hint, Projection, Sort
 from broker_client._ops import WriteConcernSpec
+from broker_client._requests import Hint, Projection, Sort
 from broker_client.errors import BrokerError, from_rpc_error
 
 if TYPE_CHECKING:

@@ -9,12 +9,16 @@ written for pymongo passes the same values here.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
-from typing import Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 
 import bson
 from bson.codec_options import CodecOptions
 from bson.objectid import ObjectId
 from bson.raw_bson import RawBSONDocument
+
+if TYPE_CHECKING:
+    from broker_client.proto.broker.v1 import broker_pb2
+    from broker_client.results import BrokerStats, PingResult
 
 __all__ = [
     "Hint",
@@ -27,7 +31,9 @@ __all__ = [
     "encode_hint",
     "encode_projection",
     "encode_sort",
+    "ping_result",
     "prepare_insert",
+    "stats_result",
 ]
 
 _D = TypeVar("_D", bound=Mapping[str, Any])
@@ -173,3 +179,52 @@ def decode_batch(documents: Sequence[bytes], codec_options: CodecOptions[_D]) ->
 def decode_id(raw: bytes, codec_options: CodecOptions[Any]) -> Any:
     """The value of a one-field ``{"_id": value}`` document from InsertResponse."""
     return bson.decode(raw, codec_options)["_id"]
+
+
+# --- answers ----------------------------------------------------------------------
+
+
+def ping_result(response: broker_pb2.PingResponse, attempts: int = 1) -> PingResult:
+    from broker_client.results import DatabasePing, PingResult, PoolSummary
+
+    return PingResult(
+        version=response.version,
+        databases=tuple(
+            DatabasePing(
+                database=db.database,
+                ok=db.ok,
+                rtt_ms=db.rtt_ms,
+                pool=PoolSummary(
+                    connections_open=db.pool.connections_open,
+                    connections_in_use=db.pool.connections_in_use,
+                    max_pool_size=db.pool.max_pool_size,
+                ),
+                error=db.error,
+            )
+            for db in response.databases
+        ),
+        attempts=attempts,
+    )
+
+
+_MAP_FIELDS: Final = frozenset({"checkout_failures", "operations", "rpcs", "errors"})
+
+
+def stats_result(response: broker_pb2.StatsResponse, attempts: int = 1) -> BrokerStats:
+    from dataclasses import fields
+
+    from broker_client.results import BrokerStats, DatabaseStats
+
+    # Field by field from the dataclass, so a field the proto lacks fails
+    # loudly here rather than reading as zero.
+    names = [f.name for f in fields(DatabaseStats)]
+    databases = []
+    for db in response.databases:
+        values: dict[str, Any] = {}
+        for name in names:
+            value = getattr(db, name)
+            values[name] = dict(value) if name in _MAP_FIELDS else value
+        databases.append(DatabaseStats(**values))
+    return BrokerStats(
+        version=response.version, uptime_s=response.uptime_s, databases=tuple(databases), attempts=attempts
+    )
