@@ -14,9 +14,11 @@ price for a package meant for short-lived workers. The names and the
 hierarchy are pymongo's, so migrating code changes its import line, not its
 ``except`` clauses.
 
-This module imports neither grpc nor protobuf at import time. The mapping
-looks codes up by name, and `from_rpc_error` only runs once an RPC has
-failed, when grpc is loaded anyway.
+Both clients map failures through ``with map_rpc_errors:`` around each
+channel call, so the table below is the one way from a gRPC status to an
+exception. This module imports neither grpc nor protobuf at import time.
+The mapping looks codes up by name, and `from_rpc_error` only runs once an
+RPC has failed, when grpc is loaded anyway.
 """
 
 from __future__ import annotations
