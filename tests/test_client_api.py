@@ -37,7 +37,7 @@ from broker_client import (
     ServerSelectionTimeoutError,
     UnknownDatabase,
     WriteError,
-    _codec,
+    _requests,
 )
 from bson import Binary, Decimal128, Int64, ObjectId
 from bson.codec_options import CodecOptions
@@ -226,7 +226,7 @@ def test_insert_one_generates_the_object_id_client_side(
 
 def test_generated_id_is_encoded_first() -> None:
     doc: Doc = {"z": 1, "a": 2}
-    encoded = _codec.encode_for_insert(doc, CodecOptions())
+    encoded = _requests.encode_for_insert(doc, CodecOptions())
     assert list(RawBSONDocument(encoded).keys()) == ["_id", "z", "a"]
 
 

@@ -1,39 +1,45 @@
-"""AsyncBrokerClient: the same API as BrokerClient, awaitable, on grpc.aio.
+"""AsyncBrokerClient, AsyncDatabase, AsyncCollection, AsyncCursor: BrokerClient's API, awaitable.
 
-Every call builds the same requests and follows the same retry rules as the
-sync client (`_base`, `_ops`); only the running differs: grpc.aio calls and
-``asyncio.sleep``. The channel is made by the first call, inside the running
-event loop, and belongs to that loop: use one client per loop. The rules
-for forking are in `_channel` (in short: ``await client.close()`` before
-forking a process that used one, or fork before the first call).
+The twin of ``client.py``, line for line, on grpc.aio: every call builds its
+request and result with `_requests`, retries as the call's `RetryState`
+allows (pausing with ``asyncio.sleep``), and maps failures with
+`errors.map_rpc_errors`. The channel is made by the first call, inside the
+running event loop, and belongs to that loop: use one client per loop. The
+rules for forking are in `_channel` (in short: ``await client.close()``
+before forking a process that used one, or fork before the first call).
 
 Neither asyncio nor grpc is imported until the first call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Generic
 
-from broker_client import _ops
-from broker_client._base import ClientBase, CollectionBase, CursorBase, DatabaseBase, DocumentT
+from broker_client import _requests
 from broker_client._channel import AsyncChannelHolder
-from broker_client._codec import Hint, Projection, Sort
-from broker_client._ops import WriteConcernSpec
-from broker_client.errors import BrokerError, from_rpc_error
+from broker_client._requests import DEFAULT_TIMEOUT_S, DocumentT, Hint, Projection, Sort, WriteConcernSpec
+from broker_client.errors import BrokerError, map_rpc_errors
+from broker_client.retry import DEFAULT_RETRY_POLICY, RetryPolicy, RetryState
 
 if TYPE_CHECKING:
     import grpc
+    from bson.codec_options import CodecOptions
 
     from broker_client.proto.broker.v1 import broker_pb2
     from broker_client.results import BrokerStats, InsertManyResult, InsertOneResult, PingResult
 
 __all__ = ["AsyncBrokerClient", "AsyncCollection", "AsyncCursor", "AsyncDatabase"]
 
-_T = TypeVar("_T")
+
+async def _sleep(seconds: float) -> None:
+    # Imported here: asyncio comes with the first call, not with the import.
+    import asyncio
+
+    await asyncio.sleep(seconds)
 
 
-class AsyncBrokerClient(ClientBase["AsyncDatabase[DocumentT]", AsyncChannelHolder, DocumentT]):
+class AsyncBrokerClient(Generic[DocumentT]):
     """A client for one mongo-broker for asyncio programs; ``BrokerClient``'s API, awaitable.
 
     >>> async with AsyncBrokerClient("unix:///run/mongo-broker.sock") as client:
@@ -48,23 +54,81 @@ class AsyncBrokerClient(ClientBase["AsyncDatabase[DocumentT]", AsyncChannelHolde
     another loop raises InvalidOperation. Make one client per event loop.
     """
 
-    def _make_holder(
-        self, target: str, options: list[tuple[str, Any]], credentials: grpc.ChannelCredentials | None
-    ) -> AsyncChannelHolder:
-        return AsyncChannelHolder(target, options, credentials)
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        document_class: type[DocumentT] | None = None,
+        codec_options: CodecOptions[DocumentT] | None = None,
+        token: str | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any | None]] = (),
+        retries: RetryPolicy | None = DEFAULT_RETRY_POLICY,
+    ) -> None:
+        self._settings = _requests.Settings(
+            target,
+            timeout=timeout,
+            document_class=document_class,
+            codec_options=codec_options,
+            token=token,
+            metadata=metadata,
+            options=options,
+            retries=retries,
+            channel_defaults={},
+        )
+        self._holder = AsyncChannelHolder(self._settings.target, self._settings.channel_options, credentials)
 
-    def _make_database(self, name: str) -> AsyncDatabase[DocumentT]:
+    # --- pymongo's navigation and properties ------------------------------------
+
+    def __getitem__(self, name: str) -> AsyncDatabase[DocumentT]:
         return AsyncDatabase(self, name)
 
-    # --- calls -------------------------------------------------------------
+    def __getattr__(self, name: str) -> AsyncDatabase[DocumentT]:
+        if name.startswith("_"):
+            raise _requests.missing_attribute(self, name, "database", "client")
+        return AsyncDatabase(self, name)
+
+    def get_database(self, name: str) -> AsyncDatabase[DocumentT]:
+        """The database ``name`` as configured on the broker (not necessarily MongoDB's name)."""
+        return AsyncDatabase(self, name)
+
+    @property
+    def target(self) -> str:
+        """The gRPC target this client connects to."""
+        return self._settings.target
+
+    @property
+    def timeout(self) -> float:
+        """The default time limit of each call, in seconds."""
+        return self._settings.timeout
+
+    @property
+    def codec_options(self) -> CodecOptions[DocumentT]:
+        return self._settings.codec_options
+
+    @property
+    def retries(self) -> RetryPolicy | None:
+        """How failed calls are retried (None: never)."""
+        return self._settings.retries
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._settings.target!r})"
+
+    # --- calls ---------------------------------------------------------------------
 
     async def ping(self, database: str | None = None, *, timeout: float | None = None) -> PingResult:
         """Check the broker and its databases (all, or the one named)."""
-        return await self._run(self._ping(database, timeout))
+        state = self._settings.retry_state("Ping", timeout)
+        response = await self._call("Ping", _requests.ping_request(database), state)
+        return _requests.ping_result(response, state.attempts)
 
     async def stats(self, database: str | None = None, *, timeout: float | None = None) -> BrokerStats:
         """The broker's pool, queue and operation figures (all databases, or the one named)."""
-        return await self._run(self._stats(database, timeout))
+        state = self._settings.retry_state("Stats", timeout)
+        response = await self._call("Stats", _requests.stats_request(database), state)
+        return _requests.stats_result(response, state.attempts)
 
     async def close(self) -> None:
         """Close the channel (cancelling calls in flight). Later calls raise InvalidOperation.
@@ -80,88 +144,178 @@ class AsyncBrokerClient(ClientBase["AsyncDatabase[DocumentT]", AsyncChannelHolde
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    # --- running plans -------------------------------------------------------
+    # --- the channel, with retries -------------------------------------------------
 
-    async def _run(self, plan: _ops.Plan[_T]) -> _T:
-        stepper = _ops.Stepper(plan)
-        while (op := stepper.next()) is not None:
-            try:
-                stepper.sent(await self._step(op))
-            except BrokerError as exc:
-                stepper.failed(exc)
-        return stepper.result
+    async def _unary(self, method: str, request: Any, timeout: float) -> Any:
+        """One attempt of the unary call ``method`` ("Ping", "Insert", ...)."""
+        with map_rpc_errors:
+            call = getattr(self._holder.stub(), method)
+            return await call(request, timeout=timeout, metadata=self._settings.metadata)
 
-    async def _step(self, op: _ops.Op) -> Any:
-        import asyncio
+    def _open_find(self, request: broker_pb2.FindRequest, timeout: float) -> Any:
+        with map_rpc_errors:
+            return self._holder.stub().Find(request, timeout=timeout, metadata=self._settings.metadata)
 
-        if isinstance(op, _ops.Sleep):
-            await asyncio.sleep(op.seconds)
-            return None
+    async def _read(self, stream: Any) -> broker_pb2.FindResponse | None:
+        """The stream's next message, or None at its end."""
         import grpc.aio
 
-        try:
-            if isinstance(op, _ops.ReadFind):
-                response = await op.stream.read()
-                return None if response is grpc.aio.EOF else response  # type: ignore[attr-defined]
-            stub = self._holder.stub()
-            if isinstance(op, _ops.OpenFind):
-                return stub.Find(op.request, timeout=op.timeout, metadata=self._metadata)
-            method = getattr(stub, op.method)
-            return await method(op.request, timeout=op.timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        with map_rpc_errors:
+            response = await stream.read()
+        return None if response is grpc.aio.EOF else response  # type: ignore[attr-defined]
+
+    async def _call(self, method: str, request: Any, state: RetryState) -> Any:
+        """The unary call, retried as ``state`` allows; its response."""
+        with state:
+            while True:
+                try:
+                    return await self._unary(method, request, state.next_timeout())
+                except BrokerError as exc:
+                    await _sleep(state.backoff(exc))
+
+    async def _find_all(self, request: broker_pb2.FindRequest, state: RetryState) -> list[bytes]:
+        """Every document of a Find, as BSON (see `BrokerClient._find_all`)."""
+        while True:
+            try:
+                stream = self._open_find(request, state.next_timeout())
+                documents: list[bytes] = []
+                while (response := await self._read(stream)) is not None:
+                    documents.extend(response.documents)
+                return documents
+            except BrokerError as exc:
+                await _sleep(state.backoff(exc))
+
+    async def _insert(self, insert: _requests.Insert, state: RetryState) -> list[Any]:
+        """Send ``insert``, retried by its rules (see `_requests.Insert`); every ``_id``."""
+        with state:
+            while True:
+                try:
+                    response = await self._unary("Insert", insert.request(), state.next_timeout())
+                except BrokerError as exc:
+                    lookup = insert.failed(exc)
+                    if lookup is None:
+                        delay = state.backoff(exc)
+                        insert.retrying()
+                        await _sleep(delay)
+                        continue
+                    # A duplicate key that may be an earlier attempt's own documents.
+                    try:
+                        stored = await self._find_all(lookup, state.fresh("Find (was the insert stored?)"))
+                    except BrokerError as read_error:
+                        raise exc from read_error
+                    if insert.found(exc, stored):
+                        return insert.inserted_ids(None)
+                else:
+                    return insert.inserted_ids(response)
 
 
-class AsyncDatabase(DatabaseBase[AsyncBrokerClient[DocumentT], "AsyncCollection[DocumentT]"]):
+class AsyncDatabase(Generic[DocumentT]):
     """A database configured on the broker (``client["appdb"]``)."""
 
-    def _make_collection(self, name: str) -> AsyncCollection[DocumentT]:
+    def __init__(self, client: AsyncBrokerClient[DocumentT], name: str) -> None:
+        self._client = client
+        self._name = _requests.check_name(name, "database")
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def client(self) -> AsyncBrokerClient[DocumentT]:
+        return self._client
+
+    def __getitem__(self, name: str) -> AsyncCollection[DocumentT]:
         return AsyncCollection(self, name)
+
+    def __getattr__(self, name: str) -> AsyncCollection[DocumentT]:
+        if name.startswith("_"):
+            raise _requests.missing_attribute(self, name, "collection", "database")
+        return AsyncCollection(self, name)
+
+    def get_collection(self, name: str) -> AsyncCollection[DocumentT]:
+        return AsyncCollection(self, name)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, AsyncDatabase):
+            return self._client is other._client and self._name == other._name
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((id(self._client), self._name))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._client!r}, {self._name!r})"
 
     async def ping(self, *, timeout: float | None = None) -> PingResult:
         """Ping this database only."""
         return await self._client.ping(self._name, timeout=timeout)
 
 
-class AsyncCollection(
-    CollectionBase[
-        AsyncBrokerClient[DocumentT], AsyncDatabase[DocumentT], "AsyncCursor[DocumentT]", DocumentT
-    ]
-):
+class AsyncCollection(Generic[DocumentT]):
     """A collection: awaitable ``insert_one``, ``insert_many``, ``find_one``; ``find`` gives an `AsyncCursor`.
 
     The arguments, results, errors and retries are those of `Collection`.
     """
 
-    def _make_cursor(self, request: broker_pb2.FindRequest, seconds: float) -> AsyncCursor[DocumentT]:
-        return AsyncCursor(self._client, request, seconds)
+    def __init__(self, database: AsyncDatabase[DocumentT], name: str) -> None:
+        self._database = database
+        self._client = database.client
+        self._name = _requests.check_name(name, "collection")
 
-    async def insert_one(
-        self,
-        document: Mapping[str, Any],
-        *,
-        bypass_document_validation: bool = False,
-        write_concern: WriteConcernSpec | None = None,
-        timeout: float | None = None,
-    ) -> InsertOneResult:
-        """Insert one document (see `Collection.insert_one`)."""
-        return await self._client._run(
-            self._insert_one(document, bypass_document_validation, write_concern, timeout)
-        )
+    @property
+    def name(self) -> str:
+        return self._name
 
-    async def insert_many(
+    @property
+    def full_name(self) -> str:
+        return f"{self._database.name}.{self._name}"
+
+    @property
+    def database(self) -> AsyncDatabase[DocumentT]:
+        return self._database
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, AsyncCollection):
+            return self._database == other._database and self._name == other._name
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self._database, self._name))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._database!r}, {self._name!r})"
+
+    def find(
         self,
-        documents: Iterable[Mapping[str, Any]],
-        ordered: bool = True,
+        filter: Mapping[str, Any] | None = None,
+        projection: Projection | None = None,
         *,
-        bypass_document_validation: bool = False,
-        write_concern: WriteConcernSpec | None = None,
+        sort: Sort | None = None,
+        skip: int = 0,
+        limit: int = 0,
+        batch_size: int = 0,
+        hint: Hint | None = None,
+        max_time_ms: int | None = None,
+        comment: str | None = None,
         timeout: float | None = None,
-    ) -> InsertManyResult:
-        """Insert documents in one call (see `Collection.insert_many`)."""
-        return await self._client._run(
-            self._insert_many(documents, ordered, bypass_document_validation, write_concern, timeout)
+    ) -> AsyncCursor[DocumentT]:
+        """A lazy `AsyncCursor` over the matching documents; not awaited (see `Collection.find`)."""
+        settings = self._client._settings
+        request = _requests.find_request(
+            self._database.name,
+            self._name,
+            settings.codec_options,
+            filter,
+            projection,
+            sort=sort,
+            skip=skip,
+            limit=limit,
+            batch_size=batch_size,
+            hint=hint,
+            max_time_ms=max_time_ms,
+            comment=comment,
         )
+        return AsyncCursor(self._client, _requests.CursorState(request, settings.deadline(timeout), settings))
 
     async def find_one(
         self,
@@ -176,12 +330,70 @@ class AsyncCollection(
         timeout: float | None = None,
     ) -> DocumentT | None:
         """The first matching document, or None (see `Collection.find_one`)."""
-        return await self._client._run(
-            self._find_one(filter, projection, sort, skip, hint, max_time_ms, comment, timeout)
+        settings = self._client._settings
+        request = _requests.find_one_request(
+            self._database.name,
+            self._name,
+            settings.codec_options,
+            filter,
+            projection,
+            sort=sort,
+            skip=skip,
+            hint=hint,
+            max_time_ms=max_time_ms,
+            comment=comment,
         )
+        state = settings.retry_state("FindOne", timeout)
+        response = await self._client._call("FindOne", request, state)
+        return _requests.first_document(response, settings.codec_options)
+
+    async def insert_one(
+        self,
+        document: Mapping[str, Any],
+        *,
+        bypass_document_validation: bool = False,
+        write_concern: WriteConcernSpec | None = None,
+        timeout: float | None = None,
+    ) -> InsertOneResult:
+        """Insert one document (see `Collection.insert_one`)."""
+        insert = _requests.Insert(
+            self._database.name,
+            self._name,
+            [document],
+            ordered=True,
+            bypass_document_validation=bypass_document_validation,
+            write_concern=write_concern,
+            settings=self._client._settings,
+        )
+        state = self._client._settings.retry_state("Insert", timeout)
+        ids = await self._client._insert(insert, state)
+        return _requests.insert_one_result(ids, insert.acknowledged, state.attempts)
+
+    async def insert_many(
+        self,
+        documents: Iterable[Mapping[str, Any]],
+        ordered: bool = True,
+        *,
+        bypass_document_validation: bool = False,
+        write_concern: WriteConcernSpec | None = None,
+        timeout: float | None = None,
+    ) -> InsertManyResult:
+        """Insert documents in one call (see `Collection.insert_many`)."""
+        insert = _requests.Insert(
+            self._database.name,
+            self._name,
+            _requests.check_documents(documents),
+            ordered=ordered,
+            bypass_document_validation=bypass_document_validation,
+            write_concern=write_concern,
+            settings=self._client._settings,
+        )
+        state = self._client._settings.retry_state("Insert", timeout)
+        ids = await self._client._insert(insert, state)
+        return _requests.insert_many_result(ids, insert.acknowledged, state.attempts)
 
 
-class AsyncCursor(CursorBase[AsyncBrokerClient[DocumentT], DocumentT]):
+class AsyncCursor(Generic[DocumentT]):
     """The result of ``AsyncCollection.find()``: ``async for doc in cursor``.
 
     Lazy like `Cursor`: nothing is sent until the first ``__anext__``; each
@@ -189,15 +401,50 @@ class AsyncCursor(CursorBase[AsyncBrokerClient[DocumentT], DocumentT]):
     an ``async with`` block) cancels the call if it is still running.
     """
 
+    def __init__(self, client: AsyncBrokerClient[DocumentT], find: _requests.CursorState[DocumentT]) -> None:
+        self._client = client
+        self._find = find
+
+    @property
+    def alive(self) -> bool:
+        """True while the cursor may still return documents."""
+        return bool(self._find.buffer) or not self._find.done
+
+    @property
+    def retrieved(self) -> int:
+        """Documents received from the broker so far."""
+        return self._find.retrieved
+
+    @property
+    def attempts(self) -> int:
+        """How many times the Find was sent (more than 1 after retries; 0 before the first batch)."""
+        return self._find.attempts
+
     def __aiter__(self) -> AsyncCursor[DocumentT]:
         return self
 
     async def __anext__(self) -> DocumentT:
-        while not self._buffer:
-            if self._done:
+        find = self._find
+        while not find.buffer:
+            if find.done:
                 raise StopAsyncIteration
-            await self._client._run(self._fetch())
-        return self._buffer.popleft()
+            await self._fetch()
+        return find.buffer.popleft()
+
+    async def _fetch(self) -> None:
+        """Get the next batch into the buffer, or mark the end (see `Cursor._fetch`)."""
+        find, client = self._find, self._client
+        state = find.start()
+        with state:
+            while True:
+                try:
+                    if find.stream is None:
+                        find.stream = client._open_find(find.request, state.next_timeout())
+                    response = await client._read(find.stream)
+                    break
+                except BrokerError as exc:
+                    await _sleep(find.backoff(exc, state))
+        find.received(response)
 
     async def next(self) -> DocumentT:
         """pymongo's spelling of ``await anext(cursor)``."""
@@ -205,7 +452,7 @@ class AsyncCursor(CursorBase[AsyncBrokerClient[DocumentT], DocumentT]):
 
     async def to_list(self, length: int | None = None) -> list[DocumentT]:
         """The remaining documents (at most ``length``) as a list."""
-        most = self._check_length(length)
+        most = _requests.check_length(length)
         out: list[DocumentT] = []
         async for doc in self:
             out.append(doc)
@@ -215,7 +462,7 @@ class AsyncCursor(CursorBase[AsyncBrokerClient[DocumentT], DocumentT]):
 
     async def close(self) -> None:
         """Stop: cancel the call if it is still running and drop buffered documents."""
-        stream = self._detach()
+        stream = self._find.detach()
         if stream is not None:
             stream.cancel()
 

@@ -14,13 +14,16 @@ price for a package meant for short-lived workers. The names and the
 hierarchy are pymongo's, so migrating code changes its import line, not its
 ``except`` clauses.
 
-This module imports neither grpc nor protobuf at import time. The mapping
-looks codes up by name, and `from_rpc_error` only runs once an RPC has
-failed, when grpc is loaded anyway.
+Both clients map failures through ``with map_rpc_errors:`` around each
+channel call, so the table below is the one way from a gRPC status to an
+exception. This module imports neither grpc nor protobuf at import time.
+The mapping looks codes up by name, and `from_rpc_error` only runs once an
+RPC has failed, when grpc is loaded anyway.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -44,6 +47,7 @@ __all__ = [
     "WaitQueueTimeoutError",
     "WriteError",
     "from_rpc_error",
+    "map_rpc_errors",
 ]
 
 DOMAIN: Final = "mongo-broker"
@@ -234,6 +238,26 @@ def from_rpc_error(error: grpc.RpcError) -> BrokerError:
         details=details,
         retry_after=retry_after,
     )
+
+
+class _MapRpcErrors:
+    """``with map_rpc_errors:`` turns a ``grpc.RpcError`` raised inside into its `BrokerError`."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:
+        # Looked up, not imported: until grpc is loaded nothing can raise an
+        # RpcError, and a failure before the first call must not import it.
+        grpc_module = sys.modules.get("grpc")
+        if grpc_module is not None and isinstance(exc, grpc_module.RpcError):
+            raise from_rpc_error(exc) from None
+
+
+#: The error mapping of every call both clients make.
+map_rpc_errors: Final = _MapRpcErrors()
 
 
 def _status_details(

@@ -1,18 +1,13 @@
 """Result objects: pymongo's insert results, and typed Ping and Stats answers.
 
-They are read-only values. The ``*_from_proto`` helpers take the generated
-messages, which are imported only for type checking, so that importing this
-module stays cheap.
+They are read-only values, built from the broker's answers by `_requests`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from broker_client.proto.broker.v1 import broker_pb2
+from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "BrokerStats",
@@ -147,43 +142,3 @@ class BrokerStats:
 
     def __iter__(self) -> Iterator[DatabaseStats]:
         return iter(self.databases)
-
-
-def ping_result_from_proto(response: broker_pb2.PingResponse, attempts: int = 1) -> PingResult:
-    return PingResult(
-        version=response.version,
-        databases=tuple(
-            DatabasePing(
-                database=db.database,
-                ok=db.ok,
-                rtt_ms=db.rtt_ms,
-                pool=PoolSummary(
-                    connections_open=db.pool.connections_open,
-                    connections_in_use=db.pool.connections_in_use,
-                    max_pool_size=db.pool.max_pool_size,
-                ),
-                error=db.error,
-            )
-            for db in response.databases
-        ),
-        attempts=attempts,
-    )
-
-
-def stats_from_proto(response: broker_pb2.StatsResponse, attempts: int = 1) -> BrokerStats:
-    # Field by field from the dataclass, so a field the proto lacks fails
-    # loudly here rather than reading as zero.
-    names = [f.name for f in fields(DatabaseStats)]
-    databases = []
-    for db in response.databases:
-        values: dict[str, Any] = {}
-        for name in names:
-            value = getattr(db, name)
-            values[name] = dict(value) if name in _MAP_FIELDS else value
-        databases.append(DatabaseStats(**values))
-    return BrokerStats(
-        version=response.version, uptime_s=response.uptime_s, databases=tuple(databases), attempts=attempts
-    )
-
-
-_MAP_FIELDS = frozenset({"checkout_failures", "operations", "rpcs", "errors"})

@@ -1,9 +1,9 @@
 """Retries with exponential backoff and full jitter, within the call's deadline.
 
 `RetryPolicy` is the public, read-only description; `RetryState` applies it to
-one operation. Both clients use the same state through the shared plans in
-`_ops`, so the rules below hold for `BrokerClient` and `AsyncBrokerClient`
-alike:
+one operation. Both clients' retry loops (``client.py``, ``async_client.py``)
+ask the same state when to retry and how long to pause, so the rules below
+hold for `BrokerClient` and `AsyncBrokerClient` alike:
 
 - What is retried: UNAVAILABLE (no broker listening, broker draining,
   database unreachable or connection lost), and RESOURCE_EXHAUSTED with the
@@ -13,7 +13,7 @@ alike:
 - Which operations: pings, stats, ``find_one``, and ``find`` until its first
   documents arrive (a stream that fails later raises: restarting it would
   hand the caller documents twice). Inserts only when the client itself made
-  every ``_id`` in the call (see `_ops.insert_plan`).
+  every ``_id`` in the call (see `_requests.Insert`).
 - How long to wait: "full jitter" (AWS Architecture Blog, "Exponential
   Backoff And Jitter", 2015): a uniform random pause in ``[0, cap]``, where
   ``cap = min(max_backoff, initial_backoff * multiplier ** (n - 1))`` before
@@ -173,6 +173,8 @@ class RetryState:
     """One operation's attempts, pauses and deadline.
 
     ``policy=None`` makes `backoff` raise at once: the operation is tried once.
+    ``with state:`` around the operation's calls makes a `BrokerError` that
+    escapes say how many attempts were made (``.attempts``).
     """
 
     __slots__ = ("attempts", "deadline", "failures", "operation", "policy")
@@ -185,6 +187,21 @@ class RetryState:
         self.attempts = 0
         #: Of those, the ones that failed and were retried.
         self.failures = 0
+
+    def __enter__(self) -> RetryState:
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:
+        if exc is None:
+            return
+        from broker_client.errors import BrokerError
+
+        if isinstance(exc, BrokerError):
+            exc.attempts = self.attempts
+
+    def fresh(self, operation: str) -> RetryState:
+        """A state for another operation that serves this one: its own attempts, the same deadline."""
+        return RetryState(self.policy, self.deadline, operation)
 
     def next_timeout(self) -> float:
         """Count one more attempt; the seconds of the deadline left for it.
