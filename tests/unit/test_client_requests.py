@@ -485,3 +485,12 @@ def test_bad_arguments_are_refused_before_any_call() -> None:
         _ = client._private
     assert client._holder.channels_created == 0
     assert client._holder.channel is None
+
+
+def test_stats_results_have_every_field_of_the_proto() -> None:
+    from dataclasses import fields
+
+    from broker_client.results import DatabaseStats
+
+    proto = {f.name for f in broker_pb2.DatabaseStats.DESCRIPTOR.fields}
+    assert {f.name for f in fields(DatabaseStats)} == proto

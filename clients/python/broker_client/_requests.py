@@ -809,7 +809,7 @@ def ping_result(response: broker_pb2.PingResponse, attempts: int = 1) -> PingRes
     )
 
 
-_MAP_FIELDS: Final = frozenset({"checkout_failures", "operations", "rpcs", "errors"})
+_MAP_FIELDS: Final = frozenset({"checkout_failures", "operations", "rpcs", "errors", "command_failures"})
 
 
 def stats_result(response: broker_pb2.StatsResponse, attempts: int = 1) -> BrokerStats:

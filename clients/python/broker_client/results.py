@@ -122,6 +122,9 @@ class DatabaseStats:
     demand_connections: float
     round_trips_per_second: float
     mean_hold_ms: float
+    command_failures: Mapping[str, int]
+    abandoned_round_trips: int
+    stalled_streams: int
 
 
 @dataclass(frozen=True, slots=True)
