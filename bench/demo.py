@@ -33,7 +33,7 @@ from typing import Any
 
 from pymongo import MongoClient
 
-from bench.modes import percentile
+from bench.modes import BROKER_UDS, PER_PROCESS, percentile
 from harness.brokerproc import BrokerProcess, BrokerStartError, broker_config
 from harness.dbserver import KINDS, DatabaseServer, DatabaseServerError, database_server
 from harness.fleet import FleetResult, run_fleet, worker_command
@@ -72,7 +72,7 @@ def _run_phase(
     for failure in fleet.failed[:3]:
         print(f"    FAILED {failure.describe()}", flush=True)
     opened = None
-    if specs and specs[0]["mode"] == "pymongo":
+    if specs and specs[0]["mode"] == PER_PROCESS:
         opened = sum(int(r.get("connects", 0)) for r in fleet.reports)
     return Phase(
         label=label,
@@ -229,7 +229,7 @@ def _run_phases(
 ) -> int:
     workers, concurrency, ops = args.workers, args.concurrency, args.ops
     run_id = uuid.uuid4().hex[:8]
-    common = {"ops": ops, "hold_ms": args.hold_ms, "db_port": server.port}
+    common = {"ops": 2 * ops, "hold_ms": args.hold_ms, "db_port": server.port}
     via_broker = f"via_broker_{run_id}"
     own_client = f"own_client_{run_id}"
     database = direct[MONGO_DB]
@@ -239,7 +239,7 @@ def _run_phases(
             [
                 {
                     **common,
-                    "mode": "broker",
+                    "mode": BROKER_UDS,
                     "target": broker.unix_target,
                     "database": DB_NAME,
                     "collection": via_broker,
@@ -260,7 +260,7 @@ def _run_phases(
                 [
                     {
                         **common,
-                        "mode": "pymongo",
+                        "mode": PER_PROCESS,
                         "uri": server.uri,
                         "database": MONGO_DB,
                         "collection": own_client,

@@ -262,8 +262,8 @@ def storm_section(raw: dict[str, Any], agg: Aggregate, images: dict[str, str]) -
     out = [
         "## Storm: W short-lived worker processes",
         "",
-        f"Each worker is a fresh interpreter (`python bench/modes.py storm`) that imports its mode's client "
-        f"library, does {plan['ops']} operations (insert_one, find_one of it, ...), keeps its client "
+        f"Each worker is a fresh interpreter (`python harness/worker.py storm`) that imports its mode's "
+        f"client library, does {plan['ops']} operations (insert_one, find_one of it, ...), keeps its client "
         f"{plan['hold_ms']} ms more as a job does while it works, and exits; at most "
         f"**{plan['concurrency']} alive at once**. *spawn→first result* runs from just before the "
         "harness's `Popen` to the first operation's answer in the worker (both `time.monotonic()`, one "

@@ -1,6 +1,6 @@
 """The benchmark's workloads, run from the harness process: storm, steady, stream, ghz, profile.
 
-Each ``run_*`` function drives worker processes (``bench/modes.py``) against
+Each ``run_*`` function drives worker processes (``harness/worker.py``) against
 one database server and returns plain JSON-able records::
 
     {"workload": "storm", "mode": "broker-uds", "param": 200, "repeat": 0, "metrics": {...}}
@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import re
-import selectors
 import shutil
 import signal
 import socket
@@ -30,11 +29,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import bson
 import psutil
@@ -43,8 +41,10 @@ from pymongo import MongoClient
 from bench import modes
 from harness.brokerproc import BrokerProcess, broker_config
 from harness.dbserver import DatabaseServer
+from harness.fleet import run_fleet, worker_command
 from harness.netconns import ConnectionSampler, Endpoint, connections_to_port
 from harness.process import free_port, port_open, short_tmpdir, spawn_logged, terminate, wait_until
+from harness.worker import peak_rss_mb
 
 __all__ = [
     "Context",
@@ -61,7 +61,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
-MODES_SCRIPT = Path(modes.__file__).resolve()
 TOOLS = REPO / ".tools" / "bin"
 PROTO = REPO / "protos" / "broker" / "v1" / "broker.proto"
 
@@ -408,15 +407,6 @@ class ProcWatch:
     def rss_mb(self) -> float:
         return self._proc.memory_info().rss / 2**20
 
-    def _hwm_mb(self) -> float | None:
-        try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            return None
-        return None
-
     def reset_peak(self) -> None:
         with self._lock:
             self._peak = self._proc.memory_info().rss
@@ -430,9 +420,8 @@ class ProcWatch:
         """Peak RSS since the last ``reset_peak``/``take_peak_mb``, in MiB; resets it."""
         with self._lock:
             peak = self._peak / 2**20
-        hwm = self._hwm_mb() if self._hwm_reset else None
-        if hwm is not None:
-            peak = max(peak, hwm)
+        if self._hwm_reset:
+            peak = max(peak, peak_rss_mb(self.pid))
         self.reset_peak()
         return peak
 
@@ -460,139 +449,49 @@ class ProcWatch:
 # --- storm ------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Live:
-    index: int
-    proc: subprocess.Popen[bytes]
-    pidfd: int
-    out: IO[bytes]
-    err: IO[bytes]
-    spawned: float
-
-
-@dataclass
-class StormWorker:
-    index: int
-    returncode: int
-    spawned: float
-    exited: float
-    report: dict[str, Any] | None
-    stderr_tail: str
-
-
-def run_processes(
-    commands: Sequence[Sequence[str]], concurrency: int, timeout_per_worker: float = 120.0
-) -> tuple[list[StormWorker], float, int]:
-    """Run each command as a fresh process, at most ``concurrency`` alive; wait on pidfds, no polling.
-
-    Returns the workers (with the ``time.monotonic()`` at which each was
-    spawned and seen to exit), the wall time, and the most alive at once.
-    """
-    selector = selectors.DefaultSelector()
-    pending = deque(enumerate(commands))
-    live: dict[int, _Live] = {}
-    done: list[StormWorker] = []
-    max_alive = 0
-    started = time.monotonic()
-    try:
-        while pending or live:
-            while pending and len(live) < concurrency:
-                index, argv = pending.popleft()
-                out = tempfile.TemporaryFile()  # noqa: SIM115  # closed in _reap
-                err = tempfile.TemporaryFile()  # noqa: SIM115
-                spawned = time.monotonic()
-                proc = subprocess.Popen(
-                    list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
-                )
-                pidfd = os.pidfd_open(proc.pid)
-                selector.register(pidfd, selectors.EVENT_READ, index)
-                live[index] = _Live(index, proc, pidfd, out, err, spawned)
-            max_alive = max(max_alive, len(live))
-            for key, _events in selector.select(timeout=1.0):
-                run = live.pop(key.data)
-                selector.unregister(run.pidfd)
-                os.close(run.pidfd)
-                done.append(_reap(run, run.proc.wait()))
-            now = time.monotonic()
-            for run in [r for r in live.values() if now - r.spawned > timeout_per_worker]:
-                run.proc.kill()
-                live.pop(run.index)
-                selector.unregister(run.pidfd)
-                os.close(run.pidfd)
-                done.append(_reap(run, run.proc.wait()))
-    finally:
-        for run in live.values():
-            run.proc.kill()
-            run.proc.wait()
-            os.close(run.pidfd)
-            run.out.close()
-            run.err.close()
-        selector.close()
-    done.sort(key=lambda w: w.index)
-    return done, time.monotonic() - started, max_alive
-
-
-def _reap(run: _Live, code: int) -> StormWorker:
-    exited = time.monotonic()
-    run.out.seek(0)
-    run.err.seek(0)
-    stdout = run.out.read().decode("utf-8", "replace").strip().splitlines()
-    stderr = run.err.read().decode("utf-8", "replace").strip().splitlines()
-    run.out.close()
-    run.err.close()
-    report = None
-    if code == 0 and stdout:
-        with contextlib.suppress(ValueError):
-            report = json.loads(stdout[-1])
-    return StormWorker(run.index, code, run.spawned, exited, report, " | ".join(stderr[-4:]))
-
-
 def _storm_processes(
-    ctx: Context,
-    *,
-    mode: str,
-    workers: int,
-    concurrency: int,
-    spec: dict[str, Any],
-    sampler: ConnectionSampler,
+    ctx: Context, *, workers: int, concurrency: int, spec: dict[str, Any], sampler: ConnectionSampler
 ) -> dict[str, Any]:
-    commands = [
-        [ctx.python, str(MODES_SCRIPT), "storm", json.dumps({**spec, "worker": i})] for i in range(workers)
-    ]
+    commands = [worker_command({**spec, "worker": i}, python=ctx.python) for i in range(workers)]
     with sampler:
-        results, elapsed, max_alive = run_processes(commands, concurrency)
-    ok = [w for w in results if w.report is not None]
-    failed = [w for w in results if w.report is None]
-    first = [(w.report["t_first"] - w.spawned) * 1000 for w in ok if w.report is not None]
-    imported = [(w.report["t_imported"] - w.spawned) * 1000 for w in ok if w.report is not None]
+        fleet = run_fleet(commands, concurrency, timeout_per_worker=120)
+    ok = [(w, w.report) for w in fleet.results if w.ok and w.report is not None]
     return {
-        "wall_s": elapsed,
+        "wall_s": fleet.elapsed_s,
         "workers_ok": len(ok),
-        "workers_failed": len(failed),
-        "failure_samples": [f"worker {w.index}: exit {w.returncode}: {w.stderr_tail}" for w in failed[:3]],
-        "max_alive": max_alive,
-        "spawn_to_first_ms": first,
-        "spawn_to_imported_ms": imported,
-        "op_ms": [v for w in ok if w.report is not None for v in w.report["op_ms"][1:]],
-        "connects_reported": sum(int(w.report.get("connects", 0)) for w in ok if w.report is not None),
-        "worker_peak_rss_mb": [w.report["peak_rss_mb"] for w in ok if w.report is not None],
+        "workers_failed": len(fleet.failed),
+        "failure_samples": [w.describe() for w in fleet.failed[:3]],
+        "max_alive": fleet.max_alive,
+        "spawn_to_first_ms": [(r["t_first"] - w.spawned) * 1000 for w, r in ok],
+        "spawn_to_imported_ms": [(r["t_imported"] - w.spawned) * 1000 for w, r in ok],
+        "op_ms": [v for _, r in ok for v in _later_ops(r)],
+        "connects_reported": sum(int(r["connects"]) for _, r in ok),
+        "worker_peak_rss_mb": [r["peak_rss_mb"] for _, r in ok],
     }
+
+
+def _later_ops(report: dict[str, Any]) -> list[float]:
+    """Every operation but the first, which pays for connecting."""
+    return [*report["insert_ms"][1:], *report["find_ms"]]
+
+
+def _run_worker(ctx: Context, role: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run one worker to its end; its last line of output, parsed."""
+    argv = worker_command(spec, role, python=ctx.python)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {role} {spec['mode']} failed: {done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def _storm_threads(
     ctx: Context, *, workers: int, concurrency: int, spec: dict[str, Any], sampler: ConnectionSampler
 ) -> dict[str, Any]:
-    argv = [
-        ctx.python,
-        str(MODES_SCRIPT),
-        "storm-threads",
-        json.dumps({**spec, "workers": workers, "concurrency": concurrency}),
-    ]
     with sampler:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"storm-threads failed: {done.stderr[-2000:]}")
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+        report = _run_worker(
+            ctx, "storm-threads", {**spec, "workers": workers, "concurrency": concurrency}, 900
+        )
     tasks = report["tasks"]
     return {
         "wall_s": report["elapsed_s"],
@@ -602,7 +501,7 @@ def _storm_threads(
         "max_alive": concurrency,
         "spawn_to_first_ms": [(t["t_first"] - t["t_spawn"]) * 1000 for t in tasks],
         "spawn_to_imported_ms": [],
-        "op_ms": [v for t in tasks for v in t["op_ms"][1:]],
+        "op_ms": [v for t in tasks for v in _later_ops(t)],
         "connects_reported": None,
         "worker_peak_rss_mb": [report["peak_rss_mb"]],
     }
@@ -699,9 +598,7 @@ def _storm_once(
     if mode == modes.DIRECT_SHARED:
         metrics = _storm_threads(ctx, workers=workers, concurrency=concurrency, spec=spec, sampler=sampler)
     else:
-        metrics = _storm_processes(
-            ctx, mode=mode, workers=workers, concurrency=concurrency, spec=spec, sampler=sampler
-        )
+        metrics = _storm_processes(ctx, workers=workers, concurrency=concurrency, spec=spec, sampler=sampler)
     # Start every run from an empty collection: FerretDB's lookups slow down as
     # a collection grows, which would otherwise favour whichever mode ran first.
     ctx.mongo[MONGO_DB].drop_collection(STORM_COLLECTION)
@@ -783,7 +680,7 @@ def _steady_launch(
     duration: float,
 ) -> tuple[dict[str, Any], list[float], list[float]]:
     """Run the steady launcher; read the proxy's CPU and peak RSS at every window boundary."""
-    argv = [ctx.python, str(MODES_SCRIPT), "steady", json.dumps(spec)]
+    argv = worker_command(spec, "steady", python=ctx.python)
     cpu: list[float] = []
     peaks: list[float] = []
     with tempfile.TemporaryFile() as err:
@@ -896,19 +793,21 @@ def _steady_once(
         shutil.rmtree(result_dir, ignore_errors=True)
     records = []
     for index, window in enumerate(result["windows"]):
+        latencies = window["latencies"]
+        stats = modes.percentiles(latencies)
         metrics = {
-            "ops_per_s": window["ops_per_s"],
-            "p50_ms": window["p50_ms"],
-            "p99_ms": window["p99_ms"],
-            "p99.9_ms": window["p99.9_ms"],
-            "mean_ms": window["mean_ms"],
-            "ops": window["ops"],
+            "ops_per_s": len(latencies) / duration,
+            "p50_ms": stats["p50"],
+            "p99_ms": stats["p99"],
+            "p99.9_ms": stats["p99.9"],
+            "mean_ms": sum(latencies) / len(latencies) if latencies else math.nan,
+            "ops": len(latencies),
             "errors": window["errors"],
             "workers_ok": result["workers_ok"],
             "error_samples": result["error_samples"] + result["crashes"],
         }
         if cpu:
-            ops = max(1, window["ops"])
+            ops = max(1, len(latencies))
             metrics["proxy_cpu_s_per_1k_ops"] = (cpu[index + 1] - cpu[index]) / ops * 1000
             metrics["proxy_peak_rss_mb"] = peaks[index]
         records.append(_record("steady", mode, concurrency, index, **metrics))
@@ -993,17 +892,13 @@ def _stream_once(
         "expected_bytes": size * doc_bytes,
         **ctx.target(mode, broker, mb),
     }
-    argv = [ctx.python, str(MODES_SCRIPT), "stream", json.dumps(spec)]
     pid = _proxy_pid(mode, broker, mb)
     watch = ProcWatch(pid) if pid is not None else None
     with watch if watch is not None else contextlib.nullcontext():
         cpu_before = watch.cpu_s() if watch is not None else 0.0
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=1800, check=False)
+        report = _run_worker(ctx, "stream", spec, 1800)
         proxy_peak = watch.take_peak_mb() if watch is not None else None
         proxy_cpu = watch.cpu_s() - cpu_before if watch is not None else None
-    if done.returncode != 0:
-        raise RuntimeError(f"stream {mode} N={size} failed: {done.stderr[-3000:]}")
-    report = json.loads(done.stdout.strip().splitlines()[-1])
     records = []
     total_docs = sum(r["docs"] for r in report["runs"])
     for index, run in enumerate(report["runs"]):
@@ -1228,17 +1123,9 @@ def run_profile(
         }
         spy = _py_spy(py_spy, broker.pid, out, None, native)
         try:
-            done = subprocess.run(
-                [ctx.python, str(MODES_SCRIPT), "stream", json.dumps(spec)],
-                capture_output=True,
-                text=True,
-                timeout=1800,
-                check=False,
-            )
+            _run_worker(ctx, "stream", spec, 1800)
         finally:
             log = _stop_py_spy(spy)
-        if done.returncode != 0:
-            raise RuntimeError(f"profile stream failed: {done.stderr[-2000:]}")
         records.append(_profile_record("stream", stream_size, out, log, docs=2 * stream_size))
     return records
 
