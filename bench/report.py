@@ -943,6 +943,13 @@ def _footnote(agg: Aggregate) -> str:
     return ""
 
 
+def _save(plt: Any, fig: Any, out_dir: Path, name: str) -> dict[str, str]:
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{name}.png", dpi=110)
+    plt.close(fig)
+    return {name: f"{name}.png"}
+
+
 def _plot_storm(plt: Any, raw: dict[str, Any], agg: Aggregate, out_dir: Path) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     _draw(ax, agg, "storm", "peak_connections")
@@ -957,9 +964,7 @@ def _plot_storm(plt: Any, raw: dict[str, Any], agg: Aggregate, out_dir: Path) ->
     )
     ax.legend(fontsize=8, title=_footnote(agg), title_fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "storm_peak_connections.png", dpi=110)
-    plt.close(fig)
+    images = _save(plt, fig, out_dir, "storm_peak_connections")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     _draw(ax, agg, "storm", "s2f_p50_ms", linestyle="-", suffix=" p50")
@@ -973,13 +978,7 @@ def _plot_storm(plt: Any, raw: dict[str, Any], agg: Aggregate, out_dir: Path) ->
     )
     ax.legend(fontsize=7, ncol=2, title=_footnote(agg), title_fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "storm_spawn_to_first.png", dpi=110)
-    plt.close(fig)
-    return {
-        "storm_peak_connections": "storm_peak_connections.png",
-        "storm_spawn_to_first": "storm_spawn_to_first.png",
-    }
+    return {**images, **_save(plt, fig, out_dir, "storm_spawn_to_first")}
 
 
 def _plot_steady(plt: Any, raw: dict[str, Any], agg: Aggregate, out_dir: Path) -> dict[str, str]:
@@ -999,10 +998,7 @@ def _plot_steady(plt: Any, raw: dict[str, Any], agg: Aggregate, out_dir: Path) -
         ax.set_xticks(agg.params["steady"], [str(c) for c in agg.params["steady"]])
     left.legend(fontsize=8, title=_footnote(agg), title_fontsize=7)
     fig.suptitle(f"Steady: find_one by _id + insert_one\n{_subtitle(raw)}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out_dir / "steady.png", dpi=110)
-    plt.close(fig)
-    return {"steady": "steady.png"}
+    return _save(plt, fig, out_dir, "steady")
 
 
 def _plot_stream(plt: Any, raw: dict[str, Any], agg: Aggregate, out_dir: Path) -> dict[str, str]:
@@ -1037,10 +1033,7 @@ def _plot_stream(plt: Any, raw: dict[str, Any], agg: Aggregate, out_dir: Path) -
     right.legend(fontsize=8)
     right.grid(True, alpha=0.3)
     fig.suptitle(f"Stream: ~1 KB documents\n{_subtitle(raw)}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out_dir / "stream.png", dpi=110)
-    plt.close(fig)
-    return {"stream": "stream.png"}
+    return _save(plt, fig, out_dir, "stream")
 
 
 def plots(raw: dict[str, Any], agg: Aggregate, out_dir: Path) -> dict[str, str]:

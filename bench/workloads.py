@@ -671,19 +671,22 @@ def seed_steady(ctx: Context, count: int) -> None:
         )
 
 
+def _watch(pid: int | None) -> contextlib.AbstractContextManager[ProcWatch | None]:
+    """A ProcWatch on ``pid`` (the proxy of a mode), or nothing for a mode without one."""
+    return ProcWatch(pid) if pid is not None else contextlib.nullcontext()
+
+
 def _steady_launch(
-    ctx: Context,
-    *,
-    spec: dict[str, Any],
-    watch: ProcWatch | None,
-    windows: int,
-    duration: float,
+    ctx: Context, spec: dict[str, Any], watch: ProcWatch | None
 ) -> tuple[dict[str, Any], list[float], list[float]]:
     """Run the steady launcher; read the proxy's CPU and peak RSS at every window boundary."""
-    argv = worker_command(spec, "steady", python=ctx.python)
+    windows, duration = int(spec["windows"]), float(spec["duration_s"])
+    result_dir = short_tmpdir("mb-steady-")
+    argv = worker_command({**spec, "result_dir": str(result_dir)}, "steady", python=ctx.python)
     cpu: list[float] = []
     peaks: list[float] = []
-    with tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as err, contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, result_dir, ignore_errors=True)
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
         assert proc.stdout is not None
         timer = threading.Timer(180 + windows * duration, proc.kill)
@@ -738,59 +741,32 @@ def run_steady(
                 # The same 1,000 documents for every mode and C: inserts grow the
                 # collection, and FerretDB's lookups slow down as it grows.
                 seed_steady(ctx, seed_docs)
-                records.extend(
-                    _steady_once(
-                        ctx,
-                        mode=mode,
-                        concurrency=concurrency,
-                        duration=duration,
-                        windows=windows,
-                        seed_docs=seed_docs,
-                        insert_every=insert_every,
-                        broker=broker,
-                        mb=mb,
-                    )
-                )
+                spec = {
+                    "mode": mode,
+                    "concurrency": concurrency,
+                    "duration_s": duration,
+                    "windows": windows,
+                    "seed_docs": seed_docs,
+                    "insert_every": insert_every,
+                    "collection": STEADY_COLLECTION,
+                    **ctx.target(mode, broker, mb),
+                }
+                with _watch(_proxy_pid(mode, broker, mb)) as watch:
+                    result, cpu, peaks = _steady_launch(ctx, spec, watch)
+                records.extend(_steady_records(mode, concurrency, duration, result, cpu=cpu, peaks=peaks))
     return records
 
 
-def _steady_once(
-    ctx: Context,
-    *,
+def _steady_records(
     mode: str,
     concurrency: int,
     duration: float,
-    windows: int,
-    seed_docs: int,
-    insert_every: int,
-    broker: BrokerProcess,
-    mb: MongobetweenProcess | None,
+    result: dict[str, Any],
+    *,
+    cpu: list[float],
+    peaks: list[float],
 ) -> list[Record]:
-    result_dir = short_tmpdir("mb-steady-")
-    spec = {
-        "mode": mode,
-        "concurrency": concurrency,
-        "duration_s": duration,
-        "windows": windows,
-        "seed_docs": seed_docs,
-        "insert_every": insert_every,
-        "collection": STEADY_COLLECTION,
-        "result_dir": str(result_dir),
-        **ctx.target(mode, broker, mb),
-    }
-    pid = _proxy_pid(mode, broker, mb)
-    try:
-        if pid is None:
-            result, cpu, peaks = _steady_launch(
-                ctx, spec=spec, watch=None, windows=windows, duration=duration
-            )
-        else:
-            with ProcWatch(pid) as watch:
-                result, cpu, peaks = _steady_launch(
-                    ctx, spec=spec, watch=watch, windows=windows, duration=duration
-                )
-    finally:
-        shutil.rmtree(result_dir, ignore_errors=True)
+    """One record per window: its latency percentiles and, for a proxy mode, the proxy's CPU and RSS."""
     records = []
     for index, window in enumerate(result["windows"]):
         latencies = window["latencies"]
@@ -892,9 +868,7 @@ def _stream_once(
         "expected_bytes": size * doc_bytes,
         **ctx.target(mode, broker, mb),
     }
-    pid = _proxy_pid(mode, broker, mb)
-    watch = ProcWatch(pid) if pid is not None else None
-    with watch if watch is not None else contextlib.nullcontext():
+    with _watch(_proxy_pid(mode, broker, mb)) as watch:
         cpu_before = watch.cpu_s() if watch is not None else 0.0
         report = _run_worker(ctx, "stream", spec, 1800)
         proxy_peak = watch.take_peak_mb() if watch is not None else None
@@ -1089,7 +1063,6 @@ def run_profile(
         # Steady: the workers warm up, then py-spy records the measured window.
         ctx.progress(f"profile: py-spy on the broker, steady C={steady_concurrency} for {seconds:g} s")
         out = ctx.raw_dir / f"profile-steady-c{steady_concurrency}-{stamp}.speedscope.json"
-        result_dir = short_tmpdir("mb-prof-")
         spec = {
             "mode": modes.BROKER_UDS,
             "concurrency": steady_concurrency,
@@ -1097,17 +1070,17 @@ def run_profile(
             "windows": 1,
             "seed_docs": 1000,
             "collection": STEADY_COLLECTION,
-            "result_dir": str(result_dir),
             **ctx.target(modes.BROKER_UDS, broker, None),
         }
         spy = _py_spy(py_spy, broker.pid, out, seconds, native)
         try:
-            result, _, _ = _steady_launch(ctx, spec=spec, watch=None, windows=1, duration=seconds)
+            result, _, _ = _steady_launch(ctx, spec, None)
         finally:
             log = _stop_py_spy(spy)
-            shutil.rmtree(result_dir, ignore_errors=True)
         records.append(
-            _profile_record("steady", steady_concurrency, out, log, ops=result["windows"][0]["ops"])
+            _profile_record(
+                "steady", steady_concurrency, out, log, ops=len(result["windows"][0]["latencies"])
+            )
         )
         # Stream: py-spy runs for exactly as long as the client reads.
         ctx.progress(f"profile: py-spy on the broker, stream N={stream_size}")
