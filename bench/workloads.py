@@ -86,6 +86,17 @@ def _not_measured(workload: str, mode: str, param: Any, reason: str) -> Record:
     return {"workload": workload, "mode": mode, "param": param, "repeat": 0, "not_measured": reason}
 
 
+def _runnable(
+    ctx: Context, workload: str, param: Any, mode_list: Sequence[str], mb: Any, *, records: list[Record]
+) -> Iterator[str]:
+    """The modes of ``mode_list`` that can run; mongobetween without a binary goes to ``records``."""
+    for mode in mode_list:
+        if mode == modes.MONGOBETWEEN and mb is None:
+            records.append(_not_measured(workload, mode, param, ctx.mongobetween.reason))
+        else:
+            yield mode
+
+
 # --- mongobetween ----------------------------------------------------------------------------
 
 MONGOBETWEEN_MODULE = "github.com/coinbase/mongobetween"
@@ -543,58 +554,34 @@ def run_storm(
                     if m not in these_modes and m != modes.MONGOBETWEEN
                 )
             for repeat in range(these_repeats):
-                for mode in these_modes:
-                    if mode == modes.MONGOBETWEEN and mb is None:
-                        if repeat == 0:
-                            records.append(_not_measured("storm", mode, workers, ctx.mongobetween.reason))
-                        continue
-                    records.append(
-                        _storm_once(
-                            ctx,
-                            mode=mode,
-                            workers=workers,
-                            repeat=repeat,
-                            concurrency=concurrency,
-                            ops=ops,
-                            hold_ms=hold_ms,
-                            broker=broker,
-                            mb=mb,
-                            port=port,
-                        )
-                    )
+                reasons = records if repeat == 0 else []
+                for mode in _runnable(ctx, "storm", workers, these_modes, mb, records=reasons):
+                    ctx.progress(f"storm W={workers} {mode} (repeat {repeat + 1})")
+                    spec = {
+                        "mode": mode,
+                        "collection": STORM_COLLECTION,
+                        "ops": ops,
+                        "hold_ms": hold_ms,
+                        "db_port": port,
+                        **ctx.target(mode, broker, mb),
+                    }
+                    metrics = _storm_once(ctx, spec, workers, concurrency, _bystanders(mode, broker, mb))
+                    records.append(_record("storm", mode, workers, repeat, **metrics))
         ctx.mongo[MONGO_DB].drop_collection(STORM_COLLECTION)
     return records
 
 
 def _storm_once(
-    ctx: Context,
-    *,
-    mode: str,
-    workers: int,
-    repeat: int,
-    concurrency: int,
-    ops: int,
-    hold_ms: int,
-    broker: BrokerProcess,
-    mb: MongobetweenProcess | None,
-    port: int,
-) -> Record:
-    ctx.progress(f"storm W={workers} {mode} (repeat {repeat + 1})")
-    exclude = _bystanders(mode, broker, mb)
+    ctx: Context, spec: dict[str, Any], workers: int, concurrency: int, exclude: list[int]
+) -> dict[str, Any]:
+    """One storm of ``workers`` workers of ``spec``'s mode while a sampler counts database connections."""
+    mode, port = spec["mode"], spec["db_port"]
     before = db_connections(port, exclude)
 
     def probe() -> set[Endpoint]:
         return db_connections(port, exclude)
 
     sampler = ConnectionSampler(probe, interval=0.025)
-    spec = {
-        "mode": mode,
-        "collection": STORM_COLLECTION,
-        "ops": ops,
-        "hold_ms": hold_ms,
-        "db_port": port,
-        **ctx.target(mode, broker, mb),
-    }
     if mode == modes.DIRECT_SHARED:
         metrics = _storm_threads(ctx, workers=workers, concurrency=concurrency, spec=spec, sampler=sampler)
     else:
@@ -615,7 +602,7 @@ def _storm_once(
         workers=workers,
         concurrency=concurrency,
     )
-    return _record("storm", mode, workers, repeat, **metrics)
+    return metrics
 
 
 IMPORT_PATHS = {
@@ -733,10 +720,7 @@ def run_steady(
     seed_steady(ctx, seed_docs)
     with ctx.broker("steady") as broker, ctx.mongobetween_proxy() as mb:
         for concurrency in concurrencies:
-            for mode in mode_list:
-                if mode == modes.MONGOBETWEEN and mb is None:
-                    records.append(_not_measured("steady", mode, concurrency, ctx.mongobetween.reason))
-                    continue
+            for mode in _runnable(ctx, "steady", concurrency, mode_list, mb, records=records):
                 ctx.progress(f"steady C={concurrency} {mode} ({windows} x {duration:g} s)")
                 # The same 1,000 documents for every mode and C: inserts grow the
                 # collection, and FerretDB's lookups slow down as it grows.
@@ -826,10 +810,7 @@ def run_stream(
     for size in sizes:
         with ctx.broker(f"stream-{size}") as broker, ctx.mongobetween_proxy() as mb:
             baseline = ProcWatch(broker.pid).rss_mb()
-            for mode in mode_list:
-                if mode == modes.MONGOBETWEEN and mb is None:
-                    records.append(_not_measured("stream", mode, size, ctx.mongobetween.reason))
-                    continue
+            for mode in _runnable(ctx, "stream", size, mode_list, mb, records=records):
                 ctx.progress(f"stream N={size} {mode} ({repeats} runs)")
                 records.extend(
                     _stream_once(
