@@ -72,6 +72,10 @@ MONGO_DB = "bench"
 STEADY_COLLECTION = "steady"
 STREAM_COLLECTION = "stream"
 STORM_COLLECTION = "storm"
+# The broker's config for every workload: defaults but for the queue bounds,
+# raised so that 64 steady workers on 2 cores queue instead of being refused:
+# the benchmark measures throughput, not the overload policy.
+BROKER_SETTINGS = {"max_waiting": 256, "wait_queue_timeout_ms": 10_000}
 # ~1 KB per streamed document: int32 _id and i, and a 990-character string.
 STREAM_PAD = 990
 
@@ -234,15 +238,6 @@ class Context:
         if self._mongo is not None:
             self._mongo.close()
 
-    def broker_settings(self) -> dict[str, Any]:
-        """The broker's config for every workload: defaults but for the queue bounds.
-
-        ``max_waiting`` and ``wait_queue_timeout_ms`` are raised so that 64
-        steady workers on 2 cores queue instead of being refused: the
-        benchmark measures throughput, not the overload policy.
-        """
-        return {"max_waiting": 256, "wait_queue_timeout_ms": 10_000}
-
     @contextlib.contextmanager
     def broker(self, name: str) -> Iterator[BrokerProcess]:
         """A fresh broker on a Unix socket and loopback TCP, stopped afterwards."""
@@ -255,7 +250,7 @@ class Context:
             db_name=BROKER_DB,
             mongo_db=MONGO_DB,
             max_pool_size=self.max_pool_size,
-            **self.broker_settings(),
+            **BROKER_SETTINGS,
         )
         with BrokerProcess(config, workdir=workdir, name="broker") as broker:
             broker.start()
@@ -909,29 +904,18 @@ def ghz_argv(
     seconds: float,
 ) -> list[str]:
     """The ghz command line for ``seconds`` of ``call`` with ``data`` against ``target``; JSON out."""
-    return [
-        ghz,
-        "--insecure",
-        "--proto",
-        str(PROTO),
-        "--import-paths",
-        str(PROTO.parent.parent.parent),
-        "--call",
-        f"broker.v1.Broker.{call}",
-        "--data",
-        json.dumps(data),
-        "--concurrency",
-        str(concurrency),
-        "--connections",
-        str(connections),
-        "--duration",
-        f"{seconds:g}s",
-        "--timeout",
-        "20s",
-        "--format",
-        "json",
-        target,
-    ]
+    flags = {
+        "--proto": str(PROTO),
+        "--import-paths": str(PROTO.parent.parent.parent),
+        "--call": f"broker.v1.Broker.{call}",
+        "--data": json.dumps(data),
+        "--concurrency": str(concurrency),
+        "--connections": str(connections),
+        "--duration": f"{seconds:g}s",
+        "--timeout": "20s",
+        "--format": "json",
+    }
+    return [ghz, "--insecure", *(part for flag in flags.items() for part in flag), target]
 
 
 def run_ghz(
