@@ -6,12 +6,13 @@
     python -m bench.report RAW.json        # re-render REPORT.md and the plots from raw figures
 
 Modes (bench/modes.py): churn, per-process, mongobetween, broker-uds,
-broker-tcp, direct-shared. Workloads (bench/workloads.py): storm, steady,
-stream, ghz, profile. All of them run against the same database server in
-the same run: ``MONGODB_URI`` when set, else what harness/dbserver.py finds
-(mongod, Docker, FerretDB). The raw figures go to
-``bench/results/raw/bench-<time>.json`` (git-ignored) and
-``bench/report.py`` writes ``bench/results/REPORT.md`` and its PNG plots.
+broker-tcp, direct-shared; every worker is harness/worker.py. Workloads
+(bench/workloads.py): storm, steady, stream, ghz, profile. All of them run
+against the same database server in the same run: ``MONGODB_URI`` when set,
+else what harness/dbserver.py finds (mongod, Docker, FerretDB). The raw
+figures go to ``bench/results/raw/bench-<time>.json`` (git-ignored) and
+``bench/report.py`` writes ``bench/results/REPORT.md`` and its PNG plots;
+docs/BENCHMARKS.md says how each figure is measured.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from typing import Any
 
 from pymongo import MongoClient
 
-from bench.modes import percentile
+from bench.modes import BROKER_UDS, PER_PROCESS, percentile
 from harness.brokerproc import BrokerProcess, BrokerStartError, broker_config
 from harness.dbserver import KINDS, DatabaseServer, DatabaseServerError, database_server
 from harness.fleet import FleetResult, run_fleet, worker_command
@@ -72,7 +72,7 @@ def _run_phase(
     for failure in fleet.failed[:3]:
         print(f"    FAILED {failure.describe()}", flush=True)
     opened = None
-    if specs and specs[0]["mode"] == "pymongo":
+    if specs and specs[0]["mode"] == PER_PROCESS:
         opened = sum(int(r.get("connects", 0)) for r in fleet.reports)
     return Phase(
         label=label,
@@ -181,30 +181,12 @@ def run(args: argparse.Namespace) -> int:
                 MongoClient[dict[str, Any]](server.uri, appname="mongo-broker-demo") as direct,
             ):
                 broker.start()
-                return _announce_and_run(args, server, broker, direct)
+                return _run_phases(args, server, broker, direct)
         finally:
             if args.keep:
                 print(f"  kept the broker's config and log in {workdir}")
             else:
                 shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _announce_and_run(
-    args: argparse.Namespace,
-    server: DatabaseServer,
-    broker: BrokerProcess,
-    direct: MongoClient[dict[str, Any]],
-) -> int:
-    workers, concurrency, ops = args.workers, args.concurrency, args.ops
-    print(
-        f"  broker:   {broker.version}, pid {broker.pid}, {broker.unix_target}, "
-        f"max_pool_size {args.max_pool_size}"
-    )
-    print(
-        f"  workload: {workers} worker processes, at most {concurrency} alive at once, "
-        f"{ops} x (insert + find) each, then {args.hold_ms} ms of other work"
-    )
-    return _run_phases(args, server, broker, direct)
 
 
 def _print_broker_stats(broker: BrokerProcess) -> None:
@@ -228,51 +210,47 @@ def _run_phases(
     direct: MongoClient[dict[str, Any]],
 ) -> int:
     workers, concurrency, ops = args.workers, args.concurrency, args.ops
+    print(
+        f"  broker:   {broker.version}, pid {broker.pid}, {broker.unix_target}, "
+        f"max_pool_size {args.max_pool_size}"
+    )
+    print(
+        f"  workload: {workers} worker processes, at most {concurrency} alive at once, "
+        f"{ops} x (insert + find) each, then {args.hold_ms} ms of other work"
+    )
     run_id = uuid.uuid4().hex[:8]
-    common = {"ops": ops, "hold_ms": args.hold_ms, "db_port": server.port}
     via_broker = f"via_broker_{run_id}"
     own_client = f"own_client_{run_id}"
     database = direct[MONGO_DB]
+
+    def phase(label: str, probe: Callable[[], set[Endpoint]], collection: str, **target: Any) -> Phase:
+        # insert + find per round: 2 x ops operations
+        common = {"ops": 2 * ops, "hold_ms": args.hold_ms, "db_port": server.port, "collection": collection}
+        specs = [{**common, **target, "worker": i} for i in range(workers)]
+        return _run_phase(label, specs, concurrency, probe, lambda: database[collection].count_documents({}))
+
     phases = [
-        _run_phase(
+        phase(
             "through the broker",
-            [
-                {
-                    **common,
-                    "mode": "broker",
-                    "target": broker.unix_target,
-                    "database": DB_NAME,
-                    "collection": via_broker,
-                    "worker": i,
-                }
-                for i in range(workers)
-            ],
-            concurrency,
             lambda: connections_from_pid(broker.pid, server.port),
-            lambda: database[via_broker].count_documents({}),
+            via_broker,
+            mode=BROKER_UDS,
+            target=broker.unix_target,
+            database=DB_NAME,
         )
     ]
     if args.compare:
         me = os.getpid()
         phases.append(
-            _run_phase(
+            phase(
                 "own MongoClient each",
-                [
-                    {
-                        **common,
-                        "mode": "pymongo",
-                        "uri": server.uri,
-                        "database": MONGO_DB,
-                        "collection": own_client,
-                        "worker": i,
-                    }
-                    for i in range(workers)
-                ],
-                concurrency,
                 # Everyone's connections to the database but the broker's
                 # (idle now) and this process's own client.
                 lambda: connections_to_port(server.port, (broker.pid, me)),
-                lambda: database[own_client].count_documents({}),
+                own_client,
+                mode=PER_PROCESS,
+                uri=server.uri,
+                database=MONGO_DB,
             )
         )
     for name in (via_broker, own_client):

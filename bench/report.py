@@ -2,11 +2,11 @@
 
     python -m bench.report bench/results/raw/bench-20250101-120000.json [--out bench/results]
 
-Every figure is the median of its repeats with the spread as [min-max];
-every table has its ratios against every peer measured in the same run.
-The first report written keeps its key figures as the *before* baseline, in
-a comment block at the end of REPORT.md; later runs show before -> after
-next to them (``--new-baseline`` starts over).
+The report holds only text made from the run's figures; how each figure is
+measured, how to read it and the optimisation pass are in docs/BENCHMARKS.md,
+which the report links to. The first report written keeps its key figures as
+the *before* baseline in a comment block at its end (``--new-baseline``
+starts over).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from bench import modes
 from bench.modes import percentile
 
 REPO = Path(__file__).resolve().parent.parent
+# From bench/results/REPORT.md.
+METHOD = "../../docs/BENCHMARKS.md"
 
 __all__ = ["aggregate", "headline_text", "main", "profile_summary", "write_report"]
 
@@ -257,107 +259,97 @@ def _notes(agg: Aggregate, workload: str) -> str:
     return ("Errors seen (first of each kind):\n\n" + "\n".join(lines)) if lines else ""
 
 
+def _method(anchor: str) -> str:
+    return f"How it is measured: [docs/BENCHMARKS.md]({METHOD}#{anchor})."
+
+
+def _param_tables(
+    agg: Aggregate,
+    workload: str,
+    title: Callable[[Any], str],
+    columns: Sequence[tuple[str, str, int | None]],
+    ratios: Sequence[tuple[str, str]],
+) -> list[str]:
+    """One metric table (and its ratio tables) per param of ``workload``."""
+    out = []
+    for param in agg.params.get(workload, []):
+        out += [f"### {title(param)}", "", metric_table(agg, workload, param, columns), ""]
+        if peers := ratio_tables(agg, workload, param, ratios):
+            out += [peers, ""]
+    return out
+
+
+def _closing(agg: Aggregate, workload: str, images: dict[str, str], names: Sequence[str]) -> list[str]:
+    out = [f"![{name}]({images[name]})\n" for name in names if name in images]
+    if notes := _notes(agg, workload):
+        out += [notes, ""]
+    return out
+
+
 def storm_section(raw: dict[str, Any], agg: Aggregate, images: dict[str, str]) -> str:
     plan = raw["plan"]["storm"]
     out = [
         "## Storm: W short-lived worker processes",
         "",
-        f"Each worker is a fresh interpreter (`python bench/modes.py storm`) that imports its mode's client "
-        f"library, does {plan['ops']} operations (insert_one, find_one of it, ...), keeps its client "
-        f"{plan['hold_ms']} ms more as a job does while it works, and exits; at most "
-        f"**{plan['concurrency']} alive at once**. *spawn→first result* runs from just before the "
-        "harness's `Popen` to the first operation's answer in the worker (both `time.monotonic()`, one "
-        "clock for every process on Linux), so it includes interpreter start, imports and connecting. "
-        "direct-shared runs the same tasks on threads of one process whose client is already connected: "
-        "its spawn→first result is the operation alone. *Peak DB connections*: ESTABLISHED TCP "
-        "connections to the database port, sampled every 25 ms through the kernel's sock_diag netlink "
-        "interface, as `ss` does (the harness's own and idle bystanders' excluded). *Opened*: exact "
-        "counts from an audit hook in each worker for "
-        "churn/per-process/mongobetween workers, new connections seen by the sampler otherwise.",
+        f"{plan['ops']} operations per worker, its client kept {plan['hold_ms']} ms more, at most "
+        f"**{plan['concurrency']} alive at once**. " + _method("storm-w-short-lived-worker-processes"),
         "",
     ]
-    if plan.get("large_w"):
+    if plan.get("large_w") in agg.params.get("storm", []):
         out += [
             f"At W={plan['large_w']} only {', '.join(plan['large_modes'])} (and mongobetween, were it "
-            f"available) run, {plan['large_repeats']} repeat(s), to keep the run short on 2 cores; "
-            "`python -m bench.bench --full` runs every mode with every repeat there.",
+            f"available) ran, {plan['large_repeats']} repeat(s); `--full` runs every mode there.",
             "",
         ]
     if 0 in agg.params.get("imports", []):
         out += [
-            "What a cold worker pays before it can call anything, measured one process at a time on an "
-            "otherwise idle harness (`python -c 'import ...'`: the import alone, and the whole process "
-            "with interpreter start and exit):",
+            "A cold worker's imports, one process at a time:",
             "",
             metric_table(
                 agg, "imports", 0, [("import_ms", "import ms", 1), ("process_ms", "whole process ms", 0)]
             ),
             "",
         ]
-    for workers in agg.params.get("storm", []):
-        out += [f"### W = {workers}", "", metric_table(agg, "storm", workers, STORM_COLUMNS), ""]
-        ratios = ratio_tables(
-            agg,
-            "storm",
-            workers,
-            [
-                ("peak_connections", "peak DB connections"),
-                ("connections_opened", "DB connections opened"),
-                ("s2f_p50_ms", "spawn→first result p50"),
-                ("s2f_p99_ms", "spawn→first result p99"),
-                ("wall_s", "wall time"),
-            ],
-        )
-        if ratios:
-            out += [ratios, ""]
-    for name in ("storm_peak_connections", "storm_spawn_to_first"):
-        if name in images:
-            out += [f"![{name}]({images[name]})", ""]
-    if notes := _notes(agg, "storm"):
-        out += [notes, ""]
+    out += _param_tables(
+        agg,
+        "storm",
+        lambda w: f"W = {w}",
+        STORM_COLUMNS,
+        [
+            ("peak_connections", "peak DB connections"),
+            ("connections_opened", "DB connections opened"),
+            ("s2f_p50_ms", "spawn→first result p50"),
+            ("s2f_p99_ms", "spawn→first result p99"),
+            ("wall_s", "wall time"),
+        ],
+    )
+    out += _closing(agg, "storm", images, ("storm_peak_connections", "storm_spawn_to_first"))
     return "\n".join(out)
 
 
 def steady_section(raw: dict[str, Any], agg: Aggregate, images: dict[str, str]) -> str:
     plan = raw["plan"]["steady"]
-    every = plan["insert_every"]
     out = [
         "## Steady: C long-lived workers",
         "",
-        f"C workers loop for {plan['windows']} consecutive windows of {plan['seconds']:g} s; the windows "
-        f"are the repeats (one fleet per mode and C, not {plan['windows']} fresh fleets). Each operation "
-        f"is a find_one by `_id` of one of {plan['seed_docs']} seeded documents, except every "
-        f"{every}th, an insert_one. Process modes fork C workers from a launcher that has imported the "
-        "client library (as gunicorn does); each child then makes its own client. direct-shared is C "
-        "threads sharing one MongoClient (pymongo's default pool). Latencies are measured in the "
-        "workers around each call. *Broker CPU* is the broker process's user+system CPU time "
-        "(psutil) over the window, per 1,000 operations; *broker peak RSS* its high-water mark over "
-        "the window (VmHWM, reset per window). The broker is one process (an event-loop thread and "
-        "gRPC's poller thread) serving every worker: when other processes on the machine want the CPU "
-        "(see the load column: the machine is shared), Linux gives it one thread's share while C "
-        "per-process workers get C shares, so broker figures fall further than the others under load. "
-        "`--proxy-nice -10` runs the broker with a larger share, as a CPU request does for a sidecar.",
+        f"{plan['windows']} consecutive windows of {plan['seconds']:g} s per mode and C (the repeats); "
+        f"find_one by `_id` of one of {plan['seed_docs']} seeded documents, every "
+        f"{plan['insert_every']}th operation an insert_one. " + _method("steady-c-long-lived-workers"),
         "",
     ]
-    for concurrency in agg.params.get("steady", []):
-        out += [f"### C = {concurrency}", "", metric_table(agg, "steady", concurrency, STEADY_COLUMNS), ""]
-        ratios = ratio_tables(
-            agg,
-            "steady",
-            concurrency,
-            [
-                ("ops_per_s", "throughput"),
-                ("p50_ms", "p50 latency"),
-                ("p99_ms", "p99 latency"),
-                ("p99.9_ms", "p99.9 latency"),
-            ],
-        )
-        if ratios:
-            out += [ratios, ""]
-    if "steady" in images:
-        out += [f"![steady]({images['steady']})", ""]
-    if notes := _notes(agg, "steady"):
-        out += [notes, ""]
+    out += _param_tables(
+        agg,
+        "steady",
+        lambda c: f"C = {c}",
+        STEADY_COLUMNS,
+        [
+            ("ops_per_s", "throughput"),
+            ("p50_ms", "p50 latency"),
+            ("p99_ms", "p99 latency"),
+            ("p99.9_ms", "p99.9 latency"),
+        ],
+    )
+    out += _closing(agg, "steady", images, ("steady",))
     return "\n".join(out)
 
 
@@ -366,48 +358,34 @@ def stream_section(raw: dict[str, Any], agg: Aggregate, images: dict[str, str]) 
     out = [
         "## Stream: one find of N ~1 KB documents",
         "",
-        f"One find of the first N documents ({plan['doc_bytes']} bytes of BSON each) with "
-        f"`batch_size={plan['batch_size']}`, read to the end by a client process. broker modes use the "
-        "bundled client with `document_class=RawBSONDocument` (no decoding, like `find_raw_batches`); "
-        "direct-shared is pymongo's `find_raw_batches` (the goal's reference); per-process and churn "
-        "decode every document into a dict, as a pymongo application does. Each N gets a fresh broker, "
-        "so its peak RSS (VmHWM, reset before each mode) belongs to that N. *Client peak RSS*: the "
-        "reading process's `ru_maxrss`, imports included.",
+        f"Documents of {plan['doc_bytes']} bytes of BSON, `batch_size={plan['batch_size']}`. "
+        + _method("stream-one-find-of-n-1-kb-documents"),
         "",
     ]
-    for size in agg.params.get("stream", []):
-        out += [f"### N = {size:,}", "", metric_table(agg, "stream", size, STREAM_COLUMNS), ""]
-        ratios = ratio_tables(
-            agg,
-            "stream",
-            size,
-            [("docs_per_s", "throughput"), ("client_peak_rss_mb", "client peak RSS")],
-        )
-        if ratios:
-            out += [ratios, ""]
-    if "stream" in images:
-        out += [f"![stream]({images['stream']})", ""]
+    out += _param_tables(
+        agg,
+        "stream",
+        lambda n: f"N = {n:,}",
+        STREAM_COLUMNS,
+        [("docs_per_s", "throughput"), ("client_peak_rss_mb", "client peak RSS")],
+    )
+    out += _closing(agg, "stream", images, ("stream",))
     return "\n".join(out)
 
 
 def ghz_section(raw: dict[str, Any], agg: Aggregate) -> str:
     plan = raw["plan"]["ghz"]
-    params = agg.params.get("ghz", [])
     out = [
         "## External load: ghz",
         "",
-        f"[ghz](https://ghz.sh) {raw['versions'].get('ghz', '?')} (built from `bench/ghz/go.mod`), a gRPC "
-        f"load generator nobody here wrote, against the broker's TCP listener: `--concurrency "
-        f"{plan['concurrency']} --connections {plan['connections']} --duration {plan['seconds']:g}s`, "
-        'the proto from `protos/broker/v1/broker.proto`. Ping (`{"database": "appdb"}`: the broker '
-        "pings the database too) and Find by `_id` with a BSON filter sent as base64 in ghz's JSON, "
-        "`limit: 1`.",
+        f"ghz {raw['versions'].get('ghz', '?')} against the broker's TCP listener, `--concurrency "
+        f"{plan['concurrency']} --connections {plan['connections']} --duration {plan['seconds']:g}s`: "
+        "Ping and Find by `_id`. " + _method("external-load-ghz"),
         "",
     ]
-    for param in params:
+    for param in agg.params.get("ghz", []):
         out += [metric_table(agg, "ghz", param, GHZ_COLUMNS), ""]
-        ratios = ratio_tables(agg, "ghz", param, [("rps", "calls/s"), ("p99_ms", "p99 latency")])
-        if ratios:
+        if ratios := ratio_tables(agg, "ghz", param, [("rps", "calls/s"), ("p99_ms", "p99 latency")]):
             out += [ratios, ""]
         find = agg.get("ghz", param, "ghz Find", "rps")
         python_client = agg.get("steady", param, modes.BROKER_TCP, "ops_per_s")
@@ -416,18 +394,11 @@ def ghz_section(raw: dict[str, Any], agg: Aggregate) -> str:
                 f"ghz's Find at c={param} makes {ratio(find, python_client)} the calls/s of "
                 f"{param} Python workers through `broker_client` over TCP (steady, C={param}, "
                 f"{num(python_client.median, 0)} ops/s, 1 insert in "
-                f"{raw['plan']['steady']['insert_every']}): "
-                "what the broker serves when its callers cost it nothing on the same 2 cores.",
+                f"{raw['plan']['steady']['insert_every']}).",
                 "",
             ]
     if notes := _notes(agg, "ghz"):
-        out += [
-            "*errors*: ghz stops at the end of `--duration` by closing its connections, and counts the "
-            "calls then in flight (about one per concurrent caller) as errors:",
-            "",
-            notes,
-            "",
-        ]
+        out += [notes, ""]
     return "\n".join(out)
 
 
@@ -637,11 +608,8 @@ def goals_section(raw: dict[str, Any], agg: Aggregate) -> str:
     unmet = sum(1 for r in rows if r[3] is False)
     missing = sum(1 for r in rows if r[3] is None)
     return (
-        f"## Goals\n\n{met} met, {unmet} not met, {missing} not measured. The broker figures are "
-        f"{PRIMARY}'s (its default listener); broker-tcp's are in the tables below. Where two modes are "
-        "compared, the 1-minute load average during each is shown: on this shared 2-core machine a "
-        "load far above 2 means other processes took CPU from the run, and single-process modes "
-        f"(the broker, direct-shared) lose more of it than C worker processes do.\n\n{body}\n"
+        f"## Goals\n\n{met} met, {unmet} not met, {missing} not measured; the broker's figures are "
+        f"{PRIMARY}'s, with the load average where two modes are compared.\n\n{body}\n"
     )
 
 
@@ -853,7 +821,7 @@ def profile_summary(path: Path, top: int = 15) -> dict[str, Any]:
     }
 
 
-def profile_section(raw: dict[str, Any], agg: Aggregate, out_dir: Path) -> tuple[str, dict[str, Any]]:
+def profile_section(raw: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     records = [r for r in raw["records"] if r["workload"] == "profile"]
     if not records:
         return "", {}
@@ -861,14 +829,10 @@ def profile_section(raw: dict[str, Any], agg: Aggregate, out_dir: Path) -> tuple
     out = [
         "## Profile",
         "",
-        f"py-spy {raw['versions'].get('py-spy', '?')} `record --format speedscope --rate 100 "
-        f"{'--native' if plan.get('native') else '--nonblocking'}` on the broker process, in a separate "
-        f"phase from the figures above (py-spy costs the broker some CPU): broker-uds steady load with C="
-        f"{plan['concurrency']} for {plan['seconds']:g} s, and two streams of {plan['stream_size']:,} "
-        "documents. Percentages are of the samples in which a broker thread was running (idle threads "
-        "are not sampled); *self* is time in the function itself, *inclusive* includes its callees. "
-        "The speedscope files (open them at https://www.speedscope.app) are under `bench/results/raw/` "
-        "(git-ignored); rerun with `python -m bench.bench --workloads profile`.",
+        f"py-spy {raw['versions'].get('py-spy', '?')} "
+        f"`{'--native' if plan.get('native') else '--nonblocking'}` on the broker: broker-uds steady load "
+        f"with C={plan['concurrency']} for {plan['seconds']:g} s, and two streams of "
+        f"{plan['stream_size']:,} documents. " + _method("profile"),
         "",
     ]
     summaries: dict[str, Any] = {}
@@ -920,112 +884,6 @@ def profile_section(raw: dict[str, Any], agg: Aggregate, out_dir: Path) -> tuple
             "",
         ]
     return "\n".join(out), summaries
-
-
-def _share(summaries: dict[str, Any], profile: str, kind: str, prefix: str) -> float:
-    """Summed share (%) of the functions (kind "self"/"inclusive") or areas starting with ``prefix``."""
-    rows = summaries.get(profile, {}).get(kind, [])
-    return sum(p for label, p in rows if label.startswith(prefix))
-
-
-def optimisation_section(raw: dict[str, Any], agg: Aggregate, summaries: dict[str, Any]) -> str:
-    """The optimisation pass: what the profile pointed at, what was done, and what was not (and why)."""
-
-    def fig(workload: str, param: Any, mode: str, metric: str, digits: int | None = None) -> str:
-        return fmt(agg.get(workload, param, mode, metric), digits)
-
-    def pct_of(profile: str, kind: str, prefix: str) -> str:
-        if profile not in summaries:
-            return "n/a (no profile)"
-        return f"{_share(summaries, profile, kind, prefix):.0f}%"
-
-    steady_cs = agg.params.get("steady", []) or [16]
-    c = 16 if 16 in steady_cs else max(steady_cs)
-    n = max(agg.params.get("stream", [0]) or [0])
-    w = max(agg.params.get("storm", [0]) or [0])
-    imports_b = agg.get("imports", 0, "broker_client + grpc + stubs", "import_ms")
-    imports_p = agg.get("imports", 0, "pymongo", "import_ms")
-    done = [
-        (
-            "A unary `FindOne` RPC, used by every client's `find_one`",
-            "half of the steady mix is `find_one`, which opened a server stream (`Find`, limit 1): stream "
-            "set-up, a message write and a separate status on both sides. `FindOne` answers in one unary "
-            "response and asks MongoDB for a single batch, so the server closes its cursor in the same "
-            "reply (no killCursors).",
-            f"steady C=1 p50 (now {fig('steady', 1, PRIMARY, 'p50_ms', 2)} ms), ghz Find calls/s",
-        ),
-        (
-            "The request id goes back in the trailers",
-            "every call awaited `context.send_initial_metadata(x-request-id)` before any work: a gRPC core "
-            "batch and an event-loop round trip of its own. The trailers go out with the status at no "
-            "extra cost; error statuses carry the id beside their rich details.",
-            f"broker CPU s / 1k ops at C={c} (now {fig('steady', c, PRIMARY, 'proxy_cpu_s_per_1k_ops', 3)})",
-        ),
-        (
-            "Fewer futures per database round trip; no close for exhausted cursors",
-            "the guard around each round trip was `wait_for(shield(task))` (a shield future, a waiter "
-            "and a timer per call); `asyncio.wait` shields by itself. A Find whose cursor pymongo "
-            "already closed with its last batch no longer schedules a close task.",
-            "broker CPU s / 1k ops; small",
-        ),
-    ]
-    measured = [
-        (
-            "Several broker processes (each `max_pool_size / N`), and grpc.aio against a sync server",
-            "measured once by a since-retired harness ([SERVER_MODEL.md](SERVER_MODEL.md)): on these 2 cores "
-            "two processes gained no throughput and cost more CPU per call, a higher p99 and twice the "
-            "RSS; a sync gRPC server and grpc.aio were within noise on a Ping stub. The broker stays one "
-            "grpc.aio process on a Unix socket, whose idle Find streams cost a suspended coroutine rather "
-            "than a thread.",
-        ),
-    ]
-    left = [
-        (
-            "Trim pymongo's per-operation path",
-            f"pymongo is {pct_of('steady', 'areas', 'pymongo')} of the broker's self time under steady load "
-            "(retryable-read machinery, CSOT wrapper, implicit session, an `AsyncCollection` per call); "
-            "the largest shares are asyncio and gRPC's own C code "
-            f"({pct_of('steady', 'areas', 'asyncio')} asyncio), which no change of ours removes.",
-        ),
-        (
-            "Access log and metrics off the event loop",
-            f"logging is {pct_of('steady', 'areas', 'logging')} and prometheus_client "
-            f"{pct_of('steady', 'areas', 'prometheus')} of busy samples: too small to move a figure here.",
-        ),
-        (
-            "Stream: one pass from a raw batch to messages",
-            f"the database is the limit (stream at N={n:,}: broker "
-            f"{fig('stream', n, PRIMARY, 'docs_per_s', 0)} docs/s against direct-shared "
-            f"{fig('stream', n, modes.DIRECT_SHARED, 'docs_per_s', 0)}); this "
-            "would move CPU, not throughput.",
-        ),
-        (
-            "Cold start",
-            f"a broker worker imports `broker_client` + `grpc` + the stubs ({fmt(imports_b, 0)} ms) where a "
-            f"pymongo worker imports `pymongo` ({fmt(imports_p, 0)} ms), and `grpc` itself is most of it "
-            "(the client already imports it only at the first call). Against a server without TLS or "
-            "SCRAM a per-process client pays little more to connect, so spawn→first result (at "
-            f"W={w}: broker {fig('storm', w, PRIMARY, 's2f_p50_ms', 0)} ms, per-process "
-            f"{fig('storm', w, modes.PER_PROCESS, 's2f_p50_ms', 0)} ms) is set by imports and by the "
-            "CPU that 20 starting interpreters share. Measure with `MONGODB_URI` on a TLS + SCRAM server "
-            "to see the handshakes broker workers skip.",
-        ),
-    ]
-    out = [
-        "## Optimisation pass",
-        "",
-        "From the profile and the measured gaps of the *before* run. The Before → after table above "
-        "shows what each change moved.",
-        "",
-        "Done:",
-        "",
-    ]
-    out += [f"{i}. **{title}**: {why} *Moves:* {figure}." for i, (title, why, figure) in enumerate(done, 1)]
-    out += ["", "Measured and not adopted:", ""]
-    out += [f"- **{title}**: {why}" for title, why in measured]
-    out += ["", "Not done, and why:", ""]
-    out += [f"- **{title}**: {why}" for title, why in left]
-    return "\n".join(out)
 
 
 # --- plots ----------------------------------------------------------------------------------------
@@ -1085,6 +943,13 @@ def _footnote(agg: Aggregate) -> str:
     return ""
 
 
+def _save(plt: Any, fig: Any, out_dir: Path, name: str) -> dict[str, str]:
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{name}.png", dpi=110)
+    plt.close(fig)
+    return {name: f"{name}.png"}
+
+
 def _plot_storm(plt: Any, raw: dict[str, Any], agg: Aggregate, out_dir: Path) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     _draw(ax, agg, "storm", "peak_connections")
@@ -1099,9 +964,7 @@ def _plot_storm(plt: Any, raw: dict[str, Any], agg: Aggregate, out_dir: Path) ->
     )
     ax.legend(fontsize=8, title=_footnote(agg), title_fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "storm_peak_connections.png", dpi=110)
-    plt.close(fig)
+    images = _save(plt, fig, out_dir, "storm_peak_connections")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     _draw(ax, agg, "storm", "s2f_p50_ms", linestyle="-", suffix=" p50")
@@ -1115,13 +978,7 @@ def _plot_storm(plt: Any, raw: dict[str, Any], agg: Aggregate, out_dir: Path) ->
     )
     ax.legend(fontsize=7, ncol=2, title=_footnote(agg), title_fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "storm_spawn_to_first.png", dpi=110)
-    plt.close(fig)
-    return {
-        "storm_peak_connections": "storm_peak_connections.png",
-        "storm_spawn_to_first": "storm_spawn_to_first.png",
-    }
+    return {**images, **_save(plt, fig, out_dir, "storm_spawn_to_first")}
 
 
 def _plot_steady(plt: Any, raw: dict[str, Any], agg: Aggregate, out_dir: Path) -> dict[str, str]:
@@ -1141,10 +998,7 @@ def _plot_steady(plt: Any, raw: dict[str, Any], agg: Aggregate, out_dir: Path) -
         ax.set_xticks(agg.params["steady"], [str(c) for c in agg.params["steady"]])
     left.legend(fontsize=8, title=_footnote(agg), title_fontsize=7)
     fig.suptitle(f"Steady: find_one by _id + insert_one\n{_subtitle(raw)}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out_dir / "steady.png", dpi=110)
-    plt.close(fig)
-    return {"steady": "steady.png"}
+    return _save(plt, fig, out_dir, "steady")
 
 
 def _plot_stream(plt: Any, raw: dict[str, Any], agg: Aggregate, out_dir: Path) -> dict[str, str]:
@@ -1179,10 +1033,7 @@ def _plot_stream(plt: Any, raw: dict[str, Any], agg: Aggregate, out_dir: Path) -
     right.legend(fontsize=8)
     right.grid(True, alpha=0.3)
     fig.suptitle(f"Stream: ~1 KB documents\n{_subtitle(raw)}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out_dir / "stream.png", dpi=110)
-    plt.close(fig)
-    return {"stream": "stream.png"}
+    return _save(plt, fig, out_dir, "stream")
 
 
 def plots(raw: dict[str, Any], agg: Aggregate, out_dir: Path) -> dict[str, str]:
@@ -1257,8 +1108,6 @@ def other_runs_section(raw: dict[str, Any], raw_path: Path) -> str:
         )
     return (
         "## The same ratios in the other runs kept in raw/\n\n"
-        "Full runs of the same plan and code whose raw files are still in `bench/results/raw/` on this "
-        "machine (git-ignored), to show how much of a ratio is the machine's noise.\n\n"
         + table(
             [
                 "run",
@@ -1289,9 +1138,8 @@ def before_after_section(baseline: dict[str, Any], current: dict[str, float], th
         rows.append([key, num(before), num(after) if after is not None else "-", change])
     return (
         "## Before → after\n\n"
-        f"*Before*: the run of {baseline.get('started', '?')} (commit {baseline.get('commit', '?')}), "
-        f"kept in the comment block at the end of this file. *After*: this run ({this_run}). Medians; "
-        "the same machine class but a noisy one: treat changes under ~15% as noise.\n\n"
+        f"*Before*: the run of {baseline.get('started', '?')} (commit {baseline.get('commit', '?')}). "
+        f"*After*: this run ({this_run}). Medians.\n\n"
         + table(["figure", "before", "after", "change"], rows)
         + "\n"
     )
@@ -1305,59 +1153,44 @@ def write_report(
     images = plots(raw, agg, out_dir)
     report_path = out_dir / "REPORT.md"
     baseline = None if new_baseline else _read_baseline(report_path)
-    profile_text, summaries = profile_section(raw, agg, out_dir)
+    profile_text, summaries = profile_section(raw)
     current = headline_values(agg)
     machine, versions = raw["machine"], raw["versions"]
     wall = raw["wall_s"]
     parts = [
         "# mongo-broker benchmark report",
         "",
-        f"Generated by `{raw['command']}` (equivalently `make bench`) on {raw['started']}; wall time "
-        f"**{wall / 60:.1f} min** ("
+        f"Generated by `{raw['command']}` on {raw['started']}; wall time **{wall / 60:.1f} min** ("
         + ", ".join(f"{k} {v:.0f} s" for k, v in raw.get("workload_wall_s", {}).items())
         + "). Raw figures: "
         + (f"`bench/results/raw/{raw_path.name}`" if raw_path else "the raw JSON")
-        + " (git-ignored); `python -m bench.report RAW.json` redraws this file.",
+        + f". How each figure is measured and how to read it, and the optimisation pass: [docs/BENCHMARKS.md]"
+        f"({METHOD}).",
         "",
-        "**Machine**: "
-        f"{machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory_gib']} GiB, Linux "
+        f"**Machine**: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory_gib']} GiB, Linux "
         f"{machine['kernel']}; load average {', '.join(f'{x:.2f}' for x in machine['loadavg_start'])} at "
-        f"the start and {', '.join(f'{x:.2f}' for x in machine.get('loadavg_end', []))} at the end. "
-        "The machine is shared and noisy, and every process of a run (workers, broker, database, "
-        "harness) shares its 2 cores: read ratios, not absolute numbers.",
+        f"the start and {', '.join(f'{x:.2f}' for x in machine.get('loadavg_end', []))} at the end.",
         "",
-        "**Database server**: "
-        f"{versions.get('server_kind')} ({_relative(str(versions.get('server_reason')))}), reports version "
-        f"{versions.get('server_version')}"
-        + (
-            f", FerretDB {versions['ferretdb']} with its SQLite backend: a functional target, not a "
-            "performance baseline"
-            if versions.get("ferretdb")
-            else ""
-        )
-        + ". Every mode ran against it in this one run.",
+        f"**Database server**: {versions.get('server_kind')} "
+        f"({_relative(str(versions.get('server_reason')))}), reports version {versions.get('server_version')}"
+        + (f", FerretDB {versions['ferretdb']}" if versions.get("ferretdb") else "")
+        + "; every mode ran against it.",
         "",
         table(
             ["software", "version"],
             [[k, str(v)] for k, v in versions.items() if k not in ("server_kind", "server_reason")],
         ),
         "",
-        "**Broker config** (defaults but for the queue bounds, so 64 steady workers queue rather than "
-        f"being refused): max_pool_size {raw['plan']['max_pool_size']}, "
+        f"**Broker config**: max_pool_size {raw['plan']['max_pool_size']}, "
         + ", ".join(
             f"{k} {v}"
             for k, v in next(iter(raw.get("broker_config", {}).get("databases", {}).values()), {}).items()
             if k not in ("uri", "database", "max_pool_size")
         )
-        + "; access log on (the default)"
         + (f"; broker run at nice {raw['plan']['proxy_nice']}" if raw["plan"].get("proxy_nice") else "")
         + ".",
         "",
         f"**mongobetween**: {raw.get('mongobetween', {}).get('reason', '?')}.",
-        "",
-        "**How to read**: every figure is the median of its repeats with [min-max]; `(1 run)` marks a "
-        "figure from one run. Ratios are of medians, row ÷ column, between modes measured in this same "
-        "run.",
         "",
         "## Headline: every mode side by side",
         "",
@@ -1378,7 +1211,7 @@ def write_report(
     if agg.params.get("ghz"):
         parts += [ghz_section(raw, agg), ""]
     if profile_text:
-        parts += [profile_text, "", optimisation_section(raw, agg, summaries), ""]
+        parts += [profile_text, ""]
     if baseline is None:
         baseline = {
             "started": raw["started"],
@@ -1387,13 +1220,6 @@ def write_report(
             "profile_areas": {k: v["areas"][:8] for k, v in summaries.items()},
         }
     parts += [
-        "## Reproduce",
-        "",
-        f"`{raw['command']}` — or `make bench`. `python -m bench.bench --full` adds every mode with "
-        "every repeat at W=1000; `--smoke` is the few-second run `tests/test_bench_smoke.py` makes. "
-        "Set `MONGODB_URI` to measure a real MongoDB; set `MONGOBETWEEN` to a mongobetween binary to "
-        "measure it.",
-        "",
         "<!-- The *before* figures, kept across re-runs (`python -m bench.report --new-baseline`"
         " starts over). -->",
         f"<!-- BENCH-BASELINE {json.dumps(baseline, separators=(',', ':'))} -->",

@@ -1,6 +1,6 @@
 """The benchmark's workloads, run from the harness process: storm, steady, stream, ghz, profile.
 
-Each ``run_*`` function drives worker processes (``bench/modes.py``) against
+Each ``run_*`` function drives worker processes (``harness/worker.py``) against
 one database server and returns plain JSON-able records::
 
     {"workload": "storm", "mode": "broker-uds", "param": 200, "repeat": 0, "metrics": {...}}
@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import re
-import selectors
 import shutil
 import signal
 import socket
@@ -30,11 +29,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import bson
 import psutil
@@ -43,8 +41,10 @@ from pymongo import MongoClient
 from bench import modes
 from harness.brokerproc import BrokerProcess, broker_config
 from harness.dbserver import DatabaseServer
+from harness.fleet import run_fleet, worker_command
 from harness.netconns import ConnectionSampler, Endpoint, connections_to_port
 from harness.process import free_port, port_open, short_tmpdir, spawn_logged, terminate, wait_until
+from harness.worker import peak_rss_mb
 
 __all__ = [
     "Context",
@@ -61,7 +61,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
-MODES_SCRIPT = Path(modes.__file__).resolve()
 TOOLS = REPO / ".tools" / "bin"
 PROTO = REPO / "protos" / "broker" / "v1" / "broker.proto"
 
@@ -73,6 +72,10 @@ MONGO_DB = "bench"
 STEADY_COLLECTION = "steady"
 STREAM_COLLECTION = "stream"
 STORM_COLLECTION = "storm"
+# The broker's config for every workload: defaults but for the queue bounds,
+# raised so that 64 steady workers on 2 cores queue instead of being refused:
+# the benchmark measures throughput, not the overload policy.
+BROKER_SETTINGS = {"max_waiting": 256, "wait_queue_timeout_ms": 10_000}
 # ~1 KB per streamed document: int32 _id and i, and a 990-character string.
 STREAM_PAD = 990
 
@@ -85,6 +88,17 @@ def _record(workload: str, mode: str, param: Any, repeat: int, **metrics: Any) -
 
 def _not_measured(workload: str, mode: str, param: Any, reason: str) -> Record:
     return {"workload": workload, "mode": mode, "param": param, "repeat": 0, "not_measured": reason}
+
+
+def _runnable(
+    ctx: Context, workload: str, param: Any, mode_list: Sequence[str], mb: Any, *, records: list[Record]
+) -> Iterator[str]:
+    """The modes of ``mode_list`` that can run; mongobetween without a binary goes to ``records``."""
+    for mode in mode_list:
+        if mode == modes.MONGOBETWEEN and mb is None:
+            records.append(_not_measured(workload, mode, param, ctx.mongobetween.reason))
+        else:
+            yield mode
 
 
 # --- mongobetween ----------------------------------------------------------------------------
@@ -224,15 +238,6 @@ class Context:
         if self._mongo is not None:
             self._mongo.close()
 
-    def broker_settings(self) -> dict[str, Any]:
-        """The broker's config for every workload: defaults but for the queue bounds.
-
-        ``max_waiting`` and ``wait_queue_timeout_ms`` are raised so that 64
-        steady workers on 2 cores queue instead of being refused: the
-        benchmark measures throughput, not the overload policy.
-        """
-        return {"max_waiting": 256, "wait_queue_timeout_ms": 10_000}
-
     @contextlib.contextmanager
     def broker(self, name: str) -> Iterator[BrokerProcess]:
         """A fresh broker on a Unix socket and loopback TCP, stopped afterwards."""
@@ -245,7 +250,7 @@ class Context:
             db_name=BROKER_DB,
             mongo_db=MONGO_DB,
             max_pool_size=self.max_pool_size,
-            **self.broker_settings(),
+            **BROKER_SETTINGS,
         )
         with BrokerProcess(config, workdir=workdir, name="broker") as broker:
             broker.start()
@@ -408,15 +413,6 @@ class ProcWatch:
     def rss_mb(self) -> float:
         return self._proc.memory_info().rss / 2**20
 
-    def _hwm_mb(self) -> float | None:
-        try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            return None
-        return None
-
     def reset_peak(self) -> None:
         with self._lock:
             self._peak = self._proc.memory_info().rss
@@ -430,9 +426,8 @@ class ProcWatch:
         """Peak RSS since the last ``reset_peak``/``take_peak_mb``, in MiB; resets it."""
         with self._lock:
             peak = self._peak / 2**20
-        hwm = self._hwm_mb() if self._hwm_reset else None
-        if hwm is not None:
-            peak = max(peak, hwm)
+        if self._hwm_reset:
+            peak = max(peak, peak_rss_mb(self.pid))
         self.reset_peak()
         return peak
 
@@ -460,139 +455,49 @@ class ProcWatch:
 # --- storm ------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Live:
-    index: int
-    proc: subprocess.Popen[bytes]
-    pidfd: int
-    out: IO[bytes]
-    err: IO[bytes]
-    spawned: float
-
-
-@dataclass
-class StormWorker:
-    index: int
-    returncode: int
-    spawned: float
-    exited: float
-    report: dict[str, Any] | None
-    stderr_tail: str
-
-
-def run_processes(
-    commands: Sequence[Sequence[str]], concurrency: int, timeout_per_worker: float = 120.0
-) -> tuple[list[StormWorker], float, int]:
-    """Run each command as a fresh process, at most ``concurrency`` alive; wait on pidfds, no polling.
-
-    Returns the workers (with the ``time.monotonic()`` at which each was
-    spawned and seen to exit), the wall time, and the most alive at once.
-    """
-    selector = selectors.DefaultSelector()
-    pending = deque(enumerate(commands))
-    live: dict[int, _Live] = {}
-    done: list[StormWorker] = []
-    max_alive = 0
-    started = time.monotonic()
-    try:
-        while pending or live:
-            while pending and len(live) < concurrency:
-                index, argv = pending.popleft()
-                out = tempfile.TemporaryFile()  # noqa: SIM115  # closed in _reap
-                err = tempfile.TemporaryFile()  # noqa: SIM115
-                spawned = time.monotonic()
-                proc = subprocess.Popen(
-                    list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
-                )
-                pidfd = os.pidfd_open(proc.pid)
-                selector.register(pidfd, selectors.EVENT_READ, index)
-                live[index] = _Live(index, proc, pidfd, out, err, spawned)
-            max_alive = max(max_alive, len(live))
-            for key, _events in selector.select(timeout=1.0):
-                run = live.pop(key.data)
-                selector.unregister(run.pidfd)
-                os.close(run.pidfd)
-                done.append(_reap(run, run.proc.wait()))
-            now = time.monotonic()
-            for run in [r for r in live.values() if now - r.spawned > timeout_per_worker]:
-                run.proc.kill()
-                live.pop(run.index)
-                selector.unregister(run.pidfd)
-                os.close(run.pidfd)
-                done.append(_reap(run, run.proc.wait()))
-    finally:
-        for run in live.values():
-            run.proc.kill()
-            run.proc.wait()
-            os.close(run.pidfd)
-            run.out.close()
-            run.err.close()
-        selector.close()
-    done.sort(key=lambda w: w.index)
-    return done, time.monotonic() - started, max_alive
-
-
-def _reap(run: _Live, code: int) -> StormWorker:
-    exited = time.monotonic()
-    run.out.seek(0)
-    run.err.seek(0)
-    stdout = run.out.read().decode("utf-8", "replace").strip().splitlines()
-    stderr = run.err.read().decode("utf-8", "replace").strip().splitlines()
-    run.out.close()
-    run.err.close()
-    report = None
-    if code == 0 and stdout:
-        with contextlib.suppress(ValueError):
-            report = json.loads(stdout[-1])
-    return StormWorker(run.index, code, run.spawned, exited, report, " | ".join(stderr[-4:]))
-
-
 def _storm_processes(
-    ctx: Context,
-    *,
-    mode: str,
-    workers: int,
-    concurrency: int,
-    spec: dict[str, Any],
-    sampler: ConnectionSampler,
+    ctx: Context, *, workers: int, concurrency: int, spec: dict[str, Any], sampler: ConnectionSampler
 ) -> dict[str, Any]:
-    commands = [
-        [ctx.python, str(MODES_SCRIPT), "storm", json.dumps({**spec, "worker": i})] for i in range(workers)
-    ]
+    commands = [worker_command({**spec, "worker": i}, python=ctx.python) for i in range(workers)]
     with sampler:
-        results, elapsed, max_alive = run_processes(commands, concurrency)
-    ok = [w for w in results if w.report is not None]
-    failed = [w for w in results if w.report is None]
-    first = [(w.report["t_first"] - w.spawned) * 1000 for w in ok if w.report is not None]
-    imported = [(w.report["t_imported"] - w.spawned) * 1000 for w in ok if w.report is not None]
+        fleet = run_fleet(commands, concurrency, timeout_per_worker=120)
+    ok = [(w, w.report) for w in fleet.results if w.ok and w.report is not None]
     return {
-        "wall_s": elapsed,
+        "wall_s": fleet.elapsed_s,
         "workers_ok": len(ok),
-        "workers_failed": len(failed),
-        "failure_samples": [f"worker {w.index}: exit {w.returncode}: {w.stderr_tail}" for w in failed[:3]],
-        "max_alive": max_alive,
-        "spawn_to_first_ms": first,
-        "spawn_to_imported_ms": imported,
-        "op_ms": [v for w in ok if w.report is not None for v in w.report["op_ms"][1:]],
-        "connects_reported": sum(int(w.report.get("connects", 0)) for w in ok if w.report is not None),
-        "worker_peak_rss_mb": [w.report["peak_rss_mb"] for w in ok if w.report is not None],
+        "workers_failed": len(fleet.failed),
+        "failure_samples": [w.describe() for w in fleet.failed[:3]],
+        "max_alive": fleet.max_alive,
+        "spawn_to_first_ms": [(r["t_first"] - w.spawned) * 1000 for w, r in ok],
+        "spawn_to_imported_ms": [(r["t_imported"] - w.spawned) * 1000 for w, r in ok],
+        "op_ms": [v for _, r in ok for v in _later_ops(r)],
+        "connects_reported": sum(int(r["connects"]) for _, r in ok),
+        "worker_peak_rss_mb": [r["peak_rss_mb"] for _, r in ok],
     }
+
+
+def _later_ops(report: dict[str, Any]) -> list[float]:
+    """Every operation but the first, which pays for connecting."""
+    return [*report["insert_ms"][1:], *report["find_ms"]]
+
+
+def _run_worker(ctx: Context, role: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run one worker to its end; its last line of output, parsed."""
+    argv = worker_command(spec, role, python=ctx.python)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {role} {spec['mode']} failed: {done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def _storm_threads(
     ctx: Context, *, workers: int, concurrency: int, spec: dict[str, Any], sampler: ConnectionSampler
 ) -> dict[str, Any]:
-    argv = [
-        ctx.python,
-        str(MODES_SCRIPT),
-        "storm-threads",
-        json.dumps({**spec, "workers": workers, "concurrency": concurrency}),
-    ]
     with sampler:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"storm-threads failed: {done.stderr[-2000:]}")
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+        report = _run_worker(
+            ctx, "storm-threads", {**spec, "workers": workers, "concurrency": concurrency}, 900
+        )
     tasks = report["tasks"]
     return {
         "wall_s": report["elapsed_s"],
@@ -602,7 +507,7 @@ def _storm_threads(
         "max_alive": concurrency,
         "spawn_to_first_ms": [(t["t_first"] - t["t_spawn"]) * 1000 for t in tasks],
         "spawn_to_imported_ms": [],
-        "op_ms": [v for t in tasks for v in t["op_ms"][1:]],
+        "op_ms": [v for t in tasks for v in _later_ops(t)],
         "connects_reported": None,
         "worker_peak_rss_mb": [report["peak_rss_mb"]],
     }
@@ -644,64 +549,38 @@ def run_storm(
                     if m not in these_modes and m != modes.MONGOBETWEEN
                 )
             for repeat in range(these_repeats):
-                for mode in these_modes:
-                    if mode == modes.MONGOBETWEEN and mb is None:
-                        if repeat == 0:
-                            records.append(_not_measured("storm", mode, workers, ctx.mongobetween.reason))
-                        continue
-                    records.append(
-                        _storm_once(
-                            ctx,
-                            mode=mode,
-                            workers=workers,
-                            repeat=repeat,
-                            concurrency=concurrency,
-                            ops=ops,
-                            hold_ms=hold_ms,
-                            broker=broker,
-                            mb=mb,
-                            port=port,
-                        )
-                    )
+                reasons = records if repeat == 0 else []
+                for mode in _runnable(ctx, "storm", workers, these_modes, mb, records=reasons):
+                    ctx.progress(f"storm W={workers} {mode} (repeat {repeat + 1})")
+                    spec = {
+                        "mode": mode,
+                        "collection": STORM_COLLECTION,
+                        "ops": ops,
+                        "hold_ms": hold_ms,
+                        "db_port": port,
+                        **ctx.target(mode, broker, mb),
+                    }
+                    metrics = _storm_once(ctx, spec, workers, concurrency, _bystanders(mode, broker, mb))
+                    records.append(_record("storm", mode, workers, repeat, **metrics))
         ctx.mongo[MONGO_DB].drop_collection(STORM_COLLECTION)
     return records
 
 
 def _storm_once(
-    ctx: Context,
-    *,
-    mode: str,
-    workers: int,
-    repeat: int,
-    concurrency: int,
-    ops: int,
-    hold_ms: int,
-    broker: BrokerProcess,
-    mb: MongobetweenProcess | None,
-    port: int,
-) -> Record:
-    ctx.progress(f"storm W={workers} {mode} (repeat {repeat + 1})")
-    exclude = _bystanders(mode, broker, mb)
+    ctx: Context, spec: dict[str, Any], workers: int, concurrency: int, exclude: list[int]
+) -> dict[str, Any]:
+    """One storm of ``workers`` workers of ``spec``'s mode while a sampler counts database connections."""
+    mode, port = spec["mode"], spec["db_port"]
     before = db_connections(port, exclude)
 
     def probe() -> set[Endpoint]:
         return db_connections(port, exclude)
 
     sampler = ConnectionSampler(probe, interval=0.025)
-    spec = {
-        "mode": mode,
-        "collection": STORM_COLLECTION,
-        "ops": ops,
-        "hold_ms": hold_ms,
-        "db_port": port,
-        **ctx.target(mode, broker, mb),
-    }
     if mode == modes.DIRECT_SHARED:
         metrics = _storm_threads(ctx, workers=workers, concurrency=concurrency, spec=spec, sampler=sampler)
     else:
-        metrics = _storm_processes(
-            ctx, mode=mode, workers=workers, concurrency=concurrency, spec=spec, sampler=sampler
-        )
+        metrics = _storm_processes(ctx, workers=workers, concurrency=concurrency, spec=spec, sampler=sampler)
     # Start every run from an empty collection: FerretDB's lookups slow down as
     # a collection grows, which would otherwise favour whichever mode ran first.
     ctx.mongo[MONGO_DB].drop_collection(STORM_COLLECTION)
@@ -718,7 +597,7 @@ def _storm_once(
         workers=workers,
         concurrency=concurrency,
     )
-    return _record("storm", mode, workers, repeat, **metrics)
+    return metrics
 
 
 IMPORT_PATHS = {
@@ -774,19 +653,22 @@ def seed_steady(ctx: Context, count: int) -> None:
         )
 
 
+def _watch(pid: int | None) -> contextlib.AbstractContextManager[ProcWatch | None]:
+    """A ProcWatch on ``pid`` (the proxy of a mode), or nothing for a mode without one."""
+    return ProcWatch(pid) if pid is not None else contextlib.nullcontext()
+
+
 def _steady_launch(
-    ctx: Context,
-    *,
-    spec: dict[str, Any],
-    watch: ProcWatch | None,
-    windows: int,
-    duration: float,
+    ctx: Context, spec: dict[str, Any], watch: ProcWatch | None
 ) -> tuple[dict[str, Any], list[float], list[float]]:
     """Run the steady launcher; read the proxy's CPU and peak RSS at every window boundary."""
-    argv = [ctx.python, str(MODES_SCRIPT), "steady", json.dumps(spec)]
+    windows, duration = int(spec["windows"]), float(spec["duration_s"])
+    result_dir = short_tmpdir("mb-steady-")
+    argv = worker_command({**spec, "result_dir": str(result_dir)}, "steady", python=ctx.python)
     cpu: list[float] = []
     peaks: list[float] = []
-    with tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as err, contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, result_dir, ignore_errors=True)
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
         assert proc.stdout is not None
         timer = threading.Timer(180 + windows * duration, proc.kill)
@@ -833,82 +715,54 @@ def run_steady(
     seed_steady(ctx, seed_docs)
     with ctx.broker("steady") as broker, ctx.mongobetween_proxy() as mb:
         for concurrency in concurrencies:
-            for mode in mode_list:
-                if mode == modes.MONGOBETWEEN and mb is None:
-                    records.append(_not_measured("steady", mode, concurrency, ctx.mongobetween.reason))
-                    continue
+            for mode in _runnable(ctx, "steady", concurrency, mode_list, mb, records=records):
                 ctx.progress(f"steady C={concurrency} {mode} ({windows} x {duration:g} s)")
                 # The same 1,000 documents for every mode and C: inserts grow the
                 # collection, and FerretDB's lookups slow down as it grows.
                 seed_steady(ctx, seed_docs)
-                records.extend(
-                    _steady_once(
-                        ctx,
-                        mode=mode,
-                        concurrency=concurrency,
-                        duration=duration,
-                        windows=windows,
-                        seed_docs=seed_docs,
-                        insert_every=insert_every,
-                        broker=broker,
-                        mb=mb,
-                    )
-                )
+                spec = {
+                    "mode": mode,
+                    "concurrency": concurrency,
+                    "duration_s": duration,
+                    "windows": windows,
+                    "seed_docs": seed_docs,
+                    "insert_every": insert_every,
+                    "collection": STEADY_COLLECTION,
+                    **ctx.target(mode, broker, mb),
+                }
+                with _watch(_proxy_pid(mode, broker, mb)) as watch:
+                    result, cpu, peaks = _steady_launch(ctx, spec, watch)
+                records.extend(_steady_records(mode, concurrency, duration, result, cpu=cpu, peaks=peaks))
     return records
 
 
-def _steady_once(
-    ctx: Context,
-    *,
+def _steady_records(
     mode: str,
     concurrency: int,
     duration: float,
-    windows: int,
-    seed_docs: int,
-    insert_every: int,
-    broker: BrokerProcess,
-    mb: MongobetweenProcess | None,
+    result: dict[str, Any],
+    *,
+    cpu: list[float],
+    peaks: list[float],
 ) -> list[Record]:
-    result_dir = short_tmpdir("mb-steady-")
-    spec = {
-        "mode": mode,
-        "concurrency": concurrency,
-        "duration_s": duration,
-        "windows": windows,
-        "seed_docs": seed_docs,
-        "insert_every": insert_every,
-        "collection": STEADY_COLLECTION,
-        "result_dir": str(result_dir),
-        **ctx.target(mode, broker, mb),
-    }
-    pid = _proxy_pid(mode, broker, mb)
-    try:
-        if pid is None:
-            result, cpu, peaks = _steady_launch(
-                ctx, spec=spec, watch=None, windows=windows, duration=duration
-            )
-        else:
-            with ProcWatch(pid) as watch:
-                result, cpu, peaks = _steady_launch(
-                    ctx, spec=spec, watch=watch, windows=windows, duration=duration
-                )
-    finally:
-        shutil.rmtree(result_dir, ignore_errors=True)
+    """One record per window: its latency percentiles and, for a proxy mode, the proxy's CPU and RSS."""
     records = []
     for index, window in enumerate(result["windows"]):
+        latencies = window["latencies"]
+        stats = modes.percentiles(latencies)
         metrics = {
-            "ops_per_s": window["ops_per_s"],
-            "p50_ms": window["p50_ms"],
-            "p99_ms": window["p99_ms"],
-            "p99.9_ms": window["p99.9_ms"],
-            "mean_ms": window["mean_ms"],
-            "ops": window["ops"],
+            "ops_per_s": len(latencies) / duration,
+            "p50_ms": stats["p50"],
+            "p99_ms": stats["p99"],
+            "p99.9_ms": stats["p99.9"],
+            "mean_ms": sum(latencies) / len(latencies) if latencies else math.nan,
+            "ops": len(latencies),
             "errors": window["errors"],
             "workers_ok": result["workers_ok"],
             "error_samples": result["error_samples"] + result["crashes"],
         }
         if cpu:
-            ops = max(1, window["ops"])
+            ops = max(1, len(latencies))
             metrics["proxy_cpu_s_per_1k_ops"] = (cpu[index + 1] - cpu[index]) / ops * 1000
             metrics["proxy_peak_rss_mb"] = peaks[index]
         records.append(_record("steady", mode, concurrency, index, **metrics))
@@ -951,10 +805,7 @@ def run_stream(
     for size in sizes:
         with ctx.broker(f"stream-{size}") as broker, ctx.mongobetween_proxy() as mb:
             baseline = ProcWatch(broker.pid).rss_mb()
-            for mode in mode_list:
-                if mode == modes.MONGOBETWEEN and mb is None:
-                    records.append(_not_measured("stream", mode, size, ctx.mongobetween.reason))
-                    continue
+            for mode in _runnable(ctx, "stream", size, mode_list, mb, records=records):
                 ctx.progress(f"stream N={size} {mode} ({repeats} runs)")
                 records.extend(
                     _stream_once(
@@ -993,17 +844,11 @@ def _stream_once(
         "expected_bytes": size * doc_bytes,
         **ctx.target(mode, broker, mb),
     }
-    argv = [ctx.python, str(MODES_SCRIPT), "stream", json.dumps(spec)]
-    pid = _proxy_pid(mode, broker, mb)
-    watch = ProcWatch(pid) if pid is not None else None
-    with watch if watch is not None else contextlib.nullcontext():
+    with _watch(_proxy_pid(mode, broker, mb)) as watch:
         cpu_before = watch.cpu_s() if watch is not None else 0.0
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=1800, check=False)
+        report = _run_worker(ctx, "stream", spec, 1800)
         proxy_peak = watch.take_peak_mb() if watch is not None else None
         proxy_cpu = watch.cpu_s() - cpu_before if watch is not None else None
-    if done.returncode != 0:
-        raise RuntimeError(f"stream {mode} N={size} failed: {done.stderr[-3000:]}")
-    report = json.loads(done.stdout.strip().splitlines()[-1])
     records = []
     total_docs = sum(r["docs"] for r in report["runs"])
     for index, run in enumerate(report["runs"]):
@@ -1059,29 +904,18 @@ def ghz_argv(
     seconds: float,
 ) -> list[str]:
     """The ghz command line for ``seconds`` of ``call`` with ``data`` against ``target``; JSON out."""
-    return [
-        ghz,
-        "--insecure",
-        "--proto",
-        str(PROTO),
-        "--import-paths",
-        str(PROTO.parent.parent.parent),
-        "--call",
-        f"broker.v1.Broker.{call}",
-        "--data",
-        json.dumps(data),
-        "--concurrency",
-        str(concurrency),
-        "--connections",
-        str(connections),
-        "--duration",
-        f"{seconds:g}s",
-        "--timeout",
-        "20s",
-        "--format",
-        "json",
-        target,
-    ]
+    flags = {
+        "--proto": str(PROTO),
+        "--import-paths": str(PROTO.parent.parent.parent),
+        "--call": f"broker.v1.Broker.{call}",
+        "--data": json.dumps(data),
+        "--concurrency": str(concurrency),
+        "--connections": str(connections),
+        "--duration": f"{seconds:g}s",
+        "--timeout": "20s",
+        "--format": "json",
+    }
+    return [ghz, "--insecure", *(part for flag in flags.items() for part in flag), target]
 
 
 def run_ghz(
@@ -1194,7 +1028,6 @@ def run_profile(
         # Steady: the workers warm up, then py-spy records the measured window.
         ctx.progress(f"profile: py-spy on the broker, steady C={steady_concurrency} for {seconds:g} s")
         out = ctx.raw_dir / f"profile-steady-c{steady_concurrency}-{stamp}.speedscope.json"
-        result_dir = short_tmpdir("mb-prof-")
         spec = {
             "mode": modes.BROKER_UDS,
             "concurrency": steady_concurrency,
@@ -1202,17 +1035,17 @@ def run_profile(
             "windows": 1,
             "seed_docs": 1000,
             "collection": STEADY_COLLECTION,
-            "result_dir": str(result_dir),
             **ctx.target(modes.BROKER_UDS, broker, None),
         }
         spy = _py_spy(py_spy, broker.pid, out, seconds, native)
         try:
-            result, _, _ = _steady_launch(ctx, spec=spec, watch=None, windows=1, duration=seconds)
+            result, _, _ = _steady_launch(ctx, spec, None)
         finally:
             log = _stop_py_spy(spy)
-            shutil.rmtree(result_dir, ignore_errors=True)
         records.append(
-            _profile_record("steady", steady_concurrency, out, log, ops=result["windows"][0]["ops"])
+            _profile_record(
+                "steady", steady_concurrency, out, log, ops=len(result["windows"][0]["latencies"])
+            )
         )
         # Stream: py-spy runs for exactly as long as the client reads.
         ctx.progress(f"profile: py-spy on the broker, stream N={stream_size}")
@@ -1228,17 +1061,9 @@ def run_profile(
         }
         spy = _py_spy(py_spy, broker.pid, out, None, native)
         try:
-            done = subprocess.run(
-                [ctx.python, str(MODES_SCRIPT), "stream", json.dumps(spec)],
-                capture_output=True,
-                text=True,
-                timeout=1800,
-                check=False,
-            )
+            _run_worker(ctx, "stream", spec, 1800)
         finally:
             log = _stop_py_spy(spy)
-        if done.returncode != 0:
-            raise RuntimeError(f"profile stream failed: {done.stderr[-2000:]}")
         records.append(_profile_record("stream", stream_size, out, log, docs=2 * stream_size))
     return records
 

@@ -1,8 +1,10 @@
 """Run many short-lived worker processes, at most ``concurrency`` alive at once.
 
-Each worker is a fresh interpreter running ``harness/worker.py``; its JSON
-report line is parsed into a ``WorkerResult``. Whatever happens (a failed
-worker, Ctrl-C), no worker outlives ``run_fleet``.
+Each worker is a fresh interpreter, usually ``harness/worker.py``; its last
+JSON line on stdout is parsed into ``WorkerResult.report``. Exits are waited
+for on pidfds, not polled, so the harness takes no CPU from the workers it
+measures. Whatever happens (a failed worker, Ctrl-C), no worker outlives
+``run_fleet``.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import selectors
 import subprocess
 import sys
 import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,16 +31,17 @@ logger = logging.getLogger(__name__)
 WORKER_SCRIPT = Path(__file__).resolve().parent / "worker.py"
 
 
-def worker_command(spec: Mapping[str, Any], python: str = sys.executable) -> list[str]:
-    """The command line that runs one worker with ``spec`` (see harness/worker.py)."""
-    return [python, str(WORKER_SCRIPT), json.dumps(dict(spec), separators=(",", ":"))]
+def worker_command(spec: Mapping[str, Any], role: str = "storm", python: str = sys.executable) -> list[str]:
+    """The command line that runs harness/worker.py's ``role`` with ``spec``."""
+    return [python, str(WORKER_SCRIPT), role, json.dumps(dict(spec), separators=(",", ":"))]
 
 
 @dataclass
 class WorkerResult:
     index: int
     returncode: int
-    elapsed_s: float
+    spawned: float  # time.monotonic() just before the worker was started
+    exited: float  # ... and when its exit was seen
     stdout: str
     stderr: str
     report: dict[str, Any] | None = None
@@ -44,6 +49,10 @@ class WorkerResult:
     @property
     def ok(self) -> bool:
         return self.returncode == 0 and self.report is not None
+
+    @property
+    def elapsed_s(self) -> float:
+        return self.exited - self.spawned
 
     def describe(self) -> str:
         """A short account of a failed worker, for assertion messages."""
@@ -74,39 +83,31 @@ class FleetResult:
 class _Running:
     index: int
     proc: subprocess.Popen[bytes]
+    pidfd: int
     out: IO[bytes]
     err: IO[bytes]
-    started: float
-    deadline: float = field(default=0.0)
+    spawned: float
 
 
 def _finish(run: _Running, returncode: int) -> WorkerResult:
-    run.out.seek(0)
-    run.err.seek(0)
-    stdout = run.out.read().decode("utf-8", "replace")
-    stderr = run.err.read().decode("utf-8", "replace")
-    run.out.close()
-    run.err.close()
+    exited = time.monotonic()
+    os.close(run.pidfd)
+    outputs = []
+    for handle in (run.out, run.err):
+        handle.seek(0)
+        outputs.append(handle.read().decode("utf-8", "replace"))
+        handle.close()
+    stdout, stderr = outputs
     report = None
     lines = stdout.strip().splitlines()
     if returncode == 0 and lines:
         with contextlib.suppress(ValueError):
             report = json.loads(lines[-1])
-    return WorkerResult(
-        index=run.index,
-        returncode=returncode,
-        elapsed_s=time.monotonic() - run.started,
-        stdout=stdout,
-        stderr=stderr,
-        report=report,
-    )
+    return WorkerResult(run.index, returncode, run.spawned, exited, stdout, stderr, report)
 
 
 def run_fleet(
-    commands: Iterable[Sequence[str]],
-    concurrency: int,
-    timeout_per_worker: float = 60.0,
-    poll_interval: float = 0.002,
+    commands: Iterable[Sequence[str]], concurrency: int, timeout_per_worker: float = 60.0
 ) -> FleetResult:
     """Run every command as its own process, at most ``concurrency`` at once.
 
@@ -117,10 +118,17 @@ def run_fleet(
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
     pending = deque(enumerate(commands))
-    running: list[_Running] = []
+    running: dict[int, _Running] = {}
     results: list[WorkerResult] = []
     max_alive = 0
     fleet_started = time.monotonic()
+    selector = selectors.DefaultSelector()
+
+    def reap(run: _Running, code: int) -> None:
+        del running[run.index]
+        selector.unregister(run.pidfd)
+        results.append(_finish(run, code))
+
     try:
         while pending or running:
             while pending and len(running) < concurrency:
@@ -128,42 +136,37 @@ def run_fleet(
                 # Closed by _finish or the cleanup below: they outlive this block.
                 out = tempfile.TemporaryFile()  # noqa: SIM115
                 err = tempfile.TemporaryFile()  # noqa: SIM115
-                now = time.monotonic()
+                spawned = time.monotonic()
                 try:
                     # A session of its own keeps a terminal's Ctrl-C for the
                     # parent, which then ends the workers itself.
                     proc = subprocess.Popen(
-                        list(argv),
-                        stdin=subprocess.DEVNULL,
-                        stdout=out,
-                        stderr=err,
-                        start_new_session=True,
+                        list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
                     )
                 except BaseException:
                     out.close()
                     err.close()
                     raise
-                running.append(_Running(index, proc, out, err, now, now + timeout_per_worker))
+                run = _Running(index, proc, os.pidfd_open(proc.pid), out, err, spawned)
+                running[index] = run
+                selector.register(run.pidfd, selectors.EVENT_READ, run)
             max_alive = max(max_alive, len(running))
-            time.sleep(poll_interval)
-            still: list[_Running] = []
+            first_deadline = min(r.spawned for r in running.values()) + timeout_per_worker
+            wait = min(1.0, max(0.0, first_deadline - time.monotonic()))
+            for key, _events in selector.select(timeout=wait):
+                reap(key.data, key.data.proc.wait())
             now = time.monotonic()
-            for run in running:
-                code = run.proc.poll()
-                if code is None and now > run.deadline:
-                    logger.warning("worker %d timed out after %.0f s", run.index, timeout_per_worker)
-                    run.proc.kill()
-                    code = run.proc.wait()
-                if code is None:
-                    still.append(run)
-                else:
-                    results.append(_finish(run, code))
-            running = still
+            for run in [r for r in running.values() if now - r.spawned > timeout_per_worker]:
+                logger.warning("worker %d timed out after %.0f s", run.index, timeout_per_worker)
+                run.proc.kill()
+                reap(run, run.proc.wait())
     finally:
-        for run in running:
+        for run in running.values():
             run.proc.kill()
             run.proc.wait()
+            os.close(run.pidfd)
             run.out.close()
             run.err.close()
+        selector.close()
     results.sort(key=lambda r: r.index)
     return FleetResult(results, time.monotonic() - fleet_started, max_alive)

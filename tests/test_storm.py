@@ -1,6 +1,6 @@
 """The product's key claim: many short-lived worker processes, one bounded pool.
 
-200 worker processes, each a fresh interpreter (harness/worker.py), at most 20
+200 worker processes, each a fresh interpreter (harness/worker.py storm), at most 20
 alive at once, each inserting one document through the broker and finding it
 again. While they run, a thread counts the broker's TCP connections to the
 database every 20 ms; they must stay within the pool bound. Then the same
@@ -47,9 +47,8 @@ def _specs(mode: str, collection: str, **target: Any) -> list[dict[str, Any]]:
             "mode": mode,
             "collection": collection,
             "worker": i,
-            "ops": 1,
+            "ops": 2,  # insert one document, then find it
             "hold_ms": HOLD_MS,
-            "prefix": "storm",
             **target,
         }
         for i in range(WORKERS)
@@ -83,7 +82,9 @@ def test_storm_of_short_lived_workers_stays_within_the_pool(
 
     # Through the broker.
     with ConnectionSampler(lambda: connections_from_pid(broker.pid, port)) as via_broker:
-        fleet = _run(_specs("broker", collection_name, target=broker.unix_target, database=broker.db_name))
+        fleet = _run(
+            _specs("broker-uds", collection_name, target=broker.unix_target, database=broker.db_name)
+        )
     _assert_stored(mongo, broker.mongo_db, collection_name)
     assert via_broker.samples > 10, "the sampler hardly ran; the peak would mean nothing"
     bound = broker.max_pool_size + MONITOR_CONNECTIONS
@@ -100,7 +101,7 @@ def test_storm_of_short_lived_workers_stays_within_the_pool(
         with ConnectionSampler(lambda: connections_to_port(port, exclude)) as own_clients:
             direct_fleet = _run(
                 _specs(
-                    "pymongo",
+                    "per-process",
                     direct,
                     uri=broker.mongo_uri,
                     database=broker.mongo_db,
