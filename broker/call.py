@@ -34,7 +34,7 @@ from broker.errors import Reason, RpcError, invalid_argument, to_rpc_error
 from broker.logs import log_value
 from broker.metrics import BrokerMetrics
 from broker.pools import DatabasePool, Pools
-from broker.security import Authenticator, Principal
+from broker.security import ANONYMOUS, Authenticator, Principal
 from broker.settings import Settings
 
 __all__ = [
@@ -43,6 +43,8 @@ __all__ = [
     "Call",
     "Calls",
     "Context",
+    "DatabaseCall",
+    "LocalCall",
     "require_available",
     "time_limit",
     "transmit",
@@ -80,12 +82,16 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class Call:
-    """One call: what it asked for, its limits, and what it did (for the access log)."""
+    """One call's record: what it asked for, its limits, and what it did (for the access log).
+
+    A call starts as this record; once authenticated it becomes a
+    `DatabaseCall` (one database, its pool, round trips) or a `LocalCall`
+    (answered from the broker's own state), which take the record over.
+    """
 
     __slots__ = (
         "bytes", "code", "collection", "counted", "data_plane", "database", "deadline",
-        "documents", "method", "pool", "principal", "queue_wait_s", "request_id", "stage",
-        "started",
+        "documents", "method", "queue_wait_s", "request_id", "stage", "started",
     )  # fmt: skip
 
     def __init__(self, method: str, database: str, collection: str, request_id: str) -> None:
@@ -95,19 +101,22 @@ class Call:
         self.request_id = request_id
         self.started = time.monotonic()
         self.deadline = self.started + _NO_DEADLINE_S
-        self.pool: DatabasePool | None = None
-        # The databases a call that spans several (a Ping of every database)
-        # is counted under in Stats and metrics; empty for the others.
+        # The databases the call is counted under in Stats and metrics: its
+        # own, or each one a Ping of every database pinged; none before the
+        # database is resolved.
         self.counted: tuple[DatabasePool, ...] = ()
-        self.principal: Principal | None = None
         self.code = "OK"
         self.documents = 0
         self.bytes = 0
         self.queue_wait_s = 0.0
-        # Holds one of the broker's data-plane call slots (see BrokerService).
+        # Holds one of the broker's data-plane call slots (see Calls).
         self.data_plane = False
         # Where the call is now, for SIGUSR1 diagnostics of a stuck broker.
         self.stage = "start"
+
+    def _take_over(self, record: Call) -> None:
+        for name in Call.__slots__:
+            setattr(self, name, getattr(record, name))
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -122,6 +131,27 @@ class Call:
         # Ties the server's slow-query log and currentOp back to the worker.
         return f"{comment} rid={self.request_id}" if comment else f"rid={self.request_id}"
 
+
+class LocalCall(Call):
+    """An authenticated call answered from the broker's own state (a Ping of every database, Stats)."""
+
+    __slots__ = ("principal",)
+
+    def __init__(self, record: Call, principal: Principal) -> None:
+        self._take_over(record)
+        self.principal = principal
+
+
+class DatabaseCall(Call):
+    """An authenticated call on one configured database: its pool, and round trips through it."""
+
+    __slots__ = ("pool", "principal")
+
+    def __init__(self, record: Call, principal: Principal, pool: DatabasePool) -> None:
+        self._take_over(record)
+        self.principal = principal
+        self.pool = pool
+
     async def round_trip(self, operation: Coroutine[Any, Any, _T]) -> _T:
         """Run one database round trip while holding an admission slot.
 
@@ -134,7 +164,6 @@ class Call:
         released only when it has. If it is still running a second after the
         time limit the call is answered DEADLINE_EXCEEDED anyway.
         """
-        assert self.pool is not None
         pool = self.pool
         self.stage = "waiting for a connection"
         waited = await pool.admission.acquire(self.remaining())
@@ -188,6 +217,34 @@ def time_limit(context: Context, pool: DatabasePool, max_time_ms: int) -> float:
     if max_time_ms > 0:
         remaining = min(remaining, max_time_ms / 1000)
     return float(min(remaining, _MAX_TIME_LIMIT_S))
+
+
+_C = TypeVar("_C", bound=Call)
+
+
+class _Held:
+    """The call a lifecycle is serving: the record at first, then what it became."""
+
+    __slots__ = ("_inflight", "_task", "call", "principal")
+
+    def __init__(
+        self, call: Call, task: asyncio.Task[Any] | None, inflight: dict[asyncio.Task[Any], Call]
+    ) -> None:
+        self.call = call
+        self.principal = ANONYMOUS
+        self._task = task
+        self._inflight = inflight
+        self._track()
+
+    def become(self, call: _C) -> _C:
+        """Serve ``call`` (which took this record over) from now on: it is the one logged and listed."""
+        self.call = call
+        self._track()
+        return call
+
+    def _track(self) -> None:
+        if self._task is not None:
+            self._inflight[self._task] = self.call
 
 
 class Calls:
@@ -274,32 +331,12 @@ class Calls:
         max_time_ms: int = 0,
         *,
         write: bool = False,
-        local: bool = False,
-    ) -> AsyncIterator[Call]:
-        """Authenticate, resolve the database, apply limits, observe, map failures to statuses.
-
-        A ``local`` call (a Ping of every database, Stats) is answered from
-        the broker's own state: it gets the request id, drain refusal,
-        authentication (``call.principal``), status mapping and access log
-        of every call, and resolves its databases itself.
-        """
-        call = Call(method, database, collection, _request_id(context))
-        task = asyncio.current_task()
-        if task is not None:
-            self._inflight[task] = call
-        try:
-            # The id travels back in the trailers: they go out with the status
-            # in the call's last batch, where headers sent now would cost
-            # every call one more round of gRPC operations.
-            context.set_trailing_metadata(((REQUEST_ID_HEADER, call.request_id),))
-            if self._draining:
-                raise _shutting_down()
-            principal = call.principal = self._principal(context)
-            if local:
-                yield call
-                return
+    ) -> AsyncIterator[DatabaseCall]:
+        """A call on one database: authorised, resolved, admitted, under its time limit."""
+        async with self._lifecycle(context, method, database, collection) as held:
             if not database:
                 raise invalid_argument("database is required: name one of the configured databases")
+            principal = held.principal
             # Authorised before the lookup: a name the token may not use is
             # PERMISSION_DENIED whether or not it is configured, so a scoped
             # token cannot probe for other databases' names.
@@ -311,7 +348,8 @@ class Calls:
                     f"database {database!r} is read-only on this broker",
                     Reason.NOT_AUTHORIZED,
                 )
-            self._admit(call, pool)
+            call = held.become(DatabaseCall(held.call, principal, pool))
+            self._admit(call)
             limit = time_limit(context, pool, max_time_ms)
             call.deadline = call.started + limit
             if limit <= 0:
@@ -323,7 +361,39 @@ class Calls:
             await require_available(pool, limit)
             with pymongo.timeout(limit):
                 yield call
+
+    @asynccontextmanager
+    async def serve_local(
+        self, context: Context, method: str, database: str = ""
+    ) -> AsyncIterator[LocalCall]:
+        """A call answered from the broker's own state (a Ping of every database, Stats).
+
+        It gets the request id, drain refusal, authentication, status
+        mapping and access log of every call, and resolves its databases
+        itself.
+        """
+        async with self._lifecycle(context, method, database, "") as held:
+            yield held.become(LocalCall(held.call, held.principal))
+
+    @asynccontextmanager
+    async def _lifecycle(
+        self, context: Context, method: str, database: str, collection: str
+    ) -> AsyncIterator[_Held]:
+        """What every call shares: registry, request id, drain refusal, authentication,
+        failures mapped to statuses, and the access log and metrics at the end."""
+        task = asyncio.current_task()
+        held = _Held(Call(method, database, collection, _request_id(context)), task, self._inflight)
+        try:
+            # The id travels back in the trailers: they go out with the status
+            # in the call's last batch, where headers sent now would cost
+            # every call one more round of gRPC operations.
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, held.call.request_id),))
+            if self._draining:
+                raise _shutting_down()
+            held.principal = self._principal(context)
+            yield held
         except asyncio.CancelledError:
+            call = held.call
             if task not in self._drain_aborted:
                 call.code = "CANCELLED"
                 raise
@@ -332,6 +402,7 @@ class Calls:
             call.code = error.code.name
             await _answer(context, error, call.request_id)
         except Exception as exc:
+            call = held.call
             if context.cancelled():
                 # The client left, or its deadline passed, while this call ran:
                 # gRPC refuses to send anything more, and nobody would read it.
@@ -349,16 +420,15 @@ class Calls:
             if task is not None:
                 self._inflight.pop(task, None)
                 self._drain_aborted.discard(task)
-            self._finish(call)
+            self._finish(held.call)
 
-    def _admit(self, call: Call, pool: DatabasePool) -> None:
+    def _admit(self, call: DatabaseCall) -> None:
         """Count the call under its database, and a data-plane one against server.max_concurrent_rpcs.
 
         Refused past that limit with RESOURCE_EXHAUSTED (POOL_EXHAUSTED): the
         same back-off as a full wait queue, so clients need no new rule.
         """
-        call.pool = pool
-        pool.stats.in_flight += 1
+        call.count_under((call.pool,))
         if call.method not in _DATA_PLANE:
             return
         if self._data_calls >= self._data_call_limit:
@@ -373,7 +443,7 @@ class Calls:
         elapsed = time.monotonic() - call.started
         if call.data_plane:
             self._data_calls -= 1
-        counted = call.counted or ((call.pool,) if call.pool is not None else ())
+        counted = call.counted
         for pool in counted:
             stats = pool.stats
             stats.in_flight -= 1
@@ -416,28 +486,24 @@ class Calls:
             )
 
 
-async def transmit(sending: Awaitable[None], call: Call | None = None) -> None:
-    """Send headers or a message; if the call has already ended, stop serving it.
+async def transmit(sending: Awaitable[None], call: DatabaseCall) -> None:
+    """Send a message; if the call has already ended, stop serving it.
 
     A client whose deadline passed, or that went away, ends the call in gRPC
     core before the handler notices; sending then fails inside gRPC. That is
     a cancellation, not a broker error.
 
-    With ``call``, the send may take only what is left of the call's time
-    limit. A client that stops reading blocks a write on HTTP/2 flow control
-    for as long as it likes; without a bound such a stream kept its call
-    slot, its server cursor and its batch until the client disconnected. On
-    expiry the call is answered DEADLINE_EXCEEDED: gRPC queues that status
-    behind the message in flight, and the handler ends, releasing all it held.
+    The send may take only what is left of the call's time limit. A client
+    that stops reading blocks a write on HTTP/2 flow control for as long as
+    it likes; without a bound such a stream kept its call slot, its server
+    cursor and its batch until the client disconnected. On expiry the call
+    is answered DEADLINE_EXCEEDED: gRPC queues that status behind the
+    message in flight, and the handler ends, releasing all it held.
     """
     try:
-        if call is None:
-            await sending
-            return
         async with asyncio.timeout(max(call.remaining(), 0.0)):
             await sending
     except TimeoutError:
-        assert call is not None and call.pool is not None
         call.pool.stats.stalled_streams += 1
         log.info(
             "%s on %r: the client read nothing more within the call's time limit; ending the stream",

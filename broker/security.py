@@ -29,6 +29,7 @@ from broker.errors import Reason, RpcError
 from broker.settings import AuthSettings
 
 __all__ = [
+    "ANONYMOUS",
     "JS_OPERATORS",
     "Authenticator",
     "Principal",

@@ -24,7 +24,15 @@ import pymongo
 from broker_client.proto.broker.v1 import broker_pb2, broker_pb2_grpc
 
 from broker import documents, requests
-from broker.call import DEADLINE_SLACK_S, Call, Calls, Context, require_available, time_limit, transmit
+from broker.call import (
+    DEADLINE_SLACK_S,
+    Calls,
+    Context,
+    DatabaseCall,
+    require_available,
+    time_limit,
+    transmit,
+)
 from broker.errors import Reason, RpcError, invalid_argument, to_rpc_error
 from broker.metrics import BrokerMetrics
 from broker.pools import DatabasePool, Pools
@@ -103,7 +111,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         self,
         context: Context,
         request: broker_pb2.FindRequest,
-        call: Call,
+        call: DatabaseCall,
         *,
         options: dict[str, Any],
         cap: int,
@@ -116,7 +124,6 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         client does not read, for as long as the client keeps the call open,
         and the server cursor and the batch must not wait with it.
         """
-        assert call.pool is not None
         max_message = self._settings.limits.max_response_message_bytes
         wanted = options["batch_size"]
         options["batch_size"] = self._first_batch_size(request, call, max_message, wanted)
@@ -197,7 +204,9 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         raise AssertionError("unreachable: _serve aborts on error")  # pragma: no cover
 
     @staticmethod
-    def _first_batch_size(request: broker_pb2.FindRequest, call: Call, budget: int, wanted: int) -> int:
+    def _first_batch_size(
+        request: broker_pb2.FindRequest, call: DatabaseCall, budget: int, wanted: int
+    ) -> int:
         """The first batch's size: what a stream holds while its client does not read.
 
         Batches are sized to about one message (``budget`` bytes): the first
@@ -205,7 +214,6 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         with none seen and no batch_size asked, MongoDB's default 101), the
         later ones from this Find's own documents (see _size_next_batch).
         """
-        assert call.pool is not None
         seen = call.pool.stats.document_sizes.get(request.collection)
         if seen is not None:
             return _batch_for(wanted, budget, seen)
@@ -213,8 +221,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             return min(wanted, _FIRST_BATCH)
         return wanted
 
-    async def _find_options(self, request: broker_pb2.FindRequest, call: Call) -> dict[str, Any]:
-        assert call.pool is not None
+    async def _find_options(self, request: broker_pb2.FindRequest, call: DatabaseCall) -> dict[str, Any]:
         size = len(request.filter) + len(request.projection) + len(request.sort) + len(request.hint_keys)
         options = await requests.validate(
             size,
@@ -226,8 +233,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         return options
 
     @staticmethod
-    def _cursor(request: broker_pb2.FindRequest, call: Call, options: dict[str, Any]) -> Any:
-        assert call.pool is not None
+    def _cursor(request: broker_pb2.FindRequest, call: DatabaseCall, options: dict[str, Any]) -> Any:
         collection = call.pool.db.get_collection(requests.collection_name(request.collection))
         return collection.find_raw_batches(**options)
 
@@ -239,7 +245,6 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         async with self._calls.serve(
             context, "Insert", request.database, request.collection, write=True
         ) as call:
-            assert call.pool is not None
             json_mode = requests.json_mode(request.encoding)
             sent: Sequence[bytes] | Sequence[str] = request.documents
             if json_mode is not None:
@@ -304,12 +309,11 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         if request.database:
             # A named database that does not answer fails the call (UNAVAILABLE, ...).
             async with self._calls.serve(context, "Ping", request.database) as call:
-                assert call.pool is not None
                 result = await _ping(call.pool)
             return broker_pb2.PingResponse(version=self._version, databases=[result])
         # Every database the caller may use: report each one's health; the
         # call itself succeeds, and is counted under each database pinged.
-        async with self._calls.serve(context, "Ping", "", local=True) as call:
+        async with self._calls.serve_local(context, "Ping") as call:
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise RpcError(
@@ -317,7 +321,6 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                     "the call's deadline had already passed when it reached the broker",
                     Reason.TIMEOUT,
                 )
-            assert call.principal is not None
             pools = [pool for pool in self._pools if call.principal.may_use(pool.name)]
             call.count_under(pools)
             call.stage = "pinging every database"
@@ -348,9 +351,8 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         context: grpc.aio.ServicerContext[broker_pb2.StatsRequest, broker_pb2.StatsResponse],
     ) -> broker_pb2.StatsResponse:
         # Not counted under its databases: reading Stats must not change it.
-        async with self._calls.serve(context, "Stats", request.database, local=True) as call:
+        async with self._calls.serve_local(context, "Stats", request.database) as call:
             principal = call.principal
-            assert principal is not None
             if request.database:
                 principal.authorize(request.database, "", write=False)
                 pools = [self._pools.get(request.database, principal.may_use)]
@@ -372,7 +374,7 @@ async def _ping(pool: DatabasePool) -> broker_pb2.DatabasePing:
 
 
 async def _write_batch(
-    context: Context, docs: list[bytes], max_message: int, json_mode: str | None, call: Call
+    context: Context, docs: list[bytes], max_message: int, json_mode: str | None, call: DatabaseCall
 ) -> None:
     """Send one batch as one message, or several when it is larger than ``max_message``.
 
