@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,17 @@ from broker_client.proto.broker.v1 import broker_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-__all__ = ["Failure", "database_stats", "fails", "find_all", "find_one", "open_stub", "pb"]
+__all__ = ["Failure", "database_stats", "eventually", "fails", "find_all", "find_one", "open_stub", "pb"]
+
+
+def eventually(check: Callable[[], bool], timeout: float = 10.0, every: float = 0.05) -> bool:
+    """Poll ``check`` until it holds or ``timeout`` seconds pass; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(every)
+    return check()
 
 
 @contextmanager

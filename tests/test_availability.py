@@ -21,19 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from harness.process import free_port
 from tests.conftest import proxied_config
-from tests.rpc import database_stats, fails, open_stub, pb
+from tests.rpc import database_stats, eventually, fails, open_stub, pb
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def _eventually(check: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
 
 
 def _outcome(call: Callable[[], object]) -> str:
@@ -70,7 +61,7 @@ def test_one_dropped_connection_does_not_black_out_the_database(
             )
             # Health learns of the first discovery from pymongo's SDAM events,
             # published once a second.
-            assert _eventually(lambda: status("appdb") == SERVING, timeout=15)
+            assert eventually(lambda: status("appdb") == SERVING, timeout=15)
             for _ in range(2):
                 # FerretDB cannot store Decimal128 and drops the connection.
                 with fails(grpc.StatusCode.UNAVAILABLE):
@@ -130,9 +121,9 @@ def test_fail_fast_still_refuses_at_once_once_heartbeats_find_the_database_down(
                 ),
                 timeout=10,
             )
-            assert _eventually(lambda: appdb_status() == SERVING, timeout=15)
+            assert eventually(lambda: appdb_status() == SERVING, timeout=15)
             proxy.disable()
-            assert _eventually(lambda: appdb_status() == NOT_SERVING, timeout=15)
+            assert eventually(lambda: appdb_status() == NOT_SERVING, timeout=15)
             latencies = []
             for _ in range(5):
                 start = time.monotonic()
@@ -142,7 +133,7 @@ def test_fail_fast_still_refuses_at_once_once_heartbeats_find_the_database_down(
             # Refused without waiting out server_selection_timeout_ms (3 s).
             assert max(latencies) < 1.0, latencies
             proxy.enable()
-            assert _eventually(lambda: appdb_status() == SERVING, timeout=15)
+            assert eventually(lambda: appdb_status() == SERVING, timeout=15)
             assert stub.FindOne(
                 pb.FindRequest(database="appdb", collection=collection_name), timeout=10
             ).documents

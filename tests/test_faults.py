@@ -29,7 +29,7 @@ from harness.dbserver import DatabaseServer, start_database_server
 from harness.process import free_port
 from harness.toxiproxy import Proxy
 from tests.conftest import proxied_config
-from tests.rpc import database_stats, fails, find_all, open_stub, pb
+from tests.rpc import database_stats, eventually, fails, find_all, open_stub, pb
 
 FAST_DB = {
     "heartbeat_frequency_ms": 500,
@@ -67,12 +67,8 @@ def _back_to_baseline(pid: int, before: Baseline, timeout: float = 15.0) -> Base
 
 
 def _eventually(check: Callable[[], bool], timeout: float = 15.0, every: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(every)
-    return check()
+    # This suite waits for restarts and reconnects: a longer default.
+    return eventually(check, timeout, every)
 
 
 def _through(start_broker, proxy: Proxy, **options):

@@ -25,20 +25,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker.metrics import METRIC_NAMES
 from harness.toxiproxy import Proxy
 from tests.conftest import proxied_config
-from tests.rpc import database_stats, fails, find_all, open_stub, pb
+from tests.rpc import database_stats, eventually, fails, find_all, open_stub, pb
 
 
 def _proxied_config(start_broker, proxy: Proxy, **options):
     return proxied_config(start_broker, proxy, **options)
-
-
-def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
 
 
 def _insert(stub, collection: str, count: int, database: str = "appdb") -> None:
@@ -74,7 +65,7 @@ def test_deadline_shorter_than_a_slow_operation_ends_in_time(
         proxy.clear()
         # The handler let go: nothing in flight, no connection held, no pool
         # clear (a timeout is not a network error), and the next call works.
-        assert _eventually(
+        assert eventually(
             lambda: (now := database_stats(stub)).rpcs_in_flight == 0 and now.connections_in_use == 0
         )
         assert database_stats(stub).pool_clears == 0
@@ -113,9 +104,9 @@ def test_cancelled_find_kills_its_cursor_and_returns_the_connection(broker, coll
         )
         first = next(iter(call))
         assert len(first.documents) == 100
-        assert _eventually(lambda: database_stats(stub).open_cursors == 1)
+        assert eventually(lambda: database_stats(stub).open_cursors == 1)
         call.cancel()
-        assert _eventually(lambda: database_stats(stub).open_cursors == 0)
+        assert eventually(lambda: database_stats(stub).open_cursors == 0)
         stats = database_stats(stub)
         assert stats.connections_in_use == 0
         assert stats.operations.get("killCursors", 0) == before + 1
@@ -246,7 +237,7 @@ def test_fail_fast_while_database_is_down_and_recovery(start_broker, proxy, coll
     with open_stub(proc.unix_target) as stub:
         _insert(stub, collection_name, 1)
         proxy.disable()
-        assert _eventually(lambda: not database_stats(stub).available, timeout=15)
+        assert eventually(lambda: not database_stats(stub).available, timeout=15)
         latencies = []
         for _ in range(5):
             start = time.monotonic()
@@ -258,7 +249,7 @@ def test_fail_fast_while_database_is_down_and_recovery(start_broker, proxy, coll
         # Refused without waiting out server_selection_timeout_ms (3 s).
         assert max(latencies) < 1.0
         proxy.enable()
-        assert _eventually(lambda: database_stats(stub).available, timeout=15)
+        assert eventually(lambda: database_stats(stub).available, timeout=15)
         _insert(stub, collection_name, 1)
         documents, _ = find_all(stub, database="appdb", collection=collection_name)
         assert len(documents) == 2

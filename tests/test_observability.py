@@ -14,7 +14,6 @@ import shlex
 import signal
 import time
 import urllib.request
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import bson
@@ -23,20 +22,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.logs import log_value
-from tests.rpc import database_stats, fails, open_stub, pb
+from tests.rpc import database_stats, eventually, fails, open_stub, pb
 
 WEB = "web-token-0123456789abcdef"
 ADMIN = "admin-token-0123456789abcdef"
 FORGED = "2026-01-01 00:00:00,000 INFO mongo_broker.access: Find db=appdb coll=y code=OK ms=1.00 rid=forged"
-
-
-def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
 
 
 def _md(token: str | None, request_id: str) -> tuple[tuple[str, str], ...]:
@@ -93,7 +83,7 @@ def test_a_name_with_a_line_break_writes_exactly_one_access_line(secured, token,
             answered = exc.code().name
     if code is not None:
         assert answered == code
-    assert _eventually(lambda: f"rid={rid}" in secured.log_text())
+    assert eventually(lambda: f"rid={rid}" in secured.log_text())
     lines = _access_lines(secured.log_text())
     ours = [line for line in lines if f"rid={rid}" in line]
     assert len(ours) == 1, ours
@@ -121,7 +111,7 @@ def test_sigusr1_lists_a_call_with_a_line_break_in_its_name_on_one_line(start_br
         )
         time.sleep(0.5)
         os.kill(proc.pid, signal.SIGUSR1)
-        assert _eventually(lambda: "SIGUSR1: 1 calls in flight" in proc.log_text())
+        assert eventually(lambda: "SIGUSR1: 1 calls in flight" in proc.log_text())
         with contextlib.suppress(grpc.RpcError):
             finding.result(timeout=20)
     lines = proc.log_text().splitlines()
@@ -139,7 +129,7 @@ def test_json_access_lines_keep_the_exact_names(start_broker):
     name = f"x\n{FORGED}\u2028"
     with open_stub(proc.unix_target) as stub:
         list(stub.Find(pb.FindRequest(database="appdb", collection=name), metadata=(("x-request-id", "j1"),)))
-    assert _eventually(lambda: '"request_id": "j1"' in proc.log_text())
+    assert eventually(lambda: '"request_id": "j1"' in proc.log_text())
     entries = [json.loads(line) for line in proc.log_text().splitlines()]  # every line is one JSON object
     (entry,) = [e for e in entries if e.get("request_id") == "j1"]
     assert entry["collection"] == name and entry["code"] == "OK"
@@ -281,7 +271,7 @@ def test_ping_and_stats_send_the_request_id_in_the_trailers(secured):
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         assert _request_id(caught.value) == "rid-nope"
     # And each is in the access log with its id and code.
-    assert _eventually(lambda: "rid=rid-nope" in secured.log_text())
+    assert eventually(lambda: "rid=rid-nope" in secured.log_text())
     lines = _access_lines(secured.log_text())
     for name in ("ping-all", "ping-one", "stats-all", "stats-one"):
         for rid, code in ((f"rid-{name}", "OK"), (f"bad-{name}", "UNAUTHENTICATED")):

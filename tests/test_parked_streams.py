@@ -9,27 +9,16 @@ while it waits, and never take the room Ping, Stats and health need.
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
-from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.rpc import database_stats, fails, open_stub, pb
+from tests.rpc import database_stats, eventually, fails, open_stub, pb
 
 PAD = 20_000  # bytes per document
 DOCUMENTS = 1_000  # 20 MB: far more than a client's HTTP/2 windows take in
-
-
-def _eventually(check: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return check()
 
 
 def _fill(mongo_collection) -> None:
@@ -77,7 +66,7 @@ def test_parked_streams_end_at_their_time_limit_and_leave_room_for_ping_stats_an
             kills_before = database_stats(stub).operations.get("killCursors", 0)
             # Health learns of the first discovery from pymongo's SDAM events,
             # published once a second.
-            assert _eventually(
+            assert eventually(
                 lambda: health.Check(health_pb2.HealthCheckRequest(service="appdb"), timeout=10).status == 1,
                 timeout=15,
             )
@@ -85,7 +74,7 @@ def test_parked_streams_end_at_their_time_limit_and_leave_room_for_ping_stats_an
             parked = [
                 find(pb.FindRequest(database="appdb", collection=collection_name)) for _ in range(limit + 2)
             ]
-            assert _eventually(lambda: database_stats(stub).open_cursors == limit, timeout=30)
+            assert eventually(lambda: database_stats(stub).open_cursors == limit, timeout=30)
             assert database_stats(stub).rpcs_in_flight == limit
 
             # Another data-plane call is refused by the broker, with a reason and a RetryInfo...
@@ -102,7 +91,7 @@ def test_parked_streams_end_at_their_time_limit_and_leave_room_for_ping_stats_an
 
             # At their time limit the parked streams end although nobody reads
             # them: their server cursors are closed and each is counted.
-            assert _eventually(
+            assert eventually(
                 lambda: (
                     database_stats(stub).open_cursors == 0
                     and _metric(metrics, "mongo_broker_stalled_streams_total") == limit
@@ -128,7 +117,7 @@ def test_parked_streams_end_at_their_time_limit_and_leave_room_for_ping_stats_an
             # The two over the limit were refused at once; the rest timed out.
             assert sorted(codes) == sorted(["DEADLINE_EXCEEDED"] * limit + ["RESOURCE_EXHAUSTED"] * 2), codes
             # Once the client has read its answers, every slot is free again.
-            assert _eventually(lambda: database_stats(stub).rpcs_in_flight == 0, timeout=20)
+            assert eventually(lambda: database_stats(stub).rpcs_in_flight == 0, timeout=20)
             assert stub.FindOne(
                 pb.FindRequest(database="appdb", collection=collection_name), timeout=10
             ).documents
