@@ -40,9 +40,18 @@ def test_parked_streams_end_at_their_time_limit_and_leave_room_for_ping_stats_an
     start_broker, collection_name, mongo_collection
 ):
     limit = 6
-    timeout_ms = 6_000
+    timeout_ms = 10_000
+    # A connection for each stream and a wait as long as the time limit: on
+    # a slow machine a 2 MB first batch from FerretDB takes a second or more,
+    # and every parked stream must get its cursor before the first of them
+    # reaches its limit (a queued one refused after wait_queue_timeout_ms,
+    # or still waiting, would never hold one).
     config = start_broker.base_config(
-        max_pool_size=2, min_pool_size=0, max_waiting=10, default_timeout_ms=timeout_ms
+        max_pool_size=limit,
+        min_pool_size=0,
+        max_waiting=10,
+        wait_queue_timeout_ms=timeout_ms,
+        default_timeout_ms=timeout_ms,
     )
     config["server"] = {"max_concurrent_rpcs": limit}
     config["metrics"] = {"listen": "127.0.0.1:0"}
