@@ -150,7 +150,8 @@ def test_a_refused_mongobetween_download_is_reported_without_the_tools_text() ->
     command = ["go", "install", "github.com/coinbase/mongobetween@latest"]
     stderr = (
         "go: github.com/coinbase/mongobetween@latest: module github.com/coinbase/mongobetween: "
-        "reading https://modules.example.invalid/github.com/coinbase/mongobetween/@v/list: "
+        # The shape of the toolchain's refusal, with a made-up host and path.
+        "reading https://modules.example.invalid/github.com/coinbase/mongobetween/versions: "
         "403 Forbidden\n\tserver response: This module version is not available.\n"
     )
     refused = workloads._install_failure(command, 1, stderr)
