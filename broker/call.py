@@ -300,7 +300,7 @@ class Calls:
             await asyncio.wait(left, timeout=2.0)
         return len(running) - len(left), len(left)
 
-    async def close_cursor(self, cursor: Any, call: Call | None) -> None:
+    async def close_cursor(self, cursor: Any, call: Call) -> None:
         """Close a Find's server cursor (killCursors), even if this call was cancelled.
 
         An exhausted cursor was closed by pymongo when its last batch came;
@@ -310,8 +310,7 @@ class Calls:
         """
         if not cursor.alive:
             return
-        if call is not None:
-            call.stage = "closing the cursor"
+        call.stage = "closing the cursor"
         # A context of its own: pymongo.timeout() nests by taking the earlier
         # deadline, so under the call's (often spent) time limit _kill_cursor's
         # fresh one would be ignored and killCursors never sent.
