@@ -244,7 +244,14 @@ func (c *Client) callContext(ctx context.Context) (context.Context, context.Canc
 // WithRequestID returns a context whose calls carry "x-request-id: id"
 // (1-64 of A-Za-z0-9._:-). The broker logs it and puts it into the MongoDB
 // operation's comment, so the server's slow-query log leads back here.
+//
+// A nil ctx panics with a message saying so, as context.WithValue does:
+// there is no error to return, and a context made up here would drop the
+// caller's deadline without a word.
 func WithRequestID(ctx context.Context, id string) context.Context {
+	if ctx == nil {
+		panic(ErrNilContext.Error() + " passed to WithRequestID")
+	}
 	return metadata.AppendToOutgoingContext(ctx, "x-request-id", id)
 }
 

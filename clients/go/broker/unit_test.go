@@ -19,6 +19,7 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -456,4 +457,23 @@ func mustMarshal(t *testing.T, v any) []byte {
 		t.Fatal(err)
 	}
 	return raw
+}
+
+func TestWithRequestIDNamesANilContext(t *testing.T) {
+	defer func() {
+		got, _ := recover().(string)
+		if !strings.Contains(got, "nil Context") || !strings.Contains(got, "WithRequestID") {
+			t.Fatalf("WithRequestID(nil): panic %q, want one naming the nil context", got)
+		}
+	}()
+	var nilCtx context.Context
+	WithRequestID(nilCtx, "abc")
+	t.Fatal("WithRequestID(nil) returned")
+}
+
+func TestWithRequestIDSetsTheHeader(t *testing.T) {
+	md, _ := metadata.FromOutgoingContext(WithRequestID(context.Background(), "job-7"))
+	if got := md.Get("x-request-id"); len(got) != 1 || got[0] != "job-7" {
+		t.Fatalf("x-request-id = %v, want [job-7]", got)
+	}
 }
