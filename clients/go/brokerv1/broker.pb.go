@@ -11,6 +11,16 @@
 // reason (the name of an `ErrorReason` value, below), and metadata such as
 // `mongo_code` and `mongo_labels`.
 //
+// A write that fails part-way (Insert, BulkWrite) says in that metadata what
+// landed, as MongoDB reported it: `inserted_count`, `matched_count`,
+// `modified_count`, `deleted_count`, `upserted_count`; `failed_index`, the
+// index of the first failing document or operation; `write_errors`, a JSON
+// array of {"index", "code", "codeName", "errmsg"} (errmsg cut at 200
+// characters, entries cut to about 4 KiB; `write_errors_total` counts them
+// all); `upserted_ids`, a canonical Extended JSON array of {"index", "_id"}
+// (cut likewise; `upserted_count` counts them all); and, when the write
+// concern failed, `write_concern_error`, the server's message.
+//
 // Message size: a response message is at most 16 MiB + 64 KiB, because one
 // BSON document (up to 16 MiB) always travels whole, alone in its message
 // when it is larger than the broker's response cap. gRPC clients accept
@@ -214,6 +224,170 @@ func (Encoding) EnumDescriptor() ([]byte, []int) {
 	return file_broker_v1_broker_proto_rawDescGZIP(), []int{1}
 }
 
+type ReadPreferenceMode int32
+
+const (
+	ReadPreferenceMode_READ_PREFERENCE_MODE_UNSPECIFIED    ReadPreferenceMode = 0 // primary
+	ReadPreferenceMode_READ_PREFERENCE_PRIMARY             ReadPreferenceMode = 1
+	ReadPreferenceMode_READ_PREFERENCE_PRIMARY_PREFERRED   ReadPreferenceMode = 2
+	ReadPreferenceMode_READ_PREFERENCE_SECONDARY           ReadPreferenceMode = 3
+	ReadPreferenceMode_READ_PREFERENCE_SECONDARY_PREFERRED ReadPreferenceMode = 4
+	ReadPreferenceMode_READ_PREFERENCE_NEAREST             ReadPreferenceMode = 5
+)
+
+// Enum value maps for ReadPreferenceMode.
+var (
+	ReadPreferenceMode_name = map[int32]string{
+		0: "READ_PREFERENCE_MODE_UNSPECIFIED",
+		1: "READ_PREFERENCE_PRIMARY",
+		2: "READ_PREFERENCE_PRIMARY_PREFERRED",
+		3: "READ_PREFERENCE_SECONDARY",
+		4: "READ_PREFERENCE_SECONDARY_PREFERRED",
+		5: "READ_PREFERENCE_NEAREST",
+	}
+	ReadPreferenceMode_value = map[string]int32{
+		"READ_PREFERENCE_MODE_UNSPECIFIED":    0,
+		"READ_PREFERENCE_PRIMARY":             1,
+		"READ_PREFERENCE_PRIMARY_PREFERRED":   2,
+		"READ_PREFERENCE_SECONDARY":           3,
+		"READ_PREFERENCE_SECONDARY_PREFERRED": 4,
+		"READ_PREFERENCE_NEAREST":             5,
+	}
+)
+
+func (x ReadPreferenceMode) Enum() *ReadPreferenceMode {
+	p := new(ReadPreferenceMode)
+	*p = x
+	return p
+}
+
+func (x ReadPreferenceMode) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ReadPreferenceMode) Descriptor() protoreflect.EnumDescriptor {
+	return file_broker_v1_broker_proto_enumTypes[2].Descriptor()
+}
+
+func (ReadPreferenceMode) Type() protoreflect.EnumType {
+	return &file_broker_v1_broker_proto_enumTypes[2]
+}
+
+func (x ReadPreferenceMode) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ReadPreferenceMode.Descriptor instead.
+func (ReadPreferenceMode) EnumDescriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{2}
+}
+
+type ReadConcernLevel int32
+
+const (
+	ReadConcernLevel_READ_CONCERN_UNSPECIFIED  ReadConcernLevel = 0 // the server's default
+	ReadConcernLevel_READ_CONCERN_LOCAL        ReadConcernLevel = 1
+	ReadConcernLevel_READ_CONCERN_AVAILABLE    ReadConcernLevel = 2
+	ReadConcernLevel_READ_CONCERN_MAJORITY     ReadConcernLevel = 3
+	ReadConcernLevel_READ_CONCERN_LINEARIZABLE ReadConcernLevel = 4
+	ReadConcernLevel_READ_CONCERN_SNAPSHOT     ReadConcernLevel = 5
+)
+
+// Enum value maps for ReadConcernLevel.
+var (
+	ReadConcernLevel_name = map[int32]string{
+		0: "READ_CONCERN_UNSPECIFIED",
+		1: "READ_CONCERN_LOCAL",
+		2: "READ_CONCERN_AVAILABLE",
+		3: "READ_CONCERN_MAJORITY",
+		4: "READ_CONCERN_LINEARIZABLE",
+		5: "READ_CONCERN_SNAPSHOT",
+	}
+	ReadConcernLevel_value = map[string]int32{
+		"READ_CONCERN_UNSPECIFIED":  0,
+		"READ_CONCERN_LOCAL":        1,
+		"READ_CONCERN_AVAILABLE":    2,
+		"READ_CONCERN_MAJORITY":     3,
+		"READ_CONCERN_LINEARIZABLE": 4,
+		"READ_CONCERN_SNAPSHOT":     5,
+	}
+)
+
+func (x ReadConcernLevel) Enum() *ReadConcernLevel {
+	p := new(ReadConcernLevel)
+	*p = x
+	return p
+}
+
+func (x ReadConcernLevel) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ReadConcernLevel) Descriptor() protoreflect.EnumDescriptor {
+	return file_broker_v1_broker_proto_enumTypes[3].Descriptor()
+}
+
+func (ReadConcernLevel) Type() protoreflect.EnumType {
+	return &file_broker_v1_broker_proto_enumTypes[3]
+}
+
+func (x ReadConcernLevel) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ReadConcernLevel.Descriptor instead.
+func (ReadConcernLevel) EnumDescriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{3}
+}
+
+type ReturnDocument int32
+
+const (
+	// The document as it was before the change (MongoDB's default).
+	ReturnDocument_RETURN_DOCUMENT_BEFORE ReturnDocument = 0
+	// The document as the change left it (an upsert's new document).
+	ReturnDocument_RETURN_DOCUMENT_AFTER ReturnDocument = 1
+)
+
+// Enum value maps for ReturnDocument.
+var (
+	ReturnDocument_name = map[int32]string{
+		0: "RETURN_DOCUMENT_BEFORE",
+		1: "RETURN_DOCUMENT_AFTER",
+	}
+	ReturnDocument_value = map[string]int32{
+		"RETURN_DOCUMENT_BEFORE": 0,
+		"RETURN_DOCUMENT_AFTER":  1,
+	}
+)
+
+func (x ReturnDocument) Enum() *ReturnDocument {
+	p := new(ReturnDocument)
+	*p = x
+	return p
+}
+
+func (x ReturnDocument) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ReturnDocument) Descriptor() protoreflect.EnumDescriptor {
+	return file_broker_v1_broker_proto_enumTypes[4].Descriptor()
+}
+
+func (ReturnDocument) Type() protoreflect.EnumType {
+	return &file_broker_v1_broker_proto_enumTypes[4]
+}
+
+func (x ReturnDocument) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ReturnDocument.Descriptor instead.
+func (ReturnDocument) EnumDescriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{4}
+}
+
 type FindRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// A database name from the broker's configuration (not necessarily the
@@ -253,8 +427,15 @@ type FindRequest struct {
 	ProjectionJson string `protobuf:"bytes,15,opt,name=projection_json,json=projectionJson,proto3" json:"projection_json,omitempty"`
 	SortJson       string `protobuf:"bytes,16,opt,name=sort_json,json=sortJson,proto3" json:"sort_json,omitempty"`
 	HintKeysJson   string `protobuf:"bytes,17,opt,name=hint_keys_json,json=hintKeysJson,proto3" json:"hint_keys_json,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// BSON document: how strings compare, e.g. {"locale": "fr"}.
+	Collation     []byte `protobuf:"bytes,18,opt,name=collation,proto3" json:"collation,omitempty"`
+	CollationJson string `protobuf:"bytes,19,opt,name=collation_json,json=collationJson,proto3" json:"collation_json,omitempty"`
+	// Unset means the database's configured read preference.
+	ReadPreference *ReadPreference `protobuf:"bytes,20,opt,name=read_preference,json=readPreference,proto3" json:"read_preference,omitempty"`
+	// Unset means the server's default.
+	ReadConcern   ReadConcernLevel `protobuf:"varint,21,opt,name=read_concern,json=readConcern,proto3,enum=broker.v1.ReadConcernLevel" json:"read_concern,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *FindRequest) Reset() {
@@ -415,6 +596,34 @@ func (x *FindRequest) GetHintKeysJson() string {
 		return x.HintKeysJson
 	}
 	return ""
+}
+
+func (x *FindRequest) GetCollation() []byte {
+	if x != nil {
+		return x.Collation
+	}
+	return nil
+}
+
+func (x *FindRequest) GetCollationJson() string {
+	if x != nil {
+		return x.CollationJson
+	}
+	return ""
+}
+
+func (x *FindRequest) GetReadPreference() *ReadPreference {
+	if x != nil {
+		return x.ReadPreference
+	}
+	return nil
+}
+
+func (x *FindRequest) GetReadConcern() ReadConcernLevel {
+	if x != nil {
+		return x.ReadConcern
+	}
+	return ReadConcernLevel_READ_CONCERN_UNSPECIFIED
 }
 
 type isFindRequest_Hint interface {
@@ -760,6 +969,2640 @@ func (x *InsertResponse) GetInsertedIdsJson() []string {
 	return nil
 }
 
+// Which members of a replica set a read may go to.
+type ReadPreference struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Mode  ReadPreferenceMode     `protobuf:"varint,1,opt,name=mode,proto3,enum=broker.v1.ReadPreferenceMode" json:"mode,omitempty"`
+	// Tag sets tried in order, each a BSON document of tag name to value
+	// (e.g. {"dc": "east"}); an empty document matches any member. Not
+	// allowed with mode primary.
+	TagSets     [][]byte `protobuf:"bytes,2,rep,name=tag_sets,json=tagSets,proto3" json:"tag_sets,omitempty"`
+	TagSetsJson []string `protobuf:"bytes,3,rep,name=tag_sets_json,json=tagSetsJson,proto3" json:"tag_sets_json,omitempty"`
+	// Skip secondaries lagging more than this many seconds (0: no limit;
+	// otherwise at least 90, MongoDB's floor). Not allowed with mode primary.
+	MaxStalenessS int64 `protobuf:"varint,4,opt,name=max_staleness_s,json=maxStalenessS,proto3" json:"max_staleness_s,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReadPreference) Reset() {
+	*x = ReadPreference{}
+	mi := &file_broker_v1_broker_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReadPreference) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReadPreference) ProtoMessage() {}
+
+func (x *ReadPreference) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_broker_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReadPreference.ProtoReflect.Descriptor instead.
+func (*ReadPreference) Descriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *ReadPreference) GetMode() ReadPreferenceMode {
+	if x != nil {
+		return x.Mode
+	}
+	return ReadPreferenceMode_READ_PREFERENCE_MODE_UNSPECIFIED
+}
+
+func (x *ReadPreference) GetTagSets() [][]byte {
+	if x != nil {
+		return x.TagSets
+	}
+	return nil
+}
+
+func (x *ReadPreference) GetTagSetsJson() []string {
+	if x != nil {
+		return x.TagSetsJson
+	}
+	return nil
+}
+
+func (x *ReadPreference) GetMaxStalenessS() int64 {
+	if x != nil {
+		return x.MaxStalenessS
+	}
+	return 0
+}
+
+type UpdateRequest struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Database   string                 `protobuf:"bytes,1,opt,name=database,proto3" json:"database,omitempty"`
+	Collection string                 `protobuf:"bytes,2,opt,name=collection,proto3" json:"collection,omitempty"`
+	// BSON document; empty bytes mean {} (every document).
+	Filter []byte `protobuf:"bytes,3,opt,name=filter,proto3" json:"filter,omitempty"`
+	// Exactly one of update, update_pipeline and replacement:
+	// an update operator document, e.g. {"$set": {"done": true}};
+	Update []byte `protobuf:"bytes,4,opt,name=update,proto3" json:"update,omitempty"`
+	// an update pipeline, one BSON stage per element ($set, $unset, ...);
+	UpdatePipeline [][]byte `protobuf:"bytes,5,rep,name=update_pipeline,json=updatePipeline,proto3" json:"update_pipeline,omitempty"`
+	// or a whole document that replaces the match (replace_one; not with multi).
+	Replacement []byte `protobuf:"bytes,6,opt,name=replacement,proto3" json:"replacement,omitempty"`
+	// Update every matching document (update_many), not only the first.
+	Multi bool `protobuf:"varint,7,opt,name=multi,proto3" json:"multi,omitempty"`
+	// Insert a document when nothing matches.
+	Upsert bool `protobuf:"varint,8,opt,name=upsert,proto3" json:"upsert,omitempty"`
+	// BSON documents naming the array elements that $[<id>] updates.
+	ArrayFilters [][]byte `protobuf:"bytes,9,rep,name=array_filters,json=arrayFilters,proto3" json:"array_filters,omitempty"`
+	// Types that are valid to be assigned to Hint:
+	//
+	//	*UpdateRequest_HintName
+	//	*UpdateRequest_HintKeys
+	Hint      isUpdateRequest_Hint `protobuf_oneof:"hint"`
+	Collation []byte               `protobuf:"bytes,12,opt,name=collation,proto3" json:"collation,omitempty"`
+	// BSON document of variables for the filter and an update pipeline ($$name).
+	Let                      []byte        `protobuf:"bytes,13,opt,name=let,proto3" json:"let,omitempty"`
+	Comment                  string        `protobuf:"bytes,14,opt,name=comment,proto3" json:"comment,omitempty"`
+	MaxTimeMs                int64         `protobuf:"varint,15,opt,name=max_time_ms,json=maxTimeMs,proto3" json:"max_time_ms,omitempty"`
+	WriteConcern             *WriteConcern `protobuf:"bytes,16,opt,name=write_concern,json=writeConcern,proto3" json:"write_concern,omitempty"`
+	BypassDocumentValidation bool          `protobuf:"varint,17,opt,name=bypass_document_validation,json=bypassDocumentValidation,proto3" json:"bypass_document_validation,omitempty"`
+	Encoding                 Encoding      `protobuf:"varint,18,opt,name=encoding,proto3,enum=broker.v1.Encoding" json:"encoding,omitempty"`
+	FilterJson               string        `protobuf:"bytes,19,opt,name=filter_json,json=filterJson,proto3" json:"filter_json,omitempty"`
+	UpdateJson               string        `protobuf:"bytes,20,opt,name=update_json,json=updateJson,proto3" json:"update_json,omitempty"`
+	UpdatePipelineJson       []string      `protobuf:"bytes,21,rep,name=update_pipeline_json,json=updatePipelineJson,proto3" json:"update_pipeline_json,omitempty"`
+	ReplacementJson          string        `protobuf:"bytes,22,opt,name=replacement_json,json=replacementJson,proto3" json:"replacement_json,omitempty"`
+	ArrayFiltersJson         []string      `protobuf:"bytes,23,rep,name=array_filters_json,json=arrayFiltersJson,proto3" json:"array_filters_json,omitempty"`
+	HintKeysJson             string        `protobuf:"bytes,24,opt,name=hint_keys_json,json=hintKeysJson,proto3" json:"hint_keys_json,omitempty"`
+	CollationJson            string        `protobuf:"bytes,25,opt,name=collation_json,json=collationJson,proto3" json:"collation_json,omitempty"`
+	LetJson                  string        `protobuf:"bytes,26,opt,name=let_json,json=letJson,proto3" json:"let_json,omitempty"`
+	unknownFields            protoimpl.UnknownFields
+	sizeCache                protoimpl.SizeCache
+}
+
+func (x *UpdateRequest) Reset() {
+	*x = UpdateRequest{}
+	mi := &file_broker_v1_broker_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateRequest) ProtoMessage() {}
+
+func (x *UpdateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_broker_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateRequest.ProtoReflect.Descriptor instead.
+func (*UpdateRequest) Descriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *UpdateRequest) GetDatabase() string {
+	if x != nil {
+		return x.Database
+	}
+	return ""
+}
+
+func (x *UpdateRequest) GetCollection() string {
+	if x != nil {
+		return x.Collection
+	}
+	return ""
+}
+
+func (x *UpdateRequest) GetFilter() []byte {
+	if x != nil {
+		return x.Filter
+	}
+	return nil
+}
+
+func (x *UpdateRequest) GetUpdate() []byte {
+	if x != nil {
+		return x.Update
+	}
+	return nil
+}
+
+func (x *UpdateRequest) GetUpdatePipeline() [][]byte {
+	if x != nil {
+		return x.UpdatePipeline
+	}
+	return nil
+}
+
+func (x *UpdateRequest) GetReplacement() []byte {
+	if x != nil {
+		return x.Replacement
+	}
+	return nil
+}
+
+func (x *UpdateRequest) GetMulti() bool {
+	if x != nil {
+		return x.Multi
+	}
+	return false
+}
+
+func (x *UpdateRequest) GetUpsert() bool {
+	if x != nil {
+		return x.Upsert
+	}
+	return false
+}
+
+func (x *UpdateRequest) GetArrayFilters() [][]byte {
+	if x != nil {
+		return x.ArrayFilters
+	}
+	return nil
+}
+
+func (x *UpdateRequest) GetHint() isUpdateRequest_Hint {
+	if x != nil {
+		return x.Hint
+	}
+	return nil
+}
+
+func (x *UpdateRequest) GetHintName() string {
+	if x != nil {
+		if x, ok := x.Hint.(*UpdateRequest_HintName); ok {
+			return x.HintName
+		}
+	}
+	return ""
+}
+
+func (x *UpdateRequest) GetHintKeys() []byte {
+	if x != nil {
+		if x, ok := x.Hint.(*UpdateRequest_HintKeys); ok {
+			return x.HintKeys
+		}
+	}
+	return nil
+}
+
+func (x *UpdateRequest) GetCollation() []byte {
+	if x != nil {
+		return x.Collation
+	}
+	return nil
+}
+
+func (x *UpdateRequest) GetLet() []byte {
+	if x != nil {
+		return x.Let
+	}
+	return nil
+}
+
+func (x *UpdateRequest) GetComment() string {
+	if x != nil {
+		return x.Comment
+	}
+	return ""
+}
+
+func (x *UpdateRequest) GetMaxTimeMs() int64 {
+	if x != nil {
+		return x.MaxTimeMs
+	}
+	return 0
+}
+
+func (x *UpdateRequest) GetWriteConcern() *WriteConcern {
+	if x != nil {
+		return x.WriteConcern
+	}
+	return nil
+}
+
+func (x *UpdateRequest) GetBypassDocumentValidation() bool {
+	if x != nil {
+		return x.BypassDocumentValidation
+	}
+	return false
+}
+
+func (x *UpdateRequest) GetEncoding() Encoding {
+	if x != nil {
+		return x.Encoding
+	}
+	return Encoding_ENCODING_BSON
+}
+
+func (x *UpdateRequest) GetFilterJson() string {
+	if x != nil {
+		return x.FilterJson
+	}
+	return ""
+}
+
+func (x *UpdateRequest) GetUpdateJson() string {
+	if x != nil {
+		return x.UpdateJson
+	}
+	return ""
+}
+
+func (x *UpdateRequest) GetUpdatePipelineJson() []string {
+	if x != nil {
+		return x.UpdatePipelineJson
+	}
+	return nil
+}
+
+func (x *UpdateRequest) GetReplacementJson() string {
+	if x != nil {
+		return x.ReplacementJson
+	}
+	return ""
+}
+
+func (x *UpdateRequest) GetArrayFiltersJson() []string {
+	if x != nil {
+		return x.ArrayFiltersJson
+	}
+	return nil
+}
+
+func (x *UpdateRequest) GetHintKeysJson() string {
+	if x != nil {
+		return x.HintKeysJson
+	}
+	return ""
+}
+
+func (x *UpdateRequest) GetCollationJson() string {
+	if x != nil {
+		return x.CollationJson
+	}
+	return ""
+}
+
+func (x *UpdateRequest) GetLetJson() string {
+	if x != nil {
+		return x.LetJson
+	}
+	return ""
+}
+
+type isUpdateRequest_Hint interface {
+	isUpdateRequest_Hint()
+}
+
+type UpdateRequest_HintName struct {
+	HintName string `protobuf:"bytes,10,opt,name=hint_name,json=hintName,proto3,oneof"`
+}
+
+type UpdateRequest_HintKeys struct {
+	HintKeys []byte `protobuf:"bytes,11,opt,name=hint_keys,json=hintKeys,proto3,oneof"`
+}
+
+func (*UpdateRequest_HintName) isUpdateRequest_Hint() {}
+
+func (*UpdateRequest_HintKeys) isUpdateRequest_Hint() {}
+
+type UpdateResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	MatchedCount  int64                  `protobuf:"varint,1,opt,name=matched_count,json=matchedCount,proto3" json:"matched_count,omitempty"`
+	ModifiedCount int64                  `protobuf:"varint,2,opt,name=modified_count,json=modifiedCount,proto3" json:"modified_count,omitempty"`
+	// {"_id": <value>} of the document an upsert inserted, as Insert's ids
+	// are; empty when nothing was upserted.
+	UpsertedId     []byte `protobuf:"bytes,3,opt,name=upserted_id,json=upsertedId,proto3" json:"upserted_id,omitempty"`
+	UpsertedIdJson string `protobuf:"bytes,4,opt,name=upserted_id_json,json=upsertedIdJson,proto3" json:"upserted_id_json,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *UpdateResponse) Reset() {
+	*x = UpdateResponse{}
+	mi := &file_broker_v1_broker_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateResponse) ProtoMessage() {}
+
+func (x *UpdateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_broker_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateResponse.ProtoReflect.Descriptor instead.
+func (*UpdateResponse) Descriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *UpdateResponse) GetMatchedCount() int64 {
+	if x != nil {
+		return x.MatchedCount
+	}
+	return 0
+}
+
+func (x *UpdateResponse) GetModifiedCount() int64 {
+	if x != nil {
+		return x.ModifiedCount
+	}
+	return 0
+}
+
+func (x *UpdateResponse) GetUpsertedId() []byte {
+	if x != nil {
+		return x.UpsertedId
+	}
+	return nil
+}
+
+func (x *UpdateResponse) GetUpsertedIdJson() string {
+	if x != nil {
+		return x.UpsertedIdJson
+	}
+	return ""
+}
+
+type DeleteRequest struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Database   string                 `protobuf:"bytes,1,opt,name=database,proto3" json:"database,omitempty"`
+	Collection string                 `protobuf:"bytes,2,opt,name=collection,proto3" json:"collection,omitempty"`
+	// BSON document; empty bytes mean {}: with multi, every document.
+	Filter []byte `protobuf:"bytes,3,opt,name=filter,proto3" json:"filter,omitempty"`
+	// Delete every matching document (delete_many), not only the first.
+	Multi bool `protobuf:"varint,4,opt,name=multi,proto3" json:"multi,omitempty"`
+	// Types that are valid to be assigned to Hint:
+	//
+	//	*DeleteRequest_HintName
+	//	*DeleteRequest_HintKeys
+	Hint          isDeleteRequest_Hint `protobuf_oneof:"hint"`
+	Collation     []byte               `protobuf:"bytes,7,opt,name=collation,proto3" json:"collation,omitempty"`
+	Let           []byte               `protobuf:"bytes,8,opt,name=let,proto3" json:"let,omitempty"`
+	Comment       string               `protobuf:"bytes,9,opt,name=comment,proto3" json:"comment,omitempty"`
+	MaxTimeMs     int64                `protobuf:"varint,10,opt,name=max_time_ms,json=maxTimeMs,proto3" json:"max_time_ms,omitempty"`
+	WriteConcern  *WriteConcern        `protobuf:"bytes,11,opt,name=write_concern,json=writeConcern,proto3" json:"write_concern,omitempty"`
+	Encoding      Encoding             `protobuf:"varint,12,opt,name=encoding,proto3,enum=broker.v1.Encoding" json:"encoding,omitempty"`
+	FilterJson    string               `protobuf:"bytes,13,opt,name=filter_json,json=filterJson,proto3" json:"filter_json,omitempty"`
+	HintKeysJson  string               `protobuf:"bytes,14,opt,name=hint_keys_json,json=hintKeysJson,proto3" json:"hint_keys_json,omitempty"`
+	CollationJson string               `protobuf:"bytes,15,opt,name=collation_json,json=collationJson,proto3" json:"collation_json,omitempty"`
+	LetJson       string               `protobuf:"bytes,16,opt,name=let_json,json=letJson,proto3" json:"let_json,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteRequest) Reset() {
+	*x = DeleteRequest{}
+	mi := &file_broker_v1_broker_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteRequest) ProtoMessage() {}
+
+func (x *DeleteRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_broker_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteRequest.ProtoReflect.Descriptor instead.
+func (*DeleteRequest) Descriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *DeleteRequest) GetDatabase() string {
+	if x != nil {
+		return x.Database
+	}
+	return ""
+}
+
+func (x *DeleteRequest) GetCollection() string {
+	if x != nil {
+		return x.Collection
+	}
+	return ""
+}
+
+func (x *DeleteRequest) GetFilter() []byte {
+	if x != nil {
+		return x.Filter
+	}
+	return nil
+}
+
+func (x *DeleteRequest) GetMulti() bool {
+	if x != nil {
+		return x.Multi
+	}
+	return false
+}
+
+func (x *DeleteRequest) GetHint() isDeleteRequest_Hint {
+	if x != nil {
+		return x.Hint
+	}
+	return nil
+}
+
+func (x *DeleteRequest) GetHintName() string {
+	if x != nil {
+		if x, ok := x.Hint.(*DeleteRequest_HintName); ok {
+			return x.HintName
+		}
+	}
+	return ""
+}
+
+func (x *DeleteRequest) GetHintKeys() []byte {
+	if x != nil {
+		if x, ok := x.Hint.(*DeleteRequest_HintKeys); ok {
+			return x.HintKeys
+		}
+	}
+	return nil
+}
+
+func (x *DeleteRequest) GetCollation() []byte {
+	if x != nil {
+		return x.Collation
+	}
+	return nil
+}
+
+func (x *DeleteRequest) GetLet() []byte {
+	if x != nil {
+		return x.Let
+	}
+	return nil
+}
+
+func (x *DeleteRequest) GetComment() string {
+	if x != nil {
+		return x.Comment
+	}
+	return ""
+}
+
+func (x *DeleteRequest) GetMaxTimeMs() int64 {
+	if x != nil {
+		return x.MaxTimeMs
+	}
+	return 0
+}
+
+func (x *DeleteRequest) GetWriteConcern() *WriteConcern {
+	if x != nil {
+		return x.WriteConcern
+	}
+	return nil
+}
+
+func (x *DeleteRequest) GetEncoding() Encoding {
+	if x != nil {
+		return x.Encoding
+	}
+	return Encoding_ENCODING_BSON
+}
+
+func (x *DeleteRequest) GetFilterJson() string {
+	if x != nil {
+		return x.FilterJson
+	}
+	return ""
+}
+
+func (x *DeleteRequest) GetHintKeysJson() string {
+	if x != nil {
+		return x.HintKeysJson
+	}
+	return ""
+}
+
+func (x *DeleteRequest) GetCollationJson() string {
+	if x != nil {
+		return x.CollationJson
+	}
+	return ""
+}
+
+func (x *DeleteRequest) GetLetJson() string {
+	if x != nil {
+		return x.LetJson
+	}
+	return ""
+}
+
+type isDeleteRequest_Hint interface {
+	isDeleteRequest_Hint()
+}
+
+type DeleteRequest_HintName struct {
+	HintName string `protobuf:"bytes,5,opt,name=hint_name,json=hintName,proto3,oneof"`
+}
+
+type DeleteRequest_HintKeys struct {
+	HintKeys []byte `protobuf:"bytes,6,opt,name=hint_keys,json=hintKeys,proto3,oneof"`
+}
+
+func (*DeleteRequest_HintName) isDeleteRequest_Hint() {}
+
+func (*DeleteRequest_HintKeys) isDeleteRequest_Hint() {}
+
+type DeleteResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	DeletedCount  int64                  `protobuf:"varint,1,opt,name=deleted_count,json=deletedCount,proto3" json:"deleted_count,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteResponse) Reset() {
+	*x = DeleteResponse{}
+	mi := &file_broker_v1_broker_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteResponse) ProtoMessage() {}
+
+func (x *DeleteResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_broker_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteResponse.ProtoReflect.Descriptor instead.
+func (*DeleteResponse) Descriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *DeleteResponse) GetDeletedCount() int64 {
+	if x != nil {
+		return x.DeletedCount
+	}
+	return 0
+}
+
+type FindOneAndModifyRequest struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Database   string                 `protobuf:"bytes,1,opt,name=database,proto3" json:"database,omitempty"`
+	Collection string                 `protobuf:"bytes,2,opt,name=collection,proto3" json:"collection,omitempty"`
+	Filter     []byte                 `protobuf:"bytes,3,opt,name=filter,proto3" json:"filter,omitempty"`
+	// Which matching document is changed, when several match.
+	Sort []byte `protobuf:"bytes,4,opt,name=sort,proto3" json:"sort,omitempty"`
+	// Fields of the returned document.
+	Projection []byte `protobuf:"bytes,5,opt,name=projection,proto3" json:"projection,omitempty"`
+	// Exactly one of update, update_pipeline, replacement and remove
+	// (find_one_and_update, find_one_and_replace, find_one_and_delete).
+	Update         []byte         `protobuf:"bytes,6,opt,name=update,proto3" json:"update,omitempty"`
+	UpdatePipeline [][]byte       `protobuf:"bytes,7,rep,name=update_pipeline,json=updatePipeline,proto3" json:"update_pipeline,omitempty"`
+	Replacement    []byte         `protobuf:"bytes,8,opt,name=replacement,proto3" json:"replacement,omitempty"`
+	Remove         bool           `protobuf:"varint,9,opt,name=remove,proto3" json:"remove,omitempty"`
+	Upsert         bool           `protobuf:"varint,10,opt,name=upsert,proto3" json:"upsert,omitempty"`
+	ReturnDocument ReturnDocument `protobuf:"varint,11,opt,name=return_document,json=returnDocument,proto3,enum=broker.v1.ReturnDocument" json:"return_document,omitempty"`
+	ArrayFilters   [][]byte       `protobuf:"bytes,12,rep,name=array_filters,json=arrayFilters,proto3" json:"array_filters,omitempty"`
+	// Types that are valid to be assigned to Hint:
+	//
+	//	*FindOneAndModifyRequest_HintName
+	//	*FindOneAndModifyRequest_HintKeys
+	Hint                     isFindOneAndModifyRequest_Hint `protobuf_oneof:"hint"`
+	Collation                []byte                         `protobuf:"bytes,15,opt,name=collation,proto3" json:"collation,omitempty"`
+	Let                      []byte                         `protobuf:"bytes,16,opt,name=let,proto3" json:"let,omitempty"`
+	Comment                  string                         `protobuf:"bytes,17,opt,name=comment,proto3" json:"comment,omitempty"`
+	MaxTimeMs                int64                          `protobuf:"varint,18,opt,name=max_time_ms,json=maxTimeMs,proto3" json:"max_time_ms,omitempty"`
+	WriteConcern             *WriteConcern                  `protobuf:"bytes,19,opt,name=write_concern,json=writeConcern,proto3" json:"write_concern,omitempty"`
+	BypassDocumentValidation bool                           `protobuf:"varint,20,opt,name=bypass_document_validation,json=bypassDocumentValidation,proto3" json:"bypass_document_validation,omitempty"`
+	Encoding                 Encoding                       `protobuf:"varint,21,opt,name=encoding,proto3,enum=broker.v1.Encoding" json:"encoding,omitempty"`
+	FilterJson               string                         `protobuf:"bytes,22,opt,name=filter_json,json=filterJson,proto3" json:"filter_json,omitempty"`
+	SortJson                 string                         `protobuf:"bytes,23,opt,name=sort_json,json=sortJson,proto3" json:"sort_json,omitempty"`
+	ProjectionJson           string                         `protobuf:"bytes,24,opt,name=projection_json,json=projectionJson,proto3" json:"projection_json,omitempty"`
+	UpdateJson               string                         `protobuf:"bytes,25,opt,name=update_json,json=updateJson,proto3" json:"update_json,omitempty"`
+	UpdatePipelineJson       []string                       `protobuf:"bytes,26,rep,name=update_pipeline_json,json=updatePipelineJson,proto3" json:"update_pipeline_json,omitempty"`
+	ReplacementJson          string                         `protobuf:"bytes,27,opt,name=replacement_json,json=replacementJson,proto3" json:"replacement_json,omitempty"`
+	ArrayFiltersJson         []string                       `protobuf:"bytes,28,rep,name=array_filters_json,json=arrayFiltersJson,proto3" json:"array_filters_json,omitempty"`
+	HintKeysJson             string                         `protobuf:"bytes,29,opt,name=hint_keys_json,json=hintKeysJson,proto3" json:"hint_keys_json,omitempty"`
+	CollationJson            string                         `protobuf:"bytes,30,opt,name=collation_json,json=collationJson,proto3" json:"collation_json,omitempty"`
+	LetJson                  string                         `protobuf:"bytes,31,opt,name=let_json,json=letJson,proto3" json:"let_json,omitempty"`
+	unknownFields            protoimpl.UnknownFields
+	sizeCache                protoimpl.SizeCache
+}
+
+func (x *FindOneAndModifyRequest) Reset() {
+	*x = FindOneAndModifyRequest{}
+	mi := &file_broker_v1_broker_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FindOneAndModifyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FindOneAndModifyRequest) ProtoMessage() {}
+
+func (x *FindOneAndModifyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_broker_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FindOneAndModifyRequest.ProtoReflect.Descriptor instead.
+func (*FindOneAndModifyRequest) Descriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *FindOneAndModifyRequest) GetDatabase() string {
+	if x != nil {
+		return x.Database
+	}
+	return ""
+}
+
+func (x *FindOneAndModifyRequest) GetCollection() string {
+	if x != nil {
+		return x.Collection
+	}
+	return ""
+}
+
+func (x *FindOneAndModifyRequest) GetFilter() []byte {
+	if x != nil {
+		return x.Filter
+	}
+	return nil
+}
+
+func (x *FindOneAndModifyRequest) GetSort() []byte {
+	if x != nil {
+		return x.Sort
+	}
+	return nil
+}
+
+func (x *FindOneAndModifyRequest) GetProjection() []byte {
+	if x != nil {
+		return x.Projection
+	}
+	return nil
+}
+
+func (x *FindOneAndModifyRequest) GetUpdate() []byte {
+	if x != nil {
+		return x.Update
+	}
+	return nil
+}
+
+func (x *FindOneAndModifyRequest) GetUpdatePipeline() [][]byte {
+	if x != nil {
+		return x.UpdatePipeline
+	}
+	return nil
+}
+
+func (x *FindOneAndModifyRequest) GetReplacement() []byte {
+	if x != nil {
+		return x.Replacement
+	}
+	return nil
+}
+
+func (x *FindOneAndModifyRequest) GetRemove() bool {
+	if x != nil {
+		return x.Remove
+	}
+	return false
+}
+
+func (x *FindOneAndModifyRequest) GetUpsert() bool {
+	if x != nil {
+		return x.Upsert
+	}
+	return false
+}
+
+func (x *FindOneAndModifyRequest) GetReturnDocument() ReturnDocument {
+	if x != nil {
+		return x.ReturnDocument
+	}
+	return ReturnDocument_RETURN_DOCUMENT_BEFORE
+}
+
+func (x *FindOneAndModifyRequest) GetArrayFilters() [][]byte {
+	if x != nil {
+		return x.ArrayFilters
+	}
+	return nil
+}
+
+func (x *FindOneAndModifyRequest) GetHint() isFindOneAndModifyRequest_Hint {
+	if x != nil {
+		return x.Hint
+	}
+	return nil
+}
+
+func (x *FindOneAndModifyRequest) GetHintName() string {
+	if x != nil {
+		if x, ok := x.Hint.(*FindOneAndModifyRequest_HintName); ok {
+			return x.HintName
+		}
+	}
+	return ""
+}
+
+func (x *FindOneAndModifyRequest) GetHintKeys() []byte {
+	if x != nil {
+		if x, ok := x.Hint.(*FindOneAndModifyRequest_HintKeys); ok {
+			return x.HintKeys
+		}
+	}
+	return nil
+}
+
+func (x *FindOneAndModifyRequest) GetCollation() []byte {
+	if x != nil {
+		return x.Collation
+	}
+	return nil
+}
+
+func (x *FindOneAndModifyRequest) GetLet() []byte {
+	if x != nil {
+		return x.Let
+	}
+	return nil
+}
+
+func (x *FindOneAndModifyRequest) GetComment() string {
+	if x != nil {
+		return x.Comment
+	}
+	return ""
+}
+
+func (x *FindOneAndModifyRequest) GetMaxTimeMs() int64 {
+	if x != nil {
+		return x.MaxTimeMs
+	}
+	return 0
+}
+
+func (x *FindOneAndModifyRequest) GetWriteConcern() *WriteConcern {
+	if x != nil {
+		return x.WriteConcern
+	}
+	return nil
+}
+
+func (x *FindOneAndModifyRequest) GetBypassDocumentValidation() bool {
+	if x != nil {
+		return x.BypassDocumentValidation
+	}
+	return false
+}
+
+func (x *FindOneAndModifyRequest) GetEncoding() Encoding {
+	if x != nil {
+		return x.Encoding
+	}
+	return Encoding_ENCODING_BSON
+}
+
+func (x *FindOneAndModifyRequest) GetFilterJson() string {
+	if x != nil {
+		return x.FilterJson
+	}
+	return ""
+}
+
+func (x *FindOneAndModifyRequest) GetSortJson() string {
+	if x != nil {
+		return x.SortJson
+	}
+	return ""
+}
+
+func (x *FindOneAndModifyRequest) GetProjectionJson() string {
+	if x != nil {
+		return x.ProjectionJson
+	}
+	return ""
+}
+
+func (x *FindOneAndModifyRequest) GetUpdateJson() string {
+	if x != nil {
+		return x.UpdateJson
+	}
+	return ""
+}
+
+func (x *FindOneAndModifyRequest) GetUpdatePipelineJson() []string {
+	if x != nil {
+		return x.UpdatePipelineJson
+	}
+	return nil
+}
+
+func (x *FindOneAndModifyRequest) GetReplacementJson() string {
+	if x != nil {
+		return x.ReplacementJson
+	}
+	return ""
+}
+
+func (x *FindOneAndModifyRequest) GetArrayFiltersJson() []string {
+	if x != nil {
+		return x.ArrayFiltersJson
+	}
+	return nil
+}
+
+func (x *FindOneAndModifyRequest) GetHintKeysJson() string {
+	if x != nil {
+		return x.HintKeysJson
+	}
+	return ""
+}
+
+func (x *FindOneAndModifyRequest) GetCollationJson() string {
+	if x != nil {
+		return x.CollationJson
+	}
+	return ""
+}
+
+func (x *FindOneAndModifyRequest) GetLetJson() string {
+	if x != nil {
+		return x.LetJson
+	}
+	return ""
+}
+
+type isFindOneAndModifyRequest_Hint interface {
+	isFindOneAndModifyRequest_Hint()
+}
+
+type FindOneAndModifyRequest_HintName struct {
+	HintName string `protobuf:"bytes,13,opt,name=hint_name,json=hintName,proto3,oneof"`
+}
+
+type FindOneAndModifyRequest_HintKeys struct {
+	HintKeys []byte `protobuf:"bytes,14,opt,name=hint_keys,json=hintKeys,proto3,oneof"`
+}
+
+func (*FindOneAndModifyRequest_HintName) isFindOneAndModifyRequest_Hint() {}
+
+func (*FindOneAndModifyRequest_HintKeys) isFindOneAndModifyRequest_Hint() {}
+
+type FindOneAndModifyResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The document (BSON), or empty bytes when nothing matched.
+	Document []byte `protobuf:"bytes,1,opt,name=document,proto3" json:"document,omitempty"`
+	// The document as Extended JSON, or empty (the JSON encodings).
+	DocumentJson  string `protobuf:"bytes,2,opt,name=document_json,json=documentJson,proto3" json:"document_json,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FindOneAndModifyResponse) Reset() {
+	*x = FindOneAndModifyResponse{}
+	mi := &file_broker_v1_broker_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FindOneAndModifyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FindOneAndModifyResponse) ProtoMessage() {}
+
+func (x *FindOneAndModifyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_broker_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FindOneAndModifyResponse.ProtoReflect.Descriptor instead.
+func (*FindOneAndModifyResponse) Descriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *FindOneAndModifyResponse) GetDocument() []byte {
+	if x != nil {
+		return x.Document
+	}
+	return nil
+}
+
+func (x *FindOneAndModifyResponse) GetDocumentJson() string {
+	if x != nil {
+		return x.DocumentJson
+	}
+	return ""
+}
+
+type CountRequest struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Database   string                 `protobuf:"bytes,1,opt,name=database,proto3" json:"database,omitempty"`
+	Collection string                 `protobuf:"bytes,2,opt,name=collection,proto3" json:"collection,omitempty"`
+	Filter     []byte                 `protobuf:"bytes,3,opt,name=filter,proto3" json:"filter,omitempty"`
+	Skip       int64                  `protobuf:"varint,4,opt,name=skip,proto3" json:"skip,omitempty"`
+	// 0 means no limit.
+	Limit int64 `protobuf:"varint,5,opt,name=limit,proto3" json:"limit,omitempty"`
+	// Types that are valid to be assigned to Hint:
+	//
+	//	*CountRequest_HintName
+	//	*CountRequest_HintKeys
+	Hint      isCountRequest_Hint `protobuf_oneof:"hint"`
+	Collation []byte              `protobuf:"bytes,8,opt,name=collation,proto3" json:"collation,omitempty"`
+	MaxTimeMs int64               `protobuf:"varint,9,opt,name=max_time_ms,json=maxTimeMs,proto3" json:"max_time_ms,omitempty"`
+	Comment   string              `protobuf:"bytes,10,opt,name=comment,proto3" json:"comment,omitempty"`
+	// estimated_document_count: the collection's size from its metadata,
+	// fast and without a filter (filter, skip, limit, hint and collation
+	// must be unset).
+	Estimated      bool             `protobuf:"varint,11,opt,name=estimated,proto3" json:"estimated,omitempty"`
+	ReadPreference *ReadPreference  `protobuf:"bytes,12,opt,name=read_preference,json=readPreference,proto3" json:"read_preference,omitempty"`
+	ReadConcern    ReadConcernLevel `protobuf:"varint,13,opt,name=read_concern,json=readConcern,proto3,enum=broker.v1.ReadConcernLevel" json:"read_concern,omitempty"`
+	Encoding       Encoding         `protobuf:"varint,14,opt,name=encoding,proto3,enum=broker.v1.Encoding" json:"encoding,omitempty"`
+	FilterJson     string           `protobuf:"bytes,15,opt,name=filter_json,json=filterJson,proto3" json:"filter_json,omitempty"`
+	HintKeysJson   string           `protobuf:"bytes,16,opt,name=hint_keys_json,json=hintKeysJson,proto3" json:"hint_keys_json,omitempty"`
+	CollationJson  string           `protobuf:"bytes,17,opt,name=collation_json,json=collationJson,proto3" json:"collation_json,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *CountRequest) Reset() {
+	*x = CountRequest{}
+	mi := &file_broker_v1_broker_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CountRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CountRequest) ProtoMessage() {}
+
+func (x *CountRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_broker_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CountRequest.ProtoReflect.Descriptor instead.
+func (*CountRequest) Descriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *CountRequest) GetDatabase() string {
+	if x != nil {
+		return x.Database
+	}
+	return ""
+}
+
+func (x *CountRequest) GetCollection() string {
+	if x != nil {
+		return x.Collection
+	}
+	return ""
+}
+
+func (x *CountRequest) GetFilter() []byte {
+	if x != nil {
+		return x.Filter
+	}
+	return nil
+}
+
+func (x *CountRequest) GetSkip() int64 {
+	if x != nil {
+		return x.Skip
+	}
+	return 0
+}
+
+func (x *CountRequest) GetLimit() int64 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+func (x *CountRequest) GetHint() isCountRequest_Hint {
+	if x != nil {
+		return x.Hint
+	}
+	return nil
+}
+
+func (x *CountRequest) GetHintName() string {
+	if x != nil {
+		if x, ok := x.Hint.(*CountRequest_HintName); ok {
+			return x.HintName
+		}
+	}
+	return ""
+}
+
+func (x *CountRequest) GetHintKeys() []byte {
+	if x != nil {
+		if x, ok := x.Hint.(*CountRequest_HintKeys); ok {
+			return x.HintKeys
+		}
+	}
+	return nil
+}
+
+func (x *CountRequest) GetCollation() []byte {
+	if x != nil {
+		return x.Collation
+	}
+	return nil
+}
+
+func (x *CountRequest) GetMaxTimeMs() int64 {
+	if x != nil {
+		return x.MaxTimeMs
+	}
+	return 0
+}
+
+func (x *CountRequest) GetComment() string {
+	if x != nil {
+		return x.Comment
+	}
+	return ""
+}
+
+func (x *CountRequest) GetEstimated() bool {
+	if x != nil {
+		return x.Estimated
+	}
+	return false
+}
+
+func (x *CountRequest) GetReadPreference() *ReadPreference {
+	if x != nil {
+		return x.ReadPreference
+	}
+	return nil
+}
+
+func (x *CountRequest) GetReadConcern() ReadConcernLevel {
+	if x != nil {
+		return x.ReadConcern
+	}
+	return ReadConcernLevel_READ_CONCERN_UNSPECIFIED
+}
+
+func (x *CountRequest) GetEncoding() Encoding {
+	if x != nil {
+		return x.Encoding
+	}
+	return Encoding_ENCODING_BSON
+}
+
+func (x *CountRequest) GetFilterJson() string {
+	if x != nil {
+		return x.FilterJson
+	}
+	return ""
+}
+
+func (x *CountRequest) GetHintKeysJson() string {
+	if x != nil {
+		return x.HintKeysJson
+	}
+	return ""
+}
+
+func (x *CountRequest) GetCollationJson() string {
+	if x != nil {
+		return x.CollationJson
+	}
+	return ""
+}
+
+type isCountRequest_Hint interface {
+	isCountRequest_Hint()
+}
+
+type CountRequest_HintName struct {
+	HintName string `protobuf:"bytes,6,opt,name=hint_name,json=hintName,proto3,oneof"`
+}
+
+type CountRequest_HintKeys struct {
+	HintKeys []byte `protobuf:"bytes,7,opt,name=hint_keys,json=hintKeys,proto3,oneof"`
+}
+
+func (*CountRequest_HintName) isCountRequest_Hint() {}
+
+func (*CountRequest_HintKeys) isCountRequest_Hint() {}
+
+type CountResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Count         int64                  `protobuf:"varint,1,opt,name=count,proto3" json:"count,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CountResponse) Reset() {
+	*x = CountResponse{}
+	mi := &file_broker_v1_broker_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CountResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CountResponse) ProtoMessage() {}
+
+func (x *CountResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_broker_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CountResponse.ProtoReflect.Descriptor instead.
+func (*CountResponse) Descriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *CountResponse) GetCount() int64 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
+type DistinctRequest struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Database   string                 `protobuf:"bytes,1,opt,name=database,proto3" json:"database,omitempty"`
+	Collection string                 `protobuf:"bytes,2,opt,name=collection,proto3" json:"collection,omitempty"`
+	// The field, in dot notation ("tags", "address.city").
+	Key            string           `protobuf:"bytes,3,opt,name=key,proto3" json:"key,omitempty"`
+	Filter         []byte           `protobuf:"bytes,4,opt,name=filter,proto3" json:"filter,omitempty"`
+	Collation      []byte           `protobuf:"bytes,5,opt,name=collation,proto3" json:"collation,omitempty"`
+	MaxTimeMs      int64            `protobuf:"varint,6,opt,name=max_time_ms,json=maxTimeMs,proto3" json:"max_time_ms,omitempty"`
+	Comment        string           `protobuf:"bytes,7,opt,name=comment,proto3" json:"comment,omitempty"`
+	ReadPreference *ReadPreference  `protobuf:"bytes,8,opt,name=read_preference,json=readPreference,proto3" json:"read_preference,omitempty"`
+	ReadConcern    ReadConcernLevel `protobuf:"varint,9,opt,name=read_concern,json=readConcern,proto3,enum=broker.v1.ReadConcernLevel" json:"read_concern,omitempty"`
+	Encoding       Encoding         `protobuf:"varint,10,opt,name=encoding,proto3,enum=broker.v1.Encoding" json:"encoding,omitempty"`
+	FilterJson     string           `protobuf:"bytes,11,opt,name=filter_json,json=filterJson,proto3" json:"filter_json,omitempty"`
+	CollationJson  string           `protobuf:"bytes,12,opt,name=collation_json,json=collationJson,proto3" json:"collation_json,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *DistinctRequest) Reset() {
+	*x = DistinctRequest{}
+	mi := &file_broker_v1_broker_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DistinctRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DistinctRequest) ProtoMessage() {}
+
+func (x *DistinctRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_broker_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DistinctRequest.ProtoReflect.Descriptor instead.
+func (*DistinctRequest) Descriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *DistinctRequest) GetDatabase() string {
+	if x != nil {
+		return x.Database
+	}
+	return ""
+}
+
+func (x *DistinctRequest) GetCollection() string {
+	if x != nil {
+		return x.Collection
+	}
+	return ""
+}
+
+func (x *DistinctRequest) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *DistinctRequest) GetFilter() []byte {
+	if x != nil {
+		return x.Filter
+	}
+	return nil
+}
+
+func (x *DistinctRequest) GetCollation() []byte {
+	if x != nil {
+		return x.Collation
+	}
+	return nil
+}
+
+func (x *DistinctRequest) GetMaxTimeMs() int64 {
+	if x != nil {
+		return x.MaxTimeMs
+	}
+	return 0
+}
+
+func (x *DistinctRequest) GetComment() string {
+	if x != nil {
+		return x.Comment
+	}
+	return ""
+}
+
+func (x *DistinctRequest) GetReadPreference() *ReadPreference {
+	if x != nil {
+		return x.ReadPreference
+	}
+	return nil
+}
+
+func (x *DistinctRequest) GetReadConcern() ReadConcernLevel {
+	if x != nil {
+		return x.ReadConcern
+	}
+	return ReadConcernLevel_READ_CONCERN_UNSPECIFIED
+}
+
+func (x *DistinctRequest) GetEncoding() Encoding {
+	if x != nil {
+		return x.Encoding
+	}
+	return Encoding_ENCODING_BSON
+}
+
+func (x *DistinctRequest) GetFilterJson() string {
+	if x != nil {
+		return x.FilterJson
+	}
+	return ""
+}
+
+func (x *DistinctRequest) GetCollationJson() string {
+	if x != nil {
+		return x.CollationJson
+	}
+	return ""
+}
+
+type DistinctResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One BSON document {"values": [...]}: the next distinct values, in the
+	// server's order. The values of every message of the stream, in order,
+	// are the whole result (ENCODING_BSON).
+	Values []byte `protobuf:"bytes,1,opt,name=values,proto3" json:"values,omitempty"`
+	// The same document as Extended JSON (the JSON encodings).
+	ValuesJson    string `protobuf:"bytes,2,opt,name=values_json,json=valuesJson,proto3" json:"values_json,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DistinctResponse) Reset() {
+	*x = DistinctResponse{}
+	mi := &file_broker_v1_broker_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DistinctResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DistinctResponse) ProtoMessage() {}
+
+func (x *DistinctResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_broker_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DistinctResponse.ProtoReflect.Descriptor instead.
+func (*DistinctResponse) Descriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *DistinctResponse) GetValues() []byte {
+	if x != nil {
+		return x.Values
+	}
+	return nil
+}
+
+func (x *DistinctResponse) GetValuesJson() string {
+	if x != nil {
+		return x.ValuesJson
+	}
+	return ""
+}
+
+type AggregateRequest struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Database   string                 `protobuf:"bytes,1,opt,name=database,proto3" json:"database,omitempty"`
+	Collection string                 `protobuf:"bytes,2,opt,name=collection,proto3" json:"collection,omitempty"`
+	// One BSON document per stage, e.g. {"$match": {...}}; at least one.
+	Pipeline [][]byte `protobuf:"bytes,3,rep,name=pipeline,proto3" json:"pipeline,omitempty"`
+	// Let stages spill to temporary files; unset means the server's default.
+	AllowDiskUse *bool `protobuf:"varint,4,opt,name=allow_disk_use,json=allowDiskUse,proto3,oneof" json:"allow_disk_use,omitempty"`
+	// Documents per MongoDB batch; 0 means the broker's configured default.
+	BatchSize int32 `protobuf:"varint,5,opt,name=batch_size,json=batchSize,proto3" json:"batch_size,omitempty"`
+	// Types that are valid to be assigned to Hint:
+	//
+	//	*AggregateRequest_HintName
+	//	*AggregateRequest_HintKeys
+	Hint           isAggregateRequest_Hint `protobuf_oneof:"hint"`
+	Collation      []byte                  `protobuf:"bytes,8,opt,name=collation,proto3" json:"collation,omitempty"`
+	Let            []byte                  `protobuf:"bytes,9,opt,name=let,proto3" json:"let,omitempty"`
+	Comment        string                  `protobuf:"bytes,10,opt,name=comment,proto3" json:"comment,omitempty"`
+	MaxTimeMs      int64                   `protobuf:"varint,11,opt,name=max_time_ms,json=maxTimeMs,proto3" json:"max_time_ms,omitempty"`
+	ReadPreference *ReadPreference         `protobuf:"bytes,12,opt,name=read_preference,json=readPreference,proto3" json:"read_preference,omitempty"`
+	ReadConcern    ReadConcernLevel        `protobuf:"varint,13,opt,name=read_concern,json=readConcern,proto3,enum=broker.v1.ReadConcernLevel" json:"read_concern,omitempty"`
+	// For a pipeline ending in $out or $merge, which writes.
+	WriteConcern             *WriteConcern `protobuf:"bytes,14,opt,name=write_concern,json=writeConcern,proto3" json:"write_concern,omitempty"`
+	BypassDocumentValidation bool          `protobuf:"varint,15,opt,name=bypass_document_validation,json=bypassDocumentValidation,proto3" json:"bypass_document_validation,omitempty"`
+	Encoding                 Encoding      `protobuf:"varint,16,opt,name=encoding,proto3,enum=broker.v1.Encoding" json:"encoding,omitempty"`
+	PipelineJson             []string      `protobuf:"bytes,17,rep,name=pipeline_json,json=pipelineJson,proto3" json:"pipeline_json,omitempty"`
+	HintKeysJson             string        `protobuf:"bytes,18,opt,name=hint_keys_json,json=hintKeysJson,proto3" json:"hint_keys_json,omitempty"`
+	CollationJson            string        `protobuf:"bytes,19,opt,name=collation_json,json=collationJson,proto3" json:"collation_json,omitempty"`
+	LetJson                  string        `protobuf:"bytes,20,opt,name=let_json,json=letJson,proto3" json:"let_json,omitempty"`
+	unknownFields            protoimpl.UnknownFields
+	sizeCache                protoimpl.SizeCache
+}
+
+func (x *AggregateRequest) Reset() {
+	*x = AggregateRequest{}
+	mi := &file_broker_v1_broker_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AggregateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AggregateRequest) ProtoMessage() {}
+
+func (x *AggregateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_broker_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AggregateRequest.ProtoReflect.Descriptor instead.
+func (*AggregateRequest) Descriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *AggregateRequest) GetDatabase() string {
+	if x != nil {
+		return x.Database
+	}
+	return ""
+}
+
+func (x *AggregateRequest) GetCollection() string {
+	if x != nil {
+		return x.Collection
+	}
+	return ""
+}
+
+func (x *AggregateRequest) GetPipeline() [][]byte {
+	if x != nil {
+		return x.Pipeline
+	}
+	return nil
+}
+
+func (x *AggregateRequest) GetAllowDiskUse() bool {
+	if x != nil && x.AllowDiskUse != nil {
+		return *x.AllowDiskUse
+	}
+	return false
+}
+
+func (x *AggregateRequest) GetBatchSize() int32 {
+	if x != nil {
+		return x.BatchSize
+	}
+	return 0
+}
+
+func (x *AggregateRequest) GetHint() isAggregateRequest_Hint {
+	if x != nil {
+		return x.Hint
+	}
+	return nil
+}
+
+func (x *AggregateRequest) GetHintName() string {
+	if x != nil {
+		if x, ok := x.Hint.(*AggregateRequest_HintName); ok {
+			return x.HintName
+		}
+	}
+	return ""
+}
+
+func (x *AggregateRequest) GetHintKeys() []byte {
+	if x != nil {
+		if x, ok := x.Hint.(*AggregateRequest_HintKeys); ok {
+			return x.HintKeys
+		}
+	}
+	return nil
+}
+
+func (x *AggregateRequest) GetCollation() []byte {
+	if x != nil {
+		return x.Collation
+	}
+	return nil
+}
+
+func (x *AggregateRequest) GetLet() []byte {
+	if x != nil {
+		return x.Let
+	}
+	return nil
+}
+
+func (x *AggregateRequest) GetComment() string {
+	if x != nil {
+		return x.Comment
+	}
+	return ""
+}
+
+func (x *AggregateRequest) GetMaxTimeMs() int64 {
+	if x != nil {
+		return x.MaxTimeMs
+	}
+	return 0
+}
+
+func (x *AggregateRequest) GetReadPreference() *ReadPreference {
+	if x != nil {
+		return x.ReadPreference
+	}
+	return nil
+}
+
+func (x *AggregateRequest) GetReadConcern() ReadConcernLevel {
+	if x != nil {
+		return x.ReadConcern
+	}
+	return ReadConcernLevel_READ_CONCERN_UNSPECIFIED
+}
+
+func (x *AggregateRequest) GetWriteConcern() *WriteConcern {
+	if x != nil {
+		return x.WriteConcern
+	}
+	return nil
+}
+
+func (x *AggregateRequest) GetBypassDocumentValidation() bool {
+	if x != nil {
+		return x.BypassDocumentValidation
+	}
+	return false
+}
+
+func (x *AggregateRequest) GetEncoding() Encoding {
+	if x != nil {
+		return x.Encoding
+	}
+	return Encoding_ENCODING_BSON
+}
+
+func (x *AggregateRequest) GetPipelineJson() []string {
+	if x != nil {
+		return x.PipelineJson
+	}
+	return nil
+}
+
+func (x *AggregateRequest) GetHintKeysJson() string {
+	if x != nil {
+		return x.HintKeysJson
+	}
+	return ""
+}
+
+func (x *AggregateRequest) GetCollationJson() string {
+	if x != nil {
+		return x.CollationJson
+	}
+	return ""
+}
+
+func (x *AggregateRequest) GetLetJson() string {
+	if x != nil {
+		return x.LetJson
+	}
+	return ""
+}
+
+type isAggregateRequest_Hint interface {
+	isAggregateRequest_Hint()
+}
+
+type AggregateRequest_HintName struct {
+	HintName string `protobuf:"bytes,6,opt,name=hint_name,json=hintName,proto3,oneof"`
+}
+
+type AggregateRequest_HintKeys struct {
+	HintKeys []byte `protobuf:"bytes,7,opt,name=hint_keys,json=hintKeys,proto3,oneof"`
+}
+
+func (*AggregateRequest_HintName) isAggregateRequest_Hint() {}
+
+func (*AggregateRequest_HintKeys) isAggregateRequest_Hint() {}
+
+// One operation of a BulkWrite.
+type WriteModel struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Model:
+	//
+	//	*WriteModel_InsertOne
+	//	*WriteModel_UpdateOne
+	//	*WriteModel_UpdateMany
+	//	*WriteModel_ReplaceOne
+	//	*WriteModel_DeleteOne
+	//	*WriteModel_DeleteMany
+	Model         isWriteModel_Model `protobuf_oneof:"model"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WriteModel) Reset() {
+	*x = WriteModel{}
+	mi := &file_broker_v1_broker_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WriteModel) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WriteModel) ProtoMessage() {}
+
+func (x *WriteModel) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_broker_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WriteModel.ProtoReflect.Descriptor instead.
+func (*WriteModel) Descriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *WriteModel) GetModel() isWriteModel_Model {
+	if x != nil {
+		return x.Model
+	}
+	return nil
+}
+
+func (x *WriteModel) GetInsertOne() *InsertOneModel {
+	if x != nil {
+		if x, ok := x.Model.(*WriteModel_InsertOne); ok {
+			return x.InsertOne
+		}
+	}
+	return nil
+}
+
+func (x *WriteModel) GetUpdateOne() *UpdateModel {
+	if x != nil {
+		if x, ok := x.Model.(*WriteModel_UpdateOne); ok {
+			return x.UpdateOne
+		}
+	}
+	return nil
+}
+
+func (x *WriteModel) GetUpdateMany() *UpdateModel {
+	if x != nil {
+		if x, ok := x.Model.(*WriteModel_UpdateMany); ok {
+			return x.UpdateMany
+		}
+	}
+	return nil
+}
+
+func (x *WriteModel) GetReplaceOne() *ReplaceOneModel {
+	if x != nil {
+		if x, ok := x.Model.(*WriteModel_ReplaceOne); ok {
+			return x.ReplaceOne
+		}
+	}
+	return nil
+}
+
+func (x *WriteModel) GetDeleteOne() *DeleteModel {
+	if x != nil {
+		if x, ok := x.Model.(*WriteModel_DeleteOne); ok {
+			return x.DeleteOne
+		}
+	}
+	return nil
+}
+
+func (x *WriteModel) GetDeleteMany() *DeleteModel {
+	if x != nil {
+		if x, ok := x.Model.(*WriteModel_DeleteMany); ok {
+			return x.DeleteMany
+		}
+	}
+	return nil
+}
+
+type isWriteModel_Model interface {
+	isWriteModel_Model()
+}
+
+type WriteModel_InsertOne struct {
+	InsertOne *InsertOneModel `protobuf:"bytes,1,opt,name=insert_one,json=insertOne,proto3,oneof"`
+}
+
+type WriteModel_UpdateOne struct {
+	UpdateOne *UpdateModel `protobuf:"bytes,2,opt,name=update_one,json=updateOne,proto3,oneof"`
+}
+
+type WriteModel_UpdateMany struct {
+	UpdateMany *UpdateModel `protobuf:"bytes,3,opt,name=update_many,json=updateMany,proto3,oneof"`
+}
+
+type WriteModel_ReplaceOne struct {
+	ReplaceOne *ReplaceOneModel `protobuf:"bytes,4,opt,name=replace_one,json=replaceOne,proto3,oneof"`
+}
+
+type WriteModel_DeleteOne struct {
+	DeleteOne *DeleteModel `protobuf:"bytes,5,opt,name=delete_one,json=deleteOne,proto3,oneof"`
+}
+
+type WriteModel_DeleteMany struct {
+	DeleteMany *DeleteModel `protobuf:"bytes,6,opt,name=delete_many,json=deleteMany,proto3,oneof"`
+}
+
+func (*WriteModel_InsertOne) isWriteModel_Model() {}
+
+func (*WriteModel_UpdateOne) isWriteModel_Model() {}
+
+func (*WriteModel_UpdateMany) isWriteModel_Model() {}
+
+func (*WriteModel_ReplaceOne) isWriteModel_Model() {}
+
+func (*WriteModel_DeleteOne) isWriteModel_Model() {}
+
+func (*WriteModel_DeleteMany) isWriteModel_Model() {}
+
+type InsertOneModel struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// A document without an `_id` gets a generated ObjectId, returned in
+	// BulkWriteResponse.inserted_ids.
+	Document      []byte `protobuf:"bytes,1,opt,name=document,proto3" json:"document,omitempty"`
+	DocumentJson  string `protobuf:"bytes,2,opt,name=document_json,json=documentJson,proto3" json:"document_json,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *InsertOneModel) Reset() {
+	*x = InsertOneModel{}
+	mi := &file_broker_v1_broker_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *InsertOneModel) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*InsertOneModel) ProtoMessage() {}
+
+func (x *InsertOneModel) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_broker_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use InsertOneModel.ProtoReflect.Descriptor instead.
+func (*InsertOneModel) Descriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *InsertOneModel) GetDocument() []byte {
+	if x != nil {
+		return x.Document
+	}
+	return nil
+}
+
+func (x *InsertOneModel) GetDocumentJson() string {
+	if x != nil {
+		return x.DocumentJson
+	}
+	return ""
+}
+
+type UpdateModel struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Filter []byte                 `protobuf:"bytes,1,opt,name=filter,proto3" json:"filter,omitempty"`
+	// Exactly one of update and update_pipeline.
+	Update         []byte   `protobuf:"bytes,2,opt,name=update,proto3" json:"update,omitempty"`
+	UpdatePipeline [][]byte `protobuf:"bytes,3,rep,name=update_pipeline,json=updatePipeline,proto3" json:"update_pipeline,omitempty"`
+	Upsert         bool     `protobuf:"varint,4,opt,name=upsert,proto3" json:"upsert,omitempty"`
+	ArrayFilters   [][]byte `protobuf:"bytes,5,rep,name=array_filters,json=arrayFilters,proto3" json:"array_filters,omitempty"`
+	// Types that are valid to be assigned to Hint:
+	//
+	//	*UpdateModel_HintName
+	//	*UpdateModel_HintKeys
+	Hint               isUpdateModel_Hint `protobuf_oneof:"hint"`
+	Collation          []byte             `protobuf:"bytes,8,opt,name=collation,proto3" json:"collation,omitempty"`
+	FilterJson         string             `protobuf:"bytes,9,opt,name=filter_json,json=filterJson,proto3" json:"filter_json,omitempty"`
+	UpdateJson         string             `protobuf:"bytes,10,opt,name=update_json,json=updateJson,proto3" json:"update_json,omitempty"`
+	UpdatePipelineJson []string           `protobuf:"bytes,11,rep,name=update_pipeline_json,json=updatePipelineJson,proto3" json:"update_pipeline_json,omitempty"`
+	ArrayFiltersJson   []string           `protobuf:"bytes,12,rep,name=array_filters_json,json=arrayFiltersJson,proto3" json:"array_filters_json,omitempty"`
+	HintKeysJson       string             `protobuf:"bytes,13,opt,name=hint_keys_json,json=hintKeysJson,proto3" json:"hint_keys_json,omitempty"`
+	CollationJson      string             `protobuf:"bytes,14,opt,name=collation_json,json=collationJson,proto3" json:"collation_json,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *UpdateModel) Reset() {
+	*x = UpdateModel{}
+	mi := &file_broker_v1_broker_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateModel) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateModel) ProtoMessage() {}
+
+func (x *UpdateModel) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_broker_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateModel.ProtoReflect.Descriptor instead.
+func (*UpdateModel) Descriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *UpdateModel) GetFilter() []byte {
+	if x != nil {
+		return x.Filter
+	}
+	return nil
+}
+
+func (x *UpdateModel) GetUpdate() []byte {
+	if x != nil {
+		return x.Update
+	}
+	return nil
+}
+
+func (x *UpdateModel) GetUpdatePipeline() [][]byte {
+	if x != nil {
+		return x.UpdatePipeline
+	}
+	return nil
+}
+
+func (x *UpdateModel) GetUpsert() bool {
+	if x != nil {
+		return x.Upsert
+	}
+	return false
+}
+
+func (x *UpdateModel) GetArrayFilters() [][]byte {
+	if x != nil {
+		return x.ArrayFilters
+	}
+	return nil
+}
+
+func (x *UpdateModel) GetHint() isUpdateModel_Hint {
+	if x != nil {
+		return x.Hint
+	}
+	return nil
+}
+
+func (x *UpdateModel) GetHintName() string {
+	if x != nil {
+		if x, ok := x.Hint.(*UpdateModel_HintName); ok {
+			return x.HintName
+		}
+	}
+	return ""
+}
+
+func (x *UpdateModel) GetHintKeys() []byte {
+	if x != nil {
+		if x, ok := x.Hint.(*UpdateModel_HintKeys); ok {
+			return x.HintKeys
+		}
+	}
+	return nil
+}
+
+func (x *UpdateModel) GetCollation() []byte {
+	if x != nil {
+		return x.Collation
+	}
+	return nil
+}
+
+func (x *UpdateModel) GetFilterJson() string {
+	if x != nil {
+		return x.FilterJson
+	}
+	return ""
+}
+
+func (x *UpdateModel) GetUpdateJson() string {
+	if x != nil {
+		return x.UpdateJson
+	}
+	return ""
+}
+
+func (x *UpdateModel) GetUpdatePipelineJson() []string {
+	if x != nil {
+		return x.UpdatePipelineJson
+	}
+	return nil
+}
+
+func (x *UpdateModel) GetArrayFiltersJson() []string {
+	if x != nil {
+		return x.ArrayFiltersJson
+	}
+	return nil
+}
+
+func (x *UpdateModel) GetHintKeysJson() string {
+	if x != nil {
+		return x.HintKeysJson
+	}
+	return ""
+}
+
+func (x *UpdateModel) GetCollationJson() string {
+	if x != nil {
+		return x.CollationJson
+	}
+	return ""
+}
+
+type isUpdateModel_Hint interface {
+	isUpdateModel_Hint()
+}
+
+type UpdateModel_HintName struct {
+	HintName string `protobuf:"bytes,6,opt,name=hint_name,json=hintName,proto3,oneof"`
+}
+
+type UpdateModel_HintKeys struct {
+	HintKeys []byte `protobuf:"bytes,7,opt,name=hint_keys,json=hintKeys,proto3,oneof"`
+}
+
+func (*UpdateModel_HintName) isUpdateModel_Hint() {}
+
+func (*UpdateModel_HintKeys) isUpdateModel_Hint() {}
+
+type ReplaceOneModel struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Filter      []byte                 `protobuf:"bytes,1,opt,name=filter,proto3" json:"filter,omitempty"`
+	Replacement []byte                 `protobuf:"bytes,2,opt,name=replacement,proto3" json:"replacement,omitempty"`
+	Upsert      bool                   `protobuf:"varint,3,opt,name=upsert,proto3" json:"upsert,omitempty"`
+	// Types that are valid to be assigned to Hint:
+	//
+	//	*ReplaceOneModel_HintName
+	//	*ReplaceOneModel_HintKeys
+	Hint            isReplaceOneModel_Hint `protobuf_oneof:"hint"`
+	Collation       []byte                 `protobuf:"bytes,6,opt,name=collation,proto3" json:"collation,omitempty"`
+	FilterJson      string                 `protobuf:"bytes,7,opt,name=filter_json,json=filterJson,proto3" json:"filter_json,omitempty"`
+	ReplacementJson string                 `protobuf:"bytes,8,opt,name=replacement_json,json=replacementJson,proto3" json:"replacement_json,omitempty"`
+	HintKeysJson    string                 `protobuf:"bytes,9,opt,name=hint_keys_json,json=hintKeysJson,proto3" json:"hint_keys_json,omitempty"`
+	CollationJson   string                 `protobuf:"bytes,10,opt,name=collation_json,json=collationJson,proto3" json:"collation_json,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *ReplaceOneModel) Reset() {
+	*x = ReplaceOneModel{}
+	mi := &file_broker_v1_broker_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReplaceOneModel) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReplaceOneModel) ProtoMessage() {}
+
+func (x *ReplaceOneModel) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_broker_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReplaceOneModel.ProtoReflect.Descriptor instead.
+func (*ReplaceOneModel) Descriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *ReplaceOneModel) GetFilter() []byte {
+	if x != nil {
+		return x.Filter
+	}
+	return nil
+}
+
+func (x *ReplaceOneModel) GetReplacement() []byte {
+	if x != nil {
+		return x.Replacement
+	}
+	return nil
+}
+
+func (x *ReplaceOneModel) GetUpsert() bool {
+	if x != nil {
+		return x.Upsert
+	}
+	return false
+}
+
+func (x *ReplaceOneModel) GetHint() isReplaceOneModel_Hint {
+	if x != nil {
+		return x.Hint
+	}
+	return nil
+}
+
+func (x *ReplaceOneModel) GetHintName() string {
+	if x != nil {
+		if x, ok := x.Hint.(*ReplaceOneModel_HintName); ok {
+			return x.HintName
+		}
+	}
+	return ""
+}
+
+func (x *ReplaceOneModel) GetHintKeys() []byte {
+	if x != nil {
+		if x, ok := x.Hint.(*ReplaceOneModel_HintKeys); ok {
+			return x.HintKeys
+		}
+	}
+	return nil
+}
+
+func (x *ReplaceOneModel) GetCollation() []byte {
+	if x != nil {
+		return x.Collation
+	}
+	return nil
+}
+
+func (x *ReplaceOneModel) GetFilterJson() string {
+	if x != nil {
+		return x.FilterJson
+	}
+	return ""
+}
+
+func (x *ReplaceOneModel) GetReplacementJson() string {
+	if x != nil {
+		return x.ReplacementJson
+	}
+	return ""
+}
+
+func (x *ReplaceOneModel) GetHintKeysJson() string {
+	if x != nil {
+		return x.HintKeysJson
+	}
+	return ""
+}
+
+func (x *ReplaceOneModel) GetCollationJson() string {
+	if x != nil {
+		return x.CollationJson
+	}
+	return ""
+}
+
+type isReplaceOneModel_Hint interface {
+	isReplaceOneModel_Hint()
+}
+
+type ReplaceOneModel_HintName struct {
+	HintName string `protobuf:"bytes,4,opt,name=hint_name,json=hintName,proto3,oneof"`
+}
+
+type ReplaceOneModel_HintKeys struct {
+	HintKeys []byte `protobuf:"bytes,5,opt,name=hint_keys,json=hintKeys,proto3,oneof"`
+}
+
+func (*ReplaceOneModel_HintName) isReplaceOneModel_Hint() {}
+
+func (*ReplaceOneModel_HintKeys) isReplaceOneModel_Hint() {}
+
+type DeleteModel struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Filter []byte                 `protobuf:"bytes,1,opt,name=filter,proto3" json:"filter,omitempty"`
+	// Types that are valid to be assigned to Hint:
+	//
+	//	*DeleteModel_HintName
+	//	*DeleteModel_HintKeys
+	Hint          isDeleteModel_Hint `protobuf_oneof:"hint"`
+	Collation     []byte             `protobuf:"bytes,4,opt,name=collation,proto3" json:"collation,omitempty"`
+	FilterJson    string             `protobuf:"bytes,5,opt,name=filter_json,json=filterJson,proto3" json:"filter_json,omitempty"`
+	HintKeysJson  string             `protobuf:"bytes,6,opt,name=hint_keys_json,json=hintKeysJson,proto3" json:"hint_keys_json,omitempty"`
+	CollationJson string             `protobuf:"bytes,7,opt,name=collation_json,json=collationJson,proto3" json:"collation_json,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteModel) Reset() {
+	*x = DeleteModel{}
+	mi := &file_broker_v1_broker_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteModel) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteModel) ProtoMessage() {}
+
+func (x *DeleteModel) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_broker_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteModel.ProtoReflect.Descriptor instead.
+func (*DeleteModel) Descriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *DeleteModel) GetFilter() []byte {
+	if x != nil {
+		return x.Filter
+	}
+	return nil
+}
+
+func (x *DeleteModel) GetHint() isDeleteModel_Hint {
+	if x != nil {
+		return x.Hint
+	}
+	return nil
+}
+
+func (x *DeleteModel) GetHintName() string {
+	if x != nil {
+		if x, ok := x.Hint.(*DeleteModel_HintName); ok {
+			return x.HintName
+		}
+	}
+	return ""
+}
+
+func (x *DeleteModel) GetHintKeys() []byte {
+	if x != nil {
+		if x, ok := x.Hint.(*DeleteModel_HintKeys); ok {
+			return x.HintKeys
+		}
+	}
+	return nil
+}
+
+func (x *DeleteModel) GetCollation() []byte {
+	if x != nil {
+		return x.Collation
+	}
+	return nil
+}
+
+func (x *DeleteModel) GetFilterJson() string {
+	if x != nil {
+		return x.FilterJson
+	}
+	return ""
+}
+
+func (x *DeleteModel) GetHintKeysJson() string {
+	if x != nil {
+		return x.HintKeysJson
+	}
+	return ""
+}
+
+func (x *DeleteModel) GetCollationJson() string {
+	if x != nil {
+		return x.CollationJson
+	}
+	return ""
+}
+
+type isDeleteModel_Hint interface {
+	isDeleteModel_Hint()
+}
+
+type DeleteModel_HintName struct {
+	HintName string `protobuf:"bytes,2,opt,name=hint_name,json=hintName,proto3,oneof"`
+}
+
+type DeleteModel_HintKeys struct {
+	HintKeys []byte `protobuf:"bytes,3,opt,name=hint_keys,json=hintKeys,proto3,oneof"`
+}
+
+func (*DeleteModel_HintName) isDeleteModel_Hint() {}
+
+func (*DeleteModel_HintKeys) isDeleteModel_Hint() {}
+
+type BulkWriteRequest struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Database   string                 `protobuf:"bytes,1,opt,name=database,proto3" json:"database,omitempty"`
+	Collection string                 `protobuf:"bytes,2,opt,name=collection,proto3" json:"collection,omitempty"`
+	// At least one; at most limits.max_insert_documents.
+	Operations []*WriteModel `protobuf:"bytes,3,rep,name=operations,proto3" json:"operations,omitempty"`
+	// Stop at the first error (true, the default) or carry on with the rest.
+	Ordered                  *bool         `protobuf:"varint,4,opt,name=ordered,proto3,oneof" json:"ordered,omitempty"`
+	BypassDocumentValidation bool          `protobuf:"varint,5,opt,name=bypass_document_validation,json=bypassDocumentValidation,proto3" json:"bypass_document_validation,omitempty"`
+	WriteConcern             *WriteConcern `protobuf:"bytes,6,opt,name=write_concern,json=writeConcern,proto3" json:"write_concern,omitempty"`
+	Comment                  string        `protobuf:"bytes,7,opt,name=comment,proto3" json:"comment,omitempty"`
+	Let                      []byte        `protobuf:"bytes,8,opt,name=let,proto3" json:"let,omitempty"`
+	// The encoding of every document in the operations, and of the ids
+	// returned. The Extended JSON encodings read the models' *_json fields.
+	Encoding      Encoding `protobuf:"varint,9,opt,name=encoding,proto3,enum=broker.v1.Encoding" json:"encoding,omitempty"`
+	LetJson       string   `protobuf:"bytes,10,opt,name=let_json,json=letJson,proto3" json:"let_json,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BulkWriteRequest) Reset() {
+	*x = BulkWriteRequest{}
+	mi := &file_broker_v1_broker_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BulkWriteRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BulkWriteRequest) ProtoMessage() {}
+
+func (x *BulkWriteRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_broker_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BulkWriteRequest.ProtoReflect.Descriptor instead.
+func (*BulkWriteRequest) Descriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *BulkWriteRequest) GetDatabase() string {
+	if x != nil {
+		return x.Database
+	}
+	return ""
+}
+
+func (x *BulkWriteRequest) GetCollection() string {
+	if x != nil {
+		return x.Collection
+	}
+	return ""
+}
+
+func (x *BulkWriteRequest) GetOperations() []*WriteModel {
+	if x != nil {
+		return x.Operations
+	}
+	return nil
+}
+
+func (x *BulkWriteRequest) GetOrdered() bool {
+	if x != nil && x.Ordered != nil {
+		return *x.Ordered
+	}
+	return false
+}
+
+func (x *BulkWriteRequest) GetBypassDocumentValidation() bool {
+	if x != nil {
+		return x.BypassDocumentValidation
+	}
+	return false
+}
+
+func (x *BulkWriteRequest) GetWriteConcern() *WriteConcern {
+	if x != nil {
+		return x.WriteConcern
+	}
+	return nil
+}
+
+func (x *BulkWriteRequest) GetComment() string {
+	if x != nil {
+		return x.Comment
+	}
+	return ""
+}
+
+func (x *BulkWriteRequest) GetLet() []byte {
+	if x != nil {
+		return x.Let
+	}
+	return nil
+}
+
+func (x *BulkWriteRequest) GetEncoding() Encoding {
+	if x != nil {
+		return x.Encoding
+	}
+	return Encoding_ENCODING_BSON
+}
+
+func (x *BulkWriteRequest) GetLetJson() string {
+	if x != nil {
+		return x.LetJson
+	}
+	return ""
+}
+
+// An `_id` that belongs to one operation of a BulkWrite.
+type IndexedId struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The operation's index in BulkWriteRequest.operations.
+	Index int32 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	// {"_id": <value>} as BSON (ENCODING_BSON) ...
+	Id []byte `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
+	// ... or as Extended JSON (the JSON encodings).
+	IdJson        string `protobuf:"bytes,3,opt,name=id_json,json=idJson,proto3" json:"id_json,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IndexedId) Reset() {
+	*x = IndexedId{}
+	mi := &file_broker_v1_broker_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IndexedId) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IndexedId) ProtoMessage() {}
+
+func (x *IndexedId) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_broker_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IndexedId.ProtoReflect.Descriptor instead.
+func (*IndexedId) Descriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *IndexedId) GetIndex() int32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *IndexedId) GetId() []byte {
+	if x != nil {
+		return x.Id
+	}
+	return nil
+}
+
+func (x *IndexedId) GetIdJson() string {
+	if x != nil {
+		return x.IdJson
+	}
+	return ""
+}
+
+type BulkWriteResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	InsertedCount int64                  `protobuf:"varint,1,opt,name=inserted_count,json=insertedCount,proto3" json:"inserted_count,omitempty"`
+	MatchedCount  int64                  `protobuf:"varint,2,opt,name=matched_count,json=matchedCount,proto3" json:"matched_count,omitempty"`
+	ModifiedCount int64                  `protobuf:"varint,3,opt,name=modified_count,json=modifiedCount,proto3" json:"modified_count,omitempty"`
+	DeletedCount  int64                  `protobuf:"varint,4,opt,name=deleted_count,json=deletedCount,proto3" json:"deleted_count,omitempty"`
+	UpsertedCount int64                  `protobuf:"varint,5,opt,name=upserted_count,json=upsertedCount,proto3" json:"upserted_count,omitempty"`
+	// The `_id` of every document an upsert inserted, by operation index.
+	UpsertedIds []*IndexedId `protobuf:"bytes,6,rep,name=upserted_ids,json=upsertedIds,proto3" json:"upserted_ids,omitempty"`
+	// The `_id` of every insert_one's document, by operation index.
+	InsertedIds   []*IndexedId `protobuf:"bytes,7,rep,name=inserted_ids,json=insertedIds,proto3" json:"inserted_ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BulkWriteResponse) Reset() {
+	*x = BulkWriteResponse{}
+	mi := &file_broker_v1_broker_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BulkWriteResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BulkWriteResponse) ProtoMessage() {}
+
+func (x *BulkWriteResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_broker_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BulkWriteResponse.ProtoReflect.Descriptor instead.
+func (*BulkWriteResponse) Descriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *BulkWriteResponse) GetInsertedCount() int64 {
+	if x != nil {
+		return x.InsertedCount
+	}
+	return 0
+}
+
+func (x *BulkWriteResponse) GetMatchedCount() int64 {
+	if x != nil {
+		return x.MatchedCount
+	}
+	return 0
+}
+
+func (x *BulkWriteResponse) GetModifiedCount() int64 {
+	if x != nil {
+		return x.ModifiedCount
+	}
+	return 0
+}
+
+func (x *BulkWriteResponse) GetDeletedCount() int64 {
+	if x != nil {
+		return x.DeletedCount
+	}
+	return 0
+}
+
+func (x *BulkWriteResponse) GetUpsertedCount() int64 {
+	if x != nil {
+		return x.UpsertedCount
+	}
+	return 0
+}
+
+func (x *BulkWriteResponse) GetUpsertedIds() []*IndexedId {
+	if x != nil {
+		return x.UpsertedIds
+	}
+	return nil
+}
+
+func (x *BulkWriteResponse) GetInsertedIds() []*IndexedId {
+	if x != nil {
+		return x.InsertedIds
+	}
+	return nil
+}
+
 type PingRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// A configured database to ping; empty means every configured database.
@@ -770,7 +3613,7 @@ type PingRequest struct {
 
 func (x *PingRequest) Reset() {
 	*x = PingRequest{}
-	mi := &file_broker_v1_broker_proto_msgTypes[5]
+	mi := &file_broker_v1_broker_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -782,7 +3625,7 @@ func (x *PingRequest) String() string {
 func (*PingRequest) ProtoMessage() {}
 
 func (x *PingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_v1_broker_proto_msgTypes[5]
+	mi := &file_broker_v1_broker_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -795,7 +3638,7 @@ func (x *PingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PingRequest.ProtoReflect.Descriptor instead.
 func (*PingRequest) Descriptor() ([]byte, []int) {
-	return file_broker_v1_broker_proto_rawDescGZIP(), []int{5}
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *PingRequest) GetDatabase() string {
@@ -819,7 +3662,7 @@ type PoolSummary struct {
 
 func (x *PoolSummary) Reset() {
 	*x = PoolSummary{}
-	mi := &file_broker_v1_broker_proto_msgTypes[6]
+	mi := &file_broker_v1_broker_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -831,7 +3674,7 @@ func (x *PoolSummary) String() string {
 func (*PoolSummary) ProtoMessage() {}
 
 func (x *PoolSummary) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_v1_broker_proto_msgTypes[6]
+	mi := &file_broker_v1_broker_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -844,7 +3687,7 @@ func (x *PoolSummary) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolSummary.ProtoReflect.Descriptor instead.
 func (*PoolSummary) Descriptor() ([]byte, []int) {
-	return file_broker_v1_broker_proto_rawDescGZIP(), []int{6}
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *PoolSummary) GetConnectionsOpen() int64 {
@@ -884,7 +3727,7 @@ type DatabasePing struct {
 
 func (x *DatabasePing) Reset() {
 	*x = DatabasePing{}
-	mi := &file_broker_v1_broker_proto_msgTypes[7]
+	mi := &file_broker_v1_broker_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -896,7 +3739,7 @@ func (x *DatabasePing) String() string {
 func (*DatabasePing) ProtoMessage() {}
 
 func (x *DatabasePing) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_v1_broker_proto_msgTypes[7]
+	mi := &file_broker_v1_broker_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -909,7 +3752,7 @@ func (x *DatabasePing) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DatabasePing.ProtoReflect.Descriptor instead.
 func (*DatabasePing) Descriptor() ([]byte, []int) {
-	return file_broker_v1_broker_proto_rawDescGZIP(), []int{7}
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *DatabasePing) GetDatabase() string {
@@ -959,7 +3802,7 @@ type PingResponse struct {
 
 func (x *PingResponse) Reset() {
 	*x = PingResponse{}
-	mi := &file_broker_v1_broker_proto_msgTypes[8]
+	mi := &file_broker_v1_broker_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -971,7 +3814,7 @@ func (x *PingResponse) String() string {
 func (*PingResponse) ProtoMessage() {}
 
 func (x *PingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_v1_broker_proto_msgTypes[8]
+	mi := &file_broker_v1_broker_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -984,7 +3827,7 @@ func (x *PingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PingResponse.ProtoReflect.Descriptor instead.
 func (*PingResponse) Descriptor() ([]byte, []int) {
-	return file_broker_v1_broker_proto_rawDescGZIP(), []int{8}
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *PingResponse) GetVersion() string {
@@ -1011,7 +3854,7 @@ type StatsRequest struct {
 
 func (x *StatsRequest) Reset() {
 	*x = StatsRequest{}
-	mi := &file_broker_v1_broker_proto_msgTypes[9]
+	mi := &file_broker_v1_broker_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1023,7 +3866,7 @@ func (x *StatsRequest) String() string {
 func (*StatsRequest) ProtoMessage() {}
 
 func (x *StatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_v1_broker_proto_msgTypes[9]
+	mi := &file_broker_v1_broker_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1036,7 +3879,7 @@ func (x *StatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsRequest.ProtoReflect.Descriptor instead.
 func (*StatsRequest) Descriptor() ([]byte, []int) {
-	return file_broker_v1_broker_proto_rawDescGZIP(), []int{9}
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *StatsRequest) GetDatabase() string {
@@ -1101,7 +3944,7 @@ type DatabaseStats struct {
 
 func (x *DatabaseStats) Reset() {
 	*x = DatabaseStats{}
-	mi := &file_broker_v1_broker_proto_msgTypes[10]
+	mi := &file_broker_v1_broker_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1113,7 +3956,7 @@ func (x *DatabaseStats) String() string {
 func (*DatabaseStats) ProtoMessage() {}
 
 func (x *DatabaseStats) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_v1_broker_proto_msgTypes[10]
+	mi := &file_broker_v1_broker_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1126,7 +3969,7 @@ func (x *DatabaseStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DatabaseStats.ProtoReflect.Descriptor instead.
 func (*DatabaseStats) Descriptor() ([]byte, []int) {
-	return file_broker_v1_broker_proto_rawDescGZIP(), []int{10}
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *DatabaseStats) GetDatabase() string {
@@ -1357,7 +4200,7 @@ type StatsResponse struct {
 
 func (x *StatsResponse) Reset() {
 	*x = StatsResponse{}
-	mi := &file_broker_v1_broker_proto_msgTypes[11]
+	mi := &file_broker_v1_broker_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1369,7 +4212,7 @@ func (x *StatsResponse) String() string {
 func (*StatsResponse) ProtoMessage() {}
 
 func (x *StatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_v1_broker_proto_msgTypes[11]
+	mi := &file_broker_v1_broker_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1382,7 +4225,7 @@ func (x *StatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsResponse.ProtoReflect.Descriptor instead.
 func (*StatsResponse) Descriptor() ([]byte, []int) {
-	return file_broker_v1_broker_proto_rawDescGZIP(), []int{11}
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *StatsResponse) GetVersion() string {
@@ -1410,7 +4253,7 @@ var File_broker_v1_broker_proto protoreflect.FileDescriptor
 
 const file_broker_v1_broker_proto_rawDesc = "" +
 	"\n" +
-	"\x16broker/v1/broker.proto\x12\tbroker.v1\"\x9c\x04\n" +
+	"\x16broker/v1/broker.proto\x12\tbroker.v1\"\xe5\x05\n" +
 	"\vFindRequest\x12\x1a\n" +
 	"\bdatabase\x18\x01 \x01(\tR\bdatabase\x12\x1e\n" +
 	"\n" +
@@ -1435,7 +4278,11 @@ const file_broker_v1_broker_proto_rawDesc = "" +
 	"filterJson\x12'\n" +
 	"\x0fprojection_json\x18\x0f \x01(\tR\x0eprojectionJson\x12\x1b\n" +
 	"\tsort_json\x18\x10 \x01(\tR\bsortJson\x12$\n" +
-	"\x0ehint_keys_json\x18\x11 \x01(\tR\fhintKeysJsonB\x06\n" +
+	"\x0ehint_keys_json\x18\x11 \x01(\tR\fhintKeysJson\x12\x1c\n" +
+	"\tcollation\x18\x12 \x01(\fR\tcollation\x12%\n" +
+	"\x0ecollation_json\x18\x13 \x01(\tR\rcollationJson\x12B\n" +
+	"\x0fread_preference\x18\x14 \x01(\v2\x19.broker.v1.ReadPreferenceR\x0ereadPreference\x12>\n" +
+	"\fread_concern\x18\x15 \x01(\x0e2\x1b.broker.v1.ReadConcernLevelR\vreadConcernB\x06\n" +
 	"\x04hint\"S\n" +
 	"\fFindResponse\x12\x1c\n" +
 	"\tdocuments\x18\x01 \x03(\fR\tdocuments\x12%\n" +
@@ -1464,7 +4311,282 @@ const file_broker_v1_broker_proto_rawDesc = "" +
 	"\x0eInsertResponse\x12!\n" +
 	"\finserted_ids\x18\x01 \x03(\fR\vinsertedIds\x12%\n" +
 	"\x0einserted_count\x18\x02 \x01(\x03R\rinsertedCount\x12*\n" +
-	"\x11inserted_ids_json\x18\x03 \x03(\tR\x0finsertedIdsJson\")\n" +
+	"\x11inserted_ids_json\x18\x03 \x03(\tR\x0finsertedIdsJson\"\xaa\x01\n" +
+	"\x0eReadPreference\x121\n" +
+	"\x04mode\x18\x01 \x01(\x0e2\x1d.broker.v1.ReadPreferenceModeR\x04mode\x12\x19\n" +
+	"\btag_sets\x18\x02 \x03(\fR\atagSets\x12\"\n" +
+	"\rtag_sets_json\x18\x03 \x03(\tR\vtagSetsJson\x12&\n" +
+	"\x0fmax_staleness_s\x18\x04 \x01(\x03R\rmaxStalenessS\"\xab\a\n" +
+	"\rUpdateRequest\x12\x1a\n" +
+	"\bdatabase\x18\x01 \x01(\tR\bdatabase\x12\x1e\n" +
+	"\n" +
+	"collection\x18\x02 \x01(\tR\n" +
+	"collection\x12\x16\n" +
+	"\x06filter\x18\x03 \x01(\fR\x06filter\x12\x16\n" +
+	"\x06update\x18\x04 \x01(\fR\x06update\x12'\n" +
+	"\x0fupdate_pipeline\x18\x05 \x03(\fR\x0eupdatePipeline\x12 \n" +
+	"\vreplacement\x18\x06 \x01(\fR\vreplacement\x12\x14\n" +
+	"\x05multi\x18\a \x01(\bR\x05multi\x12\x16\n" +
+	"\x06upsert\x18\b \x01(\bR\x06upsert\x12#\n" +
+	"\rarray_filters\x18\t \x03(\fR\farrayFilters\x12\x1d\n" +
+	"\thint_name\x18\n" +
+	" \x01(\tH\x00R\bhintName\x12\x1d\n" +
+	"\thint_keys\x18\v \x01(\fH\x00R\bhintKeys\x12\x1c\n" +
+	"\tcollation\x18\f \x01(\fR\tcollation\x12\x10\n" +
+	"\x03let\x18\r \x01(\fR\x03let\x12\x18\n" +
+	"\acomment\x18\x0e \x01(\tR\acomment\x12\x1e\n" +
+	"\vmax_time_ms\x18\x0f \x01(\x03R\tmaxTimeMs\x12<\n" +
+	"\rwrite_concern\x18\x10 \x01(\v2\x17.broker.v1.WriteConcernR\fwriteConcern\x12<\n" +
+	"\x1abypass_document_validation\x18\x11 \x01(\bR\x18bypassDocumentValidation\x12/\n" +
+	"\bencoding\x18\x12 \x01(\x0e2\x13.broker.v1.EncodingR\bencoding\x12\x1f\n" +
+	"\vfilter_json\x18\x13 \x01(\tR\n" +
+	"filterJson\x12\x1f\n" +
+	"\vupdate_json\x18\x14 \x01(\tR\n" +
+	"updateJson\x120\n" +
+	"\x14update_pipeline_json\x18\x15 \x03(\tR\x12updatePipelineJson\x12)\n" +
+	"\x10replacement_json\x18\x16 \x01(\tR\x0freplacementJson\x12,\n" +
+	"\x12array_filters_json\x18\x17 \x03(\tR\x10arrayFiltersJson\x12$\n" +
+	"\x0ehint_keys_json\x18\x18 \x01(\tR\fhintKeysJson\x12%\n" +
+	"\x0ecollation_json\x18\x19 \x01(\tR\rcollationJson\x12\x19\n" +
+	"\blet_json\x18\x1a \x01(\tR\aletJsonB\x06\n" +
+	"\x04hint\"\xa7\x01\n" +
+	"\x0eUpdateResponse\x12#\n" +
+	"\rmatched_count\x18\x01 \x01(\x03R\fmatchedCount\x12%\n" +
+	"\x0emodified_count\x18\x02 \x01(\x03R\rmodifiedCount\x12\x1f\n" +
+	"\vupserted_id\x18\x03 \x01(\fR\n" +
+	"upsertedId\x12(\n" +
+	"\x10upserted_id_json\x18\x04 \x01(\tR\x0eupsertedIdJson\"\xa1\x04\n" +
+	"\rDeleteRequest\x12\x1a\n" +
+	"\bdatabase\x18\x01 \x01(\tR\bdatabase\x12\x1e\n" +
+	"\n" +
+	"collection\x18\x02 \x01(\tR\n" +
+	"collection\x12\x16\n" +
+	"\x06filter\x18\x03 \x01(\fR\x06filter\x12\x14\n" +
+	"\x05multi\x18\x04 \x01(\bR\x05multi\x12\x1d\n" +
+	"\thint_name\x18\x05 \x01(\tH\x00R\bhintName\x12\x1d\n" +
+	"\thint_keys\x18\x06 \x01(\fH\x00R\bhintKeys\x12\x1c\n" +
+	"\tcollation\x18\a \x01(\fR\tcollation\x12\x10\n" +
+	"\x03let\x18\b \x01(\fR\x03let\x12\x18\n" +
+	"\acomment\x18\t \x01(\tR\acomment\x12\x1e\n" +
+	"\vmax_time_ms\x18\n" +
+	" \x01(\x03R\tmaxTimeMs\x12<\n" +
+	"\rwrite_concern\x18\v \x01(\v2\x17.broker.v1.WriteConcernR\fwriteConcern\x12/\n" +
+	"\bencoding\x18\f \x01(\x0e2\x13.broker.v1.EncodingR\bencoding\x12\x1f\n" +
+	"\vfilter_json\x18\r \x01(\tR\n" +
+	"filterJson\x12$\n" +
+	"\x0ehint_keys_json\x18\x0e \x01(\tR\fhintKeysJson\x12%\n" +
+	"\x0ecollation_json\x18\x0f \x01(\tR\rcollationJson\x12\x19\n" +
+	"\blet_json\x18\x10 \x01(\tR\aletJsonB\x06\n" +
+	"\x04hint\"5\n" +
+	"\x0eDeleteResponse\x12#\n" +
+	"\rdeleted_count\x18\x01 \x01(\x03R\fdeletedCount\"\xf5\b\n" +
+	"\x17FindOneAndModifyRequest\x12\x1a\n" +
+	"\bdatabase\x18\x01 \x01(\tR\bdatabase\x12\x1e\n" +
+	"\n" +
+	"collection\x18\x02 \x01(\tR\n" +
+	"collection\x12\x16\n" +
+	"\x06filter\x18\x03 \x01(\fR\x06filter\x12\x12\n" +
+	"\x04sort\x18\x04 \x01(\fR\x04sort\x12\x1e\n" +
+	"\n" +
+	"projection\x18\x05 \x01(\fR\n" +
+	"projection\x12\x16\n" +
+	"\x06update\x18\x06 \x01(\fR\x06update\x12'\n" +
+	"\x0fupdate_pipeline\x18\a \x03(\fR\x0eupdatePipeline\x12 \n" +
+	"\vreplacement\x18\b \x01(\fR\vreplacement\x12\x16\n" +
+	"\x06remove\x18\t \x01(\bR\x06remove\x12\x16\n" +
+	"\x06upsert\x18\n" +
+	" \x01(\bR\x06upsert\x12B\n" +
+	"\x0freturn_document\x18\v \x01(\x0e2\x19.broker.v1.ReturnDocumentR\x0ereturnDocument\x12#\n" +
+	"\rarray_filters\x18\f \x03(\fR\farrayFilters\x12\x1d\n" +
+	"\thint_name\x18\r \x01(\tH\x00R\bhintName\x12\x1d\n" +
+	"\thint_keys\x18\x0e \x01(\fH\x00R\bhintKeys\x12\x1c\n" +
+	"\tcollation\x18\x0f \x01(\fR\tcollation\x12\x10\n" +
+	"\x03let\x18\x10 \x01(\fR\x03let\x12\x18\n" +
+	"\acomment\x18\x11 \x01(\tR\acomment\x12\x1e\n" +
+	"\vmax_time_ms\x18\x12 \x01(\x03R\tmaxTimeMs\x12<\n" +
+	"\rwrite_concern\x18\x13 \x01(\v2\x17.broker.v1.WriteConcernR\fwriteConcern\x12<\n" +
+	"\x1abypass_document_validation\x18\x14 \x01(\bR\x18bypassDocumentValidation\x12/\n" +
+	"\bencoding\x18\x15 \x01(\x0e2\x13.broker.v1.EncodingR\bencoding\x12\x1f\n" +
+	"\vfilter_json\x18\x16 \x01(\tR\n" +
+	"filterJson\x12\x1b\n" +
+	"\tsort_json\x18\x17 \x01(\tR\bsortJson\x12'\n" +
+	"\x0fprojection_json\x18\x18 \x01(\tR\x0eprojectionJson\x12\x1f\n" +
+	"\vupdate_json\x18\x19 \x01(\tR\n" +
+	"updateJson\x120\n" +
+	"\x14update_pipeline_json\x18\x1a \x03(\tR\x12updatePipelineJson\x12)\n" +
+	"\x10replacement_json\x18\x1b \x01(\tR\x0freplacementJson\x12,\n" +
+	"\x12array_filters_json\x18\x1c \x03(\tR\x10arrayFiltersJson\x12$\n" +
+	"\x0ehint_keys_json\x18\x1d \x01(\tR\fhintKeysJson\x12%\n" +
+	"\x0ecollation_json\x18\x1e \x01(\tR\rcollationJson\x12\x19\n" +
+	"\blet_json\x18\x1f \x01(\tR\aletJsonB\x06\n" +
+	"\x04hint\"[\n" +
+	"\x18FindOneAndModifyResponse\x12\x1a\n" +
+	"\bdocument\x18\x01 \x01(\fR\bdocument\x12#\n" +
+	"\rdocument_json\x18\x02 \x01(\tR\fdocumentJson\"\xeb\x04\n" +
+	"\fCountRequest\x12\x1a\n" +
+	"\bdatabase\x18\x01 \x01(\tR\bdatabase\x12\x1e\n" +
+	"\n" +
+	"collection\x18\x02 \x01(\tR\n" +
+	"collection\x12\x16\n" +
+	"\x06filter\x18\x03 \x01(\fR\x06filter\x12\x12\n" +
+	"\x04skip\x18\x04 \x01(\x03R\x04skip\x12\x14\n" +
+	"\x05limit\x18\x05 \x01(\x03R\x05limit\x12\x1d\n" +
+	"\thint_name\x18\x06 \x01(\tH\x00R\bhintName\x12\x1d\n" +
+	"\thint_keys\x18\a \x01(\fH\x00R\bhintKeys\x12\x1c\n" +
+	"\tcollation\x18\b \x01(\fR\tcollation\x12\x1e\n" +
+	"\vmax_time_ms\x18\t \x01(\x03R\tmaxTimeMs\x12\x18\n" +
+	"\acomment\x18\n" +
+	" \x01(\tR\acomment\x12\x1c\n" +
+	"\testimated\x18\v \x01(\bR\testimated\x12B\n" +
+	"\x0fread_preference\x18\f \x01(\v2\x19.broker.v1.ReadPreferenceR\x0ereadPreference\x12>\n" +
+	"\fread_concern\x18\r \x01(\x0e2\x1b.broker.v1.ReadConcernLevelR\vreadConcern\x12/\n" +
+	"\bencoding\x18\x0e \x01(\x0e2\x13.broker.v1.EncodingR\bencoding\x12\x1f\n" +
+	"\vfilter_json\x18\x0f \x01(\tR\n" +
+	"filterJson\x12$\n" +
+	"\x0ehint_keys_json\x18\x10 \x01(\tR\fhintKeysJson\x12%\n" +
+	"\x0ecollation_json\x18\x11 \x01(\tR\rcollationJsonB\x06\n" +
+	"\x04hint\"%\n" +
+	"\rCountResponse\x12\x14\n" +
+	"\x05count\x18\x01 \x01(\x03R\x05count\"\xcc\x03\n" +
+	"\x0fDistinctRequest\x12\x1a\n" +
+	"\bdatabase\x18\x01 \x01(\tR\bdatabase\x12\x1e\n" +
+	"\n" +
+	"collection\x18\x02 \x01(\tR\n" +
+	"collection\x12\x10\n" +
+	"\x03key\x18\x03 \x01(\tR\x03key\x12\x16\n" +
+	"\x06filter\x18\x04 \x01(\fR\x06filter\x12\x1c\n" +
+	"\tcollation\x18\x05 \x01(\fR\tcollation\x12\x1e\n" +
+	"\vmax_time_ms\x18\x06 \x01(\x03R\tmaxTimeMs\x12\x18\n" +
+	"\acomment\x18\a \x01(\tR\acomment\x12B\n" +
+	"\x0fread_preference\x18\b \x01(\v2\x19.broker.v1.ReadPreferenceR\x0ereadPreference\x12>\n" +
+	"\fread_concern\x18\t \x01(\x0e2\x1b.broker.v1.ReadConcernLevelR\vreadConcern\x12/\n" +
+	"\bencoding\x18\n" +
+	" \x01(\x0e2\x13.broker.v1.EncodingR\bencoding\x12\x1f\n" +
+	"\vfilter_json\x18\v \x01(\tR\n" +
+	"filterJson\x12%\n" +
+	"\x0ecollation_json\x18\f \x01(\tR\rcollationJson\"K\n" +
+	"\x10DistinctResponse\x12\x16\n" +
+	"\x06values\x18\x01 \x01(\fR\x06values\x12\x1f\n" +
+	"\vvalues_json\x18\x02 \x01(\tR\n" +
+	"valuesJson\"\xb5\x06\n" +
+	"\x10AggregateRequest\x12\x1a\n" +
+	"\bdatabase\x18\x01 \x01(\tR\bdatabase\x12\x1e\n" +
+	"\n" +
+	"collection\x18\x02 \x01(\tR\n" +
+	"collection\x12\x1a\n" +
+	"\bpipeline\x18\x03 \x03(\fR\bpipeline\x12)\n" +
+	"\x0eallow_disk_use\x18\x04 \x01(\bH\x01R\fallowDiskUse\x88\x01\x01\x12\x1d\n" +
+	"\n" +
+	"batch_size\x18\x05 \x01(\x05R\tbatchSize\x12\x1d\n" +
+	"\thint_name\x18\x06 \x01(\tH\x00R\bhintName\x12\x1d\n" +
+	"\thint_keys\x18\a \x01(\fH\x00R\bhintKeys\x12\x1c\n" +
+	"\tcollation\x18\b \x01(\fR\tcollation\x12\x10\n" +
+	"\x03let\x18\t \x01(\fR\x03let\x12\x18\n" +
+	"\acomment\x18\n" +
+	" \x01(\tR\acomment\x12\x1e\n" +
+	"\vmax_time_ms\x18\v \x01(\x03R\tmaxTimeMs\x12B\n" +
+	"\x0fread_preference\x18\f \x01(\v2\x19.broker.v1.ReadPreferenceR\x0ereadPreference\x12>\n" +
+	"\fread_concern\x18\r \x01(\x0e2\x1b.broker.v1.ReadConcernLevelR\vreadConcern\x12<\n" +
+	"\rwrite_concern\x18\x0e \x01(\v2\x17.broker.v1.WriteConcernR\fwriteConcern\x12<\n" +
+	"\x1abypass_document_validation\x18\x0f \x01(\bR\x18bypassDocumentValidation\x12/\n" +
+	"\bencoding\x18\x10 \x01(\x0e2\x13.broker.v1.EncodingR\bencoding\x12#\n" +
+	"\rpipeline_json\x18\x11 \x03(\tR\fpipelineJson\x12$\n" +
+	"\x0ehint_keys_json\x18\x12 \x01(\tR\fhintKeysJson\x12%\n" +
+	"\x0ecollation_json\x18\x13 \x01(\tR\rcollationJson\x12\x19\n" +
+	"\blet_json\x18\x14 \x01(\tR\aletJsonB\x06\n" +
+	"\x04hintB\x11\n" +
+	"\x0f_allow_disk_use\"\xf8\x02\n" +
+	"\n" +
+	"WriteModel\x12:\n" +
+	"\n" +
+	"insert_one\x18\x01 \x01(\v2\x19.broker.v1.InsertOneModelH\x00R\tinsertOne\x127\n" +
+	"\n" +
+	"update_one\x18\x02 \x01(\v2\x16.broker.v1.UpdateModelH\x00R\tupdateOne\x129\n" +
+	"\vupdate_many\x18\x03 \x01(\v2\x16.broker.v1.UpdateModelH\x00R\n" +
+	"updateMany\x12=\n" +
+	"\vreplace_one\x18\x04 \x01(\v2\x1a.broker.v1.ReplaceOneModelH\x00R\n" +
+	"replaceOne\x127\n" +
+	"\n" +
+	"delete_one\x18\x05 \x01(\v2\x16.broker.v1.DeleteModelH\x00R\tdeleteOne\x129\n" +
+	"\vdelete_many\x18\x06 \x01(\v2\x16.broker.v1.DeleteModelH\x00R\n" +
+	"deleteManyB\a\n" +
+	"\x05model\"Q\n" +
+	"\x0eInsertOneModel\x12\x1a\n" +
+	"\bdocument\x18\x01 \x01(\fR\bdocument\x12#\n" +
+	"\rdocument_json\x18\x02 \x01(\tR\fdocumentJson\"\xf6\x03\n" +
+	"\vUpdateModel\x12\x16\n" +
+	"\x06filter\x18\x01 \x01(\fR\x06filter\x12\x16\n" +
+	"\x06update\x18\x02 \x01(\fR\x06update\x12'\n" +
+	"\x0fupdate_pipeline\x18\x03 \x03(\fR\x0eupdatePipeline\x12\x16\n" +
+	"\x06upsert\x18\x04 \x01(\bR\x06upsert\x12#\n" +
+	"\rarray_filters\x18\x05 \x03(\fR\farrayFilters\x12\x1d\n" +
+	"\thint_name\x18\x06 \x01(\tH\x00R\bhintName\x12\x1d\n" +
+	"\thint_keys\x18\a \x01(\fH\x00R\bhintKeys\x12\x1c\n" +
+	"\tcollation\x18\b \x01(\fR\tcollation\x12\x1f\n" +
+	"\vfilter_json\x18\t \x01(\tR\n" +
+	"filterJson\x12\x1f\n" +
+	"\vupdate_json\x18\n" +
+	" \x01(\tR\n" +
+	"updateJson\x120\n" +
+	"\x14update_pipeline_json\x18\v \x03(\tR\x12updatePipelineJson\x12,\n" +
+	"\x12array_filters_json\x18\f \x03(\tR\x10arrayFiltersJson\x12$\n" +
+	"\x0ehint_keys_json\x18\r \x01(\tR\fhintKeysJson\x12%\n" +
+	"\x0ecollation_json\x18\x0e \x01(\tR\rcollationJsonB\x06\n" +
+	"\x04hint\"\xe0\x02\n" +
+	"\x0fReplaceOneModel\x12\x16\n" +
+	"\x06filter\x18\x01 \x01(\fR\x06filter\x12 \n" +
+	"\vreplacement\x18\x02 \x01(\fR\vreplacement\x12\x16\n" +
+	"\x06upsert\x18\x03 \x01(\bR\x06upsert\x12\x1d\n" +
+	"\thint_name\x18\x04 \x01(\tH\x00R\bhintName\x12\x1d\n" +
+	"\thint_keys\x18\x05 \x01(\fH\x00R\bhintKeys\x12\x1c\n" +
+	"\tcollation\x18\x06 \x01(\fR\tcollation\x12\x1f\n" +
+	"\vfilter_json\x18\a \x01(\tR\n" +
+	"filterJson\x12)\n" +
+	"\x10replacement_json\x18\b \x01(\tR\x0freplacementJson\x12$\n" +
+	"\x0ehint_keys_json\x18\t \x01(\tR\fhintKeysJson\x12%\n" +
+	"\x0ecollation_json\x18\n" +
+	" \x01(\tR\rcollationJsonB\x06\n" +
+	"\x04hint\"\xf7\x01\n" +
+	"\vDeleteModel\x12\x16\n" +
+	"\x06filter\x18\x01 \x01(\fR\x06filter\x12\x1d\n" +
+	"\thint_name\x18\x02 \x01(\tH\x00R\bhintName\x12\x1d\n" +
+	"\thint_keys\x18\x03 \x01(\fH\x00R\bhintKeys\x12\x1c\n" +
+	"\tcollation\x18\x04 \x01(\fR\tcollation\x12\x1f\n" +
+	"\vfilter_json\x18\x05 \x01(\tR\n" +
+	"filterJson\x12$\n" +
+	"\x0ehint_keys_json\x18\x06 \x01(\tR\fhintKeysJson\x12%\n" +
+	"\x0ecollation_json\x18\a \x01(\tR\rcollationJsonB\x06\n" +
+	"\x04hint\"\xa4\x03\n" +
+	"\x10BulkWriteRequest\x12\x1a\n" +
+	"\bdatabase\x18\x01 \x01(\tR\bdatabase\x12\x1e\n" +
+	"\n" +
+	"collection\x18\x02 \x01(\tR\n" +
+	"collection\x125\n" +
+	"\n" +
+	"operations\x18\x03 \x03(\v2\x15.broker.v1.WriteModelR\n" +
+	"operations\x12\x1d\n" +
+	"\aordered\x18\x04 \x01(\bH\x00R\aordered\x88\x01\x01\x12<\n" +
+	"\x1abypass_document_validation\x18\x05 \x01(\bR\x18bypassDocumentValidation\x12<\n" +
+	"\rwrite_concern\x18\x06 \x01(\v2\x17.broker.v1.WriteConcernR\fwriteConcern\x12\x18\n" +
+	"\acomment\x18\a \x01(\tR\acomment\x12\x10\n" +
+	"\x03let\x18\b \x01(\fR\x03let\x12/\n" +
+	"\bencoding\x18\t \x01(\x0e2\x13.broker.v1.EncodingR\bencoding\x12\x19\n" +
+	"\blet_json\x18\n" +
+	" \x01(\tR\aletJsonB\n" +
+	"\n" +
+	"\b_ordered\"J\n" +
+	"\tIndexedId\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x0e\n" +
+	"\x02id\x18\x02 \x01(\fR\x02id\x12\x17\n" +
+	"\aid_json\x18\x03 \x01(\tR\x06idJson\"\xc4\x02\n" +
+	"\x11BulkWriteResponse\x12%\n" +
+	"\x0einserted_count\x18\x01 \x01(\x03R\rinsertedCount\x12#\n" +
+	"\rmatched_count\x18\x02 \x01(\x03R\fmatchedCount\x12%\n" +
+	"\x0emodified_count\x18\x03 \x01(\x03R\rmodifiedCount\x12#\n" +
+	"\rdeleted_count\x18\x04 \x01(\x03R\fdeletedCount\x12%\n" +
+	"\x0eupserted_count\x18\x05 \x01(\x03R\rupsertedCount\x127\n" +
+	"\fupserted_ids\x18\x06 \x03(\v2\x14.broker.v1.IndexedIdR\vupsertedIds\x127\n" +
+	"\finserted_ids\x18\a \x03(\v2\x14.broker.v1.IndexedIdR\vinsertedIds\")\n" +
 	"\vPingRequest\x12\x1a\n" +
 	"\bdatabase\x18\x01 \x01(\tR\bdatabase\"\x8a\x01\n" +
 	"\vPoolSummary\x12)\n" +
@@ -1564,11 +4686,35 @@ const file_broker_v1_broker_proto_rawDesc = "" +
 	"\bEncoding\x12\x11\n" +
 	"\rENCODING_BSON\x10\x00\x12\x1b\n" +
 	"\x17ENCODING_CANONICAL_JSON\x10\x01\x12\x19\n" +
-	"\x15ENCODING_RELAXED_JSON\x10\x022\xb3\x02\n" +
+	"\x15ENCODING_RELAXED_JSON\x10\x02*\xe3\x01\n" +
+	"\x12ReadPreferenceMode\x12$\n" +
+	" READ_PREFERENCE_MODE_UNSPECIFIED\x10\x00\x12\x1b\n" +
+	"\x17READ_PREFERENCE_PRIMARY\x10\x01\x12%\n" +
+	"!READ_PREFERENCE_PRIMARY_PREFERRED\x10\x02\x12\x1d\n" +
+	"\x19READ_PREFERENCE_SECONDARY\x10\x03\x12'\n" +
+	"#READ_PREFERENCE_SECONDARY_PREFERRED\x10\x04\x12\x1b\n" +
+	"\x17READ_PREFERENCE_NEAREST\x10\x05*\xb9\x01\n" +
+	"\x10ReadConcernLevel\x12\x1c\n" +
+	"\x18READ_CONCERN_UNSPECIFIED\x10\x00\x12\x16\n" +
+	"\x12READ_CONCERN_LOCAL\x10\x01\x12\x1a\n" +
+	"\x16READ_CONCERN_AVAILABLE\x10\x02\x12\x19\n" +
+	"\x15READ_CONCERN_MAJORITY\x10\x03\x12\x1d\n" +
+	"\x19READ_CONCERN_LINEARIZABLE\x10\x04\x12\x19\n" +
+	"\x15READ_CONCERN_SNAPSHOT\x10\x05*G\n" +
+	"\x0eReturnDocument\x12\x1a\n" +
+	"\x16RETURN_DOCUMENT_BEFORE\x10\x00\x12\x19\n" +
+	"\x15RETURN_DOCUMENT_AFTER\x10\x012\x9e\x06\n" +
 	"\x06Broker\x129\n" +
 	"\x04Find\x12\x16.broker.v1.FindRequest\x1a\x17.broker.v1.FindResponse0\x01\x12:\n" +
 	"\aFindOne\x12\x16.broker.v1.FindRequest\x1a\x17.broker.v1.FindResponse\x12=\n" +
-	"\x06Insert\x12\x18.broker.v1.InsertRequest\x1a\x19.broker.v1.InsertResponse\x127\n" +
+	"\x06Insert\x12\x18.broker.v1.InsertRequest\x1a\x19.broker.v1.InsertResponse\x12=\n" +
+	"\x06Update\x12\x18.broker.v1.UpdateRequest\x1a\x19.broker.v1.UpdateResponse\x12=\n" +
+	"\x06Delete\x12\x18.broker.v1.DeleteRequest\x1a\x19.broker.v1.DeleteResponse\x12[\n" +
+	"\x10FindOneAndModify\x12\".broker.v1.FindOneAndModifyRequest\x1a#.broker.v1.FindOneAndModifyResponse\x12:\n" +
+	"\x05Count\x12\x17.broker.v1.CountRequest\x1a\x18.broker.v1.CountResponse\x12E\n" +
+	"\bDistinct\x12\x1a.broker.v1.DistinctRequest\x1a\x1b.broker.v1.DistinctResponse0\x01\x12C\n" +
+	"\tAggregate\x12\x1b.broker.v1.AggregateRequest\x1a\x17.broker.v1.FindResponse0\x01\x12F\n" +
+	"\tBulkWrite\x12\x1b.broker.v1.BulkWriteRequest\x1a\x1c.broker.v1.BulkWriteResponse\x127\n" +
 	"\x04Ping\x12\x16.broker.v1.PingRequest\x1a\x17.broker.v1.PingResponse\x12:\n" +
 	"\x05Stats\x12\x17.broker.v1.StatsRequest\x1a\x18.broker.v1.StatsResponseBCZAgithub.com/mongo-broker/mongo-broker/clients/go/brokerv1;brokerv1b\x06proto3"
 
@@ -1584,56 +4730,124 @@ func file_broker_v1_broker_proto_rawDescGZIP() []byte {
 	return file_broker_v1_broker_proto_rawDescData
 }
 
-var file_broker_v1_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_broker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_broker_v1_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
+var file_broker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
 var file_broker_v1_broker_proto_goTypes = []any{
-	(ErrorReason)(0),       // 0: broker.v1.ErrorReason
-	(Encoding)(0),          // 1: broker.v1.Encoding
-	(*FindRequest)(nil),    // 2: broker.v1.FindRequest
-	(*FindResponse)(nil),   // 3: broker.v1.FindResponse
-	(*WriteConcern)(nil),   // 4: broker.v1.WriteConcern
-	(*InsertRequest)(nil),  // 5: broker.v1.InsertRequest
-	(*InsertResponse)(nil), // 6: broker.v1.InsertResponse
-	(*PingRequest)(nil),    // 7: broker.v1.PingRequest
-	(*PoolSummary)(nil),    // 8: broker.v1.PoolSummary
-	(*DatabasePing)(nil),   // 9: broker.v1.DatabasePing
-	(*PingResponse)(nil),   // 10: broker.v1.PingResponse
-	(*StatsRequest)(nil),   // 11: broker.v1.StatsRequest
-	(*DatabaseStats)(nil),  // 12: broker.v1.DatabaseStats
-	(*StatsResponse)(nil),  // 13: broker.v1.StatsResponse
-	nil,                    // 14: broker.v1.DatabaseStats.CheckoutFailuresEntry
-	nil,                    // 15: broker.v1.DatabaseStats.OperationsEntry
-	nil,                    // 16: broker.v1.DatabaseStats.RpcsEntry
-	nil,                    // 17: broker.v1.DatabaseStats.ErrorsEntry
-	nil,                    // 18: broker.v1.DatabaseStats.CommandFailuresEntry
+	(ErrorReason)(0),                 // 0: broker.v1.ErrorReason
+	(Encoding)(0),                    // 1: broker.v1.Encoding
+	(ReadPreferenceMode)(0),          // 2: broker.v1.ReadPreferenceMode
+	(ReadConcernLevel)(0),            // 3: broker.v1.ReadConcernLevel
+	(ReturnDocument)(0),              // 4: broker.v1.ReturnDocument
+	(*FindRequest)(nil),              // 5: broker.v1.FindRequest
+	(*FindResponse)(nil),             // 6: broker.v1.FindResponse
+	(*WriteConcern)(nil),             // 7: broker.v1.WriteConcern
+	(*InsertRequest)(nil),            // 8: broker.v1.InsertRequest
+	(*InsertResponse)(nil),           // 9: broker.v1.InsertResponse
+	(*ReadPreference)(nil),           // 10: broker.v1.ReadPreference
+	(*UpdateRequest)(nil),            // 11: broker.v1.UpdateRequest
+	(*UpdateResponse)(nil),           // 12: broker.v1.UpdateResponse
+	(*DeleteRequest)(nil),            // 13: broker.v1.DeleteRequest
+	(*DeleteResponse)(nil),           // 14: broker.v1.DeleteResponse
+	(*FindOneAndModifyRequest)(nil),  // 15: broker.v1.FindOneAndModifyRequest
+	(*FindOneAndModifyResponse)(nil), // 16: broker.v1.FindOneAndModifyResponse
+	(*CountRequest)(nil),             // 17: broker.v1.CountRequest
+	(*CountResponse)(nil),            // 18: broker.v1.CountResponse
+	(*DistinctRequest)(nil),          // 19: broker.v1.DistinctRequest
+	(*DistinctResponse)(nil),         // 20: broker.v1.DistinctResponse
+	(*AggregateRequest)(nil),         // 21: broker.v1.AggregateRequest
+	(*WriteModel)(nil),               // 22: broker.v1.WriteModel
+	(*InsertOneModel)(nil),           // 23: broker.v1.InsertOneModel
+	(*UpdateModel)(nil),              // 24: broker.v1.UpdateModel
+	(*ReplaceOneModel)(nil),          // 25: broker.v1.ReplaceOneModel
+	(*DeleteModel)(nil),              // 26: broker.v1.DeleteModel
+	(*BulkWriteRequest)(nil),         // 27: broker.v1.BulkWriteRequest
+	(*IndexedId)(nil),                // 28: broker.v1.IndexedId
+	(*BulkWriteResponse)(nil),        // 29: broker.v1.BulkWriteResponse
+	(*PingRequest)(nil),              // 30: broker.v1.PingRequest
+	(*PoolSummary)(nil),              // 31: broker.v1.PoolSummary
+	(*DatabasePing)(nil),             // 32: broker.v1.DatabasePing
+	(*PingResponse)(nil),             // 33: broker.v1.PingResponse
+	(*StatsRequest)(nil),             // 34: broker.v1.StatsRequest
+	(*DatabaseStats)(nil),            // 35: broker.v1.DatabaseStats
+	(*StatsResponse)(nil),            // 36: broker.v1.StatsResponse
+	nil,                              // 37: broker.v1.DatabaseStats.CheckoutFailuresEntry
+	nil,                              // 38: broker.v1.DatabaseStats.OperationsEntry
+	nil,                              // 39: broker.v1.DatabaseStats.RpcsEntry
+	nil,                              // 40: broker.v1.DatabaseStats.ErrorsEntry
+	nil,                              // 41: broker.v1.DatabaseStats.CommandFailuresEntry
 }
 var file_broker_v1_broker_proto_depIdxs = []int32{
 	1,  // 0: broker.v1.FindRequest.encoding:type_name -> broker.v1.Encoding
-	4,  // 1: broker.v1.InsertRequest.write_concern:type_name -> broker.v1.WriteConcern
-	1,  // 2: broker.v1.InsertRequest.encoding:type_name -> broker.v1.Encoding
-	8,  // 3: broker.v1.DatabasePing.pool:type_name -> broker.v1.PoolSummary
-	9,  // 4: broker.v1.PingResponse.databases:type_name -> broker.v1.DatabasePing
-	14, // 5: broker.v1.DatabaseStats.checkout_failures:type_name -> broker.v1.DatabaseStats.CheckoutFailuresEntry
-	15, // 6: broker.v1.DatabaseStats.operations:type_name -> broker.v1.DatabaseStats.OperationsEntry
-	16, // 7: broker.v1.DatabaseStats.rpcs:type_name -> broker.v1.DatabaseStats.RpcsEntry
-	17, // 8: broker.v1.DatabaseStats.errors:type_name -> broker.v1.DatabaseStats.ErrorsEntry
-	18, // 9: broker.v1.DatabaseStats.command_failures:type_name -> broker.v1.DatabaseStats.CommandFailuresEntry
-	12, // 10: broker.v1.StatsResponse.databases:type_name -> broker.v1.DatabaseStats
-	2,  // 11: broker.v1.Broker.Find:input_type -> broker.v1.FindRequest
-	2,  // 12: broker.v1.Broker.FindOne:input_type -> broker.v1.FindRequest
-	5,  // 13: broker.v1.Broker.Insert:input_type -> broker.v1.InsertRequest
-	7,  // 14: broker.v1.Broker.Ping:input_type -> broker.v1.PingRequest
-	11, // 15: broker.v1.Broker.Stats:input_type -> broker.v1.StatsRequest
-	3,  // 16: broker.v1.Broker.Find:output_type -> broker.v1.FindResponse
-	3,  // 17: broker.v1.Broker.FindOne:output_type -> broker.v1.FindResponse
-	6,  // 18: broker.v1.Broker.Insert:output_type -> broker.v1.InsertResponse
-	10, // 19: broker.v1.Broker.Ping:output_type -> broker.v1.PingResponse
-	13, // 20: broker.v1.Broker.Stats:output_type -> broker.v1.StatsResponse
-	16, // [16:21] is the sub-list for method output_type
-	11, // [11:16] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	10, // 1: broker.v1.FindRequest.read_preference:type_name -> broker.v1.ReadPreference
+	3,  // 2: broker.v1.FindRequest.read_concern:type_name -> broker.v1.ReadConcernLevel
+	7,  // 3: broker.v1.InsertRequest.write_concern:type_name -> broker.v1.WriteConcern
+	1,  // 4: broker.v1.InsertRequest.encoding:type_name -> broker.v1.Encoding
+	2,  // 5: broker.v1.ReadPreference.mode:type_name -> broker.v1.ReadPreferenceMode
+	7,  // 6: broker.v1.UpdateRequest.write_concern:type_name -> broker.v1.WriteConcern
+	1,  // 7: broker.v1.UpdateRequest.encoding:type_name -> broker.v1.Encoding
+	7,  // 8: broker.v1.DeleteRequest.write_concern:type_name -> broker.v1.WriteConcern
+	1,  // 9: broker.v1.DeleteRequest.encoding:type_name -> broker.v1.Encoding
+	4,  // 10: broker.v1.FindOneAndModifyRequest.return_document:type_name -> broker.v1.ReturnDocument
+	7,  // 11: broker.v1.FindOneAndModifyRequest.write_concern:type_name -> broker.v1.WriteConcern
+	1,  // 12: broker.v1.FindOneAndModifyRequest.encoding:type_name -> broker.v1.Encoding
+	10, // 13: broker.v1.CountRequest.read_preference:type_name -> broker.v1.ReadPreference
+	3,  // 14: broker.v1.CountRequest.read_concern:type_name -> broker.v1.ReadConcernLevel
+	1,  // 15: broker.v1.CountRequest.encoding:type_name -> broker.v1.Encoding
+	10, // 16: broker.v1.DistinctRequest.read_preference:type_name -> broker.v1.ReadPreference
+	3,  // 17: broker.v1.DistinctRequest.read_concern:type_name -> broker.v1.ReadConcernLevel
+	1,  // 18: broker.v1.DistinctRequest.encoding:type_name -> broker.v1.Encoding
+	10, // 19: broker.v1.AggregateRequest.read_preference:type_name -> broker.v1.ReadPreference
+	3,  // 20: broker.v1.AggregateRequest.read_concern:type_name -> broker.v1.ReadConcernLevel
+	7,  // 21: broker.v1.AggregateRequest.write_concern:type_name -> broker.v1.WriteConcern
+	1,  // 22: broker.v1.AggregateRequest.encoding:type_name -> broker.v1.Encoding
+	23, // 23: broker.v1.WriteModel.insert_one:type_name -> broker.v1.InsertOneModel
+	24, // 24: broker.v1.WriteModel.update_one:type_name -> broker.v1.UpdateModel
+	24, // 25: broker.v1.WriteModel.update_many:type_name -> broker.v1.UpdateModel
+	25, // 26: broker.v1.WriteModel.replace_one:type_name -> broker.v1.ReplaceOneModel
+	26, // 27: broker.v1.WriteModel.delete_one:type_name -> broker.v1.DeleteModel
+	26, // 28: broker.v1.WriteModel.delete_many:type_name -> broker.v1.DeleteModel
+	22, // 29: broker.v1.BulkWriteRequest.operations:type_name -> broker.v1.WriteModel
+	7,  // 30: broker.v1.BulkWriteRequest.write_concern:type_name -> broker.v1.WriteConcern
+	1,  // 31: broker.v1.BulkWriteRequest.encoding:type_name -> broker.v1.Encoding
+	28, // 32: broker.v1.BulkWriteResponse.upserted_ids:type_name -> broker.v1.IndexedId
+	28, // 33: broker.v1.BulkWriteResponse.inserted_ids:type_name -> broker.v1.IndexedId
+	31, // 34: broker.v1.DatabasePing.pool:type_name -> broker.v1.PoolSummary
+	32, // 35: broker.v1.PingResponse.databases:type_name -> broker.v1.DatabasePing
+	37, // 36: broker.v1.DatabaseStats.checkout_failures:type_name -> broker.v1.DatabaseStats.CheckoutFailuresEntry
+	38, // 37: broker.v1.DatabaseStats.operations:type_name -> broker.v1.DatabaseStats.OperationsEntry
+	39, // 38: broker.v1.DatabaseStats.rpcs:type_name -> broker.v1.DatabaseStats.RpcsEntry
+	40, // 39: broker.v1.DatabaseStats.errors:type_name -> broker.v1.DatabaseStats.ErrorsEntry
+	41, // 40: broker.v1.DatabaseStats.command_failures:type_name -> broker.v1.DatabaseStats.CommandFailuresEntry
+	35, // 41: broker.v1.StatsResponse.databases:type_name -> broker.v1.DatabaseStats
+	5,  // 42: broker.v1.Broker.Find:input_type -> broker.v1.FindRequest
+	5,  // 43: broker.v1.Broker.FindOne:input_type -> broker.v1.FindRequest
+	8,  // 44: broker.v1.Broker.Insert:input_type -> broker.v1.InsertRequest
+	11, // 45: broker.v1.Broker.Update:input_type -> broker.v1.UpdateRequest
+	13, // 46: broker.v1.Broker.Delete:input_type -> broker.v1.DeleteRequest
+	15, // 47: broker.v1.Broker.FindOneAndModify:input_type -> broker.v1.FindOneAndModifyRequest
+	17, // 48: broker.v1.Broker.Count:input_type -> broker.v1.CountRequest
+	19, // 49: broker.v1.Broker.Distinct:input_type -> broker.v1.DistinctRequest
+	21, // 50: broker.v1.Broker.Aggregate:input_type -> broker.v1.AggregateRequest
+	27, // 51: broker.v1.Broker.BulkWrite:input_type -> broker.v1.BulkWriteRequest
+	30, // 52: broker.v1.Broker.Ping:input_type -> broker.v1.PingRequest
+	34, // 53: broker.v1.Broker.Stats:input_type -> broker.v1.StatsRequest
+	6,  // 54: broker.v1.Broker.Find:output_type -> broker.v1.FindResponse
+	6,  // 55: broker.v1.Broker.FindOne:output_type -> broker.v1.FindResponse
+	9,  // 56: broker.v1.Broker.Insert:output_type -> broker.v1.InsertResponse
+	12, // 57: broker.v1.Broker.Update:output_type -> broker.v1.UpdateResponse
+	14, // 58: broker.v1.Broker.Delete:output_type -> broker.v1.DeleteResponse
+	16, // 59: broker.v1.Broker.FindOneAndModify:output_type -> broker.v1.FindOneAndModifyResponse
+	18, // 60: broker.v1.Broker.Count:output_type -> broker.v1.CountResponse
+	20, // 61: broker.v1.Broker.Distinct:output_type -> broker.v1.DistinctResponse
+	6,  // 62: broker.v1.Broker.Aggregate:output_type -> broker.v1.FindResponse
+	29, // 63: broker.v1.Broker.BulkWrite:output_type -> broker.v1.BulkWriteResponse
+	33, // 64: broker.v1.Broker.Ping:output_type -> broker.v1.PingResponse
+	36, // 65: broker.v1.Broker.Stats:output_type -> broker.v1.StatsResponse
+	54, // [54:66] is the sub-list for method output_type
+	42, // [42:54] is the sub-list for method input_type
+	42, // [42:42] is the sub-list for extension type_name
+	42, // [42:42] is the sub-list for extension extendee
+	0,  // [0:42] is the sub-list for field type_name
 }
 
 func init() { file_broker_v1_broker_proto_init() }
@@ -1650,13 +4864,54 @@ func file_broker_v1_broker_proto_init() {
 		(*WriteConcern_WTag)(nil),
 	}
 	file_broker_v1_broker_proto_msgTypes[3].OneofWrappers = []any{}
+	file_broker_v1_broker_proto_msgTypes[6].OneofWrappers = []any{
+		(*UpdateRequest_HintName)(nil),
+		(*UpdateRequest_HintKeys)(nil),
+	}
+	file_broker_v1_broker_proto_msgTypes[8].OneofWrappers = []any{
+		(*DeleteRequest_HintName)(nil),
+		(*DeleteRequest_HintKeys)(nil),
+	}
+	file_broker_v1_broker_proto_msgTypes[10].OneofWrappers = []any{
+		(*FindOneAndModifyRequest_HintName)(nil),
+		(*FindOneAndModifyRequest_HintKeys)(nil),
+	}
+	file_broker_v1_broker_proto_msgTypes[12].OneofWrappers = []any{
+		(*CountRequest_HintName)(nil),
+		(*CountRequest_HintKeys)(nil),
+	}
+	file_broker_v1_broker_proto_msgTypes[16].OneofWrappers = []any{
+		(*AggregateRequest_HintName)(nil),
+		(*AggregateRequest_HintKeys)(nil),
+	}
+	file_broker_v1_broker_proto_msgTypes[17].OneofWrappers = []any{
+		(*WriteModel_InsertOne)(nil),
+		(*WriteModel_UpdateOne)(nil),
+		(*WriteModel_UpdateMany)(nil),
+		(*WriteModel_ReplaceOne)(nil),
+		(*WriteModel_DeleteOne)(nil),
+		(*WriteModel_DeleteMany)(nil),
+	}
+	file_broker_v1_broker_proto_msgTypes[19].OneofWrappers = []any{
+		(*UpdateModel_HintName)(nil),
+		(*UpdateModel_HintKeys)(nil),
+	}
+	file_broker_v1_broker_proto_msgTypes[20].OneofWrappers = []any{
+		(*ReplaceOneModel_HintName)(nil),
+		(*ReplaceOneModel_HintKeys)(nil),
+	}
+	file_broker_v1_broker_proto_msgTypes[21].OneofWrappers = []any{
+		(*DeleteModel_HintName)(nil),
+		(*DeleteModel_HintKeys)(nil),
+	}
+	file_broker_v1_broker_proto_msgTypes[22].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_broker_v1_broker_proto_rawDesc), len(file_broker_v1_broker_proto_rawDesc)),
-			NumEnums:      2,
-			NumMessages:   17,
+			NumEnums:      5,
+			NumMessages:   37,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

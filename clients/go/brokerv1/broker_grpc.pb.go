@@ -11,6 +11,16 @@
 // reason (the name of an `ErrorReason` value, below), and metadata such as
 // `mongo_code` and `mongo_labels`.
 //
+// A write that fails part-way (Insert, BulkWrite) says in that metadata what
+// landed, as MongoDB reported it: `inserted_count`, `matched_count`,
+// `modified_count`, `deleted_count`, `upserted_count`; `failed_index`, the
+// index of the first failing document or operation; `write_errors`, a JSON
+// array of {"index", "code", "codeName", "errmsg"} (errmsg cut at 200
+// characters, entries cut to about 4 KiB; `write_errors_total` counts them
+// all); `upserted_ids`, a canonical Extended JSON array of {"index", "_id"}
+// (cut likewise; `upserted_count` counts them all); and, when the write
+// concern failed, `write_concern_error`, the server's message.
+//
 // Message size: a response message is at most 16 MiB + 64 KiB, because one
 // BSON document (up to 16 MiB) always travels whole, alone in its message
 // when it is larger than the broker's response cap. gRPC clients accept
@@ -39,11 +49,18 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Broker_Find_FullMethodName    = "/broker.v1.Broker/Find"
-	Broker_FindOne_FullMethodName = "/broker.v1.Broker/FindOne"
-	Broker_Insert_FullMethodName  = "/broker.v1.Broker/Insert"
-	Broker_Ping_FullMethodName    = "/broker.v1.Broker/Ping"
-	Broker_Stats_FullMethodName   = "/broker.v1.Broker/Stats"
+	Broker_Find_FullMethodName             = "/broker.v1.Broker/Find"
+	Broker_FindOne_FullMethodName          = "/broker.v1.Broker/FindOne"
+	Broker_Insert_FullMethodName           = "/broker.v1.Broker/Insert"
+	Broker_Update_FullMethodName           = "/broker.v1.Broker/Update"
+	Broker_Delete_FullMethodName           = "/broker.v1.Broker/Delete"
+	Broker_FindOneAndModify_FullMethodName = "/broker.v1.Broker/FindOneAndModify"
+	Broker_Count_FullMethodName            = "/broker.v1.Broker/Count"
+	Broker_Distinct_FullMethodName         = "/broker.v1.Broker/Distinct"
+	Broker_Aggregate_FullMethodName        = "/broker.v1.Broker/Aggregate"
+	Broker_BulkWrite_FullMethodName        = "/broker.v1.Broker/BulkWrite"
+	Broker_Ping_FullMethodName             = "/broker.v1.Broker/Ping"
+	Broker_Stats_FullMethodName            = "/broker.v1.Broker/Stats"
 )
 
 // BrokerClient is the client API for Broker service.
@@ -66,6 +83,28 @@ type BrokerClient interface {
 	// Insert stores one or many documents. Documents without an `_id` get a
 	// generated ObjectId, which is returned.
 	Insert(ctx context.Context, in *InsertRequest, opts ...grpc.CallOption) (*InsertResponse, error)
+	// Update changes the documents a filter matches: update_one, update_many
+	// (multi) and replace_one (a replacement instead of an update).
+	Update(ctx context.Context, in *UpdateRequest, opts ...grpc.CallOption) (*UpdateResponse, error)
+	// Delete removes the first matching document, or every one (multi).
+	Delete(ctx context.Context, in *DeleteRequest, opts ...grpc.CallOption) (*DeleteResponse, error)
+	// FindOneAndModify atomically updates, replaces or removes one document
+	// and returns it as it was before, or after, the change.
+	FindOneAndModify(ctx context.Context, in *FindOneAndModifyRequest, opts ...grpc.CallOption) (*FindOneAndModifyResponse, error)
+	// Count counts the documents a filter matches (count_documents), or
+	// estimates the collection's size from its metadata
+	// (estimated_document_count).
+	Count(ctx context.Context, in *CountRequest, opts ...grpc.CallOption) (*CountResponse, error)
+	// Distinct streams the distinct values of one field: one message, or
+	// several when the values are larger than the response message cap.
+	Distinct(ctx context.Context, in *DistinctRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[DistinctResponse], error)
+	// Aggregate runs a pipeline and streams its results framed exactly as
+	// Find's: one message per batch, split under the message cap, a message
+	// never carrying part of a document.
+	Aggregate(ctx context.Context, in *AggregateRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[FindResponse], error)
+	// BulkWrite runs a list of inserts, updates, replacements and deletes in
+	// one call, in order (ordered, the default) or not.
+	BulkWrite(ctx context.Context, in *BulkWriteRequest, opts ...grpc.CallOption) (*BulkWriteResponse, error)
 	// Ping checks the broker and its upstream databases.
 	Ping(ctx context.Context, in *PingRequest, opts ...grpc.CallOption) (*PingResponse, error)
 	// Stats reports the pools, queues, operations and errors of each database.
@@ -119,6 +158,94 @@ func (c *brokerClient) Insert(ctx context.Context, in *InsertRequest, opts ...gr
 	return out, nil
 }
 
+func (c *brokerClient) Update(ctx context.Context, in *UpdateRequest, opts ...grpc.CallOption) (*UpdateResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(UpdateResponse)
+	err := c.cc.Invoke(ctx, Broker_Update_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *brokerClient) Delete(ctx context.Context, in *DeleteRequest, opts ...grpc.CallOption) (*DeleteResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteResponse)
+	err := c.cc.Invoke(ctx, Broker_Delete_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *brokerClient) FindOneAndModify(ctx context.Context, in *FindOneAndModifyRequest, opts ...grpc.CallOption) (*FindOneAndModifyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(FindOneAndModifyResponse)
+	err := c.cc.Invoke(ctx, Broker_FindOneAndModify_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *brokerClient) Count(ctx context.Context, in *CountRequest, opts ...grpc.CallOption) (*CountResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CountResponse)
+	err := c.cc.Invoke(ctx, Broker_Count_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *brokerClient) Distinct(ctx context.Context, in *DistinctRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[DistinctResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Broker_ServiceDesc.Streams[1], Broker_Distinct_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[DistinctRequest, DistinctResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Broker_DistinctClient = grpc.ServerStreamingClient[DistinctResponse]
+
+func (c *brokerClient) Aggregate(ctx context.Context, in *AggregateRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[FindResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Broker_ServiceDesc.Streams[2], Broker_Aggregate_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[AggregateRequest, FindResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Broker_AggregateClient = grpc.ServerStreamingClient[FindResponse]
+
+func (c *brokerClient) BulkWrite(ctx context.Context, in *BulkWriteRequest, opts ...grpc.CallOption) (*BulkWriteResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BulkWriteResponse)
+	err := c.cc.Invoke(ctx, Broker_BulkWrite_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *brokerClient) Ping(ctx context.Context, in *PingRequest, opts ...grpc.CallOption) (*PingResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(PingResponse)
@@ -159,6 +286,28 @@ type BrokerServer interface {
 	// Insert stores one or many documents. Documents without an `_id` get a
 	// generated ObjectId, which is returned.
 	Insert(context.Context, *InsertRequest) (*InsertResponse, error)
+	// Update changes the documents a filter matches: update_one, update_many
+	// (multi) and replace_one (a replacement instead of an update).
+	Update(context.Context, *UpdateRequest) (*UpdateResponse, error)
+	// Delete removes the first matching document, or every one (multi).
+	Delete(context.Context, *DeleteRequest) (*DeleteResponse, error)
+	// FindOneAndModify atomically updates, replaces or removes one document
+	// and returns it as it was before, or after, the change.
+	FindOneAndModify(context.Context, *FindOneAndModifyRequest) (*FindOneAndModifyResponse, error)
+	// Count counts the documents a filter matches (count_documents), or
+	// estimates the collection's size from its metadata
+	// (estimated_document_count).
+	Count(context.Context, *CountRequest) (*CountResponse, error)
+	// Distinct streams the distinct values of one field: one message, or
+	// several when the values are larger than the response message cap.
+	Distinct(*DistinctRequest, grpc.ServerStreamingServer[DistinctResponse]) error
+	// Aggregate runs a pipeline and streams its results framed exactly as
+	// Find's: one message per batch, split under the message cap, a message
+	// never carrying part of a document.
+	Aggregate(*AggregateRequest, grpc.ServerStreamingServer[FindResponse]) error
+	// BulkWrite runs a list of inserts, updates, replacements and deletes in
+	// one call, in order (ordered, the default) or not.
+	BulkWrite(context.Context, *BulkWriteRequest) (*BulkWriteResponse, error)
 	// Ping checks the broker and its upstream databases.
 	Ping(context.Context, *PingRequest) (*PingResponse, error)
 	// Stats reports the pools, queues, operations and errors of each database.
@@ -181,6 +330,27 @@ func (UnimplementedBrokerServer) FindOne(context.Context, *FindRequest) (*FindRe
 }
 func (UnimplementedBrokerServer) Insert(context.Context, *InsertRequest) (*InsertResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Insert not implemented")
+}
+func (UnimplementedBrokerServer) Update(context.Context, *UpdateRequest) (*UpdateResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Update not implemented")
+}
+func (UnimplementedBrokerServer) Delete(context.Context, *DeleteRequest) (*DeleteResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Delete not implemented")
+}
+func (UnimplementedBrokerServer) FindOneAndModify(context.Context, *FindOneAndModifyRequest) (*FindOneAndModifyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method FindOneAndModify not implemented")
+}
+func (UnimplementedBrokerServer) Count(context.Context, *CountRequest) (*CountResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Count not implemented")
+}
+func (UnimplementedBrokerServer) Distinct(*DistinctRequest, grpc.ServerStreamingServer[DistinctResponse]) error {
+	return status.Error(codes.Unimplemented, "method Distinct not implemented")
+}
+func (UnimplementedBrokerServer) Aggregate(*AggregateRequest, grpc.ServerStreamingServer[FindResponse]) error {
+	return status.Error(codes.Unimplemented, "method Aggregate not implemented")
+}
+func (UnimplementedBrokerServer) BulkWrite(context.Context, *BulkWriteRequest) (*BulkWriteResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method BulkWrite not implemented")
 }
 func (UnimplementedBrokerServer) Ping(context.Context, *PingRequest) (*PingResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Ping not implemented")
@@ -256,6 +426,118 @@ func _Broker_Insert_Handler(srv interface{}, ctx context.Context, dec func(inter
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Broker_Update_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdateRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BrokerServer).Update(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Broker_Update_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BrokerServer).Update(ctx, req.(*UpdateRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Broker_Delete_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BrokerServer).Delete(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Broker_Delete_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BrokerServer).Delete(ctx, req.(*DeleteRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Broker_FindOneAndModify_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(FindOneAndModifyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BrokerServer).FindOneAndModify(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Broker_FindOneAndModify_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BrokerServer).FindOneAndModify(ctx, req.(*FindOneAndModifyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Broker_Count_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CountRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BrokerServer).Count(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Broker_Count_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BrokerServer).Count(ctx, req.(*CountRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Broker_Distinct_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(DistinctRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(BrokerServer).Distinct(m, &grpc.GenericServerStream[DistinctRequest, DistinctResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Broker_DistinctServer = grpc.ServerStreamingServer[DistinctResponse]
+
+func _Broker_Aggregate_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(AggregateRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(BrokerServer).Aggregate(m, &grpc.GenericServerStream[AggregateRequest, FindResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Broker_AggregateServer = grpc.ServerStreamingServer[FindResponse]
+
+func _Broker_BulkWrite_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BulkWriteRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BrokerServer).BulkWrite(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Broker_BulkWrite_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BrokerServer).BulkWrite(ctx, req.(*BulkWriteRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Broker_Ping_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(PingRequest)
 	if err := dec(in); err != nil {
@@ -308,6 +590,26 @@ var Broker_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _Broker_Insert_Handler,
 		},
 		{
+			MethodName: "Update",
+			Handler:    _Broker_Update_Handler,
+		},
+		{
+			MethodName: "Delete",
+			Handler:    _Broker_Delete_Handler,
+		},
+		{
+			MethodName: "FindOneAndModify",
+			Handler:    _Broker_FindOneAndModify_Handler,
+		},
+		{
+			MethodName: "Count",
+			Handler:    _Broker_Count_Handler,
+		},
+		{
+			MethodName: "BulkWrite",
+			Handler:    _Broker_BulkWrite_Handler,
+		},
+		{
 			MethodName: "Ping",
 			Handler:    _Broker_Ping_Handler,
 		},
@@ -320,6 +622,16 @@ var Broker_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "Find",
 			Handler:       _Broker_Find_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "Distinct",
+			Handler:       _Broker_Distinct_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "Aggregate",
+			Handler:       _Broker_Aggregate_Handler,
 			ServerStreams: true,
 		},
 	},

@@ -14,6 +14,16 @@ Errors are gRPC status codes. The `google.rpc.Status` details carry a
 reason (the name of an `ErrorReason` value, below), and metadata such as
 `mongo_code` and `mongo_labels`.
 
+A write that fails part-way (Insert, BulkWrite) says in that metadata what
+landed, as MongoDB reported it: `inserted_count`, `matched_count`,
+`modified_count`, `deleted_count`, `upserted_count`; `failed_index`, the
+index of the first failing document or operation; `write_errors`, a JSON
+array of {"index", "code", "codeName", "errmsg"} (errmsg cut at 200
+characters, entries cut to about 4 KiB; `write_errors_total` counts them
+all); `upserted_ids`, a canonical Extended JSON array of {"index", "_id"}
+(cut likewise; `upserted_count` counts them all); and, when the write
+concern failed, `write_concern_error`, the server's message.
+
 Message size: a response message is at most 16 MiB + 64 KiB, because one
 BSON document (up to 16 MiB) always travels whole, alone in its message
 when it is larger than the broker's response cap. gRPC clients accept
@@ -152,6 +162,75 @@ ENCODING_CANONICAL_JSON: Encoding.ValueType  # 1
 ENCODING_RELAXED_JSON: Encoding.ValueType  # 2
 Global___Encoding: _TypeAlias = Encoding  # noqa: Y015
 
+class _ReadPreferenceMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReadPreferenceModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReadPreferenceMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    READ_PREFERENCE_MODE_UNSPECIFIED: _ReadPreferenceMode.ValueType  # 0
+    """primary"""
+    READ_PREFERENCE_PRIMARY: _ReadPreferenceMode.ValueType  # 1
+    READ_PREFERENCE_PRIMARY_PREFERRED: _ReadPreferenceMode.ValueType  # 2
+    READ_PREFERENCE_SECONDARY: _ReadPreferenceMode.ValueType  # 3
+    READ_PREFERENCE_SECONDARY_PREFERRED: _ReadPreferenceMode.ValueType  # 4
+    READ_PREFERENCE_NEAREST: _ReadPreferenceMode.ValueType  # 5
+
+class ReadPreferenceMode(_ReadPreferenceMode, metaclass=_ReadPreferenceModeEnumTypeWrapper): ...
+
+READ_PREFERENCE_MODE_UNSPECIFIED: ReadPreferenceMode.ValueType  # 0
+"""primary"""
+READ_PREFERENCE_PRIMARY: ReadPreferenceMode.ValueType  # 1
+READ_PREFERENCE_PRIMARY_PREFERRED: ReadPreferenceMode.ValueType  # 2
+READ_PREFERENCE_SECONDARY: ReadPreferenceMode.ValueType  # 3
+READ_PREFERENCE_SECONDARY_PREFERRED: ReadPreferenceMode.ValueType  # 4
+READ_PREFERENCE_NEAREST: ReadPreferenceMode.ValueType  # 5
+Global___ReadPreferenceMode: _TypeAlias = ReadPreferenceMode  # noqa: Y015
+
+class _ReadConcernLevel:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReadConcernLevelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReadConcernLevel.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    READ_CONCERN_UNSPECIFIED: _ReadConcernLevel.ValueType  # 0
+    """the server's default"""
+    READ_CONCERN_LOCAL: _ReadConcernLevel.ValueType  # 1
+    READ_CONCERN_AVAILABLE: _ReadConcernLevel.ValueType  # 2
+    READ_CONCERN_MAJORITY: _ReadConcernLevel.ValueType  # 3
+    READ_CONCERN_LINEARIZABLE: _ReadConcernLevel.ValueType  # 4
+    READ_CONCERN_SNAPSHOT: _ReadConcernLevel.ValueType  # 5
+
+class ReadConcernLevel(_ReadConcernLevel, metaclass=_ReadConcernLevelEnumTypeWrapper): ...
+
+READ_CONCERN_UNSPECIFIED: ReadConcernLevel.ValueType  # 0
+"""the server's default"""
+READ_CONCERN_LOCAL: ReadConcernLevel.ValueType  # 1
+READ_CONCERN_AVAILABLE: ReadConcernLevel.ValueType  # 2
+READ_CONCERN_MAJORITY: ReadConcernLevel.ValueType  # 3
+READ_CONCERN_LINEARIZABLE: ReadConcernLevel.ValueType  # 4
+READ_CONCERN_SNAPSHOT: ReadConcernLevel.ValueType  # 5
+Global___ReadConcernLevel: _TypeAlias = ReadConcernLevel  # noqa: Y015
+
+class _ReturnDocument:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReturnDocumentEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReturnDocument.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RETURN_DOCUMENT_BEFORE: _ReturnDocument.ValueType  # 0
+    """The document as it was before the change (MongoDB's default)."""
+    RETURN_DOCUMENT_AFTER: _ReturnDocument.ValueType  # 1
+    """The document as the change left it (an upsert's new document)."""
+
+class ReturnDocument(_ReturnDocument, metaclass=_ReturnDocumentEnumTypeWrapper): ...
+
+RETURN_DOCUMENT_BEFORE: ReturnDocument.ValueType  # 0
+"""The document as it was before the change (MongoDB's default)."""
+RETURN_DOCUMENT_AFTER: ReturnDocument.ValueType  # 1
+"""The document as the change left it (an upsert's new document)."""
+Global___ReturnDocument: _TypeAlias = ReturnDocument  # noqa: Y015
+
 @_typing.final
 class FindRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -173,6 +252,10 @@ class FindRequest(_message.Message):
     PROJECTION_JSON_FIELD_NUMBER: _builtins.int
     SORT_JSON_FIELD_NUMBER: _builtins.int
     HINT_KEYS_JSON_FIELD_NUMBER: _builtins.int
+    COLLATION_FIELD_NUMBER: _builtins.int
+    COLLATION_JSON_FIELD_NUMBER: _builtins.int
+    READ_PREFERENCE_FIELD_NUMBER: _builtins.int
+    READ_CONCERN_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """A database name from the broker's configuration (not necessarily the
     MongoDB database name, which the configuration maps it to).
@@ -210,6 +293,15 @@ class FindRequest(_message.Message):
     projection_json: _builtins.str
     sort_json: _builtins.str
     hint_keys_json: _builtins.str
+    collation: _builtins.bytes
+    """BSON document: how strings compare, e.g. {"locale": "fr"}."""
+    collation_json: _builtins.str
+    read_concern: Global___ReadConcernLevel.ValueType
+    """Unset means the server's default."""
+    @_builtins.property
+    def read_preference(self) -> Global___ReadPreference:
+        """Unset means the database's configured read preference."""
+
     def __init__(
         self,
         *,
@@ -230,10 +322,14 @@ class FindRequest(_message.Message):
         projection_json: _builtins.str = ...,
         sort_json: _builtins.str = ...,
         hint_keys_json: _builtins.str = ...,
+        collation: _builtins.bytes = ...,
+        collation_json: _builtins.str = ...,
+        read_preference: Global___ReadPreference | None = ...,
+        read_concern: Global___ReadConcernLevel.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hint", b"hint", "hint_keys", b"hint_keys", "hint_name", b"hint_name"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hint", b"hint", "hint_keys", b"hint_keys", "hint_name", b"hint_name", "read_preference", b"read_preference"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "collection", b"collection", "comment", b"comment", "database", b"database", "encoding", b"encoding", "filter", b"filter", "filter_json", b"filter_json", "hint", b"hint", "hint_keys", b"hint_keys", "hint_keys_json", b"hint_keys_json", "hint_name", b"hint_name", "limit", b"limit", "max_time_ms", b"max_time_ms", "projection", b"projection", "projection_json", b"projection_json", "skip", b"skip", "sort", b"sort", "sort_json", b"sort_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "collation", b"collation", "collation_json", b"collation_json", "collection", b"collection", "comment", b"comment", "database", b"database", "encoding", b"encoding", "filter", b"filter", "filter_json", b"filter_json", "hint", b"hint", "hint_keys", b"hint_keys", "hint_keys_json", b"hint_keys_json", "hint_name", b"hint_name", "limit", b"limit", "max_time_ms", b"max_time_ms", "projection", b"projection", "projection_json", b"projection_json", "read_concern", b"read_concern", "read_preference", b"read_preference", "skip", b"skip", "sort", b"sort", "sort_json", b"sort_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_hint: _TypeAlias = _typing.Literal["hint_name", "hint_keys"]  # noqa: Y015
     _WhichOneofArgType_hint: _TypeAlias = _typing.Literal["hint", b"hint"]  # noqa: Y015
@@ -392,6 +488,1041 @@ class InsertResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InsertResponse: _TypeAlias = InsertResponse  # noqa: Y015
+
+@_typing.final
+class ReadPreference(_message.Message):
+    """Which members of a replica set a read may go to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    TAG_SETS_FIELD_NUMBER: _builtins.int
+    TAG_SETS_JSON_FIELD_NUMBER: _builtins.int
+    MAX_STALENESS_S_FIELD_NUMBER: _builtins.int
+    mode: Global___ReadPreferenceMode.ValueType
+    max_staleness_s: _builtins.int
+    """Skip secondaries lagging more than this many seconds (0: no limit;
+    otherwise at least 90, MongoDB's floor). Not allowed with mode primary.
+    """
+    @_builtins.property
+    def tag_sets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Tag sets tried in order, each a BSON document of tag name to value
+        (e.g. {"dc": "east"}); an empty document matches any member. Not
+        allowed with mode primary.
+        """
+
+    @_builtins.property
+    def tag_sets_json(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        mode: Global___ReadPreferenceMode.ValueType = ...,
+        tag_sets: _abc.Iterable[_builtins.bytes] | None = ...,
+        tag_sets_json: _abc.Iterable[_builtins.str] | None = ...,
+        max_staleness_s: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_staleness_s", b"max_staleness_s", "mode", b"mode", "tag_sets", b"tag_sets", "tag_sets_json", b"tag_sets_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadPreference: _TypeAlias = ReadPreference  # noqa: Y015
+
+@_typing.final
+class UpdateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    UPDATE_FIELD_NUMBER: _builtins.int
+    UPDATE_PIPELINE_FIELD_NUMBER: _builtins.int
+    REPLACEMENT_FIELD_NUMBER: _builtins.int
+    MULTI_FIELD_NUMBER: _builtins.int
+    UPSERT_FIELD_NUMBER: _builtins.int
+    ARRAY_FILTERS_FIELD_NUMBER: _builtins.int
+    HINT_NAME_FIELD_NUMBER: _builtins.int
+    HINT_KEYS_FIELD_NUMBER: _builtins.int
+    COLLATION_FIELD_NUMBER: _builtins.int
+    LET_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    MAX_TIME_MS_FIELD_NUMBER: _builtins.int
+    WRITE_CONCERN_FIELD_NUMBER: _builtins.int
+    BYPASS_DOCUMENT_VALIDATION_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    FILTER_JSON_FIELD_NUMBER: _builtins.int
+    UPDATE_JSON_FIELD_NUMBER: _builtins.int
+    UPDATE_PIPELINE_JSON_FIELD_NUMBER: _builtins.int
+    REPLACEMENT_JSON_FIELD_NUMBER: _builtins.int
+    ARRAY_FILTERS_JSON_FIELD_NUMBER: _builtins.int
+    HINT_KEYS_JSON_FIELD_NUMBER: _builtins.int
+    COLLATION_JSON_FIELD_NUMBER: _builtins.int
+    LET_JSON_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    collection: _builtins.str
+    filter: _builtins.bytes
+    """BSON document; empty bytes mean {} (every document)."""
+    update: _builtins.bytes
+    """Exactly one of update, update_pipeline and replacement:
+    an update operator document, e.g. {"$set": {"done": true}};
+    """
+    replacement: _builtins.bytes
+    """or a whole document that replaces the match (replace_one; not with multi)."""
+    multi: _builtins.bool
+    """Update every matching document (update_many), not only the first."""
+    upsert: _builtins.bool
+    """Insert a document when nothing matches."""
+    hint_name: _builtins.str
+    hint_keys: _builtins.bytes
+    collation: _builtins.bytes
+    let: _builtins.bytes
+    """BSON document of variables for the filter and an update pipeline ($$name)."""
+    comment: _builtins.str
+    max_time_ms: _builtins.int
+    bypass_document_validation: _builtins.bool
+    encoding: Global___Encoding.ValueType
+    filter_json: _builtins.str
+    update_json: _builtins.str
+    replacement_json: _builtins.str
+    hint_keys_json: _builtins.str
+    collation_json: _builtins.str
+    let_json: _builtins.str
+    @_builtins.property
+    def update_pipeline(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """an update pipeline, one BSON stage per element ($set, $unset, ...);"""
+
+    @_builtins.property
+    def array_filters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """BSON documents naming the array elements that $[<id>] updates."""
+
+    @_builtins.property
+    def write_concern(self) -> Global___WriteConcern: ...
+    @_builtins.property
+    def update_pipeline_json(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def array_filters_json(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        collection: _builtins.str = ...,
+        filter: _builtins.bytes = ...,
+        update: _builtins.bytes = ...,
+        update_pipeline: _abc.Iterable[_builtins.bytes] | None = ...,
+        replacement: _builtins.bytes = ...,
+        multi: _builtins.bool = ...,
+        upsert: _builtins.bool = ...,
+        array_filters: _abc.Iterable[_builtins.bytes] | None = ...,
+        hint_name: _builtins.str = ...,
+        hint_keys: _builtins.bytes = ...,
+        collation: _builtins.bytes = ...,
+        let: _builtins.bytes = ...,
+        comment: _builtins.str = ...,
+        max_time_ms: _builtins.int = ...,
+        write_concern: Global___WriteConcern | None = ...,
+        bypass_document_validation: _builtins.bool = ...,
+        encoding: Global___Encoding.ValueType = ...,
+        filter_json: _builtins.str = ...,
+        update_json: _builtins.str = ...,
+        update_pipeline_json: _abc.Iterable[_builtins.str] | None = ...,
+        replacement_json: _builtins.str = ...,
+        array_filters_json: _abc.Iterable[_builtins.str] | None = ...,
+        hint_keys_json: _builtins.str = ...,
+        collation_json: _builtins.str = ...,
+        let_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hint", b"hint", "hint_keys", b"hint_keys", "hint_name", b"hint_name", "write_concern", b"write_concern"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["array_filters", b"array_filters", "array_filters_json", b"array_filters_json", "bypass_document_validation", b"bypass_document_validation", "collation", b"collation", "collation_json", b"collation_json", "collection", b"collection", "comment", b"comment", "database", b"database", "encoding", b"encoding", "filter", b"filter", "filter_json", b"filter_json", "hint", b"hint", "hint_keys", b"hint_keys", "hint_keys_json", b"hint_keys_json", "hint_name", b"hint_name", "let", b"let", "let_json", b"let_json", "max_time_ms", b"max_time_ms", "multi", b"multi", "replacement", b"replacement", "replacement_json", b"replacement_json", "update", b"update", "update_json", b"update_json", "update_pipeline", b"update_pipeline", "update_pipeline_json", b"update_pipeline_json", "upsert", b"upsert", "write_concern", b"write_concern"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_hint: _TypeAlias = _typing.Literal["hint_name", "hint_keys"]  # noqa: Y015
+    _WhichOneofArgType_hint: _TypeAlias = _typing.Literal["hint", b"hint"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_hint) -> _WhichOneofReturnType_hint | None: ...
+
+Global___UpdateRequest: _TypeAlias = UpdateRequest  # noqa: Y015
+
+@_typing.final
+class UpdateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MATCHED_COUNT_FIELD_NUMBER: _builtins.int
+    MODIFIED_COUNT_FIELD_NUMBER: _builtins.int
+    UPSERTED_ID_FIELD_NUMBER: _builtins.int
+    UPSERTED_ID_JSON_FIELD_NUMBER: _builtins.int
+    matched_count: _builtins.int
+    modified_count: _builtins.int
+    upserted_id: _builtins.bytes
+    """{"_id": <value>} of the document an upsert inserted, as Insert's ids
+    are; empty when nothing was upserted.
+    """
+    upserted_id_json: _builtins.str
+    def __init__(
+        self,
+        *,
+        matched_count: _builtins.int = ...,
+        modified_count: _builtins.int = ...,
+        upserted_id: _builtins.bytes = ...,
+        upserted_id_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["matched_count", b"matched_count", "modified_count", b"modified_count", "upserted_id", b"upserted_id", "upserted_id_json", b"upserted_id_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateResponse: _TypeAlias = UpdateResponse  # noqa: Y015
+
+@_typing.final
+class DeleteRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    MULTI_FIELD_NUMBER: _builtins.int
+    HINT_NAME_FIELD_NUMBER: _builtins.int
+    HINT_KEYS_FIELD_NUMBER: _builtins.int
+    COLLATION_FIELD_NUMBER: _builtins.int
+    LET_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    MAX_TIME_MS_FIELD_NUMBER: _builtins.int
+    WRITE_CONCERN_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    FILTER_JSON_FIELD_NUMBER: _builtins.int
+    HINT_KEYS_JSON_FIELD_NUMBER: _builtins.int
+    COLLATION_JSON_FIELD_NUMBER: _builtins.int
+    LET_JSON_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    collection: _builtins.str
+    filter: _builtins.bytes
+    """BSON document; empty bytes mean {}: with multi, every document."""
+    multi: _builtins.bool
+    """Delete every matching document (delete_many), not only the first."""
+    hint_name: _builtins.str
+    hint_keys: _builtins.bytes
+    collation: _builtins.bytes
+    let: _builtins.bytes
+    comment: _builtins.str
+    max_time_ms: _builtins.int
+    encoding: Global___Encoding.ValueType
+    filter_json: _builtins.str
+    hint_keys_json: _builtins.str
+    collation_json: _builtins.str
+    let_json: _builtins.str
+    @_builtins.property
+    def write_concern(self) -> Global___WriteConcern: ...
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        collection: _builtins.str = ...,
+        filter: _builtins.bytes = ...,
+        multi: _builtins.bool = ...,
+        hint_name: _builtins.str = ...,
+        hint_keys: _builtins.bytes = ...,
+        collation: _builtins.bytes = ...,
+        let: _builtins.bytes = ...,
+        comment: _builtins.str = ...,
+        max_time_ms: _builtins.int = ...,
+        write_concern: Global___WriteConcern | None = ...,
+        encoding: Global___Encoding.ValueType = ...,
+        filter_json: _builtins.str = ...,
+        hint_keys_json: _builtins.str = ...,
+        collation_json: _builtins.str = ...,
+        let_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hint", b"hint", "hint_keys", b"hint_keys", "hint_name", b"hint_name", "write_concern", b"write_concern"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collation", b"collation", "collation_json", b"collation_json", "collection", b"collection", "comment", b"comment", "database", b"database", "encoding", b"encoding", "filter", b"filter", "filter_json", b"filter_json", "hint", b"hint", "hint_keys", b"hint_keys", "hint_keys_json", b"hint_keys_json", "hint_name", b"hint_name", "let", b"let", "let_json", b"let_json", "max_time_ms", b"max_time_ms", "multi", b"multi", "write_concern", b"write_concern"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_hint: _TypeAlias = _typing.Literal["hint_name", "hint_keys"]  # noqa: Y015
+    _WhichOneofArgType_hint: _TypeAlias = _typing.Literal["hint", b"hint"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_hint) -> _WhichOneofReturnType_hint | None: ...
+
+Global___DeleteRequest: _TypeAlias = DeleteRequest  # noqa: Y015
+
+@_typing.final
+class DeleteResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_COUNT_FIELD_NUMBER: _builtins.int
+    deleted_count: _builtins.int
+    def __init__(
+        self,
+        *,
+        deleted_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_count", b"deleted_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteResponse: _TypeAlias = DeleteResponse  # noqa: Y015
+
+@_typing.final
+class FindOneAndModifyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    SORT_FIELD_NUMBER: _builtins.int
+    PROJECTION_FIELD_NUMBER: _builtins.int
+    UPDATE_FIELD_NUMBER: _builtins.int
+    UPDATE_PIPELINE_FIELD_NUMBER: _builtins.int
+    REPLACEMENT_FIELD_NUMBER: _builtins.int
+    REMOVE_FIELD_NUMBER: _builtins.int
+    UPSERT_FIELD_NUMBER: _builtins.int
+    RETURN_DOCUMENT_FIELD_NUMBER: _builtins.int
+    ARRAY_FILTERS_FIELD_NUMBER: _builtins.int
+    HINT_NAME_FIELD_NUMBER: _builtins.int
+    HINT_KEYS_FIELD_NUMBER: _builtins.int
+    COLLATION_FIELD_NUMBER: _builtins.int
+    LET_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    MAX_TIME_MS_FIELD_NUMBER: _builtins.int
+    WRITE_CONCERN_FIELD_NUMBER: _builtins.int
+    BYPASS_DOCUMENT_VALIDATION_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    FILTER_JSON_FIELD_NUMBER: _builtins.int
+    SORT_JSON_FIELD_NUMBER: _builtins.int
+    PROJECTION_JSON_FIELD_NUMBER: _builtins.int
+    UPDATE_JSON_FIELD_NUMBER: _builtins.int
+    UPDATE_PIPELINE_JSON_FIELD_NUMBER: _builtins.int
+    REPLACEMENT_JSON_FIELD_NUMBER: _builtins.int
+    ARRAY_FILTERS_JSON_FIELD_NUMBER: _builtins.int
+    HINT_KEYS_JSON_FIELD_NUMBER: _builtins.int
+    COLLATION_JSON_FIELD_NUMBER: _builtins.int
+    LET_JSON_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    collection: _builtins.str
+    filter: _builtins.bytes
+    sort: _builtins.bytes
+    """Which matching document is changed, when several match."""
+    projection: _builtins.bytes
+    """Fields of the returned document."""
+    update: _builtins.bytes
+    """Exactly one of update, update_pipeline, replacement and remove
+    (find_one_and_update, find_one_and_replace, find_one_and_delete).
+    """
+    replacement: _builtins.bytes
+    remove: _builtins.bool
+    upsert: _builtins.bool
+    return_document: Global___ReturnDocument.ValueType
+    hint_name: _builtins.str
+    hint_keys: _builtins.bytes
+    collation: _builtins.bytes
+    let: _builtins.bytes
+    comment: _builtins.str
+    max_time_ms: _builtins.int
+    bypass_document_validation: _builtins.bool
+    encoding: Global___Encoding.ValueType
+    filter_json: _builtins.str
+    sort_json: _builtins.str
+    projection_json: _builtins.str
+    update_json: _builtins.str
+    replacement_json: _builtins.str
+    hint_keys_json: _builtins.str
+    collation_json: _builtins.str
+    let_json: _builtins.str
+    @_builtins.property
+    def update_pipeline(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def array_filters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def write_concern(self) -> Global___WriteConcern: ...
+    @_builtins.property
+    def update_pipeline_json(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def array_filters_json(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        collection: _builtins.str = ...,
+        filter: _builtins.bytes = ...,
+        sort: _builtins.bytes = ...,
+        projection: _builtins.bytes = ...,
+        update: _builtins.bytes = ...,
+        update_pipeline: _abc.Iterable[_builtins.bytes] | None = ...,
+        replacement: _builtins.bytes = ...,
+        remove: _builtins.bool = ...,
+        upsert: _builtins.bool = ...,
+        return_document: Global___ReturnDocument.ValueType = ...,
+        array_filters: _abc.Iterable[_builtins.bytes] | None = ...,
+        hint_name: _builtins.str = ...,
+        hint_keys: _builtins.bytes = ...,
+        collation: _builtins.bytes = ...,
+        let: _builtins.bytes = ...,
+        comment: _builtins.str = ...,
+        max_time_ms: _builtins.int = ...,
+        write_concern: Global___WriteConcern | None = ...,
+        bypass_document_validation: _builtins.bool = ...,
+        encoding: Global___Encoding.ValueType = ...,
+        filter_json: _builtins.str = ...,
+        sort_json: _builtins.str = ...,
+        projection_json: _builtins.str = ...,
+        update_json: _builtins.str = ...,
+        update_pipeline_json: _abc.Iterable[_builtins.str] | None = ...,
+        replacement_json: _builtins.str = ...,
+        array_filters_json: _abc.Iterable[_builtins.str] | None = ...,
+        hint_keys_json: _builtins.str = ...,
+        collation_json: _builtins.str = ...,
+        let_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hint", b"hint", "hint_keys", b"hint_keys", "hint_name", b"hint_name", "write_concern", b"write_concern"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["array_filters", b"array_filters", "array_filters_json", b"array_filters_json", "bypass_document_validation", b"bypass_document_validation", "collation", b"collation", "collation_json", b"collation_json", "collection", b"collection", "comment", b"comment", "database", b"database", "encoding", b"encoding", "filter", b"filter", "filter_json", b"filter_json", "hint", b"hint", "hint_keys", b"hint_keys", "hint_keys_json", b"hint_keys_json", "hint_name", b"hint_name", "let", b"let", "let_json", b"let_json", "max_time_ms", b"max_time_ms", "projection", b"projection", "projection_json", b"projection_json", "remove", b"remove", "replacement", b"replacement", "replacement_json", b"replacement_json", "return_document", b"return_document", "sort", b"sort", "sort_json", b"sort_json", "update", b"update", "update_json", b"update_json", "update_pipeline", b"update_pipeline", "update_pipeline_json", b"update_pipeline_json", "upsert", b"upsert", "write_concern", b"write_concern"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_hint: _TypeAlias = _typing.Literal["hint_name", "hint_keys"]  # noqa: Y015
+    _WhichOneofArgType_hint: _TypeAlias = _typing.Literal["hint", b"hint"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_hint) -> _WhichOneofReturnType_hint | None: ...
+
+Global___FindOneAndModifyRequest: _TypeAlias = FindOneAndModifyRequest  # noqa: Y015
+
+@_typing.final
+class FindOneAndModifyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    DOCUMENT_JSON_FIELD_NUMBER: _builtins.int
+    document: _builtins.bytes
+    """The document (BSON), or empty bytes when nothing matched."""
+    document_json: _builtins.str
+    """The document as Extended JSON, or empty (the JSON encodings)."""
+    def __init__(
+        self,
+        *,
+        document: _builtins.bytes = ...,
+        document_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "document_json", b"document_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FindOneAndModifyResponse: _TypeAlias = FindOneAndModifyResponse  # noqa: Y015
+
+@_typing.final
+class CountRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    SKIP_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    HINT_NAME_FIELD_NUMBER: _builtins.int
+    HINT_KEYS_FIELD_NUMBER: _builtins.int
+    COLLATION_FIELD_NUMBER: _builtins.int
+    MAX_TIME_MS_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    ESTIMATED_FIELD_NUMBER: _builtins.int
+    READ_PREFERENCE_FIELD_NUMBER: _builtins.int
+    READ_CONCERN_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    FILTER_JSON_FIELD_NUMBER: _builtins.int
+    HINT_KEYS_JSON_FIELD_NUMBER: _builtins.int
+    COLLATION_JSON_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    collection: _builtins.str
+    filter: _builtins.bytes
+    skip: _builtins.int
+    limit: _builtins.int
+    """0 means no limit."""
+    hint_name: _builtins.str
+    hint_keys: _builtins.bytes
+    collation: _builtins.bytes
+    max_time_ms: _builtins.int
+    comment: _builtins.str
+    estimated: _builtins.bool
+    """estimated_document_count: the collection's size from its metadata,
+    fast and without a filter (filter, skip, limit, hint and collation
+    must be unset).
+    """
+    read_concern: Global___ReadConcernLevel.ValueType
+    encoding: Global___Encoding.ValueType
+    filter_json: _builtins.str
+    hint_keys_json: _builtins.str
+    collation_json: _builtins.str
+    @_builtins.property
+    def read_preference(self) -> Global___ReadPreference: ...
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        collection: _builtins.str = ...,
+        filter: _builtins.bytes = ...,
+        skip: _builtins.int = ...,
+        limit: _builtins.int = ...,
+        hint_name: _builtins.str = ...,
+        hint_keys: _builtins.bytes = ...,
+        collation: _builtins.bytes = ...,
+        max_time_ms: _builtins.int = ...,
+        comment: _builtins.str = ...,
+        estimated: _builtins.bool = ...,
+        read_preference: Global___ReadPreference | None = ...,
+        read_concern: Global___ReadConcernLevel.ValueType = ...,
+        encoding: Global___Encoding.ValueType = ...,
+        filter_json: _builtins.str = ...,
+        hint_keys_json: _builtins.str = ...,
+        collation_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hint", b"hint", "hint_keys", b"hint_keys", "hint_name", b"hint_name", "read_preference", b"read_preference"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collation", b"collation", "collation_json", b"collation_json", "collection", b"collection", "comment", b"comment", "database", b"database", "encoding", b"encoding", "estimated", b"estimated", "filter", b"filter", "filter_json", b"filter_json", "hint", b"hint", "hint_keys", b"hint_keys", "hint_keys_json", b"hint_keys_json", "hint_name", b"hint_name", "limit", b"limit", "max_time_ms", b"max_time_ms", "read_concern", b"read_concern", "read_preference", b"read_preference", "skip", b"skip"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_hint: _TypeAlias = _typing.Literal["hint_name", "hint_keys"]  # noqa: Y015
+    _WhichOneofArgType_hint: _TypeAlias = _typing.Literal["hint", b"hint"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_hint) -> _WhichOneofReturnType_hint | None: ...
+
+Global___CountRequest: _TypeAlias = CountRequest  # noqa: Y015
+
+@_typing.final
+class CountResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CountResponse: _TypeAlias = CountResponse  # noqa: Y015
+
+@_typing.final
+class DistinctRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    COLLATION_FIELD_NUMBER: _builtins.int
+    MAX_TIME_MS_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    READ_PREFERENCE_FIELD_NUMBER: _builtins.int
+    READ_CONCERN_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    FILTER_JSON_FIELD_NUMBER: _builtins.int
+    COLLATION_JSON_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    collection: _builtins.str
+    key: _builtins.str
+    """The field, in dot notation ("tags", "address.city")."""
+    filter: _builtins.bytes
+    collation: _builtins.bytes
+    max_time_ms: _builtins.int
+    comment: _builtins.str
+    read_concern: Global___ReadConcernLevel.ValueType
+    encoding: Global___Encoding.ValueType
+    filter_json: _builtins.str
+    collation_json: _builtins.str
+    @_builtins.property
+    def read_preference(self) -> Global___ReadPreference: ...
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        collection: _builtins.str = ...,
+        key: _builtins.str = ...,
+        filter: _builtins.bytes = ...,
+        collation: _builtins.bytes = ...,
+        max_time_ms: _builtins.int = ...,
+        comment: _builtins.str = ...,
+        read_preference: Global___ReadPreference | None = ...,
+        read_concern: Global___ReadConcernLevel.ValueType = ...,
+        encoding: Global___Encoding.ValueType = ...,
+        filter_json: _builtins.str = ...,
+        collation_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["read_preference", b"read_preference"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collation", b"collation", "collation_json", b"collation_json", "collection", b"collection", "comment", b"comment", "database", b"database", "encoding", b"encoding", "filter", b"filter", "filter_json", b"filter_json", "key", b"key", "max_time_ms", b"max_time_ms", "read_concern", b"read_concern", "read_preference", b"read_preference"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DistinctRequest: _TypeAlias = DistinctRequest  # noqa: Y015
+
+@_typing.final
+class DistinctResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUES_FIELD_NUMBER: _builtins.int
+    VALUES_JSON_FIELD_NUMBER: _builtins.int
+    values: _builtins.bytes
+    """One BSON document {"values": [...]}: the next distinct values, in the
+    server's order. The values of every message of the stream, in order,
+    are the whole result (ENCODING_BSON).
+    """
+    values_json: _builtins.str
+    """The same document as Extended JSON (the JSON encodings)."""
+    def __init__(
+        self,
+        *,
+        values: _builtins.bytes = ...,
+        values_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values", "values_json", b"values_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DistinctResponse: _TypeAlias = DistinctResponse  # noqa: Y015
+
+@_typing.final
+class AggregateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    ALLOW_DISK_USE_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    HINT_NAME_FIELD_NUMBER: _builtins.int
+    HINT_KEYS_FIELD_NUMBER: _builtins.int
+    COLLATION_FIELD_NUMBER: _builtins.int
+    LET_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    MAX_TIME_MS_FIELD_NUMBER: _builtins.int
+    READ_PREFERENCE_FIELD_NUMBER: _builtins.int
+    READ_CONCERN_FIELD_NUMBER: _builtins.int
+    WRITE_CONCERN_FIELD_NUMBER: _builtins.int
+    BYPASS_DOCUMENT_VALIDATION_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    PIPELINE_JSON_FIELD_NUMBER: _builtins.int
+    HINT_KEYS_JSON_FIELD_NUMBER: _builtins.int
+    COLLATION_JSON_FIELD_NUMBER: _builtins.int
+    LET_JSON_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    collection: _builtins.str
+    allow_disk_use: _builtins.bool
+    """Let stages spill to temporary files; unset means the server's default."""
+    batch_size: _builtins.int
+    """Documents per MongoDB batch; 0 means the broker's configured default."""
+    hint_name: _builtins.str
+    hint_keys: _builtins.bytes
+    collation: _builtins.bytes
+    let: _builtins.bytes
+    comment: _builtins.str
+    max_time_ms: _builtins.int
+    read_concern: Global___ReadConcernLevel.ValueType
+    bypass_document_validation: _builtins.bool
+    encoding: Global___Encoding.ValueType
+    hint_keys_json: _builtins.str
+    collation_json: _builtins.str
+    let_json: _builtins.str
+    @_builtins.property
+    def pipeline(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """One BSON document per stage, e.g. {"$match": {...}}; at least one."""
+
+    @_builtins.property
+    def read_preference(self) -> Global___ReadPreference: ...
+    @_builtins.property
+    def write_concern(self) -> Global___WriteConcern:
+        """For a pipeline ending in $out or $merge, which writes."""
+
+    @_builtins.property
+    def pipeline_json(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        collection: _builtins.str = ...,
+        pipeline: _abc.Iterable[_builtins.bytes] | None = ...,
+        allow_disk_use: _builtins.bool | None = ...,
+        batch_size: _builtins.int = ...,
+        hint_name: _builtins.str = ...,
+        hint_keys: _builtins.bytes = ...,
+        collation: _builtins.bytes = ...,
+        let: _builtins.bytes = ...,
+        comment: _builtins.str = ...,
+        max_time_ms: _builtins.int = ...,
+        read_preference: Global___ReadPreference | None = ...,
+        read_concern: Global___ReadConcernLevel.ValueType = ...,
+        write_concern: Global___WriteConcern | None = ...,
+        bypass_document_validation: _builtins.bool = ...,
+        encoding: Global___Encoding.ValueType = ...,
+        pipeline_json: _abc.Iterable[_builtins.str] | None = ...,
+        hint_keys_json: _builtins.str = ...,
+        collation_json: _builtins.str = ...,
+        let_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_disk_use", b"_allow_disk_use", "allow_disk_use", b"allow_disk_use", "hint", b"hint", "hint_keys", b"hint_keys", "hint_name", b"hint_name", "read_preference", b"read_preference", "write_concern", b"write_concern"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_disk_use", b"_allow_disk_use", "allow_disk_use", b"allow_disk_use", "batch_size", b"batch_size", "bypass_document_validation", b"bypass_document_validation", "collation", b"collation", "collation_json", b"collation_json", "collection", b"collection", "comment", b"comment", "database", b"database", "encoding", b"encoding", "hint", b"hint", "hint_keys", b"hint_keys", "hint_keys_json", b"hint_keys_json", "hint_name", b"hint_name", "let", b"let", "let_json", b"let_json", "max_time_ms", b"max_time_ms", "pipeline", b"pipeline", "pipeline_json", b"pipeline_json", "read_concern", b"read_concern", "read_preference", b"read_preference", "write_concern", b"write_concern"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__allow_disk_use: _TypeAlias = _typing.Literal["allow_disk_use"]  # noqa: Y015
+    _WhichOneofArgType__allow_disk_use: _TypeAlias = _typing.Literal["_allow_disk_use", b"_allow_disk_use"]  # noqa: Y015
+    _WhichOneofReturnType_hint: _TypeAlias = _typing.Literal["hint_name", "hint_keys"]  # noqa: Y015
+    _WhichOneofArgType_hint: _TypeAlias = _typing.Literal["hint", b"hint"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__allow_disk_use) -> _WhichOneofReturnType__allow_disk_use | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_hint) -> _WhichOneofReturnType_hint | None: ...
+
+Global___AggregateRequest: _TypeAlias = AggregateRequest  # noqa: Y015
+
+@_typing.final
+class WriteModel(_message.Message):
+    """One operation of a BulkWrite."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSERT_ONE_FIELD_NUMBER: _builtins.int
+    UPDATE_ONE_FIELD_NUMBER: _builtins.int
+    UPDATE_MANY_FIELD_NUMBER: _builtins.int
+    REPLACE_ONE_FIELD_NUMBER: _builtins.int
+    DELETE_ONE_FIELD_NUMBER: _builtins.int
+    DELETE_MANY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def insert_one(self) -> Global___InsertOneModel: ...
+    @_builtins.property
+    def update_one(self) -> Global___UpdateModel: ...
+    @_builtins.property
+    def update_many(self) -> Global___UpdateModel: ...
+    @_builtins.property
+    def replace_one(self) -> Global___ReplaceOneModel: ...
+    @_builtins.property
+    def delete_one(self) -> Global___DeleteModel: ...
+    @_builtins.property
+    def delete_many(self) -> Global___DeleteModel: ...
+    def __init__(
+        self,
+        *,
+        insert_one: Global___InsertOneModel | None = ...,
+        update_one: Global___UpdateModel | None = ...,
+        update_many: Global___UpdateModel | None = ...,
+        replace_one: Global___ReplaceOneModel | None = ...,
+        delete_one: Global___DeleteModel | None = ...,
+        delete_many: Global___DeleteModel | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delete_many", b"delete_many", "delete_one", b"delete_one", "insert_one", b"insert_one", "model", b"model", "replace_one", b"replace_one", "update_many", b"update_many", "update_one", b"update_one"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete_many", b"delete_many", "delete_one", b"delete_one", "insert_one", b"insert_one", "model", b"model", "replace_one", b"replace_one", "update_many", b"update_many", "update_one", b"update_one"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_model: _TypeAlias = _typing.Literal["insert_one", "update_one", "update_many", "replace_one", "delete_one", "delete_many"]  # noqa: Y015
+    _WhichOneofArgType_model: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_model) -> _WhichOneofReturnType_model | None: ...
+
+Global___WriteModel: _TypeAlias = WriteModel  # noqa: Y015
+
+@_typing.final
+class InsertOneModel(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    DOCUMENT_JSON_FIELD_NUMBER: _builtins.int
+    document: _builtins.bytes
+    """A document without an `_id` gets a generated ObjectId, returned in
+    BulkWriteResponse.inserted_ids.
+    """
+    document_json: _builtins.str
+    def __init__(
+        self,
+        *,
+        document: _builtins.bytes = ...,
+        document_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "document_json", b"document_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InsertOneModel: _TypeAlias = InsertOneModel  # noqa: Y015
+
+@_typing.final
+class UpdateModel(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    UPDATE_FIELD_NUMBER: _builtins.int
+    UPDATE_PIPELINE_FIELD_NUMBER: _builtins.int
+    UPSERT_FIELD_NUMBER: _builtins.int
+    ARRAY_FILTERS_FIELD_NUMBER: _builtins.int
+    HINT_NAME_FIELD_NUMBER: _builtins.int
+    HINT_KEYS_FIELD_NUMBER: _builtins.int
+    COLLATION_FIELD_NUMBER: _builtins.int
+    FILTER_JSON_FIELD_NUMBER: _builtins.int
+    UPDATE_JSON_FIELD_NUMBER: _builtins.int
+    UPDATE_PIPELINE_JSON_FIELD_NUMBER: _builtins.int
+    ARRAY_FILTERS_JSON_FIELD_NUMBER: _builtins.int
+    HINT_KEYS_JSON_FIELD_NUMBER: _builtins.int
+    COLLATION_JSON_FIELD_NUMBER: _builtins.int
+    filter: _builtins.bytes
+    update: _builtins.bytes
+    """Exactly one of update and update_pipeline."""
+    upsert: _builtins.bool
+    hint_name: _builtins.str
+    hint_keys: _builtins.bytes
+    collation: _builtins.bytes
+    filter_json: _builtins.str
+    update_json: _builtins.str
+    hint_keys_json: _builtins.str
+    collation_json: _builtins.str
+    @_builtins.property
+    def update_pipeline(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def array_filters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def update_pipeline_json(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def array_filters_json(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        filter: _builtins.bytes = ...,
+        update: _builtins.bytes = ...,
+        update_pipeline: _abc.Iterable[_builtins.bytes] | None = ...,
+        upsert: _builtins.bool = ...,
+        array_filters: _abc.Iterable[_builtins.bytes] | None = ...,
+        hint_name: _builtins.str = ...,
+        hint_keys: _builtins.bytes = ...,
+        collation: _builtins.bytes = ...,
+        filter_json: _builtins.str = ...,
+        update_json: _builtins.str = ...,
+        update_pipeline_json: _abc.Iterable[_builtins.str] | None = ...,
+        array_filters_json: _abc.Iterable[_builtins.str] | None = ...,
+        hint_keys_json: _builtins.str = ...,
+        collation_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hint", b"hint", "hint_keys", b"hint_keys", "hint_name", b"hint_name"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["array_filters", b"array_filters", "array_filters_json", b"array_filters_json", "collation", b"collation", "collation_json", b"collation_json", "filter", b"filter", "filter_json", b"filter_json", "hint", b"hint", "hint_keys", b"hint_keys", "hint_keys_json", b"hint_keys_json", "hint_name", b"hint_name", "update", b"update", "update_json", b"update_json", "update_pipeline", b"update_pipeline", "update_pipeline_json", b"update_pipeline_json", "upsert", b"upsert"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_hint: _TypeAlias = _typing.Literal["hint_name", "hint_keys"]  # noqa: Y015
+    _WhichOneofArgType_hint: _TypeAlias = _typing.Literal["hint", b"hint"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_hint) -> _WhichOneofReturnType_hint | None: ...
+
+Global___UpdateModel: _TypeAlias = UpdateModel  # noqa: Y015
+
+@_typing.final
+class ReplaceOneModel(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    REPLACEMENT_FIELD_NUMBER: _builtins.int
+    UPSERT_FIELD_NUMBER: _builtins.int
+    HINT_NAME_FIELD_NUMBER: _builtins.int
+    HINT_KEYS_FIELD_NUMBER: _builtins.int
+    COLLATION_FIELD_NUMBER: _builtins.int
+    FILTER_JSON_FIELD_NUMBER: _builtins.int
+    REPLACEMENT_JSON_FIELD_NUMBER: _builtins.int
+    HINT_KEYS_JSON_FIELD_NUMBER: _builtins.int
+    COLLATION_JSON_FIELD_NUMBER: _builtins.int
+    filter: _builtins.bytes
+    replacement: _builtins.bytes
+    upsert: _builtins.bool
+    hint_name: _builtins.str
+    hint_keys: _builtins.bytes
+    collation: _builtins.bytes
+    filter_json: _builtins.str
+    replacement_json: _builtins.str
+    hint_keys_json: _builtins.str
+    collation_json: _builtins.str
+    def __init__(
+        self,
+        *,
+        filter: _builtins.bytes = ...,
+        replacement: _builtins.bytes = ...,
+        upsert: _builtins.bool = ...,
+        hint_name: _builtins.str = ...,
+        hint_keys: _builtins.bytes = ...,
+        collation: _builtins.bytes = ...,
+        filter_json: _builtins.str = ...,
+        replacement_json: _builtins.str = ...,
+        hint_keys_json: _builtins.str = ...,
+        collation_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hint", b"hint", "hint_keys", b"hint_keys", "hint_name", b"hint_name"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collation", b"collation", "collation_json", b"collation_json", "filter", b"filter", "filter_json", b"filter_json", "hint", b"hint", "hint_keys", b"hint_keys", "hint_keys_json", b"hint_keys_json", "hint_name", b"hint_name", "replacement", b"replacement", "replacement_json", b"replacement_json", "upsert", b"upsert"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_hint: _TypeAlias = _typing.Literal["hint_name", "hint_keys"]  # noqa: Y015
+    _WhichOneofArgType_hint: _TypeAlias = _typing.Literal["hint", b"hint"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_hint) -> _WhichOneofReturnType_hint | None: ...
+
+Global___ReplaceOneModel: _TypeAlias = ReplaceOneModel  # noqa: Y015
+
+@_typing.final
+class DeleteModel(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    HINT_NAME_FIELD_NUMBER: _builtins.int
+    HINT_KEYS_FIELD_NUMBER: _builtins.int
+    COLLATION_FIELD_NUMBER: _builtins.int
+    FILTER_JSON_FIELD_NUMBER: _builtins.int
+    HINT_KEYS_JSON_FIELD_NUMBER: _builtins.int
+    COLLATION_JSON_FIELD_NUMBER: _builtins.int
+    filter: _builtins.bytes
+    hint_name: _builtins.str
+    hint_keys: _builtins.bytes
+    collation: _builtins.bytes
+    filter_json: _builtins.str
+    hint_keys_json: _builtins.str
+    collation_json: _builtins.str
+    def __init__(
+        self,
+        *,
+        filter: _builtins.bytes = ...,
+        hint_name: _builtins.str = ...,
+        hint_keys: _builtins.bytes = ...,
+        collation: _builtins.bytes = ...,
+        filter_json: _builtins.str = ...,
+        hint_keys_json: _builtins.str = ...,
+        collation_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hint", b"hint", "hint_keys", b"hint_keys", "hint_name", b"hint_name"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collation", b"collation", "collation_json", b"collation_json", "filter", b"filter", "filter_json", b"filter_json", "hint", b"hint", "hint_keys", b"hint_keys", "hint_keys_json", b"hint_keys_json", "hint_name", b"hint_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_hint: _TypeAlias = _typing.Literal["hint_name", "hint_keys"]  # noqa: Y015
+    _WhichOneofArgType_hint: _TypeAlias = _typing.Literal["hint", b"hint"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_hint) -> _WhichOneofReturnType_hint | None: ...
+
+Global___DeleteModel: _TypeAlias = DeleteModel  # noqa: Y015
+
+@_typing.final
+class BulkWriteRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    OPERATIONS_FIELD_NUMBER: _builtins.int
+    ORDERED_FIELD_NUMBER: _builtins.int
+    BYPASS_DOCUMENT_VALIDATION_FIELD_NUMBER: _builtins.int
+    WRITE_CONCERN_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    LET_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    LET_JSON_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    collection: _builtins.str
+    ordered: _builtins.bool
+    """Stop at the first error (true, the default) or carry on with the rest."""
+    bypass_document_validation: _builtins.bool
+    comment: _builtins.str
+    let: _builtins.bytes
+    encoding: Global___Encoding.ValueType
+    """The encoding of every document in the operations, and of the ids
+    returned. The Extended JSON encodings read the models' *_json fields.
+    """
+    let_json: _builtins.str
+    @_builtins.property
+    def operations(self) -> _containers.RepeatedCompositeFieldContainer[Global___WriteModel]:
+        """At least one; at most limits.max_insert_documents."""
+
+    @_builtins.property
+    def write_concern(self) -> Global___WriteConcern: ...
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        collection: _builtins.str = ...,
+        operations: _abc.Iterable[Global___WriteModel] | None = ...,
+        ordered: _builtins.bool | None = ...,
+        bypass_document_validation: _builtins.bool = ...,
+        write_concern: Global___WriteConcern | None = ...,
+        comment: _builtins.str = ...,
+        let: _builtins.bytes = ...,
+        encoding: Global___Encoding.ValueType = ...,
+        let_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ordered", b"_ordered", "ordered", b"ordered", "write_concern", b"write_concern"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ordered", b"_ordered", "bypass_document_validation", b"bypass_document_validation", "collection", b"collection", "comment", b"comment", "database", b"database", "encoding", b"encoding", "let", b"let", "let_json", b"let_json", "operations", b"operations", "ordered", b"ordered", "write_concern", b"write_concern"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__ordered: _TypeAlias = _typing.Literal["ordered"]  # noqa: Y015
+    _WhichOneofArgType__ordered: _TypeAlias = _typing.Literal["_ordered", b"_ordered"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ordered) -> _WhichOneofReturnType__ordered | None: ...
+
+Global___BulkWriteRequest: _TypeAlias = BulkWriteRequest  # noqa: Y015
+
+@_typing.final
+class IndexedId(_message.Message):
+    """An `_id` that belongs to one operation of a BulkWrite."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    ID_JSON_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The operation's index in BulkWriteRequest.operations."""
+    id: _builtins.bytes
+    """{"_id": <value>} as BSON (ENCODING_BSON) ..."""
+    id_json: _builtins.str
+    """... or as Extended JSON (the JSON encodings)."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        id: _builtins.bytes = ...,
+        id_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "id_json", b"id_json", "index", b"index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IndexedId: _TypeAlias = IndexedId  # noqa: Y015
+
+@_typing.final
+class BulkWriteResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSERTED_COUNT_FIELD_NUMBER: _builtins.int
+    MATCHED_COUNT_FIELD_NUMBER: _builtins.int
+    MODIFIED_COUNT_FIELD_NUMBER: _builtins.int
+    DELETED_COUNT_FIELD_NUMBER: _builtins.int
+    UPSERTED_COUNT_FIELD_NUMBER: _builtins.int
+    UPSERTED_IDS_FIELD_NUMBER: _builtins.int
+    INSERTED_IDS_FIELD_NUMBER: _builtins.int
+    inserted_count: _builtins.int
+    matched_count: _builtins.int
+    modified_count: _builtins.int
+    deleted_count: _builtins.int
+    upserted_count: _builtins.int
+    @_builtins.property
+    def upserted_ids(self) -> _containers.RepeatedCompositeFieldContainer[Global___IndexedId]:
+        """The `_id` of every document an upsert inserted, by operation index."""
+
+    @_builtins.property
+    def inserted_ids(self) -> _containers.RepeatedCompositeFieldContainer[Global___IndexedId]:
+        """The `_id` of every insert_one's document, by operation index."""
+
+    def __init__(
+        self,
+        *,
+        inserted_count: _builtins.int = ...,
+        matched_count: _builtins.int = ...,
+        modified_count: _builtins.int = ...,
+        deleted_count: _builtins.int = ...,
+        upserted_count: _builtins.int = ...,
+        upserted_ids: _abc.Iterable[Global___IndexedId] | None = ...,
+        inserted_ids: _abc.Iterable[Global___IndexedId] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_count", b"deleted_count", "inserted_count", b"inserted_count", "inserted_ids", b"inserted_ids", "matched_count", b"matched_count", "modified_count", b"modified_count", "upserted_count", b"upserted_count", "upserted_ids", b"upserted_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BulkWriteResponse: _TypeAlias = BulkWriteResponse  # noqa: Y015
 
 @_typing.final
 class PingRequest(_message.Message):

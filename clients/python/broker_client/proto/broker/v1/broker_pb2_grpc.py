@@ -51,6 +51,41 @@ class BrokerStub:
                 request_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.InsertRequest.SerializeToString,
                 response_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.InsertResponse.FromString,
                 _registered_method=True)
+        self.Update = channel.unary_unary(
+                '/broker.v1.Broker/Update',
+                request_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.UpdateRequest.SerializeToString,
+                response_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.UpdateResponse.FromString,
+                _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/broker.v1.Broker/Delete',
+                request_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.DeleteResponse.FromString,
+                _registered_method=True)
+        self.FindOneAndModify = channel.unary_unary(
+                '/broker.v1.Broker/FindOneAndModify',
+                request_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.FindOneAndModifyRequest.SerializeToString,
+                response_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.FindOneAndModifyResponse.FromString,
+                _registered_method=True)
+        self.Count = channel.unary_unary(
+                '/broker.v1.Broker/Count',
+                request_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.CountRequest.SerializeToString,
+                response_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.CountResponse.FromString,
+                _registered_method=True)
+        self.Distinct = channel.unary_stream(
+                '/broker.v1.Broker/Distinct',
+                request_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.DistinctRequest.SerializeToString,
+                response_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.DistinctResponse.FromString,
+                _registered_method=True)
+        self.Aggregate = channel.unary_stream(
+                '/broker.v1.Broker/Aggregate',
+                request_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.AggregateRequest.SerializeToString,
+                response_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.FindResponse.FromString,
+                _registered_method=True)
+        self.BulkWrite = channel.unary_unary(
+                '/broker.v1.Broker/BulkWrite',
+                request_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.BulkWriteRequest.SerializeToString,
+                response_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.BulkWriteResponse.FromString,
+                _registered_method=True)
         self.Ping = channel.unary_unary(
                 '/broker.v1.Broker/Ping',
                 request_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.PingRequest.SerializeToString,
@@ -96,6 +131,63 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Update(self, request, context):
+        """Update changes the documents a filter matches: update_one, update_many
+        (multi) and replace_one (a replacement instead of an update).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delete(self, request, context):
+        """Delete removes the first matching document, or every one (multi).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindOneAndModify(self, request, context):
+        """FindOneAndModify atomically updates, replaces or removes one document
+        and returns it as it was before, or after, the change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Count(self, request, context):
+        """Count counts the documents a filter matches (count_documents), or
+        estimates the collection's size from its metadata
+        (estimated_document_count).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Distinct(self, request, context):
+        """Distinct streams the distinct values of one field: one message, or
+        several when the values are larger than the response message cap.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Aggregate(self, request, context):
+        """Aggregate runs a pipeline and streams its results framed exactly as
+        Find's: one message per batch, split under the message cap, a message
+        never carrying part of a document.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BulkWrite(self, request, context):
+        """BulkWrite runs a list of inserts, updates, replacements and deletes in
+        one call, in order (ordered, the default) or not.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Ping(self, request, context):
         """Ping checks the broker and its upstream databases.
         """
@@ -127,6 +219,41 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.Insert,
                     request_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.InsertRequest.FromString,
                     response_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.InsertResponse.SerializeToString,
+            ),
+            'Update': grpc.unary_unary_rpc_method_handler(
+                    servicer.Update,
+                    request_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.UpdateRequest.FromString,
+                    response_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.UpdateResponse.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.DeleteRequest.FromString,
+                    response_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.DeleteResponse.SerializeToString,
+            ),
+            'FindOneAndModify': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindOneAndModify,
+                    request_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.FindOneAndModifyRequest.FromString,
+                    response_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.FindOneAndModifyResponse.SerializeToString,
+            ),
+            'Count': grpc.unary_unary_rpc_method_handler(
+                    servicer.Count,
+                    request_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.CountRequest.FromString,
+                    response_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.CountResponse.SerializeToString,
+            ),
+            'Distinct': grpc.unary_stream_rpc_method_handler(
+                    servicer.Distinct,
+                    request_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.DistinctRequest.FromString,
+                    response_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.DistinctResponse.SerializeToString,
+            ),
+            'Aggregate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Aggregate,
+                    request_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.AggregateRequest.FromString,
+                    response_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.FindResponse.SerializeToString,
+            ),
+            'BulkWrite': grpc.unary_unary_rpc_method_handler(
+                    servicer.BulkWrite,
+                    request_deserializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.BulkWriteRequest.FromString,
+                    response_serializer=broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.BulkWriteResponse.SerializeToString,
             ),
             'Ping': grpc.unary_unary_rpc_method_handler(
                     servicer.Ping,
@@ -222,6 +349,195 @@ class Broker:
             '/broker.v1.Broker/Insert',
             broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.InsertRequest.SerializeToString,
             broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.InsertResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Update(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Broker/Update',
+            broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.UpdateRequest.SerializeToString,
+            broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.UpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Broker/Delete',
+            broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.DeleteRequest.SerializeToString,
+            broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindOneAndModify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Broker/FindOneAndModify',
+            broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.FindOneAndModifyRequest.SerializeToString,
+            broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.FindOneAndModifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Count(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Broker/Count',
+            broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.CountRequest.SerializeToString,
+            broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.CountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Distinct(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/broker.v1.Broker/Distinct',
+            broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.DistinctRequest.SerializeToString,
+            broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.DistinctResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Aggregate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/broker.v1.Broker/Aggregate',
+            broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.AggregateRequest.SerializeToString,
+            broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.FindResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BulkWrite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Broker/BulkWrite',
+            broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.BulkWriteRequest.SerializeToString,
+            broker__client_dot_proto_dot_broker_dot_v1_dot_broker__pb2.BulkWriteResponse.FromString,
             options,
             channel_credentials,
             insecure,

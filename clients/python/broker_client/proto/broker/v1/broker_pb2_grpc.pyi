@@ -14,6 +14,16 @@ Errors are gRPC status codes. The `google.rpc.Status` details carry a
 reason (the name of an `ErrorReason` value, below), and metadata such as
 `mongo_code` and `mongo_labels`.
 
+A write that fails part-way (Insert, BulkWrite) says in that metadata what
+landed, as MongoDB reported it: `inserted_count`, `matched_count`,
+`modified_count`, `deleted_count`, `upserted_count`; `failed_index`, the
+index of the first failing document or operation; `write_errors`, a JSON
+array of {"index", "code", "codeName", "errmsg"} (errmsg cut at 200
+characters, entries cut to about 4 KiB; `write_errors_total` counts them
+all); `upserted_ids`, a canonical Extended JSON array of {"index", "_id"}
+(cut likewise; `upserted_count` counts them all); and, when the write
+concern failed, `write_concern_error`, the server's message.
+
 Message size: a response message is at most 16 MiB + 64 KiB, because one
 BSON document (up to 16 MiB) always travels whole, alone in its message
 when it is larger than the broker's response cap. gRPC clients accept
@@ -70,6 +80,34 @@ class BrokerStub:
     """Insert stores one or many documents. Documents without an `_id` get a
     generated ObjectId, which is returned.
     """
+    Update: _grpc.UnaryUnaryMultiCallable[_broker_pb2.UpdateRequest, _broker_pb2.UpdateResponse]
+    """Update changes the documents a filter matches: update_one, update_many
+    (multi) and replace_one (a replacement instead of an update).
+    """
+    Delete: _grpc.UnaryUnaryMultiCallable[_broker_pb2.DeleteRequest, _broker_pb2.DeleteResponse]
+    """Delete removes the first matching document, or every one (multi)."""
+    FindOneAndModify: _grpc.UnaryUnaryMultiCallable[_broker_pb2.FindOneAndModifyRequest, _broker_pb2.FindOneAndModifyResponse]
+    """FindOneAndModify atomically updates, replaces or removes one document
+    and returns it as it was before, or after, the change.
+    """
+    Count: _grpc.UnaryUnaryMultiCallable[_broker_pb2.CountRequest, _broker_pb2.CountResponse]
+    """Count counts the documents a filter matches (count_documents), or
+    estimates the collection's size from its metadata
+    (estimated_document_count).
+    """
+    Distinct: _grpc.UnaryStreamMultiCallable[_broker_pb2.DistinctRequest, _broker_pb2.DistinctResponse]
+    """Distinct streams the distinct values of one field: one message, or
+    several when the values are larger than the response message cap.
+    """
+    Aggregate: _grpc.UnaryStreamMultiCallable[_broker_pb2.AggregateRequest, _broker_pb2.FindResponse]
+    """Aggregate runs a pipeline and streams its results framed exactly as
+    Find's: one message per batch, split under the message cap, a message
+    never carrying part of a document.
+    """
+    BulkWrite: _grpc.UnaryUnaryMultiCallable[_broker_pb2.BulkWriteRequest, _broker_pb2.BulkWriteResponse]
+    """BulkWrite runs a list of inserts, updates, replacements and deletes in
+    one call, in order (ordered, the default) or not.
+    """
     Ping: _grpc.UnaryUnaryMultiCallable[_broker_pb2.PingRequest, _broker_pb2.PingResponse]
     """Ping checks the broker and its upstream databases."""
     Stats: _grpc.UnaryUnaryMultiCallable[_broker_pb2.StatsRequest, _broker_pb2.StatsResponse]
@@ -97,6 +135,34 @@ class BrokerAsyncStub(BrokerStub):
     Insert: _aio.UnaryUnaryMultiCallable[_broker_pb2.InsertRequest, _broker_pb2.InsertResponse]  # type: ignore[assignment]
     """Insert stores one or many documents. Documents without an `_id` get a
     generated ObjectId, which is returned.
+    """
+    Update: _aio.UnaryUnaryMultiCallable[_broker_pb2.UpdateRequest, _broker_pb2.UpdateResponse]  # type: ignore[assignment]
+    """Update changes the documents a filter matches: update_one, update_many
+    (multi) and replace_one (a replacement instead of an update).
+    """
+    Delete: _aio.UnaryUnaryMultiCallable[_broker_pb2.DeleteRequest, _broker_pb2.DeleteResponse]  # type: ignore[assignment]
+    """Delete removes the first matching document, or every one (multi)."""
+    FindOneAndModify: _aio.UnaryUnaryMultiCallable[_broker_pb2.FindOneAndModifyRequest, _broker_pb2.FindOneAndModifyResponse]  # type: ignore[assignment]
+    """FindOneAndModify atomically updates, replaces or removes one document
+    and returns it as it was before, or after, the change.
+    """
+    Count: _aio.UnaryUnaryMultiCallable[_broker_pb2.CountRequest, _broker_pb2.CountResponse]  # type: ignore[assignment]
+    """Count counts the documents a filter matches (count_documents), or
+    estimates the collection's size from its metadata
+    (estimated_document_count).
+    """
+    Distinct: _aio.UnaryStreamMultiCallable[_broker_pb2.DistinctRequest, _broker_pb2.DistinctResponse]  # type: ignore[assignment]
+    """Distinct streams the distinct values of one field: one message, or
+    several when the values are larger than the response message cap.
+    """
+    Aggregate: _aio.UnaryStreamMultiCallable[_broker_pb2.AggregateRequest, _broker_pb2.FindResponse]  # type: ignore[assignment]
+    """Aggregate runs a pipeline and streams its results framed exactly as
+    Find's: one message per batch, split under the message cap, a message
+    never carrying part of a document.
+    """
+    BulkWrite: _aio.UnaryUnaryMultiCallable[_broker_pb2.BulkWriteRequest, _broker_pb2.BulkWriteResponse]  # type: ignore[assignment]
+    """BulkWrite runs a list of inserts, updates, replacements and deletes in
+    one call, in order (ordered, the default) or not.
     """
     Ping: _aio.UnaryUnaryMultiCallable[_broker_pb2.PingRequest, _broker_pb2.PingResponse]  # type: ignore[assignment]
     """Ping checks the broker and its upstream databases."""
@@ -140,6 +206,76 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_broker_pb2.InsertResponse, _abc.Awaitable[_broker_pb2.InsertResponse]]:
         """Insert stores one or many documents. Documents without an `_id` get a
         generated ObjectId, which is returned.
+        """
+
+    @_abc_1.abstractmethod
+    def Update(
+        self,
+        request: _broker_pb2.UpdateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.UpdateResponse, _abc.Awaitable[_broker_pb2.UpdateResponse]]:
+        """Update changes the documents a filter matches: update_one, update_many
+        (multi) and replace_one (a replacement instead of an update).
+        """
+
+    @_abc_1.abstractmethod
+    def Delete(
+        self,
+        request: _broker_pb2.DeleteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.DeleteResponse, _abc.Awaitable[_broker_pb2.DeleteResponse]]:
+        """Delete removes the first matching document, or every one (multi)."""
+
+    @_abc_1.abstractmethod
+    def FindOneAndModify(
+        self,
+        request: _broker_pb2.FindOneAndModifyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.FindOneAndModifyResponse, _abc.Awaitable[_broker_pb2.FindOneAndModifyResponse]]:
+        """FindOneAndModify atomically updates, replaces or removes one document
+        and returns it as it was before, or after, the change.
+        """
+
+    @_abc_1.abstractmethod
+    def Count(
+        self,
+        request: _broker_pb2.CountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.CountResponse, _abc.Awaitable[_broker_pb2.CountResponse]]:
+        """Count counts the documents a filter matches (count_documents), or
+        estimates the collection's size from its metadata
+        (estimated_document_count).
+        """
+
+    @_abc_1.abstractmethod
+    def Distinct(
+        self,
+        request: _broker_pb2.DistinctRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_broker_pb2.DistinctResponse], _abc.AsyncIterator[_broker_pb2.DistinctResponse]]:
+        """Distinct streams the distinct values of one field: one message, or
+        several when the values are larger than the response message cap.
+        """
+
+    @_abc_1.abstractmethod
+    def Aggregate(
+        self,
+        request: _broker_pb2.AggregateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_broker_pb2.FindResponse], _abc.AsyncIterator[_broker_pb2.FindResponse]]:
+        """Aggregate runs a pipeline and streams its results framed exactly as
+        Find's: one message per batch, split under the message cap, a message
+        never carrying part of a document.
+        """
+
+    @_abc_1.abstractmethod
+    def BulkWrite(
+        self,
+        request: _broker_pb2.BulkWriteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.BulkWriteResponse, _abc.Awaitable[_broker_pb2.BulkWriteResponse]]:
+        """BulkWrite runs a list of inserts, updates, replacements and deletes in
+        one call, in order (ordered, the default) or not.
         """
 
     @_abc_1.abstractmethod
