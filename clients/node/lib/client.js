@@ -1,7 +1,7 @@
 'use strict';
 /**
  * The mongo-broker client: BrokerClient -> Database -> Collection, and the
- * Cursor that Collection.find returns. Documents are BSON (the `bson`
+ * Cursor that Collection.find and Collection.aggregate return. Documents are BSON (the `bson`
  * package, the MongoDB Node driver's own), so every type survives exactly.
  */
 
@@ -9,7 +9,7 @@ const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 const { BSON, ObjectId } = require('bson');
-const { BrokerError, fromServiceError } = require('./errors');
+const { BrokerError, InvalidArgumentError, fromServiceError, markBulkWriteError } = require('./errors');
 
 const VERSION = require('../package.json').version;
 const PROTO_ROOT = path.join(__dirname, '..', 'proto');
@@ -24,6 +24,21 @@ const DEFAULT_MAX_RECEIVE_MESSAGE_BYTES = 17 * 1024 * 1024;
 // the client, names the limit that was hit.
 const DEFAULT_MAX_SEND_MESSAGE_BYTES = 48 * 1024 * 1024;
 const INT32_MAX = 2 ** 31 - 1;
+// A retry is not started with less of the deadline left than this: it could
+// only end in DEADLINE_EXCEEDED, hiding the error that caused it.
+const MIN_ATTEMPT_MS = 10;
+
+/**
+ * How reads are retried (the Python client's RetryPolicy, in milliseconds).
+ * @typedef {object} RetryPolicy
+ * @property {number} maxAttempts tries in all, the first included (1: no retries)
+ * @property {number} initialBackoffMs the cap on the pause before the first retry
+ * @property {number} maxBackoffMs the largest cap on any pause
+ * @property {number} multiplier how much the cap grows with each retry
+ */
+
+/** @type {Readonly<RetryPolicy>} three tries, pauses of at most 50, 100 ms (then up to 1 s) */
+const DEFAULT_RETRY_POLICY = Object.freeze({ maxAttempts: 3, initialBackoffMs: 50, maxBackoffMs: 1000, multiplier: 2 });
 
 /** @type {any} */
 let brokerService = null;
@@ -92,6 +107,27 @@ function normalizeTarget(target) {
  *   `{useBigInt64: true}` to read every int64 as a bigint.
  * @property {import('bson').SerializeOptions} [serializeOptions] how
  *   documents are encoded (default `{ignoreUndefined: true}`)
+ * @property {Partial<RetryPolicy>|null} [retries] how reads are retried
+ *   (default DEFAULT_RETRY_POLICY; null: every call is made once). Writes
+ *   other than inserts are never retried: they are not idempotent.
+ */
+
+/**
+ * The options a Database or Collection hands down to its operations, as
+ * the Node driver's `db(name, options)` and `collection(name, options)`
+ * take them; a call's own options win.
+ * @typedef {object} InheritedOptions
+ * @property {ReadPreferenceLike} [readPreference]
+ * @property {ReadConcernLike} [readConcern]
+ * @property {WriteConcernSpec} [writeConcern]
+ */
+
+/**
+ * @typedef {'primary'|'primaryPreferred'|'secondary'|'secondaryPreferred'|'nearest'} ReadPreferenceMode
+ * @typedef {ReadPreferenceMode|{mode: ReadPreferenceMode, tags?: object[], maxStalenessSeconds?: number}} ReadPreferenceLike
+ * @typedef {'local'|'available'|'majority'|'linearizable'|'snapshot'} ReadConcernLevel
+ * @typedef {ReadConcernLevel|{level: ReadConcernLevel}} ReadConcernLike
+ * @typedef {{w?: number|string, j?: boolean, wtimeoutMS?: number}} WriteConcernSpec
  */
 
 /** A client for one broker. Make one per process; `close()` it when done. */
@@ -114,6 +150,8 @@ class BrokerClient {
     this.bsonOptions = { ...(options.bsonOptions || {}) };
     /** @type {import('bson').SerializeOptions} */
     this.serializeOptions = { ignoreUndefined: true, ...(options.serializeOptions || {}) };
+    /** @type {Readonly<RetryPolicy>|null} */
+    this.retries = retryPolicy(options.retries);
     this._metadata = new grpc.Metadata();
     for (const [key, value] of Object.entries(metadata)) this._metadata.add(key.toLowerCase(), String(value));
     if (token !== undefined) this._metadata.set('authorization', `Bearer ${token}`);
@@ -132,10 +170,12 @@ class BrokerClient {
   /**
    * A database configured on the broker (its configured name).
    * @param {string} name
+   * @param {InheritedOptions} [options] read preference, read concern and
+   *   write concern for its collections' operations
    * @returns {Database}
    */
-  db(name) {
-    return new Database(this, name);
+  db(name, options = {}) {
+    return new Database(this, name, options);
   }
 
   /**
@@ -146,7 +186,7 @@ class BrokerClient {
    * @returns {Promise<PingResult>}
    */
   async ping(database, options = {}) {
-    const response = await this._unary('Ping', { database: database || '' }, options);
+    const response = await this._unary('Ping', { database: database || '' }, options, true);
     const databases = response.databases.map((/** @type {any} */ db) => ({
       ...camelCaseFields(db),
       // A message field the broker left unset reads as null: a pool of zeros.
@@ -165,7 +205,7 @@ class BrokerClient {
    * @returns {Promise<StatsResult>}
    */
   async stats(database, options = {}) {
-    const response = await this._unary('Stats', { database: database || '' }, options);
+    const response = await this._unary('Stats', { database: database || '' }, options, true);
     return { ...camelCaseFields(response), databases: response.databases.map(camelCaseFields) };
   }
 
@@ -187,13 +227,25 @@ class BrokerClient {
 
   /**
    * @param {CallOptions} options
+   * @param {Date} [deadline] the operation's, shared by its attempts
    * @returns {{metadata: import('@grpc/grpc-js').Metadata, callOptions: {deadline: Date}}}
    */
-  _call(options) {
+  _call(options, deadline) {
     if (this._closed) throw new BrokerError('the client is closed');
     const metadata = this._metadata.clone();
     if (options.requestId !== undefined) metadata.set('x-request-id', String(options.requestId));
-    return { metadata, callOptions: { deadline: this._deadline(options) } };
+    return { metadata, callOptions: { deadline: deadline || this._deadline(options) } };
+  }
+
+  /**
+   * The attempts of one operation: `retry` false (a write) makes it once.
+   * @param {string} operation
+   * @param {Date} deadline
+   * @param {boolean} retry
+   * @returns {RetryState}
+   */
+  _retryState(operation, deadline, retry) {
+    return new RetryState(retry ? this.retries : null, deadline.getTime(), operation);
   }
 
   /**
@@ -217,13 +269,35 @@ class BrokerClient {
   }
 
   /**
+   * One unary operation: a call, and for a read (`retry`) the retries the
+   * policy allows, all within one deadline.
    * @param {string} method
    * @param {object} request
    * @param {CallOptions} options
+   * @param {boolean} [retry] only for idempotent calls (reads, ping, stats)
    * @returns {Promise<any>}
    */
-  _unary(method, request, options) {
-    const { metadata, callOptions } = this._call(options);
+  async _unary(method, request, options, retry = false) {
+    const deadline = this._deadline(options);
+    const state = this._retryState(method, deadline, retry);
+    for (;;) {
+      try {
+        return await this._unaryOnce(method, request, options, deadline);
+      } catch (error) {
+        await sleep(state.backoff(/** @type {BrokerError} */ (error)));
+      }
+    }
+  }
+
+  /**
+   * @param {string} method
+   * @param {object} request
+   * @param {CallOptions} options
+   * @param {Date} deadline
+   * @returns {Promise<any>}
+   */
+  _unaryOnce(method, request, options, deadline) {
+    const { metadata, callOptions } = this._call(options, deadline);
     return new Promise((resolve, reject) => {
       this._stub[method](request, metadata, callOptions, (/** @type {any} */ error, /** @type {any} */ response) => {
         if (error) reject(fromServiceError(error));
@@ -231,6 +305,74 @@ class BrokerClient {
       });
     });
   }
+}
+
+/**
+ * One operation's attempts and pauses within its deadline: "full jitter"
+ * backoff (a uniform random pause in [0, cap]), so that many workers that
+ * failed together do not retry together. Only UNAVAILABLE and a full pool
+ * (`BrokerError.retryable`) are retried; a RetryInfo delay from the broker
+ * is the least pause.
+ */
+class RetryState {
+  /**
+   * @param {Readonly<RetryPolicy>|null} policy null: no retries
+   * @param {number} deadline epoch milliseconds
+   * @param {string} operation
+   */
+  constructor(policy, deadline, operation) {
+    this.policy = policy;
+    this.deadline = deadline;
+    this.operation = operation;
+    /** Attempts that failed and were retried. */
+    this.failures = 0;
+  }
+
+  /**
+   * The pause before retrying after `error`; throws `error` when it must
+   * not be retried.
+   * @param {BrokerError} error
+   * @returns {number} milliseconds
+   */
+  backoff(error) {
+    const policy = this.policy;
+    if (policy === null || !(error instanceof BrokerError) || !error.retryable) throw error;
+    if (this.failures + 1 >= policy.maxAttempts) throw error;
+    const cap = Math.min(policy.maxBackoffMs, policy.initialBackoffMs * policy.multiplier ** Math.min(this.failures, 64));
+    let delay = Math.random() * cap;
+    if (error.retryAfterMs !== null) delay = Math.max(delay, error.retryAfterMs);
+    if (this.deadline - Date.now() - delay < MIN_ATTEMPT_MS) throw error;
+    this.failures += 1;
+    return delay;
+  }
+}
+
+/**
+ * A client's retry policy from its `retries` option.
+ * @param {Partial<RetryPolicy>|null|undefined} spec
+ * @returns {Readonly<RetryPolicy>|null}
+ */
+function retryPolicy(spec) {
+  if (spec === null) return null;
+  if (spec === undefined) return DEFAULT_RETRY_POLICY;
+  if (typeof spec !== 'object') throw new TypeError(`retries must be an object or null, not ${describe(spec)}`);
+  const policy = { ...DEFAULT_RETRY_POLICY, ...spec };
+  if (!Number.isInteger(policy.maxAttempts) || policy.maxAttempts < 1) {
+    throw new TypeError(`retries.maxAttempts must be an integer of at least 1, not ${describe(policy.maxAttempts)}`);
+  }
+  for (const name of /** @type {const} */ (['initialBackoffMs', 'maxBackoffMs', 'multiplier'])) {
+    if (typeof policy[name] !== 'number' || !Number.isFinite(policy[name]) || policy[name] < 0) {
+      throw new TypeError(`retries.${name} must be a non-negative number, not ${describe(policy[name])}`);
+    }
+  }
+  if (policy.maxBackoffMs < policy.initialBackoffMs) throw new TypeError('retries.maxBackoffMs must be >= initialBackoffMs');
+  if (policy.multiplier < 1) throw new TypeError('retries.multiplier must be >= 1');
+  return Object.freeze(policy);
+}
+
+/** @param {number} ms */
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 /**
@@ -288,19 +430,24 @@ class Database {
   /**
    * @param {BrokerClient} client
    * @param {string} name
+   * @param {InheritedOptions} [options]
    */
-  constructor(client, name) {
+  constructor(client, name, options = {}) {
     if (typeof name !== 'string' || name === '') throw new TypeError('database name must be a non-empty string');
     this.client = client;
     this.databaseName = name;
+    /** @type {InheritedOptions} */
+    this.options = inheritedOptions(options, {});
   }
 
   /**
    * @param {string} name
+   * @param {InheritedOptions} [options] read preference, read concern and
+   *   write concern for its operations, over the database's
    * @returns {Collection}
    */
-  collection(name) {
-    return new Collection(this, name);
+  collection(name, options = {}) {
+    return new Collection(this, name, options);
   }
 
   /**
@@ -313,7 +460,16 @@ class Database {
 }
 
 /**
- * @typedef {CallOptions & {
+ * The options of every read: how strings compare, and where and how
+ * consistently it reads.
+ * @typedef {object} ReadOptions
+ * @property {object} [collation] e.g. {locale: 'fr'}
+ * @property {ReadPreferenceLike} [readPreference] over the collection's
+ * @property {ReadConcernLike} [readConcern] over the collection's
+ */
+
+/**
+ * @typedef {CallOptions & ReadOptions & {
  *   projection?: object, sort?: object|Map<string, number>, skip?: number,
  *   limit?: number, batchSize?: number, hint?: string|object, maxTimeMS?: number,
  *   comment?: string, bsonOptions?: import('bson').DeserializeOptions
@@ -323,26 +479,113 @@ class Database {
 /**
  * @typedef {CallOptions & {
  *   ordered?: boolean, bypassDocumentValidation?: boolean,
- *   writeConcern?: {w?: number|string, j?: boolean, wtimeoutMS?: number}
+ *   writeConcern?: WriteConcernSpec
  * }} InsertOptions
  */
+
+/**
+ * @typedef {CallOptions & {
+ *   upsert?: boolean, arrayFilters?: object[], hint?: string|object,
+ *   collation?: object, let?: object, comment?: string, maxTimeMS?: number,
+ *   bypassDocumentValidation?: boolean, writeConcern?: WriteConcernSpec
+ * }} UpdateOptions
+ */
+
+/**
+ * @typedef {CallOptions & {
+ *   hint?: string|object, collation?: object, let?: object, comment?: string,
+ *   maxTimeMS?: number, writeConcern?: WriteConcernSpec
+ * }} DeleteOptions
+ */
+
+/**
+ * @typedef {CallOptions & {
+ *   returnDocument?: 'before'|'after', upsert?: boolean, projection?: object,
+ *   sort?: object|Map<string, number>, arrayFilters?: object[], hint?: string|object,
+ *   collation?: object, let?: object, comment?: string, maxTimeMS?: number,
+ *   bypassDocumentValidation?: boolean, writeConcern?: WriteConcernSpec,
+ *   includeResultMetadata?: false, bsonOptions?: import('bson').DeserializeOptions
+ * }} FindOneAndModifyOptions
+ */
+
+/**
+ * @typedef {CallOptions & ReadOptions & {
+ *   skip?: number, limit?: number, hint?: string|object, maxTimeMS?: number, comment?: string
+ * }} CountDocumentsOptions
+ */
+
+/**
+ * @typedef {CallOptions & {
+ *   readPreference?: ReadPreferenceLike, readConcern?: ReadConcernLike,
+ *   maxTimeMS?: number, comment?: string
+ * }} EstimatedDocumentCountOptions
+ */
+
+/**
+ * @typedef {CallOptions & ReadOptions & {
+ *   maxTimeMS?: number, comment?: string, bsonOptions?: import('bson').DeserializeOptions
+ * }} DistinctOptions
+ */
+
+/**
+ * @typedef {CallOptions & ReadOptions & {
+ *   allowDiskUse?: boolean, batchSize?: number, hint?: string|object, let?: object,
+ *   comment?: string, maxTimeMS?: number, bypassDocumentValidation?: boolean,
+ *   writeConcern?: WriteConcernSpec, bsonOptions?: import('bson').DeserializeOptions
+ * }} AggregateOptions
+ */
+
+/**
+ * @typedef {CallOptions & {
+ *   ordered?: boolean, bypassDocumentValidation?: boolean, writeConcern?: WriteConcernSpec,
+ *   comment?: string, let?: object
+ * }} BulkWriteOptions
+ */
+
+/**
+ * @typedef {object} UpdateResult
+ * @property {boolean} acknowledged
+ * @property {number} matchedCount
+ * @property {number} modifiedCount
+ * @property {number} upsertedCount
+ * @property {any} upsertedId the `_id` an upsert inserted, or null
+ */
+
+/**
+ * @typedef {object} BulkWriteResult
+ * @property {boolean} acknowledged
+ * @property {number} insertedCount
+ * @property {number} matchedCount
+ * @property {number} modifiedCount
+ * @property {number} deletedCount
+ * @property {number} upsertedCount
+ * @property {Record<number, any>} insertedIds operation index -> the inserted `_id`
+ * @property {Record<number, any>} upsertedIds operation index -> the upserted `_id`
+ */
+
+/** What `returnDocument` names, as the Node driver spells it. */
+const ReturnDocument = Object.freeze({ BEFORE: /** @type {'before'} */ ('before'), AFTER: /** @type {'after'} */ ('after') });
 
 /** A collection of a configured database. */
 class Collection {
   /**
    * @param {Database} db
    * @param {string} name
+   * @param {InheritedOptions} [options]
    */
-  constructor(db, name) {
+  constructor(db, name, options = {}) {
     if (typeof name !== 'string' || name === '') throw new TypeError('collection name must be a non-empty string');
     this.db = db;
     this.collectionName = name;
+    /** @type {InheritedOptions} the database's options, with this collection's over them */
+    this.options = inheritedOptions(options, db.options || {});
   }
 
   /**
    * A lazy cursor over the matching documents; the call starts when it is
    * first read (`for await`, `next()`, `toArray()`). The time limit covers
-   * the whole stream, from the first batch to the last.
+   * the whole stream, from the first batch to the last. A failure before
+   * the first document arrives is retried as the client's policy says.
    * @param {object} [filter] a document; empty or omitted matches all
    * @param {FindOptions} [options]
    * @returns {Cursor}
@@ -353,8 +596,8 @@ class Collection {
   }
 
   /**
-   * The first matching document, or null: one unary FindOne call, whose
-   * errors are thrown as the broker (or grpc) gives them.
+   * The first matching document, or null: one unary FindOne call (retried
+   * as a read), whose errors are thrown as the broker (or grpc) gives them.
    * @param {object} [filter]
    * @param {FindOptions} [options]
    * @returns {Promise<any>}
@@ -362,7 +605,7 @@ class Collection {
   async findOne(filter = {}, options = {}) {
     const client = this.db.client;
     const request = this._findRequest(filter, { ...options, limit: 1 });
-    const response = await client._unary('FindOne', request, options);
+    const response = await client._unary('FindOne', request, options, true);
     return response.documents.length > 0 ? BSON.deserialize(response.documents[0], this._bsonOptions(options)) : null;
   }
 
@@ -374,9 +617,8 @@ class Collection {
    */
   _findRequest(filter, options) {
     const serialize = this.db.client.serializeOptions;
-    const request = {
-      database: this.db.databaseName,
-      collection: this.collectionName,
+    return {
+      ...this._target(),
       filter: encodeOptional(filter, 'filter', serialize),
       projection: encodeOptional(options.projection, 'projection', serialize),
       sort: encodeOptional(options.sort, 'sort', serialize),
@@ -384,19 +626,46 @@ class Collection {
       limit: count(options.limit, 'limit'),
       batch_size: count(options.batchSize, 'batchSize', INT32_MAX),
       max_time_ms: count(options.maxTimeMS, 'maxTimeMS'),
-      comment: options.comment === undefined ? '' : String(options.comment),
+      comment: comment(options.comment),
+      ...hintFields(options.hint, serialize),
+      ...this._readFields(options),
     };
-    if (typeof options.hint === 'string') {
-      Object.assign(request, { hint_name: options.hint });
-    } else if (options.hint !== undefined) {
-      Object.assign(request, { hint_keys: encodeOptional(options.hint, 'hint', serialize) });
-    }
-    return request;
+  }
+
+  /** The database and collection every request names. */
+  _target() {
+    return { database: this.db.databaseName, collection: this.collectionName };
+  }
+
+  /**
+   * A read's collation, read preference and read concern: the call's,
+   * else the collection's (then the database's).
+   * @param {ReadOptions} options
+   * @returns {object}
+   */
+  _readFields(options) {
+    const serialize = this.db.client.serializeOptions;
+    /** @type {any} */
+    const out = { collation: encodeOptional(options.collation, 'collation', serialize) };
+    const preference = options.readPreference != null ? options.readPreference : this.options.readPreference;
+    if (preference != null) out.read_preference = readPreference(preference, serialize);
+    const concern = options.readConcern != null ? options.readConcern : this.options.readConcern;
+    if (concern != null) out.read_concern = readConcern(concern);
+    return out;
+  }
+
+  /**
+   * The write concern of a write: the call's, else the collection's.
+   * @param {{writeConcern?: WriteConcernSpec}} options
+   * @returns {WriteConcernSpec|undefined}
+   */
+  _writeConcernSpec(options) {
+    return options.writeConcern || this.options.writeConcern;
   }
 
   /**
    * How documents of a find are decoded: the client's options, then the call's.
-   * @param {FindOptions} options
+   * @param {{bsonOptions?: import('bson').DeserializeOptions}} options
    * @returns {import('bson').DeserializeOptions}
    */
   _bsonOptions(options) {
@@ -413,7 +682,7 @@ class Collection {
    */
   async insertOne(document, options = {}) {
     const ids = await this._insert([document], { ...options, ordered: true });
-    return { acknowledged: isAcknowledged(options), insertedId: ids[0] };
+    return { acknowledged: isAcknowledged(this._writeConcernSpec(options)), insertedId: ids[0] };
   }
 
   /**
@@ -429,7 +698,7 @@ class Collection {
       throw new TypeError('documents must be a non-empty array');
     }
     const ids = await this._insert(documents, options);
-    return { acknowledged: isAcknowledged(options), insertedCount: ids.length, insertedIds: ids };
+    return { acknowledged: isAcknowledged(this._writeConcernSpec(options)), insertedCount: ids.length, insertedIds: ids };
   }
 
   /**
@@ -442,22 +711,396 @@ class Collection {
     const encoded = documents.map((doc, i) => encodeForInsert(doc, i, client.serializeOptions));
     /** @type {any} */
     const request = {
-      database: this.db.databaseName,
-      collection: this.collectionName,
+      ...this._target(),
       documents: encoded,
       ordered: options.ordered === undefined ? true : Boolean(options.ordered),
       bypass_document_validation: Boolean(options.bypassDocumentValidation),
     };
-    if (options.writeConcern) request.write_concern = writeConcern(options.writeConcern);
+    const concern = this._writeConcernSpec(options);
+    if (concern) request.write_concern = writeConcern(concern);
     const response = await client._unary('Insert', request, options);
     const idOptions = { ...client.bsonOptions };
     return response.inserted_ids.map((/** @type {Buffer} */ raw) => BSON.deserialize(raw, idOptions)._id);
   }
+
+  /**
+   * Updates the first document the filter matches. `update` is an
+   * operator document ({$set: ...}; anything else is refused here, before
+   * any call) or an update pipeline (an array of stages). Never retried.
+   * @param {object} filter
+   * @param {object|object[]} update
+   * @param {UpdateOptions} [options]
+   * @returns {Promise<UpdateResult>}
+   */
+  async updateOne(filter, update, options = {}) {
+    return this._update(filter, updateFields(update, this.db.client.serializeOptions), false, options);
+  }
+
+  /**
+   * Updates every document the filter matches; as `updateOne` otherwise.
+   * @param {object} filter
+   * @param {object|object[]} update
+   * @param {UpdateOptions} [options]
+   * @returns {Promise<UpdateResult>}
+   */
+  async updateMany(filter, update, options = {}) {
+    return this._update(filter, updateFields(update, this.db.client.serializeOptions), true, options);
+  }
+
+  /**
+   * Replaces the first document the filter matches with `replacement`, a
+   * whole document without `$` operators. Never retried.
+   * @param {object} filter
+   * @param {object} replacement
+   * @param {UpdateOptions} [options]
+   * @returns {Promise<UpdateResult>}
+   */
+  async replaceOne(filter, replacement, options = {}) {
+    const fields = { replacement: replacementDocument(replacement, this.db.client.serializeOptions) };
+    return this._update(filter, fields, false, options);
+  }
+
+  /**
+   * @param {object} filter
+   * @param {object} change the request's update, update_pipeline or replacement
+   * @param {boolean} multi
+   * @param {UpdateOptions} options
+   * @returns {Promise<UpdateResult>}
+   */
+  async _update(filter, change, multi, options) {
+    const client = this.db.client;
+    const serialize = client.serializeOptions;
+    /** @type {any} */
+    const request = {
+      ...this._target(),
+      filter: encodeOptional(filter, 'filter', serialize),
+      ...change,
+      multi,
+      upsert: Boolean(options.upsert),
+      array_filters: encodeList(options.arrayFilters, 'arrayFilters', serialize),
+      ...hintFields(options.hint, serialize),
+      collation: encodeOptional(options.collation, 'collation', serialize),
+      let: encodeOptional(options.let, 'let', serialize),
+      comment: comment(options.comment),
+      max_time_ms: count(options.maxTimeMS, 'maxTimeMS'),
+      bypass_document_validation: Boolean(options.bypassDocumentValidation),
+    };
+    const concern = this._writeConcernSpec(options);
+    if (concern) request.write_concern = writeConcern(concern);
+    const response = await client._unary('Update', request, options);
+    const upsertedId = response.upserted_id.length > 0 ? decodeId(response.upserted_id, client) : null;
+    return {
+      acknowledged: isAcknowledged(concern),
+      matchedCount: response.matched_count,
+      modifiedCount: response.modified_count,
+      upsertedCount: upsertedId === null ? 0 : 1,
+      upsertedId,
+    };
+  }
+
+  /**
+   * Deletes the first document the filter matches. Never retried.
+   * @param {object} filter
+   * @param {DeleteOptions} [options]
+   * @returns {Promise<{acknowledged: boolean, deletedCount: number}>}
+   */
+  async deleteOne(filter, options = {}) {
+    return this._delete(filter, false, options);
+  }
+
+  /**
+   * Deletes every document the filter matches ({} or omitted: all). Never retried.
+   * @param {object} [filter]
+   * @param {DeleteOptions} [options]
+   * @returns {Promise<{acknowledged: boolean, deletedCount: number}>}
+   */
+  async deleteMany(filter = {}, options = {}) {
+    return this._delete(filter, true, options);
+  }
+
+  /**
+   * @param {object} filter
+   * @param {boolean} multi
+   * @param {DeleteOptions} options
+   * @returns {Promise<{acknowledged: boolean, deletedCount: number}>}
+   */
+  async _delete(filter, multi, options) {
+    const client = this.db.client;
+    const serialize = client.serializeOptions;
+    /** @type {any} */
+    const request = {
+      ...this._target(),
+      filter: encodeOptional(filter, 'filter', serialize),
+      multi,
+      ...hintFields(options.hint, serialize),
+      collation: encodeOptional(options.collation, 'collation', serialize),
+      let: encodeOptional(options.let, 'let', serialize),
+      comment: comment(options.comment),
+      max_time_ms: count(options.maxTimeMS, 'maxTimeMS'),
+    };
+    const concern = this._writeConcernSpec(options);
+    if (concern) request.write_concern = writeConcern(concern);
+    const response = await client._unary('Delete', request, options);
+    return { acknowledged: isAcknowledged(concern), deletedCount: response.deleted_count };
+  }
+
+  /**
+   * Updates one document atomically and returns it, as it was before the
+   * change (the default) or after it (`returnDocument: 'after'`), or null
+   * when nothing matched: the Node driver's default, without result
+   * metadata. Never retried.
+   * @param {object} filter
+   * @param {object|object[]} update an operator document or a pipeline
+   * @param {FindOneAndModifyOptions} [options]
+   * @returns {Promise<any>}
+   */
+  async findOneAndUpdate(filter, update, options = {}) {
+    return this._findOneAndModify(filter, updateFields(update, this.db.client.serializeOptions), options);
+  }
+
+  /**
+   * Replaces one document atomically and returns it (before or after), or null.
+   * @param {object} filter
+   * @param {object} replacement
+   * @param {FindOneAndModifyOptions} [options]
+   * @returns {Promise<any>}
+   */
+  async findOneAndReplace(filter, replacement, options = {}) {
+    const fields = { replacement: replacementDocument(replacement, this.db.client.serializeOptions) };
+    return this._findOneAndModify(filter, fields, options);
+  }
+
+  /**
+   * Deletes one document atomically and returns it, or null.
+   * @param {object} filter
+   * @param {FindOneAndModifyOptions} [options] projection, sort, hint, collation, ...
+   * @returns {Promise<any>}
+   */
+  async findOneAndDelete(filter, options = {}) {
+    return this._findOneAndModify(filter, { remove: true }, options);
+  }
+
+  /**
+   * @param {object} filter
+   * @param {object} change update, update_pipeline, replacement or remove
+   * @param {FindOneAndModifyOptions} options
+   * @returns {Promise<any>}
+   */
+  async _findOneAndModify(filter, change, options) {
+    if (options.includeResultMetadata) {
+      // The broker answers with the document only: a ModifyResult here
+      // would make up its lastErrorObject.
+      throw new TypeError('includeResultMetadata is not supported: the result is the document, or null');
+    }
+    const client = this.db.client;
+    const serialize = client.serializeOptions;
+    const { returnDocument = ReturnDocument.BEFORE } = options;
+    if (returnDocument !== ReturnDocument.BEFORE && returnDocument !== ReturnDocument.AFTER) {
+      throw new TypeError(`returnDocument must be 'before' or 'after', not ${describe(returnDocument)}`);
+    }
+    /** @type {any} */
+    const request = {
+      ...this._target(),
+      filter: encodeOptional(filter, 'filter', serialize),
+      sort: encodeOptional(options.sort, 'sort', serialize),
+      projection: encodeOptional(options.projection, 'projection', serialize),
+      ...change,
+      upsert: Boolean(options.upsert),
+      return_document: returnDocument === ReturnDocument.AFTER ? 'RETURN_DOCUMENT_AFTER' : 'RETURN_DOCUMENT_BEFORE',
+      array_filters: encodeList(options.arrayFilters, 'arrayFilters', serialize),
+      ...hintFields(options.hint, serialize),
+      collation: encodeOptional(options.collation, 'collation', serialize),
+      let: encodeOptional(options.let, 'let', serialize),
+      comment: comment(options.comment),
+      max_time_ms: count(options.maxTimeMS, 'maxTimeMS'),
+      bypass_document_validation: Boolean(options.bypassDocumentValidation),
+    };
+    const concern = this._writeConcernSpec(options);
+    if (concern) request.write_concern = writeConcern(concern);
+    const response = await client._unary('FindOneAndModify', request, options);
+    return response.document.length > 0 ? BSON.deserialize(response.document, this._bsonOptions(options)) : null;
+  }
+
+  /**
+   * The number of documents the filter matches (a read, retried).
+   * @param {object} [filter]
+   * @param {CountDocumentsOptions} [options]
+   * @returns {Promise<number>}
+   */
+  async countDocuments(filter = {}, options = {}) {
+    const serialize = this.db.client.serializeOptions;
+    const request = {
+      ...this._target(),
+      filter: encodeOptional(filter, 'filter', serialize),
+      skip: count(options.skip, 'skip'),
+      limit: count(options.limit, 'limit'),
+      ...hintFields(options.hint, serialize),
+      max_time_ms: count(options.maxTimeMS, 'maxTimeMS'),
+      comment: comment(options.comment),
+      ...this._readFields(options),
+    };
+    const response = await this.db.client._unary('Count', request, options, true);
+    return response.count;
+  }
+
+  /**
+   * The collection's size from its metadata: fast, without a filter.
+   * @param {EstimatedDocumentCountOptions} [options]
+   * @returns {Promise<number>}
+   */
+  async estimatedDocumentCount(options = {}) {
+    const { collation: _ignored, ...readOptions } = /** @type {ReadOptions} */ (options);
+    const request = {
+      ...this._target(),
+      estimated: true,
+      max_time_ms: count(options.maxTimeMS, 'maxTimeMS'),
+      comment: comment(options.comment),
+      // estimated_document_count takes no collation: only where and how to read.
+      ...this._readFields(readOptions),
+    };
+    const response = await this.db.client._unary('Count', request, options, true);
+    return response.count;
+  }
+
+  /**
+   * The distinct values of `key` (dot notation) among the documents the
+   * filter matches. The broker streams them, in several messages when they
+   * are large; a failure before the first message is retried.
+   * @param {string} key
+   * @param {object} [filter]
+   * @param {DistinctOptions} [options]
+   * @returns {Promise<any[]>}
+   */
+  async distinct(key, filter = {}, options = {}) {
+    if (typeof key !== 'string' || key === '') throw new TypeError('key must be a non-empty string');
+    const client = this.db.client;
+    const serialize = client.serializeOptions;
+    const request = {
+      ...this._target(),
+      key,
+      filter: encodeOptional(filter, 'filter', serialize),
+      max_time_ms: count(options.maxTimeMS, 'maxTimeMS'),
+      comment: comment(options.comment),
+      ...this._readFields(options),
+    };
+    const bsonOptions = this._bsonOptions(options);
+    const deadline = client._deadline(options);
+    const state = client._retryState('Distinct', deadline, true);
+    for (;;) {
+      /** @type {any[]} */
+      const values = [];
+      let messages = 0;
+      const { metadata, callOptions } = client._call(options, deadline);
+      const call = client._stub.Distinct(request, metadata, callOptions);
+      try {
+        for await (const message of call) {
+          messages += 1;
+          values.push(...BSON.deserialize(message.values, bsonOptions).values);
+        }
+        return values;
+      } catch (error) {
+        const failure = fromServiceError(error);
+        // After a message, a retry would begin the list again; the caller
+        // has seen nothing yet, but the values so far are lost either way.
+        if (messages > 0) throw failure;
+        await sleep(state.backoff(failure));
+      }
+    }
+  }
+
+  /**
+   * A lazy cursor over the pipeline's results, framed and read as `find`'s.
+   * A pipeline without $out or $merge is a read, retried before its first
+   * document; one that writes is never retried.
+   * @param {object[]} [pipeline] the stages, e.g. [{$match: {...}}, {$group: {...}}]
+   * @param {AggregateOptions} [options]
+   * @returns {Cursor}
+   */
+  aggregate(pipeline = [], options = {}) {
+    const client = this.db.client;
+    const serialize = client.serializeOptions;
+    const stages = encodeList(pipeline, 'pipeline', serialize);
+    const writes = stages.some((stage) => {
+      const first = topLevelKeys(stage)[0];
+      return first === '$out' || first === '$merge';
+    });
+    /** @type {any} */
+    const request = {
+      ...this._target(),
+      pipeline: stages,
+      batch_size: count(options.batchSize, 'batchSize', INT32_MAX),
+      ...hintFields(options.hint, serialize),
+      let: encodeOptional(options.let, 'let', serialize),
+      comment: comment(options.comment),
+      max_time_ms: count(options.maxTimeMS, 'maxTimeMS'),
+      bypass_document_validation: Boolean(options.bypassDocumentValidation),
+      ...this._readFields(options),
+    };
+    // Unset means the server's default, which `false` is not.
+    if (options.allowDiskUse !== undefined) request.allow_disk_use = Boolean(options.allowDiskUse);
+    const concern = this._writeConcernSpec(options);
+    if (writes && concern) request.write_concern = writeConcern(concern);
+    return new Cursor(client, request, options, this._bsonOptions(options), 'Aggregate', !writes);
+  }
+
+  /**
+   * Runs inserts, updates, replacements and deletes in one call, in order
+   * (the default) or not. Never retried. Each insertOne document without an
+   * `_id` gets an ObjectId here first, as `insertOne` does.
+   *
+   * A failure throws the error its gRPC code makes (DuplicateKeyError, ...)
+   * that is also a BulkWriteError: `writeErrors` and `result`, the counts
+   * of what landed.
+   * @param {object[]} operations e.g. [{insertOne: {document}}, {deleteOne: {filter}}]
+   * @param {BulkWriteOptions} [options]
+   * @returns {Promise<BulkWriteResult>}
+   */
+  async bulkWrite(operations, options = {}) {
+    if (!Array.isArray(operations) || operations.length === 0) {
+      throw new TypeError('operations must be a non-empty array');
+    }
+    const client = this.db.client;
+    const serialize = client.serializeOptions;
+    /** @type {Map<number, any>} the `_id` of each insertOne, by operation index */
+    const madeIds = new Map();
+    const models = operations.map((operation, index) => writeModel(operation, index, serialize, madeIds));
+    const ordered = options.ordered === undefined ? true : Boolean(options.ordered);
+    /** @type {any} */
+    const request = {
+      ...this._target(),
+      operations: models,
+      ordered,
+      bypass_document_validation: Boolean(options.bypassDocumentValidation),
+      comment: comment(options.comment),
+      let: encodeOptional(options.let, 'let', serialize),
+    };
+    const concern = this._writeConcernSpec(options);
+    if (concern) request.write_concern = writeConcern(concern);
+    let response;
+    try {
+      response = await client._unary('BulkWrite', request, options);
+    } catch (error) {
+      throw markBulkWriteError(/** @type {BrokerError} */ (error), madeIds, ordered);
+    }
+    /** @param {{index: number, id: Buffer}[]} list */
+    const byIndex = (list) => Object.fromEntries(list.map((entry) => [entry.index, decodeId(entry.id, client)]));
+    return {
+      acknowledged: isAcknowledged(concern),
+      insertedCount: response.inserted_count,
+      matchedCount: response.matched_count,
+      modifiedCount: response.modified_count,
+      deletedCount: response.deleted_count,
+      upsertedCount: response.upserted_count,
+      insertedIds: byIndex(response.inserted_ids),
+      upsertedIds: byIndex(response.upserted_ids),
+    };
+  }
 }
 
 /**
- * The result of `find()`: an async iterable over the server's stream, one
- * MongoDB batch (one gRPC message) at a time. It can be read once.
+ * The result of `find()` and `aggregate()`: an async iterable over the
+ * server's stream, one MongoDB batch (one gRPC message) at a time. It can
+ * be read once.
  *
  *     for await (const doc of collection.find({ qty: { $gt: 3 } })) { ... }
  */
@@ -467,12 +1110,16 @@ class Cursor {
    * @param {object} request
    * @param {CallOptions} options
    * @param {import('bson').DeserializeOptions} bsonOptions
+   * @param {'Find'|'Aggregate'} [method] the streaming RPC
+   * @param {boolean} [retry] whether a failure before the first document is retried
    */
-  constructor(client, request, options, bsonOptions) {
+  constructor(client, request, options, bsonOptions, method = 'Find', retry = true) {
     this._client = client;
     this._request = request;
     this._options = options;
     this._bsonOptions = bsonOptions;
+    this._method = method;
+    this._retry = retry;
     /** @type {any} the grpc-js call, once started */
     this._call = null;
     this._finished = false;
@@ -489,27 +1136,46 @@ class Cursor {
 
   /** @returns {AsyncGenerator<any, void, undefined>} */
   async *_documents() {
-    const { metadata, callOptions } = this._client._call(this._options);
-    const call = this._client._stub.Find(this._request, metadata, callOptions);
-    this._call = call;
-    // grpc-js reports a cancel (close(), an early break) as an 'error'
-    // event; with nobody iterating any more it must not go unhandled.
-    call.on('error', () => {});
-    try {
-      for await (const message of call) {
-        this._batches += 1;
-        for (const raw of message.documents) {
-          yield BSON.deserialize(raw, this._bsonOptions);
+    const deadline = this._client._deadline(this._options);
+    const state = this._client._retryState(this._method, deadline, this._retry);
+    let yielded = 0;
+    for (;;) {
+      const { metadata, callOptions } = this._client._call(this._options, deadline);
+      const call = this._client._stub[this._method](this._request, metadata, callOptions);
+      this._call = call;
+      // grpc-js reports a cancel (close(), an early break) as an 'error'
+      // event; with nobody iterating any more it must not go unhandled.
+      call.on('error', () => {});
+      let failure = null;
+      try {
+        for await (const message of call) {
+          this._batches += 1;
+          for (const raw of message.documents) {
+            yielded += 1;
+            yield BSON.deserialize(raw, this._bsonOptions);
+          }
         }
+        this._finished = true;
+        return;
+      } catch (error) {
+        failure = fromServiceError(error);
+        // Once documents were handed out, a new stream would hand them out
+        // again: only a stream that gave nothing yet is retried.
+        if (yielded > 0) {
+          this._finished = true;
+          throw failure;
+        }
+      } finally {
+        // An early break or close(): stop the stream, so the broker closes
+        // the server cursor.
+        if (!this._finished) call.cancel();
       }
-      this._finished = true;
-    } catch (error) {
-      this._finished = true;
-      throw fromServiceError(error);
-    } finally {
-      // An early break or close(): stop the stream, so the broker closes
-      // the server cursor.
-      if (!this._finished) call.cancel();
+      try {
+        await sleep(state.backoff(failure));
+      } catch (error) {
+        this._finished = true;
+        throw error;
+      }
     }
   }
 
@@ -558,6 +1224,210 @@ class Cursor {
     this._peeked = { done: true, value: undefined };
     await this._iterator.return(undefined);
   }
+}
+
+/**
+ * A Database's or Collection's own options over those it inherits.
+ * @param {InheritedOptions} own
+ * @param {InheritedOptions} inherited
+ * @returns {InheritedOptions}
+ */
+function inheritedOptions(own, inherited) {
+  if (typeof own !== 'object' || own === null) throw new TypeError(`options must be an object, not ${describe(own)}`);
+  /** @type {InheritedOptions} */
+  const out = { ...inherited };
+  if (own.readPreference != null) out.readPreference = own.readPreference;
+  if (own.readConcern != null) out.readConcern = own.readConcern;
+  if (own.writeConcern != null) out.writeConcern = own.writeConcern;
+  return out;
+}
+
+/** @param {unknown} value */
+function comment(value) {
+  return value === undefined || value === null ? '' : String(value);
+}
+
+/**
+ * A request's hint oneof: an index name or a key pattern.
+ * @param {unknown} hint
+ * @param {import('bson').SerializeOptions} serialize
+ * @returns {{hint_name?: string, hint_keys?: Buffer}}
+ */
+function hintFields(hint, serialize) {
+  if (hint === undefined || hint === null) return {};
+  if (typeof hint === 'string') return { hint_name: hint };
+  return { hint_keys: encodeDocument(hint, 'hint', serialize) };
+}
+
+/** The contract's ReadPreferenceMode for each of the driver's mode names. */
+const READ_PREFERENCE_MODES = Object.freeze({
+  primary: 'READ_PREFERENCE_PRIMARY',
+  primaryPreferred: 'READ_PREFERENCE_PRIMARY_PREFERRED',
+  secondary: 'READ_PREFERENCE_SECONDARY',
+  secondaryPreferred: 'READ_PREFERENCE_SECONDARY_PREFERRED',
+  nearest: 'READ_PREFERENCE_NEAREST',
+});
+
+/** The driver's read concern levels, each a ReadConcernLevel of the contract. */
+const READ_CONCERN_LEVELS = Object.freeze(['local', 'available', 'majority', 'linearizable', 'snapshot']);
+
+/**
+ * A ReadPreference message from a mode name or an object with `mode`,
+ * `tags` and `maxStalenessSeconds` (the driver's ReadPreference has them).
+ * @param {ReadPreferenceLike} spec
+ * @param {import('bson').SerializeOptions} serialize
+ */
+function readPreference(spec, serialize) {
+  const pref = typeof spec === 'string' ? { mode: spec } : spec;
+  if (typeof pref !== 'object' || pref === null) {
+    throw new TypeError(`readPreference must be a mode name or an object with a mode, not ${describe(spec)}`);
+  }
+  const mode = Object.prototype.hasOwnProperty.call(READ_PREFERENCE_MODES, pref.mode)
+    ? READ_PREFERENCE_MODES[/** @type {ReadPreferenceMode} */ (pref.mode)]
+    : undefined;
+  if (mode === undefined) {
+    throw new TypeError(`readPreference mode must be one of ${Object.keys(READ_PREFERENCE_MODES).join(', ')}, not ${describe(pref.mode)}`);
+  }
+  // The driver's ReadPreference says "no limit" with -1 or undefined.
+  const staleness = pref.maxStalenessSeconds === -1 ? 0 : pref.maxStalenessSeconds;
+  return {
+    mode,
+    tag_sets: encodeList(pref.tags, 'readPreference.tags', serialize),
+    max_staleness_s: count(staleness, 'readPreference.maxStalenessSeconds'),
+  };
+}
+
+/**
+ * A ReadConcernLevel from a level name or {level}.
+ * @param {ReadConcernLike} spec
+ * @returns {string}
+ */
+function readConcern(spec) {
+  const level = typeof spec === 'string' ? spec : spec && typeof spec === 'object' ? spec.level : undefined;
+  if (typeof level !== 'string' || !READ_CONCERN_LEVELS.includes(level)) {
+    throw new TypeError(`readConcern level must be one of ${READ_CONCERN_LEVELS.join(', ')}, not ${describe(level)}`);
+  }
+  return `READ_CONCERN_${level.toUpperCase()}`;
+}
+
+/**
+ * A list of documents (array filters, pipeline stages, tag sets), one BSON
+ * document each; undefined or null is none.
+ * @param {unknown} list
+ * @param {string} what
+ * @param {import('bson').SerializeOptions} serialize
+ * @returns {Buffer[]}
+ */
+function encodeList(list, what, serialize) {
+  if (list === undefined || list === null) return [];
+  if (!Array.isArray(list)) throw new TypeError(`${what} must be an array of documents, not ${describe(list)}`);
+  return list.map((item, i) => encodeDocument(item, `${what}[${i}]`, serialize));
+}
+
+/**
+ * The top-level keys of a document, a Map or BSON bytes, in order.
+ * @param {unknown} value
+ * @returns {string[]}
+ */
+function topLevelKeys(value) {
+  if (value instanceof Map) return [...value.keys()].map(String);
+  if (Buffer.isBuffer(value) || value instanceof Uint8Array) {
+    return Object.keys(BSON.deserialize(value, { promoteValues: false }));
+  }
+  return Object.keys(/** @type {object} */ (value));
+}
+
+/**
+ * The update part of an Update or FindOneAndModify request: an operator
+ * document or a pipeline. A document with a key that is not an operator
+ * would replace the match (or fail on the server): refused here, before any
+ * call, as pymongo and the Node driver refuse it.
+ * @param {unknown} update
+ * @param {import('bson').SerializeOptions} serialize
+ * @returns {{update: Buffer}|{update_pipeline: Buffer[]}}
+ */
+function updateFields(update, serialize) {
+  if (Array.isArray(update)) return { update_pipeline: encodeList(update, 'update pipeline', serialize) };
+  const encoded = encodeDocument(update, 'update', serialize);
+  const keys = topLevelKeys(update);
+  if (keys.length === 0) throw new InvalidArgumentError('update cannot be empty');
+  if (!keys.every((key) => key.startsWith('$'))) throw new InvalidArgumentError('update only works with $ operators');
+  return { update: encoded };
+}
+
+/**
+ * A replacement document: no `$` operators at its top level.
+ * @param {unknown} replacement
+ * @param {import('bson').SerializeOptions} serialize
+ * @returns {Buffer}
+ */
+function replacementDocument(replacement, serialize) {
+  const encoded = encodeDocument(replacement, 'replacement', serialize);
+  if (topLevelKeys(replacement).some((key) => key.startsWith('$'))) {
+    throw new InvalidArgumentError('replacement can not include $ operators');
+  }
+  return encoded;
+}
+
+/**
+ * The value of a one-field BSON document {"_id": value}.
+ * @param {Buffer} raw
+ * @param {BrokerClient} client
+ */
+function decodeId(raw, client) {
+  return BSON.deserialize(raw, { ...client.bsonOptions })._id;
+}
+
+/** The driver's bulkWrite model names, each the contract's WriteModel field. */
+const WRITE_MODELS = Object.freeze({
+  insertOne: 'insert_one',
+  updateOne: 'update_one',
+  updateMany: 'update_many',
+  replaceOne: 'replace_one',
+  deleteOne: 'delete_one',
+  deleteMany: 'delete_many',
+});
+
+/**
+ * One operation of a bulkWrite as a WriteModel message.
+ * @param {any} operation e.g. {updateOne: {filter, update, upsert}}
+ * @param {number} index
+ * @param {import('bson').SerializeOptions} serialize
+ * @param {Map<number, any>} madeIds gets the `_id` of an insertOne's document
+ */
+function writeModel(operation, index, serialize, madeIds) {
+  const names = operation && typeof operation === 'object' ? Object.keys(operation) : [];
+  if (names.length !== 1 || !Object.prototype.hasOwnProperty.call(WRITE_MODELS, names[0])) {
+    throw new TypeError(
+      `operation ${index} must be an object with one of ${Object.keys(WRITE_MODELS).join(', ')}, not ${describe(operation)}`,
+    );
+  }
+  const name = /** @type {keyof typeof WRITE_MODELS} */ (names[0]);
+  const spec = operation[name];
+  if (typeof spec !== 'object' || spec === null) throw new TypeError(`operation ${index}: ${name} must be an object`);
+  const what = `operation ${index} (${name})`;
+  /** @type {any} */
+  let model;
+  if (name === 'insertOne') {
+    const encoded = encodeForInsert(spec.document, index, serialize);
+    madeIds.set(index, spec.document instanceof Map ? spec.document.get('_id') : spec.document._id);
+    model = { document: encoded };
+  } else {
+    model = {
+      filter: encodeOptional(spec.filter, `${what} filter`, serialize),
+      ...hintFields(spec.hint, serialize),
+      collation: encodeOptional(spec.collation, `${what} collation`, serialize),
+    };
+    if (name === 'updateOne' || name === 'updateMany') {
+      Object.assign(model, updateFields(spec.update, serialize), {
+        upsert: Boolean(spec.upsert),
+        array_filters: encodeList(spec.arrayFilters, `${what} arrayFilters`, serialize),
+      });
+    } else if (name === 'replaceOne') {
+      Object.assign(model, { replacement: replacementDocument(spec.replacement, serialize), upsert: Boolean(spec.upsert) });
+    }
+  }
+  return { [WRITE_MODELS[name]]: model };
 }
 
 /**
@@ -616,7 +1486,7 @@ function encodeForInsert(document, index, options) {
 }
 
 /**
- * @param {{w?: number|string, j?: boolean, wtimeoutMS?: number}} spec
+ * @param {WriteConcernSpec} spec
  */
 function writeConcern(spec) {
   /** @type {any} */
@@ -628,9 +1498,9 @@ function writeConcern(spec) {
   return out;
 }
 
-/** @param {InsertOptions} options */
-function isAcknowledged(options) {
-  return !(options.writeConcern && options.writeConcern.w === 0);
+/** @param {WriteConcernSpec|undefined} concern the write's */
+function isAcknowledged(concern) {
+  return !(concern && concern.w === 0);
 }
 
 /**
@@ -657,6 +1527,8 @@ function describe(value) {
 module.exports = {
   VERSION,
   DEFAULT_TIMEOUT_MS,
+  DEFAULT_RETRY_POLICY,
+  ReturnDocument,
   BrokerClient,
   Database,
   Collection,

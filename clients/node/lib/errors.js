@@ -8,11 +8,18 @@
  * `grpc-status-details-bin`): the `ErrorInfo` reason and metadata
  * (`mongo_code`, `mongo_code_name`, `mongo_labels`, `database`,
  * `inserted_count`, `failed_index`) and a `RetryInfo` delay.
+ *
+ * A write that failed with MongoDB write errors also reads as the Node
+ * driver's MongoServerError (`errmsg`, `index`, `writeErrors`); a failed
+ * bulkWrite is moreover a {@link BulkWriteError} (`result`, the partial
+ * counts), whatever class its gRPC code gives it. `code` stays the gRPC
+ * status code, as for every other error: MongoDB's is `mongoCode`.
  */
 
 const path = require('node:path');
 const protobuf = require('protobufjs');
 const { status: Status } = require('@grpc/grpc-js');
+const { EJSON } = require('bson');
 
 const DOMAIN = 'mongo-broker';
 const PROTO_FILE = path.join(__dirname, '..', 'proto', 'broker', 'v1', 'broker.proto');
@@ -99,6 +106,9 @@ class BrokerError extends Error {
     this.retryAfterMs = retryAfterMs;
     /** @type {unknown[]} */
     this.details = details;
+    /** @type {any[]|undefined} write_errors, parsed on first use */
+    this._writeErrors = undefined;
+    Object.defineProperty(this, '_writeErrors', { enumerable: false, writable: true });
   }
 
   /** @returns {number|null} MongoDB's error code (e.g. 11000), when it gave one. */
@@ -136,6 +146,94 @@ class BrokerError extends Error {
     return intOrNull(this.metadata.failed_index);
   }
 
+  /** @returns {number|null} for a failed write: documents matched before it failed. */
+  get matchedCount() {
+    return intOrNull(this.metadata.matched_count);
+  }
+
+  /** @returns {number|null} for a failed write: documents modified before it failed. */
+  get modifiedCount() {
+    return intOrNull(this.metadata.modified_count);
+  }
+
+  /** @returns {number|null} for a failed write: documents deleted before it failed. */
+  get deletedCount() {
+    return intOrNull(this.metadata.deleted_count);
+  }
+
+  /** @returns {number|null} for a failed write: documents upserted before it failed. */
+  get upsertedCount() {
+    return intOrNull(this.metadata.upserted_count);
+  }
+
+  /**
+   * The write errors MongoDB reported, as the driver's WriteError has them:
+   * [{index, code (MongoDB's), codeName, errmsg}]; empty for an error that
+   * was not a write error. The broker may cut the list: see
+   * `writeErrorsTotal`.
+   * @returns {{index: number, code: number, codeName: string, errmsg: string}[]}
+   */
+  get writeErrors() {
+    if (this._writeErrors === undefined) {
+      /** @type {any[]} */
+      let parsed = [];
+      try {
+        const value = JSON.parse(this.metadata.write_errors || '[]');
+        if (Array.isArray(value)) parsed = value;
+      } catch {
+        // Malformed metadata: the code, message and counts still stand.
+      }
+      this._writeErrors = parsed.map((e) => ({
+        index: Number(e.index),
+        code: Number(e.code),
+        codeName: String(e.codeName || ''),
+        errmsg: String(e.errmsg || ''),
+      }));
+    }
+    return this._writeErrors;
+  }
+
+  /** @returns {number} how many write errors there were, the cut ones included. */
+  get writeErrorsTotal() {
+    const total = intOrNull(this.metadata.write_errors_total);
+    return total === null ? this.writeErrors.length : total;
+  }
+
+  /** @returns {string} MongoDB's message of the (first) write error, else the message. */
+  get errmsg() {
+    const [first] = this.writeErrors;
+    return first && first.errmsg ? first.errmsg : this.message;
+  }
+
+  /** @returns {number|null} the index of the failing document or operation (`failedIndex`). */
+  get index() {
+    return this.failedIndex;
+  }
+
+  /**
+   * The `_id` of every document an upsert inserted before the failure, by
+   * operation index.
+   * @returns {Record<number, any>}
+   */
+  get upsertedIds() {
+    /** @type {Record<number, any>} */
+    const out = {};
+    if (!this.metadata.upserted_ids) return out;
+    try {
+      // Relaxed: numbers as plain numbers, as the client decodes BSON by default.
+      const list = EJSON.parse(this.metadata.upserted_ids);
+      if (Array.isArray(list)) for (const entry of list) out[Number(entry.index)] = entry._id;
+    } catch {
+      // Malformed metadata: no ids rather than no error.
+    }
+    return out;
+  }
+
+  /** @returns {{errmsg: string}|null} the write concern's failure, when it failed. */
+  get writeConcernError() {
+    return this.metadata.write_concern_error ? { errmsg: this.metadata.write_concern_error } : null;
+  }
+
   /** @returns {boolean} worth retrying after a pause (UNAVAILABLE, a full pool). */
   get retryable() {
     return this.code === Status.UNAVAILABLE || this instanceof PoolExhaustedError;
@@ -164,6 +262,66 @@ class UnauthenticatedError extends BrokerError {}
 class CancelledError extends BrokerError {}
 /** FAILED_PRECONDITION, UNIMPLEMENTED, ...: MongoDB refused the operation. */
 class OperationFailedError extends BrokerError {}
+
+const BULK_RESULT = Symbol('bulkWriteResult');
+
+/**
+ * A failed bulkWrite, as the driver's MongoBulkWriteError: `writeErrors`
+ * and `result` (what landed). Such an error keeps the class its gRPC code
+ * gives it (a duplicate key is still a DuplicateKeyError), and is a
+ * BulkWriteError too: `instanceof` checks for the result rather than the
+ * prototype, since an error has one prototype chain.
+ */
+class BulkWriteError extends BrokerError {
+  /**
+   * @param {unknown} value
+   * @returns {boolean}
+   */
+  static [Symbol.hasInstance](value) {
+    return value instanceof BrokerError && /** @type {any} */ (value)[BULK_RESULT] !== undefined;
+  }
+}
+
+/**
+ * Makes a failed bulkWrite's error a BulkWriteError: its `result` holds
+ * the counts from the broker's metadata, the ids of the upserts it lists,
+ * and the ids this client made for the inserts that landed (ordered: those
+ * before the failing operation; unordered: those without a write error).
+ * An error without write metadata (the broker unreachable, a bad request)
+ * is returned as it is.
+ * @param {BrokerError} error
+ * @param {Map<number, any>} madeIds each insertOne's `_id`, by operation index
+ * @param {boolean} ordered
+ * @returns {BrokerError}
+ */
+function markBulkWriteError(error, madeIds, ordered) {
+  if (!(error instanceof BrokerError)) return error;
+  const meta = error.metadata;
+  if (meta.failed_index === undefined && meta.write_errors === undefined && meta.write_concern_error === undefined) {
+    return error;
+  }
+  const failedIndex = error.failedIndex;
+  const failing = new Set(error.writeErrors.map((e) => e.index));
+  /** @type {Record<number, any>} */
+  const insertedIds = {};
+  for (const [index, id] of madeIds) {
+    const landed = ordered ? failedIndex === null || index < failedIndex : !failing.has(index);
+    if (landed) insertedIds[index] = id;
+  }
+  const result = {
+    acknowledged: true,
+    insertedCount: error.insertedCount || 0,
+    matchedCount: error.matchedCount || 0,
+    modifiedCount: error.modifiedCount || 0,
+    deletedCount: error.deletedCount || 0,
+    upsertedCount: error.upsertedCount || 0,
+    insertedIds,
+    upsertedIds: error.upsertedIds,
+  };
+  Object.defineProperty(error, BULK_RESULT, { value: result, enumerable: false });
+  Object.defineProperty(error, 'result', { value: result, enumerable: true });
+  return error;
+}
 
 /** @type {Record<number, typeof BrokerError>} */
 const CLASS_BY_CODE = {
@@ -278,6 +436,8 @@ module.exports = {
   UnauthenticatedError,
   CancelledError,
   OperationFailedError,
+  BulkWriteError,
+  markBulkWriteError,
   fromServiceError,
   // For tests: encode a google.rpc.Status the way a server would.
   _types: { StatusType, ErrorInfoType, RetryInfoType, ERROR_INFO_URL, RETRY_INFO_URL },

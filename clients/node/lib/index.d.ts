@@ -10,6 +10,22 @@ import type { DeserializeOptions, Document, SerializeOptions } from 'bson';
 export declare const VERSION: string;
 /** Default time limit of a call, in milliseconds: there is no "wait forever". */
 export declare const DEFAULT_TIMEOUT_MS: number;
+/** How reads are retried, in milliseconds; `retries: null` makes every call once. */
+export interface RetryPolicy {
+  /** Tries in all, the first included (1: no retries). */
+  maxAttempts: number;
+  /** The cap on the pause before the first retry. */
+  initialBackoffMs: number;
+  /** The largest cap on any pause (a broker's RetryInfo delay may exceed it). */
+  maxBackoffMs: number;
+  /** How much the cap grows with each retry. */
+  multiplier: number;
+}
+/** The clients' default: three tries, pauses of at most 50, 100 ms (then up to 1 s). */
+export declare const DEFAULT_RETRY_POLICY: Readonly<RetryPolicy>;
+/** What `returnDocument` names, as the Node driver spells it. */
+export declare const ReturnDocument: Readonly<{ BEFORE: 'before'; AFTER: 'after' }>;
+export type ReturnDocumentName = 'before' | 'after';
 /** grpc-js's status codes, to compare with `BrokerError.code`. */
 export declare const status: typeof grpcStatus;
 /** The contract's ErrorReason names: what `BrokerError.reason` holds. */
@@ -66,12 +82,43 @@ export interface ClientOptions {
   bsonOptions?: DeserializeOptions;
   /** How documents are encoded (default `{ignoreUndefined: true}`). */
   serializeOptions?: SerializeOptions;
+  /**
+   * How reads (find before its first document, findOne, countDocuments,
+   * distinct, aggregate without $out/$merge, ping, stats) are retried
+   * (default DEFAULT_RETRY_POLICY); null: every call is made once. Updates,
+   * deletes, find-and-modify and bulk writes are never retried.
+   */
+  retries?: Partial<RetryPolicy> | null;
+}
+
+export type ReadPreferenceMode = 'primary' | 'primaryPreferred' | 'secondary' | 'secondaryPreferred' | 'nearest';
+/** A mode name, or an object with one (the driver's ReadPreference has these fields). */
+export type ReadPreferenceLike =
+  | ReadPreferenceMode
+  | { mode: ReadPreferenceMode; tags?: DocumentLike[]; maxStalenessSeconds?: number };
+export type ReadConcernLevel = 'local' | 'available' | 'majority' | 'linearizable' | 'snapshot';
+/** A level name, or {level} (the driver's ReadConcern). */
+export type ReadConcernLike = ReadConcernLevel | { level: ReadConcernLevel };
+
+/** What a Database or Collection hands down to its operations; a call's own options win. */
+export interface InheritedOptions {
+  readPreference?: ReadPreferenceLike;
+  readConcern?: ReadConcernLike;
+  writeConcern?: WriteConcern;
+}
+
+/** The options of every read. */
+export interface ReadOptions {
+  /** How strings compare, e.g. {locale: 'fr'}. */
+  collation?: DocumentLike;
+  readPreference?: ReadPreferenceLike;
+  readConcern?: ReadConcernLike;
 }
 
 /** A document, a Map, or one document's BSON bytes. */
 export type DocumentLike = Document | Map<string, unknown> | Uint8Array;
 
-export interface FindOptions extends CallOptions {
+export interface FindOptions extends CallOptions, ReadOptions {
   projection?: DocumentLike;
   sort?: DocumentLike;
   skip?: number;
@@ -112,6 +159,171 @@ export interface InsertManyResult {
   insertedCount: number;
   /** Each document's `_id`, in the order given. */
   insertedIds: any[];
+}
+
+/** An operator document ({$set: ...}) or an update pipeline (an array of stages). */
+export type UpdateLike = DocumentLike | DocumentLike[];
+
+export interface UpdateOptions extends CallOptions {
+  /** Insert a document when nothing matches. */
+  upsert?: boolean;
+  /** Which array elements `$[<id>]` updates. */
+  arrayFilters?: DocumentLike[];
+  /** An index name, or a key pattern. */
+  hint?: string | DocumentLike;
+  collation?: DocumentLike;
+  /** Variables for the filter and an update pipeline ($$name). */
+  let?: DocumentLike;
+  comment?: string;
+  maxTimeMS?: number;
+  bypassDocumentValidation?: boolean;
+  writeConcern?: WriteConcern;
+}
+
+export interface UpdateResult {
+  acknowledged: boolean;
+  matchedCount: number;
+  modifiedCount: number;
+  upsertedCount: number;
+  /** The `_id` an upsert inserted, or null. */
+  upsertedId: any;
+}
+
+export interface DeleteOptions extends CallOptions {
+  hint?: string | DocumentLike;
+  collation?: DocumentLike;
+  let?: DocumentLike;
+  comment?: string;
+  maxTimeMS?: number;
+  writeConcern?: WriteConcern;
+}
+
+export interface DeleteResult {
+  acknowledged: boolean;
+  deletedCount: number;
+}
+
+export interface FindOneAndModifyOptions extends CallOptions {
+  /** The document as it was before the change (the default), or after it. */
+  returnDocument?: ReturnDocumentName;
+  upsert?: boolean;
+  /** Fields of the returned document. */
+  projection?: DocumentLike;
+  /** Which matching document is changed, when several match. */
+  sort?: DocumentLike;
+  arrayFilters?: DocumentLike[];
+  hint?: string | DocumentLike;
+  collation?: DocumentLike;
+  let?: DocumentLike;
+  comment?: string;
+  maxTimeMS?: number;
+  bypassDocumentValidation?: boolean;
+  writeConcern?: WriteConcern;
+  /** Only false: the result is the document, or null (the driver v6 default). */
+  includeResultMetadata?: false;
+  bsonOptions?: DeserializeOptions;
+}
+
+export interface FindOneAndDeleteOptions extends Omit<FindOneAndModifyOptions, 'returnDocument' | 'upsert' | 'arrayFilters' | 'bypassDocumentValidation'> {}
+
+export interface CountDocumentsOptions extends CallOptions, ReadOptions {
+  skip?: number;
+  /** 0 means no limit. */
+  limit?: number;
+  hint?: string | DocumentLike;
+  maxTimeMS?: number;
+  comment?: string;
+}
+
+export interface EstimatedDocumentCountOptions extends CallOptions {
+  readPreference?: ReadPreferenceLike;
+  readConcern?: ReadConcernLike;
+  maxTimeMS?: number;
+  comment?: string;
+}
+
+export interface DistinctOptions extends CallOptions, ReadOptions {
+  maxTimeMS?: number;
+  comment?: string;
+  bsonOptions?: DeserializeOptions;
+}
+
+export interface AggregateOptions extends CallOptions, ReadOptions {
+  /** Let stages spill to temporary files; unset means the server's default. */
+  allowDiskUse?: boolean;
+  /** Documents per MongoDB batch (one gRPC message each). */
+  batchSize?: number;
+  hint?: string | DocumentLike;
+  let?: DocumentLike;
+  comment?: string;
+  maxTimeMS?: number;
+  /** For a pipeline ending in $out or $merge. */
+  bypassDocumentValidation?: boolean;
+  /** For a pipeline ending in $out or $merge. */
+  writeConcern?: WriteConcern;
+  bsonOptions?: DeserializeOptions;
+}
+
+export interface UpdateModel {
+  filter: DocumentLike;
+  update: UpdateLike;
+  upsert?: boolean;
+  arrayFilters?: DocumentLike[];
+  hint?: string | DocumentLike;
+  collation?: DocumentLike;
+}
+
+export interface ReplaceOneModel {
+  filter: DocumentLike;
+  replacement: Document | Map<string, unknown>;
+  upsert?: boolean;
+  hint?: string | DocumentLike;
+  collation?: DocumentLike;
+}
+
+export interface DeleteModel {
+  filter: DocumentLike;
+  hint?: string | DocumentLike;
+  collation?: DocumentLike;
+}
+
+/** One operation of a bulkWrite, in the driver's shape. */
+export type AnyBulkWriteOperation =
+  | { insertOne: { document: Document | Map<string, unknown> } }
+  | { updateOne: UpdateModel }
+  | { updateMany: UpdateModel }
+  | { replaceOne: ReplaceOneModel }
+  | { deleteOne: DeleteModel }
+  | { deleteMany: DeleteModel };
+
+export interface BulkWriteOptions extends CallOptions {
+  /** Stop at the first error (default true). */
+  ordered?: boolean;
+  bypassDocumentValidation?: boolean;
+  writeConcern?: WriteConcern;
+  comment?: string;
+  let?: DocumentLike;
+}
+
+export interface BulkWriteResult {
+  acknowledged: boolean;
+  insertedCount: number;
+  matchedCount: number;
+  modifiedCount: number;
+  deletedCount: number;
+  upsertedCount: number;
+  /** Operation index -> the `_id` of its insertOne's document. */
+  insertedIds: Record<number, any>;
+  /** Operation index -> the `_id` its upsert inserted. */
+  upsertedIds: Record<number, any>;
+}
+
+/** One write error, as the driver's WriteError: `code` is MongoDB's. */
+export interface WriteError {
+  index: number;
+  code: number;
+  codeName: string;
+  errmsg: string;
 }
 
 /** The broker's connection pool to one database. */
@@ -198,8 +410,10 @@ export declare class BrokerClient {
   readonly timeoutMs: number;
   bsonOptions: DeserializeOptions;
   serializeOptions: SerializeOptions;
+  /** The retry policy of reads; null when every call is made once. */
+  readonly retries: Readonly<RetryPolicy> | null;
   /** A database configured on the broker (its configured name). */
-  db(name: string): Database;
+  db(name: string, options?: InheritedOptions): Database;
   /** Checks the broker and its databases (every one, or the one named). */
   ping(database?: string, options?: CallOptions): Promise<PingResult>;
   /** Pool, queue and operation figures, for every database or the one named. */
@@ -210,19 +424,22 @@ export declare class BrokerClient {
 
 /** A database configured on the broker. */
 export declare class Database {
-  constructor(client: BrokerClient, name: string);
+  constructor(client: BrokerClient, name: string, options?: InheritedOptions);
   readonly client: BrokerClient;
   readonly databaseName: string;
-  collection<TSchema extends Document = Document>(name: string): Collection<TSchema>;
+  readonly options: InheritedOptions;
+  collection<TSchema extends Document = Document>(name: string, options?: InheritedOptions): Collection<TSchema>;
   /** Pings this database only. */
   ping(options?: CallOptions): Promise<PingResult>;
 }
 
 /** A collection of a configured database. */
 export declare class Collection<TSchema extends Document = Document> {
-  constructor(db: Database, name: string);
+  constructor(db: Database, name: string, options?: InheritedOptions);
   readonly db: Database;
   readonly collectionName: string;
+  /** The database's options, with this collection's over them. */
+  readonly options: InheritedOptions;
   /** A lazy cursor; the call starts when it is first read. */
   find(filter?: DocumentLike, options?: FindOptions): Cursor<TSchema>;
   /** The first matching document, or null: one unary call. */
@@ -231,9 +448,39 @@ export declare class Collection<TSchema extends Document = Document> {
   insertOne(document: Document | Map<string, unknown>, options?: InsertOptions): Promise<InsertOneResult>;
   /** Inserts documents in one call. */
   insertMany(documents: Array<Document | Map<string, unknown>>, options?: InsertOptions): Promise<InsertManyResult>;
+  /** Updates the first match; `update` must be operators or a pipeline. Never retried. */
+  updateOne(filter: DocumentLike, update: UpdateLike, options?: UpdateOptions): Promise<UpdateResult>;
+  /** Updates every match. Never retried. */
+  updateMany(filter: DocumentLike, update: UpdateLike, options?: UpdateOptions): Promise<UpdateResult>;
+  /** Replaces the first match with a document without `$` operators. Never retried. */
+  replaceOne(filter: DocumentLike, replacement: Document | Map<string, unknown>, options?: UpdateOptions): Promise<UpdateResult>;
+  /** Deletes the first match. Never retried. */
+  deleteOne(filter: DocumentLike, options?: DeleteOptions): Promise<DeleteResult>;
+  /** Deletes every match ({} or omitted: all). Never retried. */
+  deleteMany(filter?: DocumentLike, options?: DeleteOptions): Promise<DeleteResult>;
+  /** Updates one document atomically; it before (default) or after the change, or null. */
+  findOneAndUpdate(filter: DocumentLike, update: UpdateLike, options?: FindOneAndModifyOptions): Promise<TSchema | null>;
+  /** Replaces one document atomically; it before (default) or after, or null. */
+  findOneAndReplace(
+    filter: DocumentLike,
+    replacement: Document | Map<string, unknown>,
+    options?: FindOneAndModifyOptions,
+  ): Promise<TSchema | null>;
+  /** Deletes one document atomically and returns it, or null. */
+  findOneAndDelete(filter: DocumentLike, options?: FindOneAndDeleteOptions): Promise<TSchema | null>;
+  /** The number of matching documents (a read, retried). */
+  countDocuments(filter?: DocumentLike, options?: CountDocumentsOptions): Promise<number>;
+  /** The collection's size from its metadata. */
+  estimatedDocumentCount(options?: EstimatedDocumentCountOptions): Promise<number>;
+  /** The distinct values of a field (dot notation) among the matches. */
+  distinct(key: string, filter?: DocumentLike, options?: DistinctOptions): Promise<any[]>;
+  /** A lazy cursor over the pipeline's results, read as `find`'s. */
+  aggregate<T extends Document = Document>(pipeline?: DocumentLike[], options?: AggregateOptions): Cursor<T>;
+  /** Inserts, updates, replacements and deletes in one call. Never retried. */
+  bulkWrite(operations: AnyBulkWriteOperation[], options?: BulkWriteOptions): Promise<BulkWriteResult>;
 }
 
-/** The result of `find()`: an async iterable over the stream, read once. */
+/** The result of `find()` and `aggregate()`: an async iterable over the stream, read once. */
 export declare class Cursor<TSchema extends Document = Document> implements AsyncIterable<TSchema> {
   /** Messages (MongoDB batches) received so far. */
   readonly batches: number;
@@ -275,6 +522,23 @@ export declare class BrokerError extends Error {
   readonly database: string | null;
   readonly insertedCount: number | null;
   readonly failedIndex: number | null;
+  /** For a failed write: what landed before it failed. */
+  readonly matchedCount: number | null;
+  readonly modifiedCount: number | null;
+  readonly deletedCount: number | null;
+  readonly upsertedCount: number | null;
+  /** MongoDB's write errors ([] for other errors); the broker may cut the list. */
+  readonly writeErrors: WriteError[];
+  /** How many write errors there were, the cut ones included. */
+  readonly writeErrorsTotal: number;
+  /** MongoDB's message of the (first) write error, else `message`. */
+  readonly errmsg: string;
+  /** The failing document's or operation's index (`failedIndex`). */
+  readonly index: number | null;
+  /** Operation index -> the `_id` an upsert inserted before the failure. */
+  readonly upsertedIds: Record<number, any>;
+  /** The write concern's failure, when it failed. */
+  readonly writeConcernError: { errmsg: string } | null;
   /** Worth retrying after a pause (UNAVAILABLE, a full pool). */
   readonly retryable: boolean;
 }
@@ -290,3 +554,12 @@ export declare class PermissionDeniedError extends BrokerError {}
 export declare class UnauthenticatedError extends BrokerError {}
 export declare class CancelledError extends BrokerError {}
 export declare class OperationFailedError extends BrokerError {}
+/**
+ * A failed bulkWrite, as the driver's MongoBulkWriteError. The error keeps
+ * the class its gRPC code gives it (a duplicate key is a DuplicateKeyError
+ * too); `instanceof BulkWriteError` checks for `result`.
+ */
+export declare class BulkWriteError extends BrokerError {
+  /** What landed before the failure: counts and ids. */
+  readonly result: BulkWriteResult;
+}

@@ -16,6 +16,8 @@ const errors = require('./errors');
 module.exports = {
   VERSION: client.VERSION,
   DEFAULT_TIMEOUT_MS: client.DEFAULT_TIMEOUT_MS,
+  DEFAULT_RETRY_POLICY: client.DEFAULT_RETRY_POLICY,
+  ReturnDocument: client.ReturnDocument,
   BrokerClient: client.BrokerClient,
   Database: client.Database,
   Collection: client.Collection,
@@ -34,6 +36,7 @@ module.exports = {
   UnauthenticatedError: errors.UnauthenticatedError,
   CancelledError: errors.CancelledError,
   OperationFailedError: errors.OperationFailedError,
+  BulkWriteError: errors.BulkWriteError,
 };
 // A getter: the names are read from the contract on first use.
 Object.defineProperty(module.exports, 'ErrorReason', { enumerable: true, get: errors.errorReason });

@@ -6,16 +6,21 @@ import { ObjectId } from 'bson';
 import {
   BrokerClient,
   BrokerError,
+  BulkWriteError,
+  DEFAULT_RETRY_POLICY,
   DEFAULT_TIMEOUT_MS,
   DuplicateKeyError,
   ErrorReason,
   normalizeTarget,
+  ReturnDocument,
   status,
   VERSION,
   type Cursor,
   type DatabaseStats,
+  type BulkWriteResult,
   type PingResult,
   type StatsResult,
+  type UpdateResult,
 } from '..';
 
 interface Item {
@@ -64,6 +69,50 @@ export async function usage(): Promise<void> {
       void reason;
     }
   }
+
+  // The operation set, with read options inherited from the collection.
+  const reads = client.db('appdb', { readConcern: 'majority' }).collection<Item>('items', {
+    readPreference: { mode: 'secondaryPreferred', tags: [{ dc: 'east' }], maxStalenessSeconds: 90 },
+  });
+  const updated: UpdateResult = await items.updateOne({ sku: 'a1' }, { $inc: { qty: 1 } }, { upsert: true, hint: 'sku_1' });
+  const piped: UpdateResult = await items.updateMany({}, [{ $set: { qty: 0 } }], { let: { z: 0 }, comment: 'c' });
+  const replaced: UpdateResult = await items.replaceOne({ sku: 'a1' }, { sku: 'a1', qty: 9 }, { writeConcern: { w: 1 } });
+  const upserted: unknown = updated.upsertedId;
+  const { deletedCount } = await items.deleteMany({ qty: 0 }, { collation: { locale: 'fr' } });
+  const before: Item | null = await items.findOneAndUpdate({ sku: 'a1' }, { $set: { qty: 1 } }, { returnDocument: ReturnDocument.AFTER });
+  const gone: Item | null = await items.findOneAndDelete({ sku: 'a1' }, { sort: { qty: -1 } });
+  const swapped: Item | null = await items.findOneAndReplace({ sku: 'b2' }, { sku: 'b3', qty: 1 }, { returnDocument: 'before', upsert: true });
+  const n: number = (await reads.countDocuments({ qty: { $gt: 1 } }, { limit: 5, readPreference: 'nearest' })) + (await reads.estimatedDocumentCount());
+  const skus: unknown[] = await reads.distinct('sku', {}, { readConcern: { level: 'local' }, collation: { locale: 'en' } });
+  const grouped = reads.aggregate<{ _id: string; total: number }>([{ $group: { _id: '$sku', total: { $sum: '$qty' } } }], { allowDiskUse: true });
+  for await (const group of grouped) {
+    const total: number = group.total;
+    void total;
+  }
+  const bulk: BulkWriteResult = await items.bulkWrite(
+    [
+      { insertOne: { document: { sku: 'd4', qty: 1 } } },
+      { updateOne: { filter: { sku: 'd4' }, update: { $inc: { qty: 1 } }, upsert: true } },
+      { replaceOne: { filter: { sku: 'e5' }, replacement: { sku: 'e5', qty: 2 } } },
+      { deleteMany: { filter: { qty: 0 } } },
+    ],
+    { ordered: false },
+  );
+  const landed: number = bulk.insertedCount + bulk.upsertedCount + Object.keys(bulk.insertedIds).length;
+  try {
+    await items.bulkWrite([{ deleteOne: { filter: {} } }]);
+  } catch (error) {
+    if (error instanceof BulkWriteError) {
+      const partial: number = error.result.insertedCount + error.writeErrors[0].code + (error.index ?? 0);
+      const message: string = error.errmsg;
+      void [partial, message];
+    }
+  }
+  // @ts-expect-error returnDocument is 'before' or 'after'
+  await items.findOneAndUpdate({}, { $set: { qty: 1 } }, { returnDocument: 'later' });
+  const noRetries = new BrokerClient(target, { retries: null });
+  const fewer = new BrokerClient(target, { retries: { maxAttempts: DEFAULT_RETRY_POLICY.maxAttempts + 1 } });
+  void [piped, replaced, upserted, deletedCount, before, gone, swapped, n, skus, landed, noRetries.retries, fewer];
 
   const closed: Promise<void> = client.close();
   await closed;
