@@ -10,7 +10,7 @@ const path = require('node:path');
 const fs = require('node:fs');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
-const { BSON, ObjectId } = require('bson');
+const { BSON, EJSON, ObjectId } = require('bson');
 
 const broker = require('..');
 const { encodeForInsert, loadService } = require('../lib/client');
@@ -320,6 +320,616 @@ test('ping and stats results are camelCase throughout; the count maps keep their
     assert.deepEqual(db.operations, { getMore: 2 });
     assert.deepEqual(db.checkoutFailures, { queue_full: 1 }, 'map keys are data, not field names');
     assert.deepEqual(methods, ['Ping', 'Stats']);
+  } finally {
+    stop();
+  }
+});
+
+// ---------------------------------------------------------------------------
+// The operation set: the requests each method builds, the refusals made
+// before any call, the retry rules and the decoding of write failures.
+
+/** @param {Buffer} raw */
+const doc = (raw) => (raw.length === 0 ? null : BSON.deserialize(raw));
+/** @param {Record<string, unknown>} value */
+const bson = (value) => Buffer.from(BSON.serialize(value));
+
+/**
+ * A unary handler that records each request and answers `response`.
+ * @param {any[]} requests
+ * @param {object|((request: any) => object)} response
+ */
+function answer(requests, response) {
+  return (/** @type {any} */ call, /** @type {Function} */ callback) => {
+    requests.push(call.request);
+    callback(null, typeof response === 'function' ? response(call.request) : response);
+  };
+}
+
+test('updateOne, updateMany and replaceOne send every option and read the result', async () => {
+  /** @type {any[]} */
+  const requests = [];
+  const upsertedId = new ObjectId();
+  const { client, methods, stop } = await serveBroker({
+    Update: answer(requests, (request) =>
+      request.upsert ? { matched_count: 0, modified_count: 0, upserted_id: bson({ _id: upsertedId }) } : { matched_count: 3, modified_count: 2 },
+    ),
+  });
+  try {
+    const coll = client.db('appdb').collection('items', { writeConcern: { w: 'majority' } });
+    const one = await coll.updateOne({ sku: 'a' }, { $set: { qty: 1 } }, {
+      upsert: true, arrayFilters: [{ 'e.x': 1 }], hint: { sku: 1 }, collation: { locale: 'fr' },
+      let: { v: 2 }, comment: 'why', maxTimeMS: 500, bypassDocumentValidation: true,
+    });
+    assert.deepEqual(one, { acknowledged: true, matchedCount: 0, modifiedCount: 0, upsertedCount: 1, upsertedId });
+    const many = await coll.updateMany({}, [{ $set: { qty: 0 } }], { hint: 'sku_1', writeConcern: { w: 0 } });
+    assert.deepEqual(many, { acknowledged: false, matchedCount: 3, modifiedCount: 2, upsertedCount: 0, upsertedId: null });
+    await coll.replaceOne({ sku: 'b' }, { sku: 'b', qty: 7 });
+
+    const [u1, u2, u3] = requests;
+    assert.equal(u1.database, 'appdb');
+    assert.equal(u1.collection, 'items');
+    assert.deepEqual(doc(u1.filter), { sku: 'a' });
+    assert.deepEqual(doc(u1.update), { $set: { qty: 1 } });
+    assert.equal(u1.multi, false);
+    assert.equal(u1.upsert, true);
+    assert.deepEqual(u1.array_filters.map(doc), [{ 'e.x': 1 }]);
+    assert.equal(u1.hint, 'hint_keys');
+    assert.deepEqual(doc(u1.hint_keys), { sku: 1 });
+    assert.deepEqual(doc(u1.collation), { locale: 'fr' });
+    assert.deepEqual(doc(u1.let), { v: 2 });
+    assert.equal(u1.comment, 'why');
+    assert.equal(u1.max_time_ms, 500);
+    assert.equal(u1.bypass_document_validation, true);
+    assert.equal(u1.write_concern.w_tag, 'majority', "the collection's write concern");
+
+    assert.equal(u2.multi, true);
+    assert.equal(u2.update.length, 0);
+    assert.deepEqual(u2.update_pipeline.map(doc), [{ $set: { qty: 0 } }]);
+    assert.equal(u2.hint_name, 'sku_1');
+    assert.equal(u2.write_concern.w_nodes, 0, "the call's write concern wins");
+
+    assert.deepEqual(doc(u3.replacement), { sku: 'b', qty: 7 });
+    assert.equal(u3.update.length, 0);
+    assert.equal(u3.multi, false);
+    assert.equal(u3.upsert, false);
+    assert.deepEqual(methods, ['Update', 'Update', 'Update']);
+  } finally {
+    stop();
+  }
+});
+
+test('updates without $ operators and replacements with them are refused before any call', async () => {
+  const { client, methods, stop } = await serveBroker({});
+  try {
+    const coll = client.db('appdb').collection('items');
+    const operators = /update only works with \$ operators/;
+    await assert.rejects(coll.updateOne({}, { qty: 1 }), operators);
+    await assert.rejects(coll.updateMany({}, { $set: { a: 1 }, qty: 1 }), operators);
+    await assert.rejects(coll.updateOne({}, new Map([['qty', 1]])), operators);
+    await assert.rejects(coll.updateOne({}, bson({ qty: 1 })), operators, 'raw BSON is checked too');
+    await assert.rejects(coll.findOneAndUpdate({}, { qty: 1 }), operators);
+    await assert.rejects(coll.updateOne({}, {}), /update cannot be empty/);
+    await assert.rejects(coll.bulkWrite([{ updateOne: { filter: {}, update: { qty: 1 } } }]), operators);
+    const dollar = /replacement can not include \$ operators/;
+    await assert.rejects(coll.replaceOne({}, { $set: { qty: 1 } }), dollar);
+    await assert.rejects(coll.findOneAndReplace({}, { a: 1, $inc: { b: 1 } }), dollar);
+    await assert.rejects(coll.bulkWrite([{ replaceOne: { filter: {}, replacement: { $set: {} } } }]), dollar);
+    await assert.rejects(coll.updateOne({}, { qty: 1 }), (/** @type {any} */ error) => {
+      assert.ok(error instanceof broker.InvalidArgumentError);
+      assert.equal(error.code, null, 'refused by the client: no gRPC code');
+      return true;
+    });
+    await assert.rejects(coll.replaceOne({}, /** @type {any} */ ('text')), /replacement must be a document/);
+    await assert.rejects(coll.bulkWrite([{ insertOne: { document: { a: 1 } }, deleteOne: { filter: {} } }]), /operation 0 must be/);
+    await assert.rejects(coll.bulkWrite([{ upsertOne: {} }]), /operation 0 must be/);
+    await assert.rejects(coll.bulkWrite([]), /non-empty array/);
+    await assert.rejects(coll.findOneAndUpdate({}, { $set: { a: 1 } }, { returnDocument: /** @type {any} */ ('later') }), /returnDocument/);
+    await assert.rejects(coll.distinct(''), /key must be/);
+    assert.throws(() => coll.aggregate(/** @type {any} */ ({ $match: {} })), /pipeline must be an array/);
+    assert.deepEqual(methods, [], 'nothing was sent');
+  } finally {
+    stop();
+  }
+});
+
+test('deleteOne and deleteMany send their options and read deletedCount', async () => {
+  /** @type {any[]} */
+  const requests = [];
+  const { client, stop } = await serveBroker({ Delete: answer(requests, (r) => ({ deleted_count: r.multi ? 5 : 1 })) });
+  try {
+    const coll = client.db('appdb').collection('items');
+    assert.deepEqual(await coll.deleteOne({ a: 1 }, { hint: 'a_1', collation: { locale: 'en' }, comment: 'c', let: { x: 1 } }), {
+      acknowledged: true,
+      deletedCount: 1,
+    });
+    assert.deepEqual(await coll.deleteMany(), { acknowledged: true, deletedCount: 5 });
+    const [one, many] = requests;
+    assert.equal(one.multi, false);
+    assert.deepEqual(doc(one.filter), { a: 1 });
+    assert.equal(one.hint_name, 'a_1');
+    assert.deepEqual(doc(one.collation), { locale: 'en' });
+    assert.deepEqual(doc(one.let), { x: 1 });
+    assert.equal(one.comment, 'c');
+    assert.equal(many.multi, true);
+    assert.deepEqual(doc(many.filter), {}, 'deleteMany() is {}: every document');
+    assert.equal(many.write_concern, null, 'unset: the database default');
+  } finally {
+    stop();
+  }
+});
+
+test('findOneAndUpdate, findOneAndReplace and findOneAndDelete return the document or null', async () => {
+  /** @type {any[]} */
+  const requests = [];
+  const found = { _id: 1, sku: 'a', qty: 2 };
+  const { client, methods, stop } = await serveBroker({
+    FindOneAndModify: answer(requests, (r) => ({ document: r.remove && doc(r.filter)._id === 2 ? Buffer.alloc(0) : bson(found) })),
+  });
+  try {
+    const coll = client.db('appdb').collection('items');
+    const after = await coll.findOneAndUpdate({ _id: 1 }, { $inc: { qty: 1 } }, {
+      returnDocument: broker.ReturnDocument.AFTER, upsert: true, projection: { qty: 1 }, sort: { qty: -1 },
+      arrayFilters: [{ x: 1 }], hint: 'h', collation: { locale: 'fr' }, let: { v: 1 }, comment: 'c', maxTimeMS: 9,
+    });
+    assert.deepEqual(after, found);
+    assert.deepEqual(await coll.findOneAndReplace({ _id: 1 }, { sku: 'z' }), found);
+    assert.equal(await coll.findOneAndDelete({ _id: 2 }, { sort: { _id: 1 } }), null);
+    const [update, replace, remove] = requests;
+    assert.deepEqual(doc(update.update), { $inc: { qty: 1 } });
+    assert.equal(update.return_document, 'RETURN_DOCUMENT_AFTER');
+    assert.equal(update.upsert, true);
+    assert.deepEqual(doc(update.projection), { qty: 1 });
+    assert.deepEqual(doc(update.sort), { qty: -1 });
+    assert.deepEqual(update.array_filters.map(doc), [{ x: 1 }]);
+    assert.equal(update.hint_name, 'h');
+    assert.deepEqual(doc(update.collation), { locale: 'fr' });
+    assert.deepEqual(doc(update.let), { v: 1 });
+    assert.equal(update.comment, 'c');
+    assert.equal(update.max_time_ms, 9);
+    assert.equal(update.remove, false);
+    assert.deepEqual(doc(replace.replacement), { sku: 'z' });
+    assert.equal(replace.return_document, 'RETURN_DOCUMENT_BEFORE', "the driver's default");
+    assert.equal(remove.remove, true);
+    assert.equal(remove.update.length + remove.replacement.length, 0);
+    assert.deepEqual(methods, ['FindOneAndModify', 'FindOneAndModify', 'FindOneAndModify']);
+    await assert.rejects(
+      coll.findOneAndDelete({}, /** @type {any} */ ({ includeResultMetadata: true })),
+      /includeResultMetadata/,
+    );
+  } finally {
+    stop();
+  }
+});
+
+test('countDocuments and estimatedDocumentCount send their options; read options are inherited and overridden', async () => {
+  /** @type {any[]} */
+  const requests = [];
+  const { client, stop } = await serveBroker({ Count: answer(requests, (r) => ({ count: r.estimated ? 100 : 7 })) });
+  try {
+    const db = client.db('appdb', { readConcern: { level: 'majority' } });
+    const coll = db.collection('items', { readPreference: { mode: 'secondary', tags: [{ dc: 'east' }, {}], maxStalenessSeconds: 120 } });
+    assert.equal(
+      await coll.countDocuments({ qty: { $gt: 1 } }, { skip: 2, limit: 10, hint: { qty: 1 }, collation: { locale: 'fr' }, maxTimeMS: 50, comment: 'n' }),
+      7,
+    );
+    assert.equal(await coll.estimatedDocumentCount({ readPreference: 'nearest', readConcern: 'local' }), 100);
+    const [counted, estimated] = requests;
+    assert.deepEqual(doc(counted.filter), { qty: { $gt: 1 } });
+    assert.equal(counted.skip, 2);
+    assert.equal(counted.limit, 10);
+    assert.deepEqual(doc(counted.hint_keys), { qty: 1 });
+    assert.deepEqual(doc(counted.collation), { locale: 'fr' });
+    assert.equal(counted.max_time_ms, 50);
+    assert.equal(counted.comment, 'n');
+    assert.equal(counted.estimated, false);
+    assert.equal(counted.read_preference.mode, 'READ_PREFERENCE_SECONDARY');
+    assert.deepEqual(counted.read_preference.tag_sets.map(doc), [{ dc: 'east' }, {}]);
+    assert.equal(counted.read_preference.max_staleness_s, 120);
+    assert.equal(counted.read_concern, 'READ_CONCERN_MAJORITY', "the database's read concern");
+    assert.equal(estimated.estimated, true);
+    assert.equal(estimated.filter.length + estimated.collation.length, 0);
+    assert.equal(estimated.read_preference.mode, 'READ_PREFERENCE_NEAREST', "the call's read preference wins");
+    assert.deepEqual(estimated.read_preference.tag_sets, []);
+    assert.equal(estimated.read_concern, 'READ_CONCERN_LOCAL');
+    await assert.rejects(coll.countDocuments({}, { readPreference: /** @type {any} */ ('closest') }), /readPreference mode/);
+    await assert.rejects(coll.countDocuments({}, { readConcern: /** @type {any} */ ({ level: 'eventual' }) }), /readConcern level/);
+    assert.equal(requests.length, 2);
+  } finally {
+    stop();
+  }
+});
+
+test('find and findOne carry collation, read preference and read concern; none set means unset', async () => {
+  /** @type {any[]} */
+  const requests = [];
+  const { client, stop } = await serveBroker({
+    FindOne: answer(requests, { documents: [] }),
+    Find(/** @type {any} */ call) {
+      requests.push(call.request);
+      call.end();
+    },
+  });
+  try {
+    const coll = client.db('appdb').collection('items');
+    await coll.findOne({}, { collation: { locale: 'de' }, readPreference: 'primaryPreferred', readConcern: 'available' });
+    await coll.find({}, { readPreference: { mode: 'secondaryPreferred' } }).toArray();
+    await coll.find({}).toArray();
+    const [one, found, plain] = requests;
+    assert.deepEqual(doc(one.collation), { locale: 'de' });
+    assert.equal(one.read_preference.mode, 'READ_PREFERENCE_PRIMARY_PREFERRED');
+    assert.equal(one.read_concern, 'READ_CONCERN_AVAILABLE');
+    assert.equal(found.read_preference.mode, 'READ_PREFERENCE_SECONDARY_PREFERRED');
+    assert.equal(found.read_concern, 'READ_CONCERN_UNSPECIFIED');
+    assert.equal(plain.read_preference, null, "unset: the broker's configured read preference");
+    assert.equal(plain.collation.length, 0);
+  } finally {
+    stop();
+  }
+});
+
+test('distinct concatenates the values of every message', async () => {
+  /** @type {any[]} */
+  const requests = [];
+  const { client, stop } = await serveBroker({
+    Distinct(/** @type {any} */ call) {
+      requests.push(call.request);
+      call.write({ values: bson({ values: ['a', 'b'] }) });
+      call.write({ values: bson({ values: [3, { x: 1 }] }) });
+      call.end();
+    },
+  });
+  try {
+    const coll = client.db('appdb').collection('items');
+    assert.deepEqual(
+      await coll.distinct('tags.name', { qty: 1 }, { collation: { locale: 'fr' }, readConcern: 'majority', maxTimeMS: 5, comment: 'd' }),
+      ['a', 'b', 3, { x: 1 }],
+    );
+    const [request] = requests;
+    assert.equal(request.key, 'tags.name');
+    assert.deepEqual(doc(request.filter), { qty: 1 });
+    assert.deepEqual(doc(request.collation), { locale: 'fr' });
+    assert.equal(request.read_concern, 'READ_CONCERN_MAJORITY');
+    assert.equal(request.max_time_ms, 5);
+    assert.equal(request.comment, 'd');
+  } finally {
+    stop();
+  }
+});
+
+test('aggregate is a lazy cursor over Aggregate, framed as find, with every option', async () => {
+  /** @type {any[]} */
+  const requests = [];
+  const { client, methods, stop } = await serveBroker({
+    Aggregate(/** @type {any} */ call) {
+      requests.push(call.request);
+      call.write({ documents: [bson({ n: 1 }), bson({ n: 2 })] });
+      call.write({ documents: [bson({ n: 3 })] });
+      call.end();
+    },
+  });
+  try {
+    const coll = client.db('appdb').collection('items');
+    const pipeline = [{ $match: { a: 1 } }, { $group: { _id: '$b' } }];
+    const cursor = coll.aggregate(pipeline, {
+      allowDiskUse: false, batchSize: 2, hint: 'a_1', collation: { locale: 'fr' }, let: { v: 1 }, comment: 'agg',
+      maxTimeMS: 40, readPreference: 'secondary', readConcern: 'local', writeConcern: { w: 1 },
+    });
+    assert.deepEqual(methods, [], 'nothing is sent before the cursor is read');
+    assert.deepEqual(await cursor.toArray(), [{ n: 1 }, { n: 2 }, { n: 3 }]);
+    assert.equal(cursor.batches, 2);
+    await coll.aggregate([{ $match: {} }]).toArray();
+    const [request, plain] = requests;
+    assert.deepEqual(request.pipeline.map(doc), pipeline);
+    assert.equal(request.allow_disk_use, false, 'false is sent, not left unset');
+    assert.equal(request.batch_size, 2);
+    assert.equal(request.hint_name, 'a_1');
+    assert.deepEqual(doc(request.collation), { locale: 'fr' });
+    assert.deepEqual(doc(request.let), { v: 1 });
+    assert.equal(request.comment, 'agg');
+    assert.equal(request.max_time_ms, 40);
+    assert.equal(request.read_preference.mode, 'READ_PREFERENCE_SECONDARY');
+    assert.equal(request.read_concern, 'READ_CONCERN_LOCAL');
+    assert.equal(request.write_concern, null, 'a write concern only for a pipeline that writes');
+    assert.equal(plain.allow_disk_use, undefined, "unset: the server's default");
+    assert.deepEqual(methods, ['Aggregate', 'Aggregate']);
+  } finally {
+    stop();
+  }
+});
+
+test('bulkWrite sends each model, gives insertOne documents an _id, and reads the result', async () => {
+  /** @type {any[]} */
+  const requests = [];
+  const upserted = new ObjectId();
+  const { client, stop } = await serveBroker({
+    BulkWrite: answer(requests, (r) => ({
+      inserted_count: 1, matched_count: 2, modified_count: 2, deleted_count: 4, upserted_count: 1,
+      upserted_ids: [{ index: 1, id: bson({ _id: upserted }) }],
+      inserted_ids: r.operations[0].insert_one ? [{ index: 0, id: bson({ _id: doc(r.operations[0].insert_one.document)._id }) }] : [],
+    })),
+  });
+  try {
+    const coll = client.db('appdb').collection('items');
+    const inserted = { sku: 'new' };
+    const result = await coll.bulkWrite(
+      [
+        { insertOne: { document: inserted } },
+        { updateOne: { filter: { sku: 'a' }, update: { $set: { q: 1 } }, upsert: true, arrayFilters: [{ e: 1 }], hint: 'sku_1', collation: { locale: 'fr' } } },
+        { updateMany: { filter: {}, update: [{ $set: { q: 2 } }] } },
+        { replaceOne: { filter: { sku: 'b' }, replacement: { sku: 'b', q: 3 }, upsert: true, hint: { sku: 1 } } },
+        { deleteOne: { filter: { sku: 'c' }, collation: { locale: 'en' } } },
+        { deleteMany: { filter: { q: 0 } } },
+      ],
+      { ordered: false, bypassDocumentValidation: true, comment: 'bulk', let: { z: 1 }, writeConcern: { w: 1, j: true } },
+    );
+    assert.ok(inserted._id instanceof ObjectId, 'the insertOne document got its _id here');
+    assert.deepEqual(result, {
+      acknowledged: true, insertedCount: 1, matchedCount: 2, modifiedCount: 2, deletedCount: 4, upsertedCount: 1,
+      insertedIds: { 0: inserted._id }, upsertedIds: { 1: upserted },
+    });
+    const [request] = requests;
+    assert.equal(request.ordered, false);
+    assert.equal(request.bypass_document_validation, true);
+    assert.equal(request.comment, 'bulk');
+    assert.deepEqual(doc(request.let), { z: 1 });
+    assert.deepEqual({ w: request.write_concern.w_nodes, j: request.write_concern.j }, { w: 1, j: true });
+    const ops = request.operations;
+    assert.deepEqual(ops.map((/** @type {any} */ op) => op.model), ['insert_one', 'update_one', 'update_many', 'replace_one', 'delete_one', 'delete_many']);
+    const sent = doc(ops[0].insert_one.document);
+    assert.deepEqual(Object.keys(sent), ['_id', 'sku'], '_id first on the wire');
+    assert.ok(sent._id.equals(inserted._id));
+    assert.deepEqual(doc(ops[1].update_one.filter), { sku: 'a' });
+    assert.deepEqual(doc(ops[1].update_one.update), { $set: { q: 1 } });
+    assert.equal(ops[1].update_one.upsert, true);
+    assert.deepEqual(ops[1].update_one.array_filters.map(doc), [{ e: 1 }]);
+    assert.equal(ops[1].update_one.hint_name, 'sku_1');
+    assert.deepEqual(doc(ops[1].update_one.collation), { locale: 'fr' });
+    assert.deepEqual(ops[2].update_many.update_pipeline.map(doc), [{ $set: { q: 2 } }]);
+    assert.deepEqual(doc(ops[3].replace_one.replacement), { sku: 'b', q: 3 });
+    assert.equal(ops[3].replace_one.upsert, true);
+    assert.deepEqual(doc(ops[3].replace_one.hint_keys), { sku: 1 });
+    assert.deepEqual(doc(ops[4].delete_one.collation), { locale: 'en' });
+    assert.deepEqual(doc(ops[5].delete_many.filter), { q: 0 });
+    assert.equal((await coll.bulkWrite([{ deleteOne: { filter: {} } }])).acknowledged, true);
+    assert.equal(requests[1].ordered, true, 'ordered by default');
+  } finally {
+    stop();
+  }
+});
+
+/**
+ * A server whose `method` fails with `failures` (in turn) and then answers
+ * `success`; for streams, `success` is the messages to write.
+ * @param {string} method
+ * @param {any[]} failures ServiceErrors
+ * @param {any} success
+ * @param {boolean} [stream]
+ */
+function flaky(method, failures, success, stream = false) {
+  let calls = 0;
+  const handler = stream
+    ? (/** @type {any} */ call) => {
+        const failure = failures[calls++];
+        if (failure) {
+          call.emit('error', failure);
+          return;
+        }
+        for (const message of success) call.write(message);
+        call.end();
+      }
+    : (/** @type {any} */ _call, /** @type {Function} */ callback) => {
+        const failure = failures[calls++];
+        callback(failure || null, failure ? undefined : success);
+      };
+  return { [method]: handler };
+}
+
+const unavailable = () => serviceError(grpc.status.UNAVAILABLE, 'the database is down', { reason: 'DATABASE_UNAVAILABLE', domain: 'mongo-broker' });
+
+test('reads are retried after UNAVAILABLE and a full pool: countDocuments, distinct, aggregate', async () => {
+  const full = serviceError(grpc.status.RESOURCE_EXHAUSTED, 'queue full', { reason: 'POOL_EXHAUSTED', domain: 'mongo-broker', retryMs: 20 });
+  const { client, methods, stop } = await serveBroker({
+    ...flaky('Count', [unavailable(), full], { count: 4 }),
+    ...flaky('Distinct', [unavailable()], [{ values: bson({ values: [1, 2] }) }], true),
+    ...flaky('Aggregate', [unavailable()], [{ documents: [bson({ n: 1 })] }], true),
+  });
+  try {
+    const coll = client.db('appdb').collection('items');
+    const started = Date.now();
+    assert.equal(await coll.countDocuments({}), 4);
+    assert.ok(Date.now() - started >= 20, "the broker's RetryInfo delay is the least pause");
+    assert.deepEqual(await coll.distinct('a'), [1, 2]);
+    assert.deepEqual(await coll.aggregate([{ $match: {} }]).toArray(), [{ n: 1 }]);
+    assert.deepEqual(methods, ['Count', 'Count', 'Count', 'Distinct', 'Distinct', 'Aggregate', 'Aggregate']);
+  } finally {
+    stop();
+  }
+});
+
+test('a read gives up after maxAttempts, and retries: null makes one attempt', async () => {
+  const { client, methods, stop } = await serveBroker(flaky('Count', [unavailable(), unavailable(), unavailable()], { count: 1 }));
+  try {
+    await assert.rejects(client.db('appdb').collection('items').countDocuments({}), broker.UnavailableError);
+    assert.equal(methods.length, 3, 'the default policy tries three times');
+  } finally {
+    stop();
+  }
+  const invalid = serviceError(grpc.status.INVALID_ARGUMENT, 'bad filter', { reason: 'INVALID_REQUEST', domain: 'mongo-broker' });
+  const bad = await serveBroker(flaky('Count', [invalid], { count: 1 }));
+  try {
+    await assert.rejects(bad.client.db('appdb').collection('items').countDocuments({}), broker.InvalidArgumentError);
+    assert.deepEqual(bad.methods, ['Count'], 'INVALID_ARGUMENT does not change by retrying');
+  } finally {
+    bad.stop();
+  }
+  const second = await serveBroker(flaky('Count', [unavailable()], { count: 1 }));
+  const once = new broker.BrokerClient(second.client.target, { retries: null });
+  try {
+    await assert.rejects(once.db('appdb').collection('items').estimatedDocumentCount(), broker.UnavailableError);
+    assert.equal(once.retries, null);
+    assert.throws(() => new broker.BrokerClient('127.0.0.1:1', { retries: { maxAttempts: 0 } }), /maxAttempts/);
+  } finally {
+    await once.close();
+    second.stop();
+  }
+});
+
+test('updates, deletes, find-and-modify, bulk writes and writing aggregates are never retried', async () => {
+  const { client, methods, stop } = await serveBroker({
+    ...flaky('Update', [unavailable()], { matched_count: 1 }),
+    ...flaky('Delete', [unavailable()], { deleted_count: 1 }),
+    ...flaky('FindOneAndModify', [unavailable()], { document: Buffer.alloc(0) }),
+    ...flaky('BulkWrite', [unavailable()], {}),
+    ...flaky('Aggregate', [unavailable(), unavailable()], [], true),
+  });
+  try {
+    const coll = client.db('appdb').collection('items');
+    const attempts = [
+      () => coll.updateOne({}, { $set: { a: 1 } }),
+      () => coll.deleteMany({}),
+      () => coll.findOneAndDelete({}),
+      () => coll.bulkWrite([{ deleteOne: { filter: {} } }]),
+      () => coll.aggregate([{ $match: {} }, { $out: 'elsewhere' }]).toArray(),
+    ];
+    for (const attempt of attempts) await assert.rejects(attempt(), broker.UnavailableError);
+    assert.deepEqual(methods, ['Update', 'Delete', 'FindOneAndModify', 'BulkWrite', 'Aggregate']);
+    await assert.rejects(coll.aggregate([{ $merge: { into: 'x' } }]).toArray(), broker.UnavailableError);
+    assert.equal(methods.length, 6, 'a $merge pipeline is not retried either');
+  } finally {
+    stop();
+  }
+});
+
+test('a find is retried before its first document, never after it', async () => {
+  let calls = 0;
+  const { client, methods, stop } = await serveBroker({
+    Find(/** @type {any} */ call) {
+      calls += 1;
+      if (calls === 1) {
+        call.emit('error', unavailable());
+        return;
+      }
+      call.write({ documents: [bson({ n: 1 })] });
+      call.emit('error', unavailable());
+    },
+  });
+  try {
+    const cursor = client.db('appdb').collection('items').find({});
+    assert.deepEqual(await cursor.next(), { n: 1 });
+    await assert.rejects(cursor.next(), broker.UnavailableError);
+    assert.deepEqual(methods, ['Find', 'Find']);
+  } finally {
+    stop();
+  }
+});
+
+test('a bulk failure is a BulkWriteError of its code, with writeErrors and the partial result from the metadata', async () => {
+  const upserted = new ObjectId();
+  const metadata = {
+    mongo_code: '11000', mongo_code_name: 'DuplicateKey', failed_index: '3',
+    inserted_count: '1', matched_count: '1', modified_count: '1', deleted_count: '0', upserted_count: '1',
+    write_errors: JSON.stringify([{ index: 3, code: 11000, codeName: 'DuplicateKey', errmsg: 'E11000 duplicate key error' }]),
+    write_errors_total: '1',
+    upserted_ids: EJSON.stringify([{ index: 2, _id: upserted }, { index: 5, _id: 7 }], { relaxed: false }),
+  };
+  const { client, methods, stop } = await serveBroker(
+    flaky('BulkWrite', [serviceError(grpc.status.ALREADY_EXISTS, 'E11000 duplicate key error', { reason: 'DUPLICATE_KEY', domain: 'mongo-broker', metadata })], {}),
+  );
+  try {
+    const coll = client.db('appdb').collection('items');
+    const first = { sku: 'a' };
+    const fourth = { _id: 'dup' };
+    await assert.rejects(
+      coll.bulkWrite([
+        { insertOne: { document: first } },
+        { updateOne: { filter: {}, update: { $set: { a: 1 } } } },
+        { updateOne: { filter: { a: 2 }, update: { $set: { a: 1 } }, upsert: true } },
+        { insertOne: { document: fourth } },
+        { insertOne: { document: { sku: 'never sent on' } } },
+      ]),
+      (/** @type {any} */ error) => {
+        assert.ok(error instanceof broker.DuplicateKeyError, 'the class of its gRPC code');
+        assert.ok(error instanceof broker.BulkWriteError, 'and a bulk write error');
+        assert.equal(error.reason, 'DUPLICATE_KEY');
+        assert.equal(error.mongoCode, 11000);
+        assert.equal(error.index, 3);
+        assert.equal(error.errmsg, 'E11000 duplicate key error');
+        assert.deepEqual(error.writeErrors, [{ index: 3, code: 11000, codeName: 'DuplicateKey', errmsg: 'E11000 duplicate key error' }]);
+        assert.equal(error.writeErrorsTotal, 1);
+        assert.deepEqual(error.result, {
+          acknowledged: true, insertedCount: 1, matchedCount: 1, modifiedCount: 1, deletedCount: 0, upsertedCount: 1,
+          // Ordered: only the inserts before the failing operation landed.
+          insertedIds: { 0: first._id },
+          upsertedIds: { 2: upserted, 5: 7 },
+        });
+        assert.equal(error.writeConcernError, null);
+        return true;
+      },
+    );
+    assert.deepEqual(methods, ['BulkWrite']);
+  } finally {
+    stop();
+  }
+});
+
+test('an unordered bulk failure counts every insert without a write error; other errors are not bulk errors', async () => {
+  const metadata = {
+    failed_index: '1', inserted_count: '2',
+    write_errors: JSON.stringify([{ index: 1, code: 11000, codeName: 'DuplicateKey', errmsg: 'dup' }]),
+    write_concern_error: 'waiting for replication timed out',
+  };
+  const { client, stop } = await serveBroker(
+    flaky('BulkWrite', [
+      serviceError(grpc.status.ALREADY_EXISTS, 'dup', { reason: 'DUPLICATE_KEY', domain: 'mongo-broker', metadata }),
+      serviceError(grpc.status.INVALID_ARGUMENT, 'operations: at most 1000', { reason: 'INVALID_REQUEST', domain: 'mongo-broker' }),
+    ], {}),
+  );
+  try {
+    const coll = client.db('appdb').collection('items');
+    const docs = [{ n: 0 }, { _id: 'dup' }, { n: 2 }];
+    await assert.rejects(coll.bulkWrite(docs.map((document) => ({ insertOne: { document } })), { ordered: false }), (/** @type {any} */ error) => {
+      assert.ok(error instanceof broker.BulkWriteError);
+      assert.deepEqual(error.result.insertedIds, { 0: docs[0]._id, 2: docs[2]._id });
+      assert.equal(error.result.insertedCount, 2);
+      assert.deepEqual(error.writeConcernError, { errmsg: 'waiting for replication timed out' });
+      return true;
+    });
+    await assert.rejects(coll.bulkWrite([{ deleteOne: { filter: {} } }]), (/** @type {any} */ error) => {
+      assert.ok(error instanceof broker.InvalidArgumentError);
+      assert.ok(!(error instanceof broker.BulkWriteError), 'no write metadata: not a bulk write error');
+      assert.equal(error.result, undefined);
+      assert.deepEqual(error.writeErrors, []);
+      assert.equal(error.errmsg, 'operations: at most 1000');
+      return true;
+    });
+  } finally {
+    stop();
+  }
+});
+
+test("a single write's failure reads as the driver's MongoServerError: errmsg, index, mongoCode", async () => {
+  const metadata = {
+    mongo_code: '11000', mongo_code_name: 'DuplicateKey', failed_index: '0', matched_count: '0', upserted_count: '0',
+    write_errors: JSON.stringify([{ index: 0, code: 11000, codeName: 'DuplicateKey', errmsg: 'E11000 dup key: { sku: "a" }' }]),
+  };
+  const { client, stop } = await serveBroker(
+    flaky('Update', [serviceError(grpc.status.ALREADY_EXISTS, 'duplicate key', { reason: 'DUPLICATE_KEY', domain: 'mongo-broker', metadata })], {}),
+  );
+  try {
+    await assert.rejects(client.db('appdb').collection('items').updateOne({ a: 1 }, { $set: { sku: 'a' } }, { upsert: true }), (/** @type {any} */ error) => {
+      assert.ok(error instanceof broker.DuplicateKeyError);
+      assert.ok(!(error instanceof broker.BulkWriteError));
+      assert.equal(error.code, grpc.status.ALREADY_EXISTS, 'code stays the gRPC code');
+      assert.equal(error.mongoCode, 11000);
+      assert.equal(error.errmsg, 'E11000 dup key: { sku: "a" }');
+      assert.equal(error.message, 'duplicate key');
+      assert.equal(error.index, 0);
+      assert.equal(error.matchedCount, 0);
+      assert.equal(error.upsertedCount, 0);
+      assert.equal(error.deletedCount, null, 'not sent: null');
+      return true;
+    });
   } finally {
     stop();
   }
