@@ -8,6 +8,13 @@
 //   node interop.js read COLLECTION WRITER        print each document whose writer is WRITER,
 //                                                 as canonical Extended JSON, one per line
 //   node interop.js dup COLLECTION                insert one _id twice; print the error
+//   node interop.js modify COLLECTION WRITER MODIFIER
+//                                                 set modified_by and increment i32 in every
+//                                                 document of WRITER; print {"matched", "modified"}
+//   node interop.js aggregate COLLECTION WRITER   print WRITER's documents' writer, modified_by and
+//                                                 i32 through a pipeline, as canonical Extended JSON
+//   node interop.js count COLLECTION WRITER       print {"count": N} of WRITER's documents
+//   node interop.js delete COLLECTION WRITER      delete WRITER's documents; print {"deleted": N}
 //
 // The broker comes from MONGO_BROKER_TARGET, the configured database from
 // MONGO_BROKER_DATABASE (default "appdb").
@@ -16,7 +23,9 @@
 const { Binary, Decimal128, Double, EJSON, ObjectId, UUID } = require('bson');
 const { BrokerClient, BrokerError, DuplicateKeyError } = require('./lib');
 
-const USAGE = 'usage: interop.js write COLLECTION [--decimal] | read COLLECTION WRITER | dup COLLECTION';
+const USAGE =
+  'usage: interop.js write COLLECTION [--decimal] | read COLLECTION WRITER | dup COLLECTION' +
+  ' | modify COLLECTION WRITER MODIFIER | aggregate COLLECTION WRITER | count COLLECTION WRITER | delete COLLECTION WRITER';
 
 /**
  * The interop document in the values a Node program would write: numbers
@@ -107,6 +116,18 @@ async function main(args) {
         return;
       }
       throw new Error('the second insert of the same _id succeeded');
+    } else if (command === 'modify' && args.length === 4) {
+      const result = await coll.updateMany({ writer: extra }, { $set: { modified_by: args[3] }, $inc: { i32: 1 } });
+      process.stdout.write(`${JSON.stringify({ matched: result.matchedCount, modified: result.modifiedCount })}\n`);
+    } else if (command === 'aggregate' && args.length === 3) {
+      const pipeline = [{ $match: { writer: extra } }, { $project: { _id: 0, writer: 1, modified_by: 1, i32: 1 } }];
+      // Exact types, as `read` prints them: i32 must still be an Int32 after $inc.
+      for await (const doc of coll.aggregate(pipeline, { bsonOptions: { promoteValues: false } })) printLine(doc);
+    } else if (command === 'count' && args.length === 3) {
+      process.stdout.write(`${JSON.stringify({ count: await coll.countDocuments({ writer: extra }) })}\n`);
+    } else if (command === 'delete' && args.length === 3) {
+      const { deletedCount } = await coll.deleteMany({ writer: extra });
+      process.stdout.write(`${JSON.stringify({ deleted: deletedCount })}\n`);
     } else {
       throw new Error(USAGE);
     }

@@ -250,6 +250,215 @@ describe('against a live broker', { skip }, () => {
     }
   });
 
+  it('updateOne, updateMany and replaceOne change what they match, and upsert', async () => {
+    const coll = collection('update');
+    await coll.insertMany([{ _id: 1, sku: 'a', qty: 1 }, { _id: 2, sku: 'b', qty: 2 }, { _id: 3, sku: 'c', qty: 3 }]);
+    assert.deepEqual(await coll.updateOne({ qty: { $gte: 2 } }, { $inc: { qty: 10 } }), {
+      acknowledged: true, matchedCount: 1, modifiedCount: 1, upsertedCount: 0, upsertedId: null,
+    });
+    const many = await coll.updateMany({}, { $set: { tag: 't' } });
+    assert.equal(many.matchedCount, 3);
+    assert.equal(many.modifiedCount, 3);
+    const none = await coll.updateOne({ sku: 'zz' }, { $set: { tag: 'u' } });
+    assert.deepEqual([none.matchedCount, none.modifiedCount, none.upsertedId], [0, 0, null]);
+    const upsert = await coll.updateOne({ sku: 'd' }, { $set: { qty: 4 } }, { upsert: true });
+    assert.equal(upsert.matchedCount, 0);
+    assert.equal(upsert.upsertedCount, 1);
+    assert.ok(upsert.upsertedId instanceof ObjectId, String(upsert.upsertedId));
+    const replaced = await coll.replaceOne({ _id: 3 }, { sku: 'c2', qty: 30 });
+    assert.deepEqual([replaced.matchedCount, replaced.modifiedCount], [1, 1]);
+    assert.deepEqual(await coll.findOne({ _id: 3 }), { _id: 3, sku: 'c2', qty: 30 });
+    const replacedUpsert = await coll.replaceOne({ _id: 9 }, { sku: 'e' }, { upsert: true });
+    assert.equal(replacedUpsert.upsertedId, 9);
+    assert.deepEqual(
+      (await coll.find({}, { sort: { _id: 1 }, projection: { _id: 1, qty: 1 } }).toArray()).map((d) => d.qty),
+      [1, 12, 30, undefined],
+    );
+    assert.equal(await coll.countDocuments({ sku: 'd', qty: 4 }), 1);
+  });
+
+  it('refuses an update without $ operators, in the client and in the broker', async () => {
+    const coll = collection('nonoperator');
+    await coll.insertOne({ _id: 1, qty: 1 });
+    await assert.rejects(coll.updateOne({ _id: 1 }, { qty: 2 }), (error) => {
+      assert.ok(error instanceof broker.InvalidArgumentError, String(error));
+      assert.match(error.message, /update only works with \$ operators/);
+      return true;
+    });
+    await assert.rejects(coll.replaceOne({ _id: 1 }, { $set: { qty: 2 } }), /replacement can not include \$ operators/);
+    // Past the client's check (a hand-made request), the broker refuses it too.
+    const request = { database: DATABASE, collection: coll.collectionName, filter: BSON.serialize({ _id: 1 }), update: BSON.serialize({ qty: 2 }) };
+    await assert.rejects(client._unary('Update', request, {}), (error) => {
+      assert.ok(error instanceof broker.InvalidArgumentError, String(error));
+      assert.equal(error.reason, 'INVALID_REQUEST');
+      return true;
+    });
+    assert.deepEqual(await coll.findOne({ _id: 1 }), { _id: 1, qty: 1 }, 'nothing changed');
+  });
+
+  it('an upsert that collides with a unique _id is a DuplicateKeyError with the write error', async () => {
+    const coll = collection('upsertdup');
+    await coll.insertMany([{ _id: 1, sku: 'a' }, { _id: 2, sku: 'b' }]);
+    // The filter matches nothing, so the upsert inserts _id 1 again.
+    await assert.rejects(coll.updateOne({ _id: 1, sku: 'nope' }, { $set: { qty: 1 } }, { upsert: true }), (error) => {
+      assert.ok(error instanceof broker.DuplicateKeyError, String(error));
+      assert.equal(error.code, broker.status.ALREADY_EXISTS);
+      assert.equal(error.reason, 'DUPLICATE_KEY');
+      assert.equal(error.mongoCode, 11000);
+      assert.match(error.errmsg, /duplicate key/i);
+      return true;
+    });
+  });
+
+  it('deleteOne and deleteMany remove what they match', async () => {
+    const coll = collection('delete');
+    await coll.insertMany(Array.from({ length: 6 }, (_, n) => ({ n, even: n % 2 === 0 })));
+    assert.deepEqual(await coll.deleteOne({ even: true }), { acknowledged: true, deletedCount: 1 });
+    assert.deepEqual(await coll.deleteMany({ even: true }), { acknowledged: true, deletedCount: 2 });
+    assert.deepEqual(await coll.deleteOne({ n: 99 }), { acknowledged: true, deletedCount: 0 });
+    assert.equal(await coll.countDocuments(), 3);
+    assert.equal((await coll.deleteMany()).deletedCount, 3);
+    assert.equal(await coll.countDocuments(), 0);
+  });
+
+  it('findOneAndUpdate, findOneAndReplace and findOneAndDelete return the document before or after', async () => {
+    const coll = collection('fam');
+    await coll.insertMany([{ _id: 1, qty: 5 }, { _id: 2, qty: 7 }]);
+    assert.deepEqual(await coll.findOneAndUpdate({ _id: 1 }, { $inc: { qty: 1 } }), { _id: 1, qty: 5 }, 'before, by default');
+    assert.deepEqual(
+      await coll.findOneAndUpdate({ _id: 1 }, { $inc: { qty: 1 } }, { returnDocument: 'after', projection: { qty: 1, _id: 0 } }),
+      { qty: 7 },
+    );
+    assert.equal(await coll.findOneAndUpdate({ _id: 3 }, { $set: { qty: 0 } }), null, 'nothing matched');
+    assert.deepEqual(
+      await coll.findOneAndUpdate({ _id: 4 }, { $set: { qty: 4 } }, { upsert: true, returnDocument: broker.ReturnDocument.AFTER }),
+      { _id: 4, qty: 4 },
+    );
+    assert.deepEqual(await coll.findOneAndReplace({ _id: 2 }, { sku: 'r' }, { returnDocument: 'after' }), { _id: 2, sku: 'r' });
+    // With a sort, the highest qty is the one deleted.
+    assert.deepEqual(await coll.findOneAndDelete({ qty: { $exists: true } }, { sort: { qty: -1 } }), { _id: 1, qty: 7 });
+    assert.equal(await coll.findOneAndDelete({ _id: 1 }), null);
+    assert.deepEqual((await coll.find({}, { sort: { _id: 1 } }).toArray()).map((d) => d._id), [2, 4]);
+    await assert.rejects(coll.findOneAndUpdate({ _id: 2 }, { sku: 'x' }), /update only works with \$ operators/);
+  });
+
+  it('countDocuments, estimatedDocumentCount and distinct read with their options', async () => {
+    const coll = collection('count');
+    await coll.insertMany(Array.from({ length: 10 }, (_, n) => ({ n, tag: `t${n % 3}`, nested: { k: n % 2 } })));
+    assert.equal(await coll.countDocuments(), 10);
+    assert.equal(await coll.countDocuments({ n: { $gte: 4 } }), 6);
+    assert.equal(await coll.countDocuments({ n: { $gte: 4 } }, { skip: 2, limit: 3 }), 3);
+    assert.equal(await coll.countDocuments({}, { readPreference: 'primaryPreferred', readConcern: 'local' }), 10);
+    assert.equal(await coll.estimatedDocumentCount(), 10);
+    assert.deepEqual((await coll.distinct('tag')).sort(), ['t0', 't1', 't2']);
+    assert.deepEqual((await coll.distinct('nested.k', { n: { $lt: 5 } })).sort(), [0, 1]);
+    assert.deepEqual(await coll.distinct('missing'), []);
+    // The read options reach the broker, which passes them on.
+    const reads = client.db(DATABASE, { readConcern: { level: 'local' } }).collection(coll.collectionName, { readPreference: 'primary' });
+    assert.equal(await reads.countDocuments({ tag: 't0' }), 4);
+    assert.equal((await reads.find({ tag: 't1' }).toArray()).length, 3);
+  });
+
+  it('aggregate streams a pipeline in batches, as find does', async () => {
+    const coll = collection('aggregate');
+    await coll.insertMany(Array.from({ length: 300 }, (_, n) => ({ n, group: n % 3 })));
+    const groups = await coll
+      .aggregate([{ $group: { _id: '$group', total: { $sum: '$n' }, count: { $sum: 1 } } }, { $sort: { _id: 1 } }])
+      .toArray();
+    assert.deepEqual(groups, [
+      { _id: 0, total: 14850, count: 100 },
+      { _id: 1, total: 14950, count: 100 },
+      { _id: 2, total: 15050, count: 100 },
+    ]);
+    const cursor = coll.aggregate([{ $match: { group: 1 } }, { $sort: { n: 1 } }, { $project: { _id: 0, n: 1 } }], { batchSize: 25, comment: 'node' });
+    let expected = 1;
+    for await (const doc of cursor) {
+      assert.deepEqual(doc, { n: expected });
+      expected += 3;
+    }
+    assert.equal(expected, 301);
+    assert.ok(cursor.batches >= 4, `100 documents in ${cursor.batches} messages`);
+    await assert.rejects(coll.aggregate([{ $nonsense: {} }]).toArray(), broker.BrokerError);
+  });
+
+  it('bulkWrite runs every model and reports counts and ids by operation index', async () => {
+    const coll = collection('bulk');
+    await coll.insertMany([{ _id: 1, qty: 1 }, { _id: 2, qty: 2 }, { _id: 3, qty: 3 }]);
+    const added = { qty: 10 };
+    const result = await coll.bulkWrite([
+      { insertOne: { document: added } },
+      { updateOne: { filter: { _id: 1 }, update: { $inc: { qty: 100 } } } },
+      { updateMany: { filter: { qty: { $lte: 3 } }, update: { $set: { low: true } } } },
+      { replaceOne: { filter: { _id: 3 }, replacement: { qty: 33 } } },
+      { updateOne: { filter: { _id: 50 }, update: { $set: { qty: 50 } }, upsert: true } },
+      { deleteOne: { filter: { _id: 2 } } },
+      { deleteMany: { filter: { qty: 999 } } },
+    ]);
+    assert.ok(added._id instanceof ObjectId, 'the insertOne document got an _id here');
+    assert.equal(result.insertedCount, 1);
+    assert.equal(result.matchedCount, 4);
+    assert.equal(result.modifiedCount, 4);
+    assert.equal(result.deletedCount, 1);
+    assert.equal(result.upsertedCount, 1);
+    assert.ok(result.insertedIds[0].equals(added._id));
+    assert.deepEqual(Object.keys(result.insertedIds), ['0']);
+    assert.deepEqual(result.upsertedIds, { 4: 50 });
+    assert.deepEqual(await coll.find({}, { sort: { _id: 1 } }).toArray(), [
+      { _id: 1, qty: 101 },
+      { _id: 3, qty: 33 },
+      { _id: 50, qty: 50 },
+      { _id: added._id, qty: 10 },
+    ].sort((a, b) => (typeof a._id === typeof b._id ? 0 : typeof a._id === 'number' ? -1 : 1)));
+  });
+
+  it('an ordered bulkWrite stops at a duplicate key in the middle, with exact counts and the failing index', async () => {
+    const coll = collection('bulkdup');
+    await coll.insertOne({ _id: 'taken' });
+    const promise = coll.bulkWrite([
+      { insertOne: { document: { _id: 'a' } } },
+      { updateOne: { filter: { _id: 'a' }, update: { $set: { seen: 1 } } } },
+      { updateOne: { filter: { _id: 'up' }, update: { $set: { seen: 2 } }, upsert: true } },
+      { insertOne: { document: { _id: 'taken' } } },
+      { insertOne: { document: { _id: 'b' } } },
+      { deleteOne: { filter: { _id: 'a' } } },
+    ]);
+    await assert.rejects(promise, (error) => {
+      assert.ok(error instanceof broker.DuplicateKeyError, String(error));
+      assert.ok(error instanceof broker.BulkWriteError, 'a bulk write error too');
+      assert.equal(error.reason, 'DUPLICATE_KEY');
+      assert.equal(error.index, 3);
+      assert.equal(error.failedIndex, 3);
+      assert.equal(error.writeErrors.length, 1);
+      assert.equal(error.writeErrors[0].index, 3);
+      assert.equal(error.writeErrors[0].code, 11000);
+      assert.match(error.writeErrors[0].errmsg, /duplicate key/i);
+      assert.equal(error.result.insertedCount, 1);
+      assert.equal(error.result.matchedCount, 1);
+      assert.equal(error.result.modifiedCount, 1);
+      assert.equal(error.result.upsertedCount, 1);
+      assert.equal(error.result.deletedCount, 0);
+      assert.deepEqual(error.result.insertedIds, { 0: 'a' });
+      assert.deepEqual(error.result.upsertedIds, { 2: 'up' });
+      return true;
+    });
+    // Nothing after the failing operation ran.
+    assert.deepEqual((await coll.find({}, { sort: { _id: 1 } }).toArray()).map((d) => d._id), ['a', 'taken', 'up']);
+  });
+
+  it('an unordered bulkWrite carries on past its duplicates', async () => {
+    const coll = collection('bulkunordered');
+    await coll.insertOne({ _id: 2 });
+    const docs = [{ _id: 1 }, { _id: 2 }, { _id: 3 }, { _id: 2 }, { _id: 4 }];
+    await assert.rejects(coll.bulkWrite(docs.map((document) => ({ insertOne: { document } })), { ordered: false }), (error) => {
+      assert.ok(error instanceof broker.BulkWriteError, String(error));
+      assert.deepEqual(error.writeErrors.map((e) => e.index), [1, 3]);
+      assert.equal(error.result.insertedCount, 3);
+      assert.deepEqual(error.result.insertedIds, { 0: 1, 2: 3, 4: 4 });
+      return true;
+    });
+    assert.equal(await coll.countDocuments(), 4);
+  });
+
   it('sends a token and a request id', async () => {
     // The session broker has no tokens: it ignores one that is sent.
     const withToken = new broker.BrokerClient(TARGET, { token: 'a-token-the-broker-ignores', metadata: { 'x-client': 'node' } });
