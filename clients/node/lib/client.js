@@ -992,18 +992,26 @@ class Collection {
       let messages = 0;
       const { metadata, callOptions } = client._call(options, deadline);
       const call = client._stub.Distinct(request, metadata, callOptions);
+      // As for a cursor: a cancelled stream's 'error' must not go unhandled.
+      call.on('error', () => {});
+      let done = false;
       try {
         for await (const message of call) {
           messages += 1;
           values.push(...BSON.deserialize(message.values, bsonOptions).values);
         }
+        done = true;
         return values;
       } catch (error) {
+        done = true;
         const failure = fromServiceError(error);
-        // After a message, a retry would begin the list again; the caller
-        // has seen nothing yet, but the values so far are lost either way.
+        // Only a stream that sent nothing is retried, as a find is: a
+        // stream cut later may be a limit or a bug that a retry repeats.
         if (messages > 0) throw failure;
         await sleep(state.backoff(failure));
+      } finally {
+        // A message that would not decode: stop the stream.
+        if (!done) call.cancel();
       }
     }
   }
@@ -1084,6 +1092,10 @@ class Collection {
     }
     /** @param {{index: number, id: Buffer}[]} list */
     const byIndex = (list) => Object.fromEntries(list.map((entry) => [entry.index, decodeId(entry.id, client)]));
+    // Unacknowledged (w: 0), the broker knows of no ids: the ones made here
+    // are what the driver reports then.
+    const insertedIds =
+      response.inserted_ids.length === 0 && !isAcknowledged(concern) ? Object.fromEntries(madeIds) : byIndex(response.inserted_ids);
     return {
       acknowledged: isAcknowledged(concern),
       insertedCount: response.inserted_count,
@@ -1091,7 +1103,7 @@ class Collection {
       modifiedCount: response.modified_count,
       deletedCount: response.deleted_count,
       upsertedCount: response.upserted_count,
-      insertedIds: byIndex(response.inserted_ids),
+      insertedIds,
       upsertedIds: byIndex(response.upserted_ids),
     };
   }

@@ -824,6 +824,27 @@ test('a find is retried before its first document, never after it', async () => 
   }
 });
 
+test('a distinct cut after its first message is not retried; an unacknowledged bulkWrite reports the ids made here', async () => {
+  const { client, methods, stop } = await serveBroker({
+    Distinct(/** @type {any} */ call) {
+      call.write({ values: bson({ values: [1] }) });
+      call.emit('error', unavailable());
+    },
+    BulkWrite: answer([], {}),
+  });
+  try {
+    const coll = client.db('appdb').collection('items');
+    await assert.rejects(coll.distinct('a'), broker.UnavailableError);
+    assert.deepEqual(methods, ['Distinct']);
+    const document = { a: 1 };
+    const result = await coll.bulkWrite([{ deleteOne: { filter: {} } }, { insertOne: { document } }], { writeConcern: { w: 0 } });
+    assert.equal(result.acknowledged, false);
+    assert.deepEqual(result.insertedIds, { 1: document._id });
+  } finally {
+    stop();
+  }
+});
+
 test('a bulk failure is a BulkWriteError of its code, with writeErrors and the partial result from the metadata', async () => {
   const upserted = new ObjectId();
   const metadata = {
