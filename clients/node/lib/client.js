@@ -688,7 +688,8 @@ class Collection {
   /**
    * Inserts documents in one call; each without an `_id` gets an ObjectId
    * first. With `ordered: true` (the default) the broker stops at the first
-   * error; the error's `insertedCount` and `failedIndex` say what happened.
+   * error; the error's `insertedCount` and `failedIndex` say what happened,
+   * and, a BulkWriteError, its `result.insertedIds` which documents landed.
    * @param {object[]} documents
    * @param {InsertOptions} [options]
    * @returns {Promise<{acknowledged: boolean, insertedCount: number, insertedIds: any[]}>}
@@ -697,7 +698,15 @@ class Collection {
     if (!Array.isArray(documents) || documents.length === 0) {
       throw new TypeError('documents must be a non-empty array');
     }
-    const ids = await this._insert(documents, options);
+    let ids;
+    try {
+      ids = await this._insert(documents, options);
+    } catch (error) {
+      // As the driver's insertMany: a BulkWriteError whose result has the
+      // ids of the documents that landed.
+      const made = new Map(documents.map((doc, i) => [i, doc instanceof Map ? doc.get('_id') : /** @type {any} */ (doc)._id]));
+      throw markBulkWriteError(/** @type {BrokerError} */ (error), made, options.ordered === undefined ? true : Boolean(options.ordered));
+    }
     return { acknowledged: isAcknowledged(this._writeConcernSpec(options)), insertedCount: ids.length, insertedIds: ids };
   }
 

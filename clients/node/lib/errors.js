@@ -266,7 +266,7 @@ class OperationFailedError extends BrokerError {}
 const BULK_RESULT = Symbol('bulkWriteResult');
 
 /**
- * A failed bulkWrite, as the driver's MongoBulkWriteError: `writeErrors`
+ * A failed bulkWrite or insertMany, as the driver's MongoBulkWriteError: `writeErrors`
  * and `result` (what landed). Such an error keeps the class its gRPC code
  * gives it (a duplicate key is still a DuplicateKeyError), and is a
  * BulkWriteError too: `instanceof` checks for the result rather than the

@@ -555,7 +555,7 @@ export declare class UnauthenticatedError extends BrokerError {}
 export declare class CancelledError extends BrokerError {}
 export declare class OperationFailedError extends BrokerError {}
 /**
- * A failed bulkWrite, as the driver's MongoBulkWriteError. The error keeps
+ * A failed bulkWrite or insertMany, as the driver's MongoBulkWriteError. The error keeps
  * the class its gRPC code gives it (a duplicate key is a DuplicateKeyError
  * too); `instanceof BulkWriteError` checks for `result`.
  */

@@ -205,6 +205,10 @@ describe('against a live broker', { skip }, () => {
       assert.equal(error.mongoCode, 11000);
       assert.equal(error.insertedCount, 2);
       assert.equal(error.failedIndex, 2);
+      // As the driver's MongoBulkWriteError.
+      assert.ok(error instanceof broker.BulkWriteError);
+      assert.deepEqual(error.result.insertedIds, { 0: 1, 1: 2 });
+      assert.equal(error.writeErrors[0].index, 2);
       return true;
     });
     // A retried insert with a client-made _id: the duplicate says it landed.
