@@ -97,6 +97,8 @@ _UNSUPPORTED: Final[Mapping[str, str]] = {
 # DatetimeMS instead of failing.
 _DECODE: CodecOptions[dict[str, Any]] = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 _INT32 = struct.Struct("<i")
+# Scalar types bson.decode makes most, which a scan skips at once.
+_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
 _MISSING: Final = object()
 
 
@@ -157,7 +159,7 @@ def performs_write(stages: Sequence[Mapping[str, Any] | bytes]) -> bool:
     last = stages[-1]
     if isinstance(last, bytes | bytearray | memoryview):
         return _first_key(bytes(last)) in _OUTPUT
-    return any(key in _OUTPUT for key in last)
+    return isinstance(last, Mapping) and any(key in _OUTPUT for key in last)
 
 
 class _Inspection:
@@ -357,26 +359,63 @@ def _require_documents(pipeline: object, here: str, field: str) -> None:
 
 
 def _check_opaque(spec: object, here: str, stage: str) -> None:
-    """Refuse a stage not taken apart here that holds a reaching stage anywhere inside it.
+    """Refuse a stage not taken apart here that holds a reaching stage anywhere inside it."""
+    if _holds_reaching(spec):
+        path = _reaching_path(spec, here)
+        key = path.rsplit(".", 1)[-1]
+        raise invalid_argument(
+            f"{path}: {key} inside {stage}, whose sub-pipelines the broker cannot "
+            "vet against the allowlists; run it as a top-level stage"
+        )
 
-    Iterative: the document's depth is bounded by max_bson_depth, not by
+
+def _holds_reaching(spec: object) -> bool:
+    """Whether a reaching key is anywhere in ``spec``: the fast scan every other stage gets.
+
+    It builds no paths, and tests the types bson.decode makes first: a
+    $documents of 10 MB is scanned in about half the time it takes to decode.
+    Iterative, so a document's depth is bounded by max_bson_depth, not by
     Python's recursion limit.
     """
+    pending = [spec]
+    pop, extend = pending.pop, pending.extend
+    while pending:
+        value = pop()
+        if isinstance(value, dict):
+            if not _REACHING.isdisjoint(value):
+                return True
+            extend(value.values())
+        elif isinstance(value, list):
+            extend(value)
+        elif type(value) in _SCALARS:
+            continue
+        elif isinstance(value, DBRef):
+            # bson.decode turns a {$ref, $id, ...} document into a DBRef: look at all its keys.
+            pending.append(value.as_doc())
+        elif isinstance(value, Mapping):
+            if not _REACHING.isdisjoint(value):
+                return True
+            extend(value.values())
+        elif isinstance(value, tuple):
+            extend(value)
+    return False
+
+
+def _reaching_path(spec: object, here: str) -> str:
+    """The path of the first reaching key in ``spec``, in document order (one is there)."""
     pending: list[tuple[object, str]] = [(spec, here)]
     while pending:
         value, path = pending.pop()
         if isinstance(value, DBRef):
             value = value.as_doc()
         if isinstance(value, Mapping):
-            for key, item in value.items():
+            for key in value:
                 if key in _REACHING:
-                    raise invalid_argument(
-                        f"{path}.{key}: {key} inside {stage}, whose sub-pipelines the broker cannot "
-                        "vet against the allowlists; run it as a top-level stage"
-                    )
-                pending.append((item, f"{path}.{key}"))
+                    return f"{path}.{key}"
+            pending.extend(reversed([(item, f"{path}.{key}") for key, item in value.items()]))
         elif isinstance(value, list | tuple):
-            pending.extend((item, f"{path}[{index}]") for index, item in enumerate(value))
+            pending.extend(reversed([(item, f"{path}[{index}]") for index, item in enumerate(value)]))
+    return here
 
 
 def _describe(value: object) -> str:

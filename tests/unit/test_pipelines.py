@@ -374,6 +374,15 @@ def test_a_dbref_shaped_document_cannot_hide_a_collection() -> None:
     assert _refusal([bson.decode(hidden)]).message.startswith("pipeline[0].$other.$lookup: ")
 
 
+def test_an_opaque_stage_is_looked_into_through_every_container_type() -> None:
+    # A tuple and a SON (a dict subclass) as well as what bson.decode makes.
+    stage: dict[str, Any] = {"$x": ({"a": Int64(1)}, SON([("b", 2.5), ("$merge", "c")]))}
+    assert _refusal([stage]).message.startswith("pipeline[0].$x[1].$merge: $merge inside $x")
+    # Of two reaching keys, the message names the first in document order.
+    stage = {"$x": {"b": [{"n": None}, {"$unionWith": "u"}], "a": {"$lookup": LOOKUP}}}
+    assert _refusal([stage]).message.startswith("pipeline[0].$x.b[1].$unionWith: ")
+
+
 STAGE_NAMES = st.sampled_from(
     [
         "$match",
@@ -453,6 +462,7 @@ def test_a_lookup_among_harmless_stages_is_found_wherever_it_is(
         ([bson.encode({"$merge": "c"}), bson.encode({"$match": {}})], False),
         ([bson.encode({"$out": "c"})], True),
         ([bson.encode({})], False),
+        (["$out"], False),
     ],
 )
 def test_performs_write_is_the_last_stage_being_out_or_merge(stages: list[Any], writes: bool) -> None:
