@@ -214,8 +214,8 @@ class _Inspection:
             )
         if index != last:
             raise invalid_argument(
-                f"{here}: {name} must be the last stage of the pipeline (it is stage {index} "
-                f"of 0..{last}); move it to the end"
+                f"{here}: {name} must be the last stage of the pipeline, and {last - index} "
+                "stage(s) follow it; move it to the end"
             )
 
     def reach(self, path: str, value: object, database: str | None = None, *, write: bool = False) -> None:

@@ -289,7 +289,11 @@ REFUSED: list[tuple[Any, str, str]] = [
     ([{"$facet": {"a": {"$match": {}}}}], "pipeline[0].$facet.a", "must be an array of stage documents"),
     ([{"$facet": {"a": [{"$limit": 1, "$skip": 1}]}}], "pipeline[0].$facet.a[0]", "exactly one key"),
     # $out and $merge: the last stage of the top-level pipeline only.
-    ([{"$out": "c"}, {"$match": {}}], "pipeline[0].$out", "must be the last stage of the pipeline"),
+    (
+        [{"$out": "c"}, {"$match": {}}],
+        "pipeline[0].$out",
+        "must be the last stage of the pipeline, and 1 stage(s) follow it",
+    ),
     ([{"$merge": "c"}, {"$merge": "d"}], "pipeline[0].$merge", "must be the last stage"),
     (
         [{"$lookup": {**LOOKUP, "pipeline": [{"$out": "c"}]}}],
