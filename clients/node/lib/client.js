@@ -1,8 +1,9 @@
 'use strict';
 /**
  * The mongo-broker client: BrokerClient -> Database -> Collection, and the
- * Cursor that Collection.find and Collection.aggregate return. Documents are BSON (the `bson`
- * package, the MongoDB Node driver's own), so every type survives exactly.
+ * Cursor that Collection.find and Collection.aggregate return. Documents
+ * are BSON (the `bson` package, the MongoDB Node driver's own), so every
+ * type survives exactly.
  */
 
 const path = require('node:path');
@@ -107,9 +108,13 @@ function normalizeTarget(target) {
  *   `{useBigInt64: true}` to read every int64 as a bigint.
  * @property {import('bson').SerializeOptions} [serializeOptions] how
  *   documents are encoded (default `{ignoreUndefined: true}`)
+ * @property {ReadPreferenceLike} [readPreference] of every read, unless its
+ *   database, collection or call says otherwise (as the driver's MongoClient)
+ * @property {ReadConcernLike} [readConcern] likewise
+ * @property {WriteConcernSpec} [writeConcern] of every write, likewise
  * @property {Partial<RetryPolicy>|null} [retries] how reads are retried
  *   (default DEFAULT_RETRY_POLICY; null: every call is made once). Writes
- *   other than inserts are never retried: they are not idempotent.
+ *   are never retried: updates, deletes and bulk writes are not idempotent.
  */
 
 /**
@@ -152,6 +157,8 @@ class BrokerClient {
     this.serializeOptions = { ignoreUndefined: true, ...(options.serializeOptions || {}) };
     /** @type {Readonly<RetryPolicy>|null} */
     this.retries = retryPolicy(options.retries);
+    /** @type {InheritedOptions} what every database hands down */
+    this.options = inheritedOptions(options, {});
     this._metadata = new grpc.Metadata();
     for (const [key, value] of Object.entries(metadata)) this._metadata.add(key.toLowerCase(), String(value));
     if (token !== undefined) this._metadata.set('authorization', `Bearer ${token}`);
@@ -436,8 +443,8 @@ class Database {
     if (typeof name !== 'string' || name === '') throw new TypeError('database name must be a non-empty string');
     this.client = client;
     this.databaseName = name;
-    /** @type {InheritedOptions} */
-    this.options = inheritedOptions(options, {});
+    /** @type {InheritedOptions} the client's options, with this database's over them */
+    this.options = inheritedOptions(options, client.options || {});
   }
 
   /**
@@ -1248,7 +1255,7 @@ class Cursor {
 }
 
 /**
- * A Database's or Collection's own options over those it inherits.
+ * A client's, Database's or Collection's own options over those it inherits.
  * @param {InheritedOptions} own
  * @param {InheritedOptions} inherited
  * @returns {InheritedOptions}

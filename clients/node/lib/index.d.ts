@@ -82,6 +82,11 @@ export interface ClientOptions {
   bsonOptions?: DeserializeOptions;
   /** How documents are encoded (default `{ignoreUndefined: true}`). */
   serializeOptions?: SerializeOptions;
+  /** Of every read, unless its database, collection or call says otherwise. */
+  readPreference?: ReadPreferenceLike;
+  readConcern?: ReadConcernLike;
+  /** Of every write, unless its database, collection or call says otherwise. */
+  writeConcern?: WriteConcern;
   /**
    * How reads (find before its first document, findOne, countDocuments,
    * distinct, aggregate without $out/$merge, ping, stats) are retried
@@ -412,6 +417,8 @@ export declare class BrokerClient {
   serializeOptions: SerializeOptions;
   /** The retry policy of reads; null when every call is made once. */
   readonly retries: Readonly<RetryPolicy> | null;
+  /** The read preference, read concern and write concern its databases inherit. */
+  readonly options: InheritedOptions;
   /** A database configured on the broker (its configured name). */
   db(name: string, options?: InheritedOptions): Database;
   /** Checks the broker and its databases (every one, or the one named). */

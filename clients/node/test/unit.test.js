@@ -507,6 +507,9 @@ test('countDocuments and estimatedDocumentCount send their options; read options
   const requests = [];
   const { client, stop } = await serveBroker({ Count: answer(requests, (r) => ({ count: r.estimated ? 100 : 7 })) });
   try {
+    const fromClient = new broker.BrokerClient(client.target, { readConcern: 'available' }).db('appdb');
+    assert.equal(fromClient.collection('x').options.readConcern, 'available', "the client's options reach its collections");
+    await fromClient.client.close();
     const db = client.db('appdb', { readConcern: { level: 'majority' } });
     const coll = db.collection('items', { readPreference: { mode: 'secondary', tags: [{ dc: 'east' }, {}], maxStalenessSeconds: 120 } });
     assert.equal(
