@@ -340,7 +340,7 @@ def test_reads_take_a_read_concern(broker, stub, collection_name, mongo_collecti
             pb.ReadPreference(mode=pb.READ_PREFERENCE_NEAREST, tag_sets=[_enc({"dc": 1})]),
             "tag values must be strings",
         ),
-        (pb.ReadPreference(mode=99), "unknown read_preference.mode"),
+        (pb.ReadPreference(mode=99), "unknown read_preference.mode"),  # type: ignore[arg-type]  # a value no client should send
     ],
     ids=["tags-on-primary", "staleness-too-small", "negative-staleness", "non-string-tag", "unknown-mode"],
 )
