@@ -981,9 +981,9 @@ class AsyncCollection(Generic[DocumentT]):
         pymongo's own request objects are accepted too. Each InsertOne
         document without an ``_id`` gets an ObjectId first, set on the
         document. Ordered (the default): it stops at the first failure;
-        unordered: it carries on. A failure raises BulkWriteError, whose
-        ``details`` say what landed (also a DuplicateKeyError when the
-        failure is a duplicate key). Never retried.
+        unordered: it carries on. A failure raises BulkWriteError (a
+        duplicate key too, as in pymongo), whose ``details`` say what
+        failed and what landed. Never retried.
         """
         request = _requests.bulk_write_request(
             self._database.name,

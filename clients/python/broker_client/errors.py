@@ -215,18 +215,15 @@ class BulkWriteError(OperationFailure):
     "codeName", "errmsg"}]``, ``index`` in the list of operations),
     ``writeConcernErrors``, ``nInserted``, ``nUpserted``, ``nMatched``,
     ``nModified``, ``nRemoved`` and ``upserted`` (``[{"index", "_id"}]``):
-    what landed before, or besides, the failure. A duplicate key raises a
-    BulkWriteError that is also a `DuplicateKeyError`, so either ``except``
-    clause catches it.
+    what landed before, or besides, the failure. As in pymongo, a duplicate
+    key in a bulk write raises BulkWriteError too (``reason``
+    "DUPLICATE_KEY", ``writeErrors[i]["code"]`` 11000), not
+    DuplicateKeyError.
     """
 
     @property
     def details(self) -> dict[str, Any]:
         return bulk_write_details(self)
-
-
-class _DuplicateKeyBulkWriteError(BulkWriteError, DuplicateKeyError):
-    """A bulk write that failed on a duplicate key: both pymongo's classes in one."""
 
 
 class InvalidRequest(OperationFailure):
@@ -388,11 +385,10 @@ def as_write_error(exc: BrokerError) -> BrokerError:
 
 def as_bulk_write_error(exc: BrokerError) -> BrokerError:
     """``exc`` of a bulk write, as pymongo raises it: a `BulkWriteError` when MongoDB reported
-    write errors or a write concern error (also a `DuplicateKeyError` for a duplicate), else ``exc``."""
+    write errors or a write concern error (a duplicate key included), else ``exc``."""
     if isinstance(exc, BulkWriteError) or not any(key in exc.metadata for key in _WRITE_FAILURE_KEYS):
         return exc
-    cls = _DuplicateKeyBulkWriteError if isinstance(exc, DuplicateKeyError) else BulkWriteError
-    return _rebuilt(exc, cls)
+    return _rebuilt(exc, BulkWriteError)
 
 
 def _write_errors(error: BrokerError) -> list[dict[str, Any]]:
