@@ -1136,6 +1136,42 @@ def test_only_write_failures_become_write_errors() -> None:
     assert isinstance(as_bulk_write_error(immutable), BulkWriteError)
 
 
+def test_a_write_mongodb_refused_with_its_own_code_is_a_write_error() -> None:
+    from broker_client import InvalidRequest, OperationFailure, WriteError
+    from broker_client.errors import as_write_error
+
+    refused = OperationFailure(
+        "the database refused the operation",
+        code=grpc.StatusCode.FAILED_PRECONDITION,
+        reason="OPERATION_FAILED",
+        metadata={"mongo_code": "66", "mongo_code_name": "ImmutableField"},
+    )
+    converted = as_write_error(refused)
+    assert type(converted) is WriteError
+    assert converted.details == {
+        "index": 0,
+        "code": 66,
+        "codeName": "ImmutableField",
+        "errmsg": "the database refused the operation",
+    }
+    rejected = InvalidRequest(
+        "bad", code=grpc.StatusCode.INVALID_ARGUMENT, reason="QUERY_REJECTED", metadata={"mongo_code": "2"}
+    )
+    assert type(as_write_error(rejected)) is WriteError
+    # The broker's own refusal (no MongoDB code), and a feature the server lacks, stay as they are.
+    own = InvalidRequest(
+        "update only works with $ operators", code=grpc.StatusCode.INVALID_ARGUMENT, reason="INVALID_REQUEST"
+    )
+    assert as_write_error(own) is own
+    lacking = OperationFailure(
+        "not implemented",
+        code=grpc.StatusCode.UNIMPLEMENTED,
+        reason="NOT_SUPPORTED",
+        metadata={"mongo_code": "238"},
+    )
+    assert as_write_error(lacking) is lacking
+
+
 def test_write_errors_pickle_with_their_details() -> None:
     import pickle
 

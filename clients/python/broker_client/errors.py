@@ -371,16 +371,33 @@ def _rebuilt(exc: BrokerError, cls: type[BrokerError]) -> BrokerError:
     return new.with_traceback(exc.__traceback__)
 
 
+#: The statuses of a single write that MongoDB itself refused, by code and
+#: reason: what pymongo raises as WriteError (mongod reports a bad update,
+#: filter or hint of one statement as its write error).
+_REFUSED_BY_MONGODB: Final = frozenset(
+    {("FAILED_PRECONDITION", "OPERATION_FAILED"), ("INVALID_ARGUMENT", "QUERY_REJECTED")}
+)
+
+
 def as_write_error(exc: BrokerError) -> BrokerError:
     """``exc`` of an update, replace, delete or find-and-modify, as pymongo raises it.
 
-    A MongoDB write error (the metadata reports one) becomes a `WriteError`,
-    unless it is one already (`DuplicateKeyError`); anything else (a
-    permission, a bad request refused as a whole, a timeout) is ``exc``.
+    A MongoDB write error becomes a `WriteError`, unless it is one already
+    (`DuplicateKeyError`): the metadata lists it (``write_errors``,
+    ``failed_index``), or MongoDB refused the write with a code of its own
+    (``mongo_code``, and a status in `_REFUSED_BY_MONGODB`). Anything else
+    (a permission, a request the broker refused, a feature the server lacks,
+    a timeout) is ``exc``.
     """
-    if isinstance(exc, WriteError) or not any(key in exc.metadata for key in _WRITE_FAILURE_KEYS[:2]):
+    if isinstance(exc, WriteError):
         return exc
-    return _rebuilt(exc, WriteError)
+    listed = any(key in exc.metadata for key in _WRITE_FAILURE_KEYS[:2])
+    refused = (
+        exc.code is not None
+        and "mongo_code" in exc.metadata
+        and (exc.code.name, exc.reason) in _REFUSED_BY_MONGODB
+    )
+    return _rebuilt(exc, WriteError) if listed or refused else exc
 
 
 def as_bulk_write_error(exc: BrokerError) -> BrokerError:
