@@ -1003,10 +1003,11 @@ class AsyncCollection(Generic[DocumentT]):
 
 
 class AsyncCursor(Generic[DocumentT]):
-    """The result of ``AsyncCollection.find()``: ``async for doc in cursor``.
+    """The result of ``AsyncCollection.find()`` and ``await aggregate()``: ``async for doc in cursor``.
 
-    Lazy like `Cursor`: nothing is sent until the first ``__anext__``; each
-    gRPC message is one MongoDB batch. ``await cursor.close()`` (or leaving
+    Like `Cursor`: ``find()``'s sends nothing until the first ``__anext__``,
+    ``aggregate()`` reads the first batch before returning it; each gRPC
+    message is one MongoDB batch. ``await cursor.close()`` (or leaving
     an ``async with`` block) cancels the call if it is still running.
     """
 

@@ -100,9 +100,11 @@ class BrokerClient(Generic[DocumentT]):
         retries: a `RetryPolicy` (default `DEFAULT_RETRY_POLICY`: 3 tries,
             backoff from 50 ms up to 1 s, full jitter), or None to send
             every call once. Retried: UNAVAILABLE and POOL_EXHAUSTED, for
-            pings, stats, find_one, a find until its first documents, and
-            inserts whose every ``_id`` this client made (see
-            ``broker_client.retry``).
+            pings, stats and the reads (find_one, count_documents,
+            estimated_document_count, distinct; find and aggregate until
+            their first documents, not an aggregate that writes), and
+            inserts whose every ``_id`` this client made. Never for the
+            other writes (see ``broker_client.retry``).
 
     The client is thread-safe and fork-safe: its channel is made on first
     use and made anew in a forked child, which never touches the parent's.
@@ -1048,13 +1050,14 @@ class Collection(Generic[DocumentT]):
 
 
 class Cursor(Generic[DocumentT]):
-    """The result of ``find()``: a lazy iterator over the server's stream.
+    """The result of ``find()`` and ``aggregate()``: an iterator over the server's stream.
 
     Each gRPC message is one MongoDB batch of documents. They are decoded a
-    batch at a time, as the iteration reaches it. ``close()`` (or leaving a
-    ``with`` block) cancels the call if it is still running. A cursor
-    belongs to the process that opened it: after ``fork()``, the child must
-    call ``find()`` again.
+    batch at a time, as the iteration reaches it. ``find()``'s is lazy;
+    ``aggregate()`` reads the first batch before returning it. ``close()``
+    (or leaving a ``with`` block) cancels the call if it is still running.
+    A cursor belongs to the process that opened it: after ``fork()``, the
+    child must call ``find()`` (or ``aggregate()``) again.
     """
 
     def __init__(self, client: BrokerClient[DocumentT], find: _requests.CursorState[DocumentT]) -> None:
