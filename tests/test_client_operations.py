@@ -335,18 +335,49 @@ def test_distinct(filled: Collection[Doc]) -> None:
     assert filled.distinct("nowhere") == []
 
 
-def test_collation_is_refused_by_the_test_server_as_unsupported(filled: Collection[Doc]) -> None:
-    # FerretDB has no collation; the broker maps its refusal. A real mongod
-    # would answer; either way the request reached the server with it.
-    for call in (
-        lambda: filled.count_documents({}, collation={"locale": "fr"}),
-        lambda: list(filled.find({}, collation=Collation("fr"))),
-        lambda: filled.distinct("s", collation={"locale": "fr", "strength": 1}),
-    ):
-        try:
-            call()
-        except OperationFailure as exc:
-            assert _is_refused_as_unsupported(exc), exc
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.count_documents({}, collation={"locale": "fr"}),
+        lambda c: c.find({}, collation=Collation("fr")).to_list(),
+        lambda c: c.find_one({}, collation={"locale": "fr"}),
+        lambda c: c.distinct("s", collation={"locale": "fr", "strength": 1}),
+        lambda c: c.aggregate([{"$match": {}}], collation={"locale": "fr"}),
+        lambda c: c.update_one({"_id": 1}, {"$set": {"b": 1}}, collation={"locale": "fr"}),
+        lambda c: c.delete_one({"_id": 1}, collation={"locale": "fr"}),
+        lambda c: c.update_one({"_id": 1}, {"$set": {"b": "$$v"}}, let={"v": 1}),
+        lambda c: c.update_one({"_id": 1}, {"$set": {"tags.$[t]": "z"}}, array_filters=[{"t": "x"}]),
+        lambda c: c.update_one({"_id": 1}, [{"$set": {"b": "$a"}}]),
+        lambda c: c.find_one_and_update({"_id": 1}, {"$set": {"b": 1}}, projection={"b": 1}),
+        lambda c: c.aggregate([{"$match": {"$expr": {"$eq": ["$a", "$$v"]}}}], let={"v": 1}),
+    ],
+    ids=[
+        "count-collation",
+        "find-collation",
+        "find_one-collation",
+        "distinct-collation",
+        "aggregate-collation",
+        "update-collation",
+        "delete-collation",
+        "update-let",
+        "update-array_filters",
+        "update-pipeline",
+        "find_one_and_update-projection",
+        "aggregate-let",
+    ],
+)
+def test_what_the_test_server_lacks_reaches_it_and_is_refused(
+    filled: Collection[Doc], real_mongodb: bool, call: Any
+) -> None:
+    # The option travels to the server, which answers it: mongod does it,
+    # FerretDB refuses it as unsupported (or, for an update pipeline, as a
+    # malformed update), and the broker maps the refusal.
+    if real_mongodb:
+        call(filled)
+        return
+    with pytest.raises(OperationFailure) as info:
+        call(filled)
+    assert _is_refused_as_unsupported(info.value), info.value
 
 
 # --- aggregate ------------------------------------------------------------------------------
@@ -564,15 +595,24 @@ def test_an_unknown_database_is_refused_for_every_operation(client: BrokerClient
             call()
 
 
-def test_a_read_only_database_refuses_every_write_and_answers_reads(
-    start_broker: Any, db_server: Any, collection_name: str, mongo_collection: Any
+_READ_ONLY_TOKEN = "reports-token-0123456789abcdef"
+
+
+@pytest.mark.parametrize("read_only", ["database", "token"])
+def test_a_read_only_database_or_token_refuses_every_write_and_answers_reads(
+    start_broker: Any, db_server: Any, collection_name: str, mongo_collection: Any, read_only: str
 ) -> None:
     config = start_broker.base_config()
-    config["databases"]["archive"] = {"uri": db_server.uri, "database": "broker_test", "read_only": True}
+    if read_only == "database":
+        config["databases"]["archive"] = {"uri": db_server.uri, "database": "broker_test", "read_only": True}
+        database, token = "archive", None
+    else:
+        config["auth"] = {"tokens": [{"name": "reports", "token": _READ_ONLY_TOKEN, "read_only": True}]}
+        database, token = "appdb", _READ_ONLY_TOKEN
     proc = start_broker(config)
     mongo_collection.insert_one({"_id": 1, "a": 1})
-    with BrokerClient(proc.unix_target) as client:
-        archive = client["archive"][collection_name]
+    with BrokerClient(proc.unix_target, token=token) as client:
+        archive = client[database][collection_name]
         for call in (
             lambda: archive.update_one({"_id": 1}, {"$set": {"a": 2}}),
             lambda: archive.replace_one({"_id": 1}, {"a": 2}),

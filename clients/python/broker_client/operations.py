@@ -118,8 +118,7 @@ class InsertOne(Generic[_D]):
             return self._doc == other._doc
         return NotImplemented
 
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, id(self._doc)))
+    __hash__ = None  # type: ignore[assignment]  # a mutable document inside, as pymongo's
 
 
 class _UpdateOp:
