@@ -71,37 +71,59 @@ else:
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "Collation",
     "CursorState",
     "DocumentT",
     "Hint",
     "Insert",
     "Projection",
+    "ReadOptions",
     "Settings",
     "Sort",
+    "Update",
     "WriteConcernSpec",
+    "acknowledged",
+    "aggregate_request",
+    "bulk_write_request",
+    "bulk_write_result",
+    "check_comment",
     "check_count",
     "check_documents",
     "check_length",
     "check_name",
     "check_timeout",
+    "count_request",
     "decode_batch",
     "decode_id",
+    "delete_request",
+    "delete_result",
+    "distinct_request",
+    "distinct_values",
+    "encode_collation",
+    "encode_document",
     "encode_filter",
     "encode_for_insert",
     "encode_hint",
     "encode_projection",
     "encode_sort",
+    "find_one_and_modify_request",
     "find_one_request",
     "find_request",
     "first_document",
     "insert_many_result",
     "insert_one_result",
     "missing_attribute",
+    "modified_document",
     "ping_request",
     "ping_result",
+    "pipeline_writes",
     "prepare_insert",
+    "read_concern_level",
+    "read_preference_message",
     "stats_request",
     "stats_result",
+    "update_request",
+    "update_result",
     "write_concern_message",
 ]
 
@@ -903,6 +925,7 @@ _READ_PREFERENCE_MODES: Final = {
     "nearest": 5,
 }
 _READ_CONCERN_LEVELS: Final = {"local": 1, "available": 2, "majority": 3, "linearizable": 4, "snapshot": 5}
+_MISSING: Final = object()
 
 
 def read_preference_message(
@@ -954,9 +977,6 @@ def read_concern_level(concern: Any | None) -> int:
     if number is None:
         raise ValueError(f"unknown read concern level {level!r}; use one of {sorted(_READ_CONCERN_LEVELS)}")
     return number
-
-
-_MISSING: Final = object()
 
 
 class ReadOptions:
