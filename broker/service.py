@@ -596,6 +596,20 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 )
             except pymongo.errors.BulkWriteError as exc:
                 raise bulk_write_error(exc, call.pool.name, "operation") from None
+            except KeyError as exc:
+                # pymongo adds up the server's replies and needs every count
+                # in them; FerretDB 1.24 leaves nModified out of an update
+                # reply that carries write errors. Nobody can say then what
+                # was written, and the caller must hear so, not INTERNAL.
+                log.warning("BulkWrite on %r: the database's reply lacks %s", call.pool.name, exc)
+                raise RpcError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"the database answered the bulk write without the field {exc} the driver needs "
+                    "to count what was written; some operations may have been applied, so read "
+                    "back before retrying",
+                    Reason.OPERATION_FAILED,
+                    {"database": call.pool.name},
+                ) from None
             return broker_pb2.BulkWriteResponse(
                 inserted_count=result.inserted_count,
                 matched_count=result.matched_count,

@@ -504,3 +504,14 @@ def test_write_methods_are_counted_in_stats(broker, stub, collection_name, mongo
     after = database_stats(stub, broker.db_name).rpcs
     for method in ("Update", "Delete", "FindOneAndModify", "BulkWrite"):
         assert after[method] == before.get(method, 0) + 1, method
+
+
+def test_a_bulk_reply_the_driver_cannot_count_is_not_an_internal_error(broker, stub, collection_name):
+    # {"$set": null} is refused by the server; FerretDB 1.24's reply then
+    # lacks the nModified that pymongo adds up (KeyError inside the driver).
+    operation = pb.WriteModel(update_one=pb.UpdateModel(update=bson.encode({"$set": None})))
+    with pytest.raises(grpc.RpcError) as caught:
+        _bulk(stub, broker, collection_name, [operation], ordered=False)
+    assert caught.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
+    if caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION:
+        assert "read back before retrying" in (caught.value.details() or "")
