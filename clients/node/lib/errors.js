@@ -285,8 +285,8 @@ class BulkWriteError extends BrokerError {
 /**
  * Makes a failed bulkWrite's error a BulkWriteError: its `result` holds
  * the counts from the broker's metadata, the ids of the upserts it lists,
- * and the ids this client made for the inserts that landed (ordered: those
- * before the failing operation; unordered: those without a write error).
+ * and the ids of the inserts known to have landed (ordered: those before
+ * the failing operation; unordered: those without a write error).
  * An error without write metadata (the broker unreachable, a bad request)
  * is returned as it is.
  * @param {BrokerError} error
@@ -302,10 +302,15 @@ function markBulkWriteError(error, madeIds, ordered) {
   }
   const failedIndex = error.failedIndex;
   const failing = new Set(error.writeErrors.map((e) => e.index));
+  // Unordered, the inserts past the first failure landed unless they failed
+  // too, which only a whole list of write errors says (an Insert's error
+  // has none, a long list is cut): without it, only those before the first
+  // failure are known to have landed.
+  const listed = error.writeErrors.length > 0 && error.writeErrorsTotal === error.writeErrors.length;
   /** @type {Record<number, any>} */
   const insertedIds = {};
   for (const [index, id] of madeIds) {
-    const landed = ordered ? failedIndex === null || index < failedIndex : !failing.has(index);
+    const landed = ordered || !listed ? failedIndex === null || index < failedIndex : !failing.has(index);
     if (landed) insertedIds[index] = id;
   }
   const result = {

@@ -932,6 +932,26 @@ test('an unordered bulk failure counts every insert without a write error; other
   }
 });
 
+test('an unordered insertMany failure without a list of write errors claims only the ids before the first failure', async () => {
+  // As the broker reports a failed Insert: the first failing index and the count.
+  const metadata = { mongo_code: '11000', failed_index: '1', inserted_count: '2' };
+  const { client, stop } = await serveBroker(
+    flaky('Insert', [serviceError(grpc.status.ALREADY_EXISTS, 'write failed at document 1', { reason: 'DUPLICATE_KEY', domain: 'mongo-broker', metadata })], {}),
+  );
+  try {
+    const docs = [{ n: 0 }, { _id: 'dup' }, { n: 2 }];
+    await assert.rejects(client.db('appdb').collection('items').insertMany(docs, { ordered: false }), (/** @type {any} */ error) => {
+      assert.ok(error instanceof broker.DuplicateKeyError && error instanceof broker.BulkWriteError);
+      assert.deepEqual(error.result.insertedIds, { 0: docs[0]._id }, 'document 2 may or may not have landed');
+      assert.equal(error.result.insertedCount, 2);
+      assert.deepEqual(error.writeErrors, []);
+      return true;
+    });
+  } finally {
+    stop();
+  }
+});
+
 test("a single write's failure reads as the driver's MongoServerError: errmsg, index, mongoCode", async () => {
   const metadata = {
     mongo_code: '11000', mongo_code_name: 'DuplicateKey', failed_index: '0', matched_count: '0', upserted_count: '0',
