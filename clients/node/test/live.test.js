@@ -365,6 +365,23 @@ describe('against a live broker', { skip }, () => {
     assert.equal((await reads.find({ tag: 't1' }).toArray()).length, 3);
   });
 
+  it('sends collation through to the server, which here refuses it', async () => {
+    // FerretDB 1.24 has no collation: the error shows the option reached it
+    // (a client that dropped it would answer normally).
+    const coll = collection('collation');
+    await coll.insertOne({ s: 'a' });
+    const refused = (/** @type {any} */ error) => {
+      assert.ok(error instanceof broker.BrokerError, String(error));
+      assert.ok([broker.status.UNIMPLEMENTED, broker.status.INVALID_ARGUMENT].includes(error.code), `${error.codeName}: ${error.message}`);
+      return true;
+    };
+    const collation = { locale: 'fr', strength: 1 };
+    await assert.rejects(coll.find({}, { collation }).toArray(), refused);
+    await assert.rejects(coll.countDocuments({}, { collation }), refused);
+    await assert.rejects(coll.updateOne({ s: 'A' }, { $set: { t: 1 } }, { collation }), refused);
+    assert.deepEqual(await coll.findOne({}, { projection: { _id: 0 } }), { s: 'a' }, 'the refused update changed nothing');
+  });
+
   it('aggregate streams a pipeline in batches, as find does', async () => {
     const coll = collection('aggregate');
     await coll.insertMany(Array.from({ length: 300 }, (_, n) => ({ n, group: n % 3 })));
