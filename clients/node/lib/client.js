@@ -129,7 +129,9 @@ function normalizeTarget(target) {
 
 /**
  * @typedef {'primary'|'primaryPreferred'|'secondary'|'secondaryPreferred'|'nearest'} ReadPreferenceMode
- * @typedef {ReadPreferenceMode|{mode: ReadPreferenceMode, tags?: object[], maxStalenessSeconds?: number}} ReadPreferenceLike
+ * @typedef {ReadPreferenceMode|{
+ *   mode: ReadPreferenceMode, tags?: object[], maxStalenessSeconds?: number
+ * }} ReadPreferenceLike
  * @typedef {'local'|'available'|'majority'|'linearizable'|'snapshot'} ReadConcernLevel
  * @typedef {ReadConcernLevel|{level: ReadConcernLevel}} ReadConcernLike
  * @typedef {{w?: number|string, j?: boolean, wtimeoutMS?: number}} WriteConcernSpec
@@ -345,7 +347,9 @@ class RetryState {
     const policy = this.policy;
     if (policy === null || !(error instanceof BrokerError) || !error.retryable) throw error;
     if (this.failures + 1 >= policy.maxAttempts) throw error;
-    const cap = Math.min(policy.maxBackoffMs, policy.initialBackoffMs * policy.multiplier ** Math.min(this.failures, 64));
+    // A bounded exponent: 2 ** 2000 is Infinity.
+    const growth = policy.multiplier ** Math.min(this.failures, 64);
+    const cap = Math.min(policy.maxBackoffMs, policy.initialBackoffMs * growth);
     let delay = Math.random() * cap;
     if (error.retryAfterMs !== null) delay = Math.max(delay, error.retryAfterMs);
     if (this.deadline - Date.now() - delay < MIN_ATTEMPT_MS) throw error;
@@ -372,7 +376,9 @@ function retryPolicy(spec) {
       throw new TypeError(`retries.${name} must be a non-negative number, not ${describe(policy[name])}`);
     }
   }
-  if (policy.maxBackoffMs < policy.initialBackoffMs) throw new TypeError('retries.maxBackoffMs must be >= initialBackoffMs');
+  if (policy.maxBackoffMs < policy.initialBackoffMs) {
+    throw new TypeError('retries.maxBackoffMs must be >= initialBackoffMs');
+  }
   if (policy.multiplier < 1) throw new TypeError('retries.multiplier must be >= 1');
   return Object.freeze(policy);
 }
@@ -571,7 +577,10 @@ class Database {
  */
 
 /** What `returnDocument` names, as the Node driver spells it. */
-const ReturnDocument = Object.freeze({ BEFORE: /** @type {'before'} */ ('before'), AFTER: /** @type {'after'} */ ('after') });
+const ReturnDocument = Object.freeze({
+  BEFORE: /** @type {'before'} */ ('before'),
+  AFTER: /** @type {'after'} */ ('after'),
+});
 
 /** A collection of a configured database. */
 class Collection {
@@ -712,9 +721,11 @@ class Collection {
       // As the driver's insertMany: a BulkWriteError whose result has the
       // ids of the documents that landed.
       const made = new Map(documents.map((doc, i) => [i, doc instanceof Map ? doc.get('_id') : /** @type {any} */ (doc)._id]));
-      throw markBulkWriteError(/** @type {BrokerError} */ (error), made, options.ordered === undefined ? true : Boolean(options.ordered));
+      const ordered = options.ordered === undefined ? true : Boolean(options.ordered);
+      throw markBulkWriteError(/** @type {BrokerError} */ (error), made, ordered);
     }
-    return { acknowledged: isAcknowledged(this._writeConcernSpec(options)), insertedCount: ids.length, insertedIds: ids };
+    const acknowledged = isAcknowledged(this._writeConcernSpec(options));
+    return { acknowledged, insertedCount: ids.length, insertedIds: ids };
   }
 
   /**
@@ -1110,8 +1121,8 @@ class Collection {
     const byIndex = (list) => Object.fromEntries(list.map((entry) => [entry.index, decodeId(entry.id, client)]));
     // Unacknowledged (w: 0), the broker knows of no ids: the ones made here
     // are what the driver reports then.
-    const insertedIds =
-      response.inserted_ids.length === 0 && !isAcknowledged(concern) ? Object.fromEntries(madeIds) : byIndex(response.inserted_ids);
+    const unacknowledged = response.inserted_ids.length === 0 && !isAcknowledged(concern);
+    const insertedIds = unacknowledged ? Object.fromEntries(madeIds) : byIndex(response.inserted_ids);
     return {
       acknowledged: isAcknowledged(concern),
       insertedCount: response.inserted_count,
@@ -1314,7 +1325,8 @@ function readPreference(spec, serialize) {
     ? READ_PREFERENCE_MODES[/** @type {ReadPreferenceMode} */ (pref.mode)]
     : undefined;
   if (mode === undefined) {
-    throw new TypeError(`readPreference mode must be one of ${Object.keys(READ_PREFERENCE_MODES).join(', ')}, not ${describe(pref.mode)}`);
+    const modes = Object.keys(READ_PREFERENCE_MODES).join(', ');
+    throw new TypeError(`readPreference mode must be one of ${modes}, not ${describe(pref.mode)}`);
   }
   // The driver's ReadPreference says "no limit" with -1 or undefined.
   const staleness = pref.maxStalenessSeconds === -1 ? 0 : pref.maxStalenessSeconds;
@@ -1427,7 +1439,8 @@ function writeModel(operation, index, serialize, madeIds) {
   const names = operation && typeof operation === 'object' ? Object.keys(operation) : [];
   if (names.length !== 1 || !Object.prototype.hasOwnProperty.call(WRITE_MODELS, names[0])) {
     throw new TypeError(
-      `operation ${index} must be an object with one of ${Object.keys(WRITE_MODELS).join(', ')}, not ${describe(operation)}`,
+      `operation ${index} must be an object with one of ${Object.keys(WRITE_MODELS).join(', ')}, ` +
+        `not ${describe(operation)}`,
     );
   }
   const name = /** @type {keyof typeof WRITE_MODELS} */ (names[0]);
@@ -1452,7 +1465,10 @@ function writeModel(operation, index, serialize, madeIds) {
         array_filters: encodeList(spec.arrayFilters, `${what} arrayFilters`, serialize),
       });
     } else if (name === 'replaceOne') {
-      Object.assign(model, { replacement: replacementDocument(spec.replacement, serialize), upsert: Boolean(spec.upsert) });
+      Object.assign(model, {
+        replacement: replacementDocument(spec.replacement, serialize),
+        upsert: Boolean(spec.upsert),
+      });
     }
   }
   return { [WRITE_MODELS[name]]: model };

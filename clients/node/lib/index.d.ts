@@ -229,7 +229,9 @@ export interface FindOneAndModifyOptions extends CallOptions {
   bsonOptions?: DeserializeOptions;
 }
 
-export interface FindOneAndDeleteOptions extends Omit<FindOneAndModifyOptions, 'returnDocument' | 'upsert' | 'arrayFilters' | 'bypassDocumentValidation'> {}
+/** A delete has nothing to return after, upsert, or filter arrays of. */
+export interface FindOneAndDeleteOptions
+  extends Omit<FindOneAndModifyOptions, 'returnDocument' | 'upsert' | 'arrayFilters' | 'bypassDocumentValidation'> {}
 
 export interface CountDocumentsOptions extends CallOptions, ReadOptions {
   skip?: number;
@@ -460,7 +462,11 @@ export declare class Collection<TSchema extends Document = Document> {
   /** Updates every match. Never retried. */
   updateMany(filter: DocumentLike, update: UpdateLike, options?: UpdateOptions): Promise<UpdateResult>;
   /** Replaces the first match with a document without `$` operators. Never retried. */
-  replaceOne(filter: DocumentLike, replacement: Document | Map<string, unknown>, options?: UpdateOptions): Promise<UpdateResult>;
+  replaceOne(
+    filter: DocumentLike,
+    replacement: Document | Map<string, unknown>,
+    options?: UpdateOptions,
+  ): Promise<UpdateResult>;
   /** Deletes the first match. Never retried. */
   deleteOne(filter: DocumentLike, options?: DeleteOptions): Promise<DeleteResult>;
   /** Deletes every match ({} or omitted: all). Never retried. */

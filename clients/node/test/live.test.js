@@ -291,7 +291,12 @@ describe('against a live broker', { skip }, () => {
     });
     await assert.rejects(coll.replaceOne({ _id: 1 }, { $set: { qty: 2 } }), /replacement can not include \$ operators/);
     // Past the client's check (a hand-made request), the broker refuses it too.
-    const request = { database: DATABASE, collection: coll.collectionName, filter: BSON.serialize({ _id: 1 }), update: BSON.serialize({ qty: 2 }) };
+    const request = {
+      database: DATABASE,
+      collection: coll.collectionName,
+      filter: BSON.serialize({ _id: 1 }),
+      update: BSON.serialize({ qty: 2 }),
+    };
     await assert.rejects(client._unary('Update', request, {}), (error) => {
       assert.ok(error instanceof broker.InvalidArgumentError, String(error));
       assert.equal(error.reason, 'INVALID_REQUEST');
@@ -393,7 +398,8 @@ describe('against a live broker', { skip }, () => {
       { _id: 1, total: 14950 },
       { _id: 2, total: 15050 },
     ]);
-    const cursor = coll.aggregate([{ $match: { group: 1 } }, { $sort: { n: 1 } }, { $project: { _id: 0, n: 1 } }], { batchSize: 25, comment: 'node' });
+    const pipeline = [{ $match: { group: 1 } }, { $sort: { n: 1 } }, { $project: { _id: 0, n: 1 } }];
+    const cursor = coll.aggregate(pipeline, { batchSize: 25, comment: 'node' });
     let expected = 1;
     for await (const doc of cursor) {
       assert.deepEqual(doc, { n: expected });

@@ -352,7 +352,9 @@ test('updateOne, updateMany and replaceOne send every option and read the result
   const upsertedId = new ObjectId();
   const { client, methods, stop } = await serveBroker({
     Update: answer(requests, (request) =>
-      request.upsert ? { matched_count: 0, modified_count: 0, upserted_id: bson({ _id: upsertedId }) } : { matched_count: 3, modified_count: 2 },
+      request.upsert
+        ? { matched_count: 0, modified_count: 0, upserted_id: bson({ _id: upsertedId }) }
+        : { matched_count: 3, modified_count: 2 },
     ),
   });
   try {
@@ -513,7 +515,10 @@ test('countDocuments and estimatedDocumentCount send their options; read options
     const db = client.db('appdb', { readConcern: { level: 'majority' } });
     const coll = db.collection('items', { readPreference: { mode: 'secondary', tags: [{ dc: 'east' }, {}], maxStalenessSeconds: 120 } });
     assert.equal(
-      await coll.countDocuments({ qty: { $gt: 1 } }, { skip: 2, limit: 10, hint: { qty: 1 }, collation: { locale: 'fr' }, maxTimeMS: 50, comment: 'n' }),
+      await coll.countDocuments(
+        { qty: { $gt: 1 } },
+        { skip: 2, limit: 10, hint: { qty: 1 }, collation: { locale: 'fr' }, maxTimeMS: 50, comment: 'n' },
+      ),
       7,
     );
     assert.equal(await coll.estimatedDocumentCount({ readPreference: 'nearest', readConcern: 'local' }), 100);
@@ -658,7 +663,12 @@ test('bulkWrite sends each model, gives insertOne documents an _id, and reads th
     const result = await coll.bulkWrite(
       [
         { insertOne: { document: inserted } },
-        { updateOne: { filter: { sku: 'a' }, update: { $set: { q: 1 } }, upsert: true, arrayFilters: [{ e: 1 }], hint: 'sku_1', collation: { locale: 'fr' } } },
+        {
+          updateOne: {
+            filter: { sku: 'a' }, update: { $set: { q: 1 } }, upsert: true,
+            arrayFilters: [{ e: 1 }], hint: 'sku_1', collation: { locale: 'fr' },
+          },
+        },
         { updateMany: { filter: {}, update: [{ $set: { q: 2 } }] } },
         { replaceOne: { filter: { sku: 'b' }, replacement: { sku: 'b', q: 3 }, upsert: true, hint: { sku: 1 } } },
         { deleteOne: { filter: { sku: 'c' }, collation: { locale: 'en' } } },
@@ -678,7 +688,10 @@ test('bulkWrite sends each model, gives insertOne documents an _id, and reads th
     assert.deepEqual(doc(request.let), { z: 1 });
     assert.deepEqual({ w: request.write_concern.w_nodes, j: request.write_concern.j }, { w: 1, j: true });
     const ops = request.operations;
-    assert.deepEqual(ops.map((/** @type {any} */ op) => op.model), ['insert_one', 'update_one', 'update_many', 'replace_one', 'delete_one', 'delete_many']);
+    assert.deepEqual(
+      ops.map((/** @type {any} */ op) => op.model),
+      ['insert_one', 'update_one', 'update_many', 'replace_one', 'delete_one', 'delete_many'],
+    );
     const sent = doc(ops[0].insert_one.document);
     assert.deepEqual(Object.keys(sent), ['_id', 'sku'], '_id first on the wire');
     assert.ok(sent._id.equals(inserted._id));
@@ -728,10 +741,20 @@ function flaky(method, failures, success, stream = false) {
   return { [method]: handler };
 }
 
-const unavailable = () => serviceError(grpc.status.UNAVAILABLE, 'the database is down', { reason: 'DATABASE_UNAVAILABLE', domain: 'mongo-broker' });
+/**
+ * A broker error: the gRPC code, and the ErrorInfo of the broker's domain.
+ * @param {number} code
+ * @param {string} message
+ * @param {string} reason
+ * @param {Record<string, string>} [metadata]
+ * @param {number} [retryMs]
+ */
+const brokerError = (code, message, reason, metadata, retryMs) =>
+  serviceError(code, message, { reason, domain: 'mongo-broker', metadata, retryMs });
+const unavailable = () => brokerError(grpc.status.UNAVAILABLE, 'the database is down', 'DATABASE_UNAVAILABLE');
 
 test('reads are retried after UNAVAILABLE and a full pool: countDocuments, distinct, aggregate', async () => {
-  const full = serviceError(grpc.status.RESOURCE_EXHAUSTED, 'queue full', { reason: 'POOL_EXHAUSTED', domain: 'mongo-broker', retryMs: 20 });
+  const full = brokerError(grpc.status.RESOURCE_EXHAUSTED, 'queue full', 'POOL_EXHAUSTED', {}, 20);
   const { client, methods, stop } = await serveBroker({
     ...flaky('Count', [unavailable(), full], { count: 4 }),
     ...flaky('Distinct', [unavailable()], [{ values: bson({ values: [1, 2] }) }], true),
@@ -858,7 +881,7 @@ test('a bulk failure is a BulkWriteError of its code, with writeErrors and the p
     upserted_ids: EJSON.stringify([{ index: 2, _id: upserted }, { index: 5, _id: 7 }], { relaxed: false }),
   };
   const { client, methods, stop } = await serveBroker(
-    flaky('BulkWrite', [serviceError(grpc.status.ALREADY_EXISTS, 'E11000 duplicate key error', { reason: 'DUPLICATE_KEY', domain: 'mongo-broker', metadata })], {}),
+    flaky('BulkWrite', [brokerError(grpc.status.ALREADY_EXISTS, 'E11000 duplicate key error', 'DUPLICATE_KEY', metadata)], {}),
   );
   try {
     const coll = client.db('appdb').collection('items');
@@ -905,14 +928,15 @@ test('an unordered bulk failure counts every insert without a write error; other
   };
   const { client, stop } = await serveBroker(
     flaky('BulkWrite', [
-      serviceError(grpc.status.ALREADY_EXISTS, 'dup', { reason: 'DUPLICATE_KEY', domain: 'mongo-broker', metadata }),
-      serviceError(grpc.status.INVALID_ARGUMENT, 'operations: at most 1000', { reason: 'INVALID_REQUEST', domain: 'mongo-broker' }),
+      brokerError(grpc.status.ALREADY_EXISTS, 'dup', 'DUPLICATE_KEY', metadata),
+      brokerError(grpc.status.INVALID_ARGUMENT, 'operations: at most 1000', 'INVALID_REQUEST'),
     ], {}),
   );
   try {
     const coll = client.db('appdb').collection('items');
     const docs = [{ n: 0 }, { _id: 'dup' }, { n: 2 }];
-    await assert.rejects(coll.bulkWrite(docs.map((document) => ({ insertOne: { document } })), { ordered: false }), (/** @type {any} */ error) => {
+    const inserts = docs.map((document) => ({ insertOne: { document } }));
+    await assert.rejects(coll.bulkWrite(inserts, { ordered: false }), (/** @type {any} */ error) => {
       assert.ok(error instanceof broker.BulkWriteError);
       assert.deepEqual(error.result.insertedIds, { 0: docs[0]._id, 2: docs[2]._id });
       assert.equal(error.result.insertedCount, 2);
@@ -936,7 +960,7 @@ test('an unordered insertMany failure without a list of write errors claims only
   // As the broker reports a failed Insert: the first failing index and the count.
   const metadata = { mongo_code: '11000', failed_index: '1', inserted_count: '2' };
   const { client, stop } = await serveBroker(
-    flaky('Insert', [serviceError(grpc.status.ALREADY_EXISTS, 'write failed at document 1', { reason: 'DUPLICATE_KEY', domain: 'mongo-broker', metadata })], {}),
+    flaky('Insert', [brokerError(grpc.status.ALREADY_EXISTS, 'write failed at document 1', 'DUPLICATE_KEY', metadata)], {}),
   );
   try {
     const docs = [{ n: 0 }, { _id: 'dup' }, { n: 2 }];
@@ -958,10 +982,11 @@ test("a single write's failure reads as the driver's MongoServerError: errmsg, i
     write_errors: JSON.stringify([{ index: 0, code: 11000, codeName: 'DuplicateKey', errmsg: 'E11000 dup key: { sku: "a" }' }]),
   };
   const { client, stop } = await serveBroker(
-    flaky('Update', [serviceError(grpc.status.ALREADY_EXISTS, 'duplicate key', { reason: 'DUPLICATE_KEY', domain: 'mongo-broker', metadata })], {}),
+    flaky('Update', [brokerError(grpc.status.ALREADY_EXISTS, 'duplicate key', 'DUPLICATE_KEY', metadata)], {}),
   );
   try {
-    await assert.rejects(client.db('appdb').collection('items').updateOne({ a: 1 }, { $set: { sku: 'a' } }, { upsert: true }), (/** @type {any} */ error) => {
+    const upsert = client.db('appdb').collection('items').updateOne({ a: 1 }, { $set: { sku: 'a' } }, { upsert: true });
+    await assert.rejects(upsert, (/** @type {any} */ error) => {
       assert.ok(error instanceof broker.DuplicateKeyError);
       assert.ok(!(error instanceof broker.BulkWriteError));
       assert.equal(error.code, grpc.status.ALREADY_EXISTS, 'code stays the gRPC code');
