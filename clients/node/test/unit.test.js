@@ -801,6 +801,19 @@ test('a read gives up after maxAttempts, and retries: null makes one attempt', a
   }
 });
 
+test('a read is not retried when the pause would outlast its deadline: the error comes at once', async () => {
+  const full = brokerError(grpc.status.RESOURCE_EXHAUSTED, 'queue full', 'POOL_EXHAUSTED', {}, 5000);
+  const { client, methods, stop } = await serveBroker(flaky('Count', [full], { count: 1 }));
+  try {
+    const started = Date.now();
+    await assert.rejects(client.db('appdb').collection('items').countDocuments({}, { timeoutMs: 1000 }), broker.PoolExhaustedError);
+    assert.ok(Date.now() - started < 900, 'it did not sleep towards the deadline');
+    assert.deepEqual(methods, ['Count']);
+  } finally {
+    stop();
+  }
+});
+
 test('updates, deletes, find-and-modify, bulk writes and writing aggregates are never retried', async () => {
   const { client, methods, stop } = await serveBroker({
     ...flaky('Update', [unavailable()], { matched_count: 1 }),
