@@ -11,8 +11,8 @@
  *
  * A write that failed with MongoDB write errors also reads as the Node
  * driver's MongoServerError (`errmsg`, `index`, `writeErrors`); a failed
- * bulkWrite is moreover a {@link BulkWriteError} (`result`, the partial
- * counts), whatever class its gRPC code gives it. `code` stays the gRPC
+ * bulkWrite or insertMany is moreover a {@link BulkWriteError} (`result`,
+ * the partial counts), whatever class its gRPC code gives it. `code` stays the gRPC
  * status code, as for every other error: MongoDB's is `mongoCode`.
  */
 
