@@ -42,6 +42,8 @@ type opsServer struct {
 	distinct  [][]byte
 	batches   [][][]byte
 	bulkWrite *brokerv1.BulkWriteResponse
+	// midStream, when set, ends every stream with it after one message.
+	midStream error
 }
 
 func newOpsServer() *opsServer {
@@ -111,6 +113,9 @@ func (s *opsServer) sendBatches(stream grpc.ServerStreamingServer[brokerv1.FindR
 		if err := stream.Send(&brokerv1.FindResponse{Documents: batch}); err != nil {
 			return err
 		}
+		if s.midStream != nil {
+			return s.midStream
+		}
 	}
 	return nil
 }
@@ -150,6 +155,9 @@ func (s *opsServer) Distinct(request *brokerv1.DistinctRequest, stream grpc.Serv
 	for _, values := range s.distinct {
 		if err := stream.Send(&brokerv1.DistinctResponse{Values: values}); err != nil {
 			return err
+		}
+		if s.midStream != nil {
+			return s.midStream
 		}
 	}
 	return nil
@@ -831,6 +839,36 @@ func TestRetryRules(t *testing.T) {
 				t.Error("succeeded, want the error")
 			}
 		})
+	}
+}
+
+func TestStreamsAreNotRetriedAfterTheirFirstMessage(t *testing.T) {
+	srv, coll := serveOps(t)
+	ctx := context.Background()
+	srv.batches = [][][]byte{{doc(t, bson.D{{Key: "n", Value: 1}})}, {doc(t, bson.D{{Key: "n", Value: 2}})}}
+	srv.distinct = [][]byte{doc(t, bson.D{{Key: "values", Value: bson.A{1}}}), doc(t, bson.D{{Key: "values", Value: bson.A{2}}})}
+	srv.midStream = status.Error(codes.Unavailable, "connection lost")
+	for _, method := range []string{"Find", "Aggregate"} {
+		var cursor *Cursor
+		var err error
+		if method == "Find" {
+			cursor, err = coll.Find(ctx, nil)
+		} else {
+			cursor, err = coll.Aggregate(ctx, Pipeline{{{Key: "$match", Value: bson.D{}}}})
+		}
+		if err != nil {
+			t.Fatalf("%s: %v", method, err)
+		}
+		n := 0
+		for cursor.Next(ctx) {
+			n++
+		}
+		if n != 1 || !IsUnavailable(cursor.Err()) || srv.called(method) != 1 {
+			t.Errorf("%s: %d documents, error %v, %d calls; want 1 document, Unavailable, 1 call", method, n, cursor.Err(), srv.called(method))
+		}
+	}
+	if err := coll.Distinct(ctx, "n", nil).Err(); !IsUnavailable(err) || srv.called("Distinct") != 1 {
+		t.Errorf("Distinct: %v after %d calls; want Unavailable after 1", err, srv.called("Distinct"))
 	}
 }
 
