@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/mongo-broker/mongo-broker/clients/go/brokerv1"
 )
@@ -878,19 +879,19 @@ func TestNoRetriesAndTheDeadlineStopRetrying(t *testing.T) {
 	if _, err := coll.CountDocuments(context.Background(), nil); !IsUnavailable(err) || srv.called("Count") != 1 {
 		t.Fatalf("NoRetries: %v after %d calls", err, srv.called("Count"))
 	}
-	// A pause that would outlast the deadline is not taken.
-	slow := RetryPolicy{MaxAttempts: 5, InitialBackoff: time.Hour, MaxBackoff: time.Hour, Multiplier: 1}
-	srv, coll = serveOps(t, WithRetryPolicy(slow))
+	// A pause that would outlast the deadline (here the broker's RetryInfo)
+	// is not taken: the error comes at once.
+	srv, coll = serveOps(t, WithRetryPolicy(RetryPolicy{MaxAttempts: 5, Multiplier: 1}))
 	pause, _ := status.New(codes.ResourceExhausted, "queue full").WithDetails(
 		&errdetails.ErrorInfo{Domain: Domain, Reason: "POOL_EXHAUSTED"},
-		&errdetails.RetryInfo{RetryDelay: nil})
+		&errdetails.RetryInfo{RetryDelay: durationpb.New(time.Hour)})
 	srv.failWith("Count", pause.Err(), pause.Err())
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
 	start := time.Now()
 	_, err := coll.CountDocuments(ctx, nil)
-	if !IsResourceExhausted(err) || time.Since(start) > 150*time.Millisecond {
-		t.Fatalf("got %v after %v, want the POOL_EXHAUSTED at once", err, time.Since(start))
+	if !IsResourceExhausted(err) || time.Since(start) > 150*time.Millisecond || srv.called("Count") != 1 {
+		t.Fatalf("got %v after %v and %d calls, want the POOL_EXHAUSTED at once", err, time.Since(start), srv.called("Count"))
 	}
 }
 
