@@ -98,6 +98,10 @@ class Walk:
     # The top-level `_id` element, type byte to end of value: (type, start,
     # value start, end) offsets into the document; None if it has no `_id`.
     id_element: tuple[int, int, int, int] | None
+    # Top-level fields, and how many of them start with "$": an update
+    # document must be all operators, a replacement none.
+    fields: int = 0
+    operators: int = 0
 
 
 # A frame is a document being read: (end, depth, kind, keys, segment), where
@@ -136,7 +140,11 @@ def _path(base: str, frames: list[_Frame]) -> str:
     return "".join(parts)
 
 
-def walk(data: bytes, path: str, *, max_depth: int, denied: frozenset[str] = frozenset()) -> Walk:
+# One loop with its state in locals, on purpose: the walk runs on every
+# incoming document, and helper calls per field would cost a third more.
+def walk(  # noqa: PLR0915
+    data: bytes, path: str, *, max_depth: int, denied: frozenset[str] = frozenset()
+) -> Walk:
     """Validate ``data`` as exactly one BSON document; raise a BsonWalkError naming the path.
 
     ``path`` names the document in messages ("filter", "documents[3]").
@@ -153,6 +161,7 @@ def walk(data: bytes, path: str, *, max_depth: int, denied: frozenset[str] = fro
     key = b""
     pos = 4
     pause_at = _PAUSE_BYTES
+    fields = operators = 0
     try:
         while True:
             if pos > pause_at:
@@ -172,6 +181,9 @@ def walk(data: bytes, path: str, *, max_depth: int, denied: frozenset[str] = fro
             if key in keys:
                 raise _Problem("duplicate key", error=DuplicateKey)
             keys.add(key)
+            if depth == 1:
+                fields += 1
+                operators += data[pos + 1] == _DOLLAR
             if not key.isascii():
                 _utf8(key, "a field name")
             if (
@@ -204,7 +216,7 @@ def walk(data: bytes, path: str, *, max_depth: int, denied: frozenset[str] = fro
                 id_element = (element, value - 5, value, pos)  # (see above)
     except _Problem as problem:
         raise _located(problem, path, [*parents, (end, depth, kind, keys, segment)], key) from None
-    return Walk(found, id_element)
+    return Walk(found, id_element, fields, operators)
 
 
 def _pause(pos: int) -> int:

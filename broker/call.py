@@ -38,6 +38,7 @@ from broker.security import ANONYMOUS, Authenticator, Principal
 from broker.settings import Settings
 
 __all__ = [
+    "DATA_PLANE",
     "DEADLINE_SLACK_S",
     "REQUEST_ID_HEADER",
     "Call",
@@ -75,7 +76,20 @@ _ROUND_TRIP_GUARD_S = 1.0
 _CALL_LIMIT_RETRY_S = 1.0
 # The methods that count against server.max_concurrent_rpcs; Ping, Stats,
 # health and reflection run in the reserve above it (see BrokerService).
-_DATA_PLANE = frozenset({"Find", "FindOne", "Insert"})
+DATA_PLANE = frozenset(
+    {
+        "Find",
+        "FindOne",
+        "Insert",
+        "Update",
+        "Delete",
+        "FindOneAndModify",
+        "Count",
+        "Distinct",
+        "Aggregate",
+        "BulkWrite",
+    }
+)
 _T = TypeVar("_T")
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -145,12 +159,34 @@ class LocalCall(Call):
 class DatabaseCall(Call):
     """An authenticated call on one configured database: its pool, and round trips through it."""
 
-    __slots__ = ("pool", "principal")
+    __slots__ = ("_pools", "pool", "principal")
 
-    def __init__(self, record: Call, principal: Principal, pool: DatabasePool) -> None:
+    def __init__(self, record: Call, principal: Principal, pool: DatabasePool, pools: Pools) -> None:
         self._take_over(record)
         self.principal = principal
         self.pool = pool
+        self._pools = pools
+
+    def require_writable(self, pool: DatabasePool, collection: str | None = None) -> None:
+        """PERMISSION_DENIED unless this caller may write to ``pool`` (and ``collection`` in it).
+
+        Checked at the start of every write method, and again for what an
+        Aggregate's $out or $merge writes to, which only its pipeline names.
+        """
+        if collection is not None:
+            self.principal.authorize(pool.name, collection, write=True, method=self.method)
+        if pool.settings.read_only:
+            raise RpcError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"database {pool.name!r} is read-only on this broker",
+                Reason.NOT_AUTHORIZED,
+            )
+
+    def other_pool(self, database: str) -> DatabasePool:
+        """Another configured database this caller may use (an aggregation's $out or $merge target)."""
+        if not self.principal.may_use(database):
+            self.principal.authorize(database, "", write=False)
+        return self._pools.get(database, self.principal.may_use)
 
     async def round_trip(self, operation: Coroutine[Any, Any, _T]) -> _T:
         """Run one database round trip while holding an admission slot.
@@ -257,7 +293,7 @@ class Calls:
         self._drain_aborted: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._draining = False
-        # Data-plane calls (Find, FindOne, Insert) running now, and their
+        # Data-plane calls (every method but Ping and Stats) running now, and their
         # bound. gRPC's own maximum_concurrent_rpcs is this bound plus
         # server.reserved_rpcs (see server.py), so however many streams one
         # client parks, Ping, Stats and health still have room. Fixed at
@@ -339,15 +375,11 @@ class Calls:
             # Authorised before the lookup: a name the token may not use is
             # PERMISSION_DENIED whether or not it is configured, so a scoped
             # token cannot probe for other databases' names.
-            principal.authorize(database, collection, write=write)
+            principal.authorize(database, collection, write=write, method=method)
             pool = self._pools.get(database, principal.may_use)
-            if write and pool.settings.read_only:
-                raise RpcError(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"database {database!r} is read-only on this broker",
-                    Reason.NOT_AUTHORIZED,
-                )
-            call = held.become(DatabaseCall(held.call, principal, pool))
+            call = held.become(DatabaseCall(held.call, principal, pool, self._pools))
+            if write:
+                call.require_writable(pool)
             self._admit(call)
             limit = time_limit(context, pool, max_time_ms)
             call.deadline = call.started + limit
@@ -428,7 +460,7 @@ class Calls:
         same back-off as a full wait queue, so clients need no new rule.
         """
         call.count_under((call.pool,))
-        if call.method not in _DATA_PLANE:
+        if call.method not in DATA_PLANE:
             return
         if self._data_calls >= self._data_call_limit:
             raise _too_many_calls(self._data_call_limit)
@@ -541,7 +573,7 @@ async def _answer(context: Context, error: RpcError, request_id: str = "") -> No
 def _too_many_calls(limit: int) -> RpcError:
     return RpcError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"the broker is running its limit of {limit} Find, FindOne and Insert calls "
+        f"the broker is running its limit of {limit} data calls (every method but Ping and Stats) "
         "(server.max_concurrent_rpcs); back off and retry",
         Reason.POOL_EXHAUSTED,
         retry_after_s=_CALL_LIMIT_RETRY_S,

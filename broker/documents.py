@@ -31,11 +31,15 @@ from broker.errors import Reason, RpcError, invalid_argument
 from broker.security import depth_exceeded, operator_denied
 
 __all__ = [
+    "DECODE",
+    "RAW",
     "Checks",
     "PreparedInsert",
     "bson_to_json",
     "check_document",
     "chunk_documents",
+    "chunk_values",
+    "id_document",
     "json_to_bson",
     "parse_document",
     "prepare_inserts",
@@ -45,8 +49,8 @@ __all__ = [
 
 # Dates outside Python's datetime range are valid BSON; decode them as
 # DatetimeMS instead of failing.
-_DECODE: CodecOptions[dict[str, Any]] = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
-_RAW: CodecOptions[RawBSONDocument] = CodecOptions(
+DECODE: CodecOptions[dict[str, Any]] = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
+RAW: CodecOptions[RawBSONDocument] = CodecOptions(
     document_class=RawBSONDocument, datetime_conversion=DatetimeConversion.DATETIME_AUTO
 )
 _INT32 = struct.Struct("<i")
@@ -97,7 +101,7 @@ def parse_document(data: bytes, field: str, max_depth: int) -> dict[str, Any]:
     """Check ``data`` (structure, depth, duplicate keys), then decode it, for a sort or hint."""
     check_document(data, field, Checks(max_depth))
     # Checked first, so decoding cannot fail, nor recurse deeper than max_depth.
-    return bson.decode(data, _DECODE)
+    return bson.decode(data, DECODE)
 
 
 def raw_document(data: bytes, field: str, checks: Checks) -> RawBSONDocument | None:
@@ -105,7 +109,7 @@ def raw_document(data: bytes, field: str, checks: Checks) -> RawBSONDocument | N
     if not data:
         return None
     check_document(data, field, checks)
-    return RawBSONDocument(data, _RAW)
+    return RawBSONDocument(data, RAW)
 
 
 class PreparedInsert:
@@ -133,7 +137,14 @@ def _id_document(element: bytes) -> bytes:
     return _INT32.pack(len(element) + 5) + element + b"\x00"
 
 
-def prepare_inserts(raw_documents: Sequence[bytes], checks: Checks, max_bytes: int) -> PreparedInsert:
+def prepare_inserts(
+    raw_documents: Sequence[bytes],
+    checks: Checks,
+    max_bytes: int,
+    *,
+    field: str = "documents",
+    first: int = 0,
+) -> PreparedInsert:
     """Check every document and give one without `_id` a new ObjectId.
 
     pymongo will not add an `_id` to a RawBSONDocument, so the broker does, and
@@ -146,9 +157,9 @@ def prepare_inserts(raw_documents: Sequence[bytes], checks: Checks, max_bytes: i
     cannot send it back.
     """
     prepared = PreparedInsert()
-    for index, data in enumerate(raw_documents):
-        field = f"documents[{index}]"
-        walked = check_document(data, field, checks)
+    for index, data in enumerate(raw_documents, first):
+        where = f"{field}[{index}]" if field == "documents" else field
+        walked = check_document(data, where, checks)
         prepared.bytes += len(data)
         if walked.id_element is not None:
             _, start, _, end = walked.id_element
@@ -162,13 +173,47 @@ def prepare_inserts(raw_documents: Sequence[bytes], checks: Checks, max_bytes: i
             added = "" if document is data else f" with the _id the broker added ({len(data)} as sent)"
             raise RpcError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"{field} is {len(document)} bytes{added}, larger than the database server's "
+                f"{where} is {len(document)} bytes{added}, larger than the database server's "
                 f"maxBsonObjectSize ({max_bytes} bytes); split it, or store large data with GridFS",
                 Reason.LIMIT_EXCEEDED,
                 {"index": str(index), "document_bytes": str(len(document)), "max_bytes": str(max_bytes)},
             )
-        prepared.documents.append(RawBSONDocument(document, _RAW))
+        prepared.documents.append(RawBSONDocument(document, RAW))
     return prepared
+
+
+def id_document(value: Any) -> bytes:
+    """{"_id": value} as BSON, for an id the server reported (an upsert's)."""
+    return bson.encode({"_id": value}, codec_options=RAW)
+
+
+# {"values": [...]} costs this much besides its elements: the document's
+# length and NUL, the array's element header ("\x04values\x00"), its length
+# and NUL.
+_VALUES_OVERHEAD = 4 + 1 + 8 + 4 + 1
+
+
+def chunk_values(values: Sequence[Any], max_bytes: int) -> Iterator[bytes]:
+    """Distinct values as BSON documents {"values": [...]}, each under ``max_bytes`` where it can be.
+
+    The server's reply has already been decoded by the driver (sub-documents
+    stay raw); the values are encoded back with their own BSON types. A value
+    that alone exceeds the cap travels alone, as a Find document does.
+    """
+    if not values:
+        yield bson.encode({"values": []})
+        return
+    chunk: list[Any] = []
+    size = _VALUES_OVERHEAD
+    for value in values:
+        # The element as it will sit in the array, with a key of up to 7 digits.
+        cost = len(bson.encode({"0000000": value}, codec_options=RAW)) - 5
+        if chunk and size + cost > max_bytes:
+            yield bson.encode({"values": chunk}, codec_options=RAW)
+            chunk, size = [], _VALUES_OVERHEAD
+        chunk.append(value)
+        size += cost
+    yield bson.encode({"values": chunk}, codec_options=RAW)
 
 
 def split_batch(batch: bytes) -> list[bytes]:
@@ -284,4 +329,4 @@ def json_to_bson(text: str, field: str) -> bytes:
 
 def bson_to_json(raw: bytes, mode: str) -> str:
     """Write one BSON document as Extended JSON, "canonical" or "relaxed"."""
-    return json_util.dumps(bson.decode(raw, _DECODE), json_options=_JSON_WRITE[mode])
+    return json_util.dumps(bson.decode(raw, DECODE), json_options=_JSON_WRITE[mode])

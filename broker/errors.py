@@ -12,12 +12,14 @@ bug in the broker itself, and is logged with its traceback.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
 import grpc
 from broker_client.proto.broker.v1 import broker_pb2
+from bson import json_util
 from bson.errors import BSONError
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -29,6 +31,7 @@ __all__ = [
     "Reason",
     "RpcError",
     "UnknownDatabaseError",
+    "bulk_write_error",
     "invalid_argument",
     "to_rpc_error",
 ]
@@ -258,29 +261,100 @@ def _status_for_code(code: int | None, code_name: str = "") -> tuple[grpc.Status
     return grpc.StatusCode.FAILED_PRECONDITION, Reason.OPERATION_FAILED
 
 
-def _bulk_write_error(exc: mongo_errors.BulkWriteError, database: str) -> RpcError:
+# What a partly failed write reports in its ErrorInfo metadata, from the
+# server's counts: key in the metadata, key in pymongo's BulkWriteError.details.
+_BULK_COUNTS: Final = (
+    ("inserted_count", "nInserted"),
+    ("matched_count", "nMatched"),
+    ("modified_count", "nModified"),
+    ("deleted_count", "nRemoved"),
+    ("upserted_count", "nUpserted"),
+)
+# The write errors and upserted ids listed in the metadata are cut to about
+# this many bytes each: ErrorInfo travels in the call's trailers, which gRPC
+# limits to 8-16 KiB, and a status too large for them would reach the
+# client as a bare INTERNAL error instead of this one.
+_LISTED_BYTES: Final = 4096
+_ERRMSG_CHARS: Final = 200
+
+
+def _listed(items: Sequence[Any], encode: Callable[[Any], str]) -> str:
+    """A JSON array of as many of ``items`` as fit in _LISTED_BYTES."""
+    parts: list[str] = []
+    size = 2
+    for item in items:
+        text = encode(item)
+        if size + len(text) + 1 > _LISTED_BYTES:
+            break
+        parts.append(text)
+        size += len(text) + 1
+    return "[" + ",".join(parts) + "]"
+
+
+def _write_error_json(error: Any) -> str:
+    if not isinstance(error, Mapping):
+        return json.dumps({"errmsg": str(error)[:_ERRMSG_CHARS]})
+    code = error.get("code")
+    entry = {
+        "index": error.get("index"),
+        "code": code,
+        "codeName": error.get("codeName") or (_CODE_NAMES.get(code, "") if isinstance(code, int) else ""),
+        "errmsg": str(error.get("errmsg", ""))[:_ERRMSG_CHARS],
+    }
+    return json.dumps(entry)
+
+
+def _upserted_json(item: Any) -> str:
+    if not isinstance(item, Mapping):
+        return "{}"
+    # The index as a plain number, the _id in canonical form to keep its type.
+    _id = json_util.dumps(item.get("_id"), json_options=json_util.CANONICAL_JSON_OPTIONS)
+    return f'{{"index": {json.dumps(item.get("index"))}, "_id": {_id}}}'
+
+
+def bulk_write_error(exc: mongo_errors.BulkWriteError, database: str, noun: str = "document") -> RpcError:
+    """The RpcError of an insert_many or bulk_write that failed part-way: what landed, and why not the rest.
+
+    ``noun`` names what the index counts: an Insert's documents (metadata:
+    inserted_count and failed_index), or a BulkWrite's operations (also every
+    count, the write errors and the upserted ids, see the contract).
+    """
     details: Mapping[str, Any] = exc.details or {}
     write_errors = details.get("writeErrors") or []
-    first = write_errors[0] if write_errors else {}
-    code = first.get("code") if isinstance(first, Mapping) else None
-    grpc_code, reason = _status_for_code(code if isinstance(code, int) else None)
-    inserted = int(details.get("nInserted", 0) or 0)
-    meta = _mongo_metadata(
-        code if isinstance(code, int) else None, exc, first if isinstance(first, Mapping) and first else None
-    )
-    meta.update(database=database, inserted_count=str(inserted))
-    if isinstance(first, Mapping) and "index" in first:
+    first = write_errors[0] if write_errors and isinstance(write_errors[0], Mapping) else {}
+    code = first.get("code")
+    code = code if isinstance(code, int) else None
+    grpc_code, reason = _status_for_code(code)
+    meta = _mongo_metadata(code, exc, first or None)
+    meta["database"] = database
+    counts = {key: str(int(details.get(server_key, 0) or 0)) for key, server_key in _BULK_COUNTS}
+    meta["inserted_count"] = counts["inserted_count"]
+    if "index" in first:
         meta["failed_index"] = str(first["index"])
-    errmsg = first.get("errmsg", str(exc)) if isinstance(first, Mapping) else str(exc)
-    message = (
-        f"write failed at document {meta.get('failed_index', '?')}: {errmsg} "
-        f"({inserted} document(s) inserted, {len(write_errors)} write error(s))"
-    )
-    if not write_errors:
-        wce = details.get("writeConcernErrors") or []
-        message = f"write concern failed: {wce[0].get('errmsg') if wce else exc}"
-        grpc_code, reason = grpc.StatusCode.DEADLINE_EXCEEDED, Reason.TIMEOUT
-    return RpcError(grpc_code, message, reason, meta)
+    if noun == "document":
+        done = f"{counts['inserted_count']} document(s) inserted"
+    else:
+        meta.update(counts)
+        done = ", ".join(f"{value} {key.removesuffix('_count')}" for key, value in counts.items())
+        if upserted := details.get("upserted") or []:
+            meta["upserted_ids"] = _listed(upserted, _upserted_json)
+        if write_errors:
+            meta["write_errors"] = _listed(write_errors, _write_error_json)
+            meta["write_errors_total"] = str(len(write_errors))
+    concern_errors = details.get("writeConcernErrors") or []
+    if concern_errors:
+        concern = concern_errors[0]
+        text = concern.get("errmsg", "") if isinstance(concern, Mapping) else str(concern)
+        meta["write_concern_error"] = str(text)[:_ERRMSG_CHARS]
+    if write_errors:
+        errmsg = first.get("errmsg", str(exc)) if first else str(exc)
+        message = (
+            f"write failed at {noun} {meta.get('failed_index', '?')}: {errmsg} "
+            f"({done}, {len(write_errors)} write error(s))"
+        )
+        return RpcError(grpc_code, message, reason, meta)
+    message = f"write concern failed: {meta.get('write_concern_error') or exc} ({done})"
+    return RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, message, Reason.TIMEOUT, meta)
 
 
 def to_rpc_error(exc: BaseException, *, database: str = "", deadline_passed: bool = False) -> RpcError:
@@ -315,7 +389,7 @@ def to_rpc_error(exc: BaseException, *, database: str = "", deadline_passed: boo
             meta,
         )
     if isinstance(exc, mongo_errors.BulkWriteError):
-        return _bulk_write_error(exc, database)
+        return bulk_write_error(exc, database)
     if isinstance(exc, mongo_errors.OperationFailure):
         code = exc.code
         meta.update(_mongo_metadata(code, exc))

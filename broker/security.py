@@ -54,14 +54,14 @@ class Principal:
     def may_use(self, database: str) -> bool:
         return any(fnmatch.fnmatchcase(database, p) for p in self.databases)
 
-    def authorize(self, database: str, collection: str, *, write: bool) -> None:
-        """Raise PERMISSION_DENIED unless this caller may do this."""
+    def authorize(self, database: str, collection: str, *, write: bool, method: str = "Insert") -> None:
+        """Raise PERMISSION_DENIED unless this caller may do this (``method`` names a refused write)."""
         if not self.may_use(database):
             raise _denied(f"token {self.name!r} may not use database {database!r}")
         if collection and not any(fnmatch.fnmatchcase(collection, p) for p in self.collections):
             raise _denied(f"token {self.name!r} may not use collection {collection!r} in {database!r}")
         if write and self.read_only:
-            raise _denied(f"token {self.name!r} is read-only: Insert is not allowed")
+            raise _denied(f"token {self.name!r} is read-only: {method} is not allowed")
 
 
 ANONYMOUS = Principal("anonymous")

@@ -104,11 +104,14 @@ def real_mongodb(db_server: DatabaseServer) -> bool:
 @pytest.fixture(autouse=True)
 def _skip_unless_real_mongodb(request: pytest.FixtureRequest) -> None:
     """Tests marked `mongod` need MongoDB behaviour the FerretDB test server lacks."""
-    if request.node.get_closest_marker("mongod") is None:
+    marker = request.node.get_closest_marker("mongod")
+    if marker is None:
         return
     if not request.getfixturevalue("real_mongodb"):
         server = request.getfixturevalue("db_server")
-        pytest.skip(f"needs real MongoDB (Decimal128, fail points, ...); the test server is {server.kind}")
+        # @pytest.mark.mongod("what FerretDB lacks") names it in the skip.
+        lacking = marker.args[0] if marker.args else "Decimal128, fail points, ..."
+        pytest.skip(f"needs real MongoDB ({lacking}); the test server is {server.kind}")
 
 
 @pytest.fixture(scope="session")

@@ -202,6 +202,203 @@ def _fuzz_extended_json(stub, text, field):
     _code(lambda: list(stub.Find(request, timeout=10)))
 
 
+# --- the methods beyond Find and Insert ------------------------------------------------
+
+operator_updates = st.dictionaries(
+    st.sampled_from(["$set", "$inc", "$unset", "$push", "$rename", "$min", "$nosuchop", "a", "_id", ""]),
+    st.one_of(documents, scalars),
+    max_size=3,
+).map(_safe_encode)
+update_field = st.one_of(operator_updates, bson_field)
+stage_names = st.sampled_from(
+    [
+        "$match", "$project", "$group", "$sort", "$limit", "$skip", "$unwind", "$count", "$set",
+        "$lookup", "$graphLookup", "$unionWith", "$facet", "$out", "$merge", "$changeStream",
+        "$currentOp", "$documents", "$nosuchstage", "a", "",
+    ]
+)  # fmt: skip
+stage_values = st.recursive(
+    st.one_of(scalars, documents, st.sampled_from(["fuzz", "other", "system.x"])),
+    lambda children: st.one_of(
+        st.dictionaries(
+            st.sampled_from(
+                ["from", "coll", "into", "db", "as", "pipeline", "localField", "foreignField", "x"]
+            ),
+            st.one_of(children, st.lists(st.dictionaries(stage_names, children, max_size=1), max_size=2)),
+            max_size=4,
+        ),
+        st.lists(children, max_size=2),
+    ),
+    max_leaves=8,
+)
+stages = st.one_of(
+    st.dictionaries(stage_names, stage_values, min_size=1, max_size=2).map(_safe_encode), bson_field
+)
+read_preferences = st.one_of(
+    st.none(),
+    st.builds(
+        pb.ReadPreference,
+        mode=st.integers(min_value=-1, max_value=7),
+        tag_sets=st.lists(bson_field, max_size=2),
+        max_staleness_s=int64,
+    ),
+)
+hints = st.one_of(
+    st.just({}),
+    st.builds(lambda n: {"hint_name": n}, st.text(max_size=8)),
+    bson_field.map(lambda b: {"hint_keys": b}),
+)
+# Writes may also meet a duplicate key; a generated update may also ask what
+# the server cannot do to a stored document (FAILED_PRECONDITION, named by
+# its mongo_code: e.g. an _id it would change). The FerretDB test server
+# drops the connection on some upserts of odd documents (an empty field name
+# in the filter), as it does on Decimal128: the broker answers UNAVAILABLE
+# and recovers, which the health check after each fuzzer confirms.
+WRITE_OUTCOMES = frozenset(
+    {grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE}
+)
+
+
+def _with_read_options(fields: dict[str, Any], preference: Any, concern: int) -> dict[str, Any]:
+    if preference is not None:
+        fields["read_preference"] = preference
+    fields["read_concern"] = concern
+    return fields
+
+
+@given(
+    collection=collections,
+    filter=bson_field,
+    change=st.sampled_from(["update", "replacement", "update_pipeline", "none"]),
+    update=update_field,
+    pipeline=st.lists(stages, max_size=2),
+    multi=st.booleans(),
+    upsert=st.booleans(),
+    array_filters=st.lists(bson_field, max_size=2),
+    hint=hints,
+    collation=st.one_of(st.just(b""), bson_field),
+    let=st.one_of(st.just(b""), bson_field),
+)
+def _fuzz_update(
+    stub, collection, filter, change, update, pipeline, multi, upsert, array_filters, hint, collation, let
+):
+    fields: dict[str, Any] = {"update_pipeline": pipeline} if change == "update_pipeline" else {}
+    if change in ("update", "replacement"):
+        fields[change] = update
+    request = pb.UpdateRequest(
+        database="appdb", collection=collection, filter=filter, multi=multi, upsert=upsert,
+        array_filters=array_filters, collation=collation, let=let, **fields, **hint,
+    )  # fmt: skip
+    _code(lambda: stub.Update(request, timeout=10), WRITE_OUTCOMES)
+
+
+@given(collection=collections, filter=bson_field, multi=st.booleans(), hint=hints, collation=bson_field)
+def _fuzz_delete(stub, collection, filter, multi, hint, collation):
+    # Deletes only what the other fuzzers wrote, in its own collection.
+    request = pb.DeleteRequest(
+        database="appdb",
+        collection=f"fuzzdel{collection}"[:200],
+        filter=filter,
+        multi=multi,
+        collation=collation,
+        **hint,
+    )
+    _code(lambda: stub.Delete(request, timeout=10), WRITE_OUTCOMES)
+
+
+@given(
+    filter=bson_field,
+    sort=bson_field,
+    projection=bson_field,
+    update=update_field,
+    kind=st.sampled_from(["update", "replacement", "remove", "none"]),
+    upsert=st.booleans(),
+    return_document=st.integers(min_value=-1, max_value=3),
+)
+def _fuzz_find_and_modify(stub, filter, sort, projection, update, kind, upsert, return_document):
+    fields: dict[str, Any] = {"remove": True} if kind == "remove" else {}
+    if kind in ("update", "replacement"):
+        fields[kind] = update
+    request = pb.FindOneAndModifyRequest(
+        database="appdb", collection="fuzz", filter=filter, sort=sort, projection=projection,
+        upsert=upsert, return_document=return_document, **fields,
+    )  # fmt: skip
+    _code(lambda: stub.FindOneAndModify(request, timeout=10), WRITE_OUTCOMES)
+
+
+@given(
+    database=st.one_of(st.just("appdb"), names),
+    filter=bson_field,
+    skip=int64,
+    limit=int64,
+    estimated=st.booleans(),
+    hint=hints,
+    preference=read_preferences,
+    concern=st.integers(min_value=-1, max_value=7),
+)
+def _fuzz_count(stub, database, filter, skip, limit, estimated, hint, preference, concern):
+    fields = _with_read_options({}, preference, concern)
+    request = pb.CountRequest(
+        database=database, collection="fuzz", filter=filter, skip=skip, limit=limit, estimated=estimated,
+        **fields, **hint,
+    )  # fmt: skip
+    _code(lambda: stub.Count(request, timeout=10))
+
+
+@given(
+    key=st.one_of(st.sampled_from(["a", "n", "_id", "x.y", "$a", ""]), st.text(max_size=10)),
+    filter=bson_field,
+)
+def _fuzz_distinct(stub, key, filter):
+    request = pb.DistinctRequest(database="appdb", collection="fuzz", key=key, filter=filter)
+    _code(lambda: list(stub.Distinct(request, timeout=10)))
+
+
+@given(
+    pipeline=st.lists(stages, max_size=3),
+    batch_size=st.integers(min_value=-5, max_value=200),
+    allow_disk_use=st.booleans(),
+    let=st.one_of(st.just(b""), bson_field),
+)
+def _fuzz_aggregate(stub, pipeline, batch_size, allow_disk_use, let):
+    request = pb.AggregateRequest(
+        database="appdb", collection="fuzz", pipeline=pipeline, batch_size=batch_size,
+        allow_disk_use=allow_disk_use, let=let,
+    )  # fmt: skip
+    # A generated $out/$merge may write: the same outcomes as a write.
+    _code(lambda: list(stub.Aggregate(request, timeout=10)), WRITE_OUTCOMES)
+
+
+write_models = st.one_of(
+    st.builds(lambda d: pb.WriteModel(insert_one=pb.InsertOneModel(document=d)), bson_field),
+    st.builds(
+        lambda f, u: pb.WriteModel(update_one=pb.UpdateModel(filter=f, update=u)), bson_field, update_field
+    ),
+    st.builds(
+        lambda f, u, up: pb.WriteModel(update_many=pb.UpdateModel(filter=f, update=u, upsert=up)),
+        bson_field,
+        update_field,
+        st.booleans(),
+    ),
+    st.builds(
+        lambda f, r: pb.WriteModel(replace_one=pb.ReplaceOneModel(filter=f, replacement=r)),
+        bson_field,
+        update_field,
+    ),
+    st.builds(lambda f: pb.WriteModel(delete_one=pb.DeleteModel(filter=f)), bson_field),
+    st.builds(lambda f: pb.WriteModel(delete_many=pb.DeleteModel(filter=f)), bson_field),
+    st.just(pb.WriteModel()),
+)
+
+
+@given(operations=st.lists(write_models, max_size=4), ordered=st.booleans())
+def _fuzz_bulk_write(stub, operations, ordered):
+    request = pb.BulkWriteRequest(
+        database="appdb", collection="fuzzbulk", operations=operations, ordered=ordered
+    )
+    _code(lambda: stub.BulkWrite(request, timeout=10), WRITE_OUTCOMES)
+
+
 def _assert_still_healthy(stub) -> None:
     reply = stub.Ping(pb.PingRequest(), timeout=10)
     assert reply.databases[0].ok
@@ -226,4 +423,22 @@ def test_fuzzed_insert(stub):
 
 def test_fuzzed_extended_json(stub):
     _fuzz_extended_json(stub)
+    _assert_still_healthy(stub)
+
+
+@pytest.mark.parametrize(
+    "fuzzer",
+    [
+        _fuzz_update,
+        _fuzz_delete,
+        _fuzz_find_and_modify,
+        _fuzz_count,
+        _fuzz_distinct,
+        _fuzz_aggregate,
+        _fuzz_bulk_write,
+    ],
+    ids=["update", "delete", "find-and-modify", "count", "distinct", "aggregate", "bulk-write"],
+)
+def test_fuzzed_operations(stub, fuzzer):
+    fuzzer(stub)
     _assert_still_healthy(stub)

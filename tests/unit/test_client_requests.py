@@ -494,3 +494,726 @@ def test_stats_results_have_every_field_of_the_proto() -> None:
 
     proto = {f.name for f in broker_pb2.DatabaseStats.DESCRIPTOR.fields}
     assert {f.name for f in fields(DatabaseStats)} == proto
+
+
+# --- updates, deletes, find-and-modify -----------------------------------------------
+
+
+def _update(**arguments: Any) -> broker_pb2.UpdateRequest:
+    filter = arguments.pop("filter", {"a": 1})
+    return _requests.update_request("appdb", "items", OPTS, filter, **arguments)
+
+
+def test_an_update_carries_every_option_to_its_field() -> None:
+    from pymongo.collation import Collation
+
+    request = _update(
+        update={"$set": {"b": 2}, "$inc": {"n": 1}},
+        multi=True,
+        upsert=True,
+        bypass_document_validation=True,
+        collation=Collation("fr", strength=2),
+        array_filters=[{"x.y": {"$gt": 1}}],
+        hint="a_1",
+        let={"v": 3},
+        comment="why",
+        write_concern={"w": "majority", "j": True, "wtimeout": 50},
+    )
+    assert bson.decode(request.filter) == {"a": 1}
+    assert _decoded(request.update) == [("$set", {"b": 2}), ("$inc", {"n": 1})]
+    assert (request.multi, request.upsert, request.bypass_document_validation) == (True, True, True)
+    assert bson.decode(request.collation) == {"locale": "fr", "strength": 2}
+    assert [bson.decode(f) for f in request.array_filters] == [{"x.y": {"$gt": 1}}]
+    assert (request.WhichOneof("hint"), request.hint_name) == ("hint_name", "a_1")
+    assert bson.decode(request.let) == {"v": 3}
+    assert request.comment == "why"
+    assert (request.write_concern.w_tag, request.write_concern.j, request.write_concern.wtimeout_ms) == (
+        "majority",
+        True,
+        50,
+    )
+    assert request.replacement == b"" and not request.update_pipeline
+    assert _requests.acknowledged(request)
+
+
+def test_update_defaults_are_empty() -> None:
+    request = _update(update={"$set": {"b": 2}})
+    assert (request.multi, request.upsert, request.bypass_document_validation) == (False, False, False)
+    assert request.collation == request.let == b""
+    assert not request.array_filters and request.WhichOneof("hint") is None
+    assert request.comment == "" and not request.HasField("write_concern")
+
+
+def test_an_update_pipeline_and_a_replacement_go_to_their_own_fields() -> None:
+    pipeline = _update(update=[{"$set": {"b": "$a"}}, {"$unset": "c"}], hint=[("a", 1), ("b", -1)])
+    assert pipeline.update == b""
+    assert [bson.decode(stage) for stage in pipeline.update_pipeline] == [
+        {"$set": {"b": "$a"}},
+        {"$unset": "c"},
+    ]
+    assert _decoded(pipeline.hint_keys) == [("a", 1), ("b", -1)]
+    replace = _update(replacement={"whole": True}, upsert=True)
+    assert bson.decode(replace.replacement) == {"whole": True}
+    assert replace.update == b"" and replace.upsert
+    raw = RawBSONDocument(bson.encode({"r": 1}))
+    assert _update(replacement=raw).replacement == raw.raw
+
+
+@pytest.mark.parametrize(
+    ("update", "error", "message"),
+    [
+        ({"b": 2}, ValueError, r"update only works with \$ operators"),
+        ({"$set": {"b": 2}, "c": 3}, ValueError, r"update only works with \$ operators"),
+        ({}, ValueError, "update cannot be empty"),
+        ([], ValueError, "update cannot be empty"),
+        ([1], TypeError, "each stage of an update pipeline must be a mapping"),
+        ("$set", TypeError, "update must be an instance of dict"),
+    ],
+)
+def test_an_update_must_be_operators_or_a_pipeline(update: Any, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        _update(update=update)
+    with pytest.raises(error, match=message):
+        _requests.find_one_and_modify_request("appdb", "items", OPTS, {}, update=update)
+
+
+@pytest.mark.parametrize("replacement", [{"$set": {"a": 1}}, {"a": 1, "$inc": {"n": 1}}])
+def test_a_replacement_must_not_have_operators(replacement: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=r"replacement can not include \$ operators"):
+        _update(replacement=replacement)
+    with pytest.raises(ValueError, match=r"replacement can not include \$ operators"):
+        _requests.find_one_and_modify_request("appdb", "items", OPTS, {}, replacement=replacement)
+
+
+def test_an_empty_replacement_is_allowed_as_in_pymongo() -> None:
+    assert bson.decode(_update(replacement={}).replacement) == {}
+
+
+def test_bad_update_arguments_are_refused() -> None:
+    with pytest.raises(TypeError, match="filter must be an instance of dict"):
+        _update(filter=None, update={"$set": {"a": 1}})
+    with pytest.raises(TypeError, match="upsert must be True or False"):
+        _update(update={"$set": {"a": 1}}, upsert=1)
+    with pytest.raises(TypeError, match="array_filters must be a list"):
+        _update(update={"$set": {"a": 1}}, array_filters={"x": 1})
+    with pytest.raises(TypeError, match="collation must be a mapping"):
+        _update(update={"$set": {"a": 1}}, collation="fr")
+    with pytest.raises(TypeError, match="comment must be a str"):
+        _update(update={"$set": {"a": 1}}, comment=5)
+
+
+def test_a_delete_carries_every_option_to_its_field() -> None:
+    request = _requests.delete_request(
+        "appdb",
+        "items",
+        OPTS,
+        {"a": 1},
+        multi=True,
+        collation={"locale": "en"},
+        hint={"a": 1},
+        let={"v": 1},
+        comment="c",
+        write_concern={"w": 0},
+    )
+    assert (request.database, request.collection, request.multi) == ("appdb", "items", True)
+    assert bson.decode(request.filter) == {"a": 1}
+    assert bson.decode(request.collation) == {"locale": "en"}
+    assert bson.decode(request.hint_keys) == {"a": 1}
+    assert bson.decode(request.let) == {"v": 1} and request.comment == "c"
+    assert request.write_concern.w_nodes == 0 and not _requests.acknowledged(request)
+    one = _requests.delete_request("appdb", "items", OPTS, {}, multi=False)
+    assert not one.multi and one.filter == bson.encode({})
+
+
+def test_find_and_modify_carries_every_option_to_its_field() -> None:
+    from broker_client import ReturnDocument
+
+    request = _requests.find_one_and_modify_request(
+        "appdb",
+        "items",
+        OPTS,
+        {"a": 1},
+        update={"$inc": {"n": 1}},
+        projection=["n"],
+        sort=[("n", -1)],
+        upsert=True,
+        return_document=ReturnDocument.AFTER,
+        array_filters=[{"e": 1}],
+        hint="n_1",
+        collation={"locale": "fr"},
+        let={"v": 1},
+        comment="c",
+        max_time_ms=500,
+        write_concern={"w": 1},
+    )
+    assert _decoded(request.update) == [("$inc", {"n": 1})]
+    assert bson.decode(request.projection) == {"n": 1}
+    assert _decoded(request.sort) == [("n", -1)]
+    assert request.upsert and request.return_document == broker_pb2.RETURN_DOCUMENT_AFTER
+    assert [bson.decode(f) for f in request.array_filters] == [{"e": 1}]
+    assert request.hint_name == "n_1" and bson.decode(request.collation) == {"locale": "fr"}
+    assert bson.decode(request.let) == {"v": 1} and request.comment == "c"
+    assert request.max_time_ms == 500 and request.write_concern.w_nodes == 1
+    assert not request.remove
+    removal = _requests.find_one_and_modify_request("appdb", "items", OPTS, {"a": 1}, remove=True)
+    assert removal.remove and removal.update == removal.replacement == b""
+    assert removal.return_document == broker_pb2.RETURN_DOCUMENT_BEFORE
+    # pymongo's own constants are the same booleans.
+    import pymongo
+
+    after = _requests.find_one_and_modify_request(
+        "appdb", "items", OPTS, {}, replacement={"x": 1}, return_document=pymongo.ReturnDocument.AFTER
+    )
+    assert after.return_document == broker_pb2.RETURN_DOCUMENT_AFTER and bson.decode(after.replacement) == {
+        "x": 1
+    }
+    with pytest.raises(
+        ValueError, match=r"return_document must be ReturnDocument\.BEFORE or ReturnDocument\.AFTER"
+    ):
+        _requests.find_one_and_modify_request("appdb", "items", OPTS, {}, remove=True, return_document=1)  # type: ignore[arg-type]
+
+
+# --- reads: count, distinct, aggregate, read options ----------------------------------
+
+
+def test_a_count_carries_every_option_to_its_field() -> None:
+    read = _requests.ReadOptions(None, "majority", OPTS)
+    request = _requests.count_request(
+        "appdb",
+        "items",
+        OPTS,
+        {"a": {"$gt": 1}},
+        skip=2,
+        limit=5,
+        hint="a_1",
+        collation={"locale": "fr"},
+        comment="c",
+        max_time_ms=100,
+        read=read,
+    )
+    assert bson.decode(request.filter) == {"a": {"$gt": 1}}
+    assert (request.skip, request.limit, request.hint_name, request.comment, request.max_time_ms) == (
+        2,
+        5,
+        "a_1",
+        "c",
+        100,
+    )
+    assert bson.decode(request.collation) == {"locale": "fr"}
+    assert not request.estimated and request.read_concern == broker_pb2.READ_CONCERN_MAJORITY
+    estimated = _requests.count_request("appdb", "items", OPTS, None, estimated=True, comment="e")
+    assert estimated.estimated and estimated.filter == b"" and estimated.comment == "e"
+    with pytest.raises(TypeError, match="filter must be an instance of dict"):
+        _requests.count_request("appdb", "items", OPTS, None)
+    with pytest.raises(ValueError, match="skip must be >= 0"):
+        _requests.count_request("appdb", "items", OPTS, {}, skip=-1)
+
+
+def test_a_distinct_carries_every_option_to_its_field() -> None:
+    from pymongo import ReadPreference
+
+    read = _requests.ReadOptions(ReadPreference.SECONDARY_PREFERRED, None, OPTS)
+    request = _requests.distinct_request(
+        "appdb",
+        "items",
+        OPTS,
+        "tags.name",
+        {"a": 1},
+        collation={"locale": "fr"},
+        comment="c",
+        max_time_ms=9,
+        read=read,
+    )
+    assert (request.key, request.comment, request.max_time_ms) == ("tags.name", "c", 9)
+    assert bson.decode(request.filter) == {"a": 1} and bson.decode(request.collation) == {"locale": "fr"}
+    assert request.read_preference.mode == broker_pb2.READ_PREFERENCE_SECONDARY_PREFERRED
+    assert request.read_concern == broker_pb2.READ_CONCERN_UNSPECIFIED
+    assert _requests.distinct_request("appdb", "items", OPTS, "k", None).filter == b""
+    with pytest.raises(TypeError, match="key must be an instance of str"):
+        _requests.distinct_request("appdb", "items", OPTS, 1, None)  # type: ignore[arg-type]
+
+
+def test_an_aggregate_carries_every_option_to_its_field() -> None:
+    request = _requests.aggregate_request(
+        "appdb",
+        "items",
+        OPTS,
+        [{"$match": {"a": 1}}, {"$group": {"_id": "$b", "n": {"$sum": 1}}}],
+        allow_disk_use=True,
+        batch_size=7,
+        hint={"a": 1},
+        collation={"locale": "fr"},
+        let={"v": 1},
+        comment="c",
+        max_time_ms=10,
+        read=_requests.ReadOptions(None, "local", OPTS),
+        write_concern={"w": 1},
+    )
+    assert [bson.decode(stage) for stage in request.pipeline] == [
+        {"$match": {"a": 1}},
+        {"$group": {"_id": "$b", "n": {"$sum": 1}}},
+    ]
+    assert request.HasField("allow_disk_use") and request.allow_disk_use
+    assert (request.batch_size, request.comment, request.max_time_ms) == (7, "c", 10)
+    assert bson.decode(request.hint_keys) == {"a": 1} and bson.decode(request.let) == {"v": 1}
+    assert bson.decode(request.collation) == {"locale": "fr"}
+    assert request.read_concern == broker_pb2.READ_CONCERN_LOCAL
+    # A pipeline that does not write sends no write concern.
+    assert not request.HasField("write_concern")
+    plain = _requests.aggregate_request("appdb", "items", OPTS, [{"$match": {}}])
+    assert not plain.HasField("allow_disk_use") and plain.batch_size == 0
+
+
+def test_an_aggregate_that_writes_carries_the_write_concern_and_is_known_to_write() -> None:
+    pipeline: list[dict[str, Any]] = [{"$match": {}}, {"$out": "copy"}]
+    assert _requests.pipeline_writes(pipeline)
+    assert _requests.pipeline_writes([{"$merge": {"into": "copy"}}])
+    assert not _requests.pipeline_writes([{"$match": {"$out": 1}}, {"$project": {"a": 1}}])
+    request = _requests.aggregate_request("appdb", "items", OPTS, pipeline, write_concern={"w": "majority"})
+    assert request.write_concern.w_tag == "majority"
+
+
+def test_an_empty_pipeline_is_every_document() -> None:
+    request = _requests.aggregate_request("appdb", "items", OPTS, [])
+    assert [bson.decode(stage) for stage in request.pipeline] == [{"$match": {}}]
+    with pytest.raises(TypeError, match="pipeline must be a list"):
+        _requests.aggregate_request("appdb", "items", OPTS, {"$match": {}})  # type: ignore[arg-type]
+
+
+def test_find_carries_collation_and_the_read_options() -> None:
+    from pymongo.read_concern import ReadConcern
+    from pymongo.read_preferences import Nearest
+
+    read = _requests.ReadOptions(Nearest(tag_sets=[{"dc": "east"}]), ReadConcern("available"), OPTS)
+    request = _find(collation={"locale": "fr"}, read=read)
+    assert bson.decode(request.collation) == {"locale": "fr"}
+    assert request.read_preference.mode == broker_pb2.READ_PREFERENCE_NEAREST
+    assert [bson.decode(t) for t in request.read_preference.tag_sets] == [{"dc": "east"}]
+    assert request.read_concern == broker_pb2.READ_CONCERN_AVAILABLE
+    one = _requests.find_one_request(
+        "appdb", "items", OPTS, 5, None, sort=None, skip=0, hint=None, max_time_ms=None, comment=None,
+        collation={"locale": "de"}, read=read,
+    )  # fmt: skip
+    assert (
+        bson.decode(one.collation) == {"locale": "de"}
+        and one.read_concern == broker_pb2.READ_CONCERN_AVAILABLE
+    )
+    # Unset, the broker's defaults apply.
+    default = _find()
+    assert not default.HasField("read_preference") and default.read_concern == 0 and default.collation == b""
+
+
+def test_pymongos_read_preferences_become_the_protos() -> None:
+    from pymongo import ReadPreference
+    from pymongo.read_preferences import Secondary
+
+    convert = _requests.read_preference_message
+    mode = broker_pb2.ReadPreference
+    assert convert(None, OPTS) is None
+    assert convert(ReadPreference.PRIMARY, OPTS) == mode(mode=broker_pb2.READ_PREFERENCE_PRIMARY)
+    assert convert(ReadPreference.PRIMARY_PREFERRED, OPTS) == mode(
+        mode=broker_pb2.READ_PREFERENCE_PRIMARY_PREFERRED
+    )
+    assert convert(ReadPreference.SECONDARY, OPTS) == mode(mode=broker_pb2.READ_PREFERENCE_SECONDARY)
+    assert convert(ReadPreference.SECONDARY_PREFERRED, OPTS) == mode(
+        mode=broker_pb2.READ_PREFERENCE_SECONDARY_PREFERRED
+    )
+    assert convert(ReadPreference.NEAREST, OPTS) == mode(mode=broker_pb2.READ_PREFERENCE_NEAREST)
+    tagged = convert(Secondary(tag_sets=[{"dc": "east", "rack": "1"}, {}], max_staleness=120), OPTS)
+    assert tagged is not None
+    assert tagged.mode == broker_pb2.READ_PREFERENCE_SECONDARY and tagged.max_staleness_s == 120
+    assert [_decoded(t) for t in tagged.tag_sets] == [[("dc", "east"), ("rack", "1")], []]
+    with pytest.raises(TypeError, match="read_preference must be one of pymongo's"):
+        convert("secondary", OPTS)
+
+
+@pytest.mark.parametrize(
+    ("level", "expected"),
+    [
+        (None, broker_pb2.READ_CONCERN_UNSPECIFIED),
+        ("local", broker_pb2.READ_CONCERN_LOCAL),
+        ("available", broker_pb2.READ_CONCERN_AVAILABLE),
+        ("majority", broker_pb2.READ_CONCERN_MAJORITY),
+        ("linearizable", broker_pb2.READ_CONCERN_LINEARIZABLE),
+        ("snapshot", broker_pb2.READ_CONCERN_SNAPSHOT),
+    ],
+)
+def test_pymongos_read_concerns_become_the_protos(level: str | None, expected: int) -> None:
+    from pymongo.read_concern import ReadConcern
+
+    assert _requests.read_concern_level(ReadConcern(level)) == expected
+    assert _requests.read_concern_level(level) == expected
+
+
+def test_bad_read_concerns_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown read concern level 'strong'"):
+        _requests.read_concern_level("strong")
+    with pytest.raises(TypeError, match="read_concern must be"):
+        _requests.read_concern_level(3)
+
+
+# --- bulk writes --------------------------------------------------------------------------
+
+
+def test_a_bulk_write_carries_each_request_as_its_model() -> None:
+    from broker_client import DeleteMany, DeleteOne, InsertOne, ReplaceOne, UpdateMany, UpdateOne
+
+    fresh: dict[str, Any] = {"a": 1}
+    requests = [
+        InsertOne(fresh),
+        InsertOne({"_id": 7}),
+        UpdateOne(
+            {"a": 1},
+            {"$set": {"b": 1}},
+            upsert=True,
+            collation={"locale": "fr"},
+            array_filters=[{"e": 1}],
+            hint="a_1",
+        ),
+        UpdateMany({}, [{"$set": {"c": "$a"}}], hint=[("a", 1)]),
+        ReplaceOne({"a": 2}, {"a": 3}, True, {"locale": "en"}, "a_1"),
+        DeleteOne({"a": 3}, hint="a_1"),
+        DeleteMany({"a": {"$gt": 0}}, collation={"locale": "fr"}),
+    ]
+    request = _requests.bulk_write_request(
+        "appdb",
+        "items",
+        OPTS,
+        requests,
+        ordered=False,
+        bypass_document_validation=True,
+        comment="c",
+        let={"v": 1},
+        write_concern={"w": 1},
+    )
+    assert [m.WhichOneof("model") for m in request.operations] == [
+        "insert_one",
+        "insert_one",
+        "update_one",
+        "update_many",
+        "replace_one",
+        "delete_one",
+        "delete_many",
+    ]
+    # The id is made here, first, and set on the caller's document.
+    assert isinstance(fresh["_id"], ObjectId)
+    assert bson.decode(request.operations[0].insert_one.document) == fresh
+    assert bson.decode(request.operations[1].insert_one.document) == {"_id": 7}
+    update = request.operations[2].update_one
+    assert bson.decode(update.filter) == {"a": 1} and bson.decode(update.update) == {"$set": {"b": 1}}
+    assert update.upsert and update.hint_name == "a_1" and bson.decode(update.collation) == {"locale": "fr"}
+    assert [bson.decode(f) for f in update.array_filters] == [{"e": 1}]
+    many = request.operations[3].update_many
+    assert [bson.decode(s) for s in many.update_pipeline] == [{"$set": {"c": "$a"}}] and not many.upsert
+    assert bson.decode(many.hint_keys) == {"a": 1}
+    replace = request.operations[4].replace_one
+    assert bson.decode(replace.replacement) == {"a": 3} and replace.upsert and replace.hint_name == "a_1"
+    assert bson.decode(replace.collation) == {"locale": "en"}
+    assert request.operations[5].delete_one.hint_name == "a_1"
+    assert bson.decode(request.operations[6].delete_many.collation) == {"locale": "fr"}
+    assert request.HasField("ordered") and not request.ordered
+    assert (
+        request.bypass_document_validation and request.comment == "c" and bson.decode(request.let) == {"v": 1}
+    )
+    assert request.write_concern.w_nodes == 1
+    assert _requests.bulk_write_request("appdb", "items", OPTS, requests[1:2]).ordered
+
+
+def test_a_bulk_write_takes_pymongos_own_requests() -> None:
+    from pymongo import DeleteOne, InsertOne, ReplaceOne, UpdateMany, UpdateOne
+
+    document: dict[str, Any] = {"x": 1}
+    request = _requests.bulk_write_request(
+        "appdb",
+        "items",
+        OPTS,
+        [
+            InsertOne(document),
+            UpdateOne({"x": 1}, {"$inc": {"x": 1}}, upsert=True, hint=[("x", 1)]),
+            UpdateMany({}, {"$set": {"y": 1}}),
+            ReplaceOne({"x": 2}, {"x": 3}),
+            DeleteOne({"x": 3}, collation={"locale": "fr"}),
+        ],
+    )
+    assert isinstance(document["_id"], ObjectId)
+    assert [m.WhichOneof("model") for m in request.operations] == [
+        "insert_one",
+        "update_one",
+        "update_many",
+        "replace_one",
+        "delete_one",
+    ]
+    assert request.operations[1].update_one.upsert and bson.decode(
+        request.operations[1].update_one.hint_keys
+    ) == {"x": 1}
+    assert bson.decode(request.operations[4].delete_one.collation) == {"locale": "fr"}
+
+
+def test_bad_bulk_writes_are_refused() -> None:
+    from broker_client import InvalidOperation, ReplaceOne, UpdateOne
+
+    with pytest.raises(InvalidOperation, match="No operations to execute"):
+        _requests.bulk_write_request("appdb", "items", OPTS, [])
+    with pytest.raises(TypeError, match="requests must be a list"):
+        _requests.bulk_write_request("appdb", "items", OPTS, {"a": 1})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="is not a valid request"):
+        _requests.bulk_write_request("appdb", "items", OPTS, [{"insert": {"a": 1}}])
+    # The request classes check as pymongo's do, when they are built.
+    with pytest.raises(ValueError, match=r"update only works with \$ operators"):
+        UpdateOne({}, {"a": 1})
+    with pytest.raises(ValueError, match=r"replacement can not include \$ operators"):
+        ReplaceOne({}, {"$set": {"a": 1}})
+    with pytest.raises(TypeError, match="filter must be an instance of dict"):
+        UpdateOne(None, {"$set": {"a": 1}})  # type: ignore[arg-type]
+
+
+def test_the_request_classes_compare_and_print_as_pymongos() -> None:
+    from broker_client import DeleteOne, InsertOne, UpdateOne
+
+    assert UpdateOne({"a": 1}, {"$set": {"b": 1}}, True) == UpdateOne(
+        {"a": 1}, {"$set": {"b": 1}}, upsert=True
+    )
+    assert UpdateOne({"a": 1}, {"$set": {"b": 1}}) != UpdateOne({"a": 2}, {"$set": {"b": 1}})
+    assert DeleteOne({"a": 1}) != UpdateOne({"a": 1}, {"$set": {"b": 1}})
+    assert repr(InsertOne({"a": 1})) == "InsertOne({'a': 1})"
+    assert repr(DeleteOne({"a": 1}, hint="a_1")) == "DeleteOne({'a': 1}, None, 'a_1')"
+
+
+# --- answers ------------------------------------------------------------------------
+
+
+def test_write_answers_become_pymongos_results() -> None:
+    oid = ObjectId()
+    upserted = _requests.update_result(
+        broker_pb2.UpdateResponse(matched_count=0, modified_count=0, upserted_id=bson.encode({"_id": oid})),
+        True,
+        OPTS,
+    )
+    assert (upserted.matched_count, upserted.modified_count, upserted.upserted_id) == (0, 0, oid)
+    assert upserted.did_upsert and upserted.acknowledged
+    assert upserted.raw_result == {
+        "n": 1,
+        "nModified": 0,
+        "ok": 1.0,
+        "updatedExisting": False,
+        "upserted": oid,
+    }
+    matched = _requests.update_result(
+        broker_pb2.UpdateResponse(matched_count=3, modified_count=2), False, OPTS
+    )
+    assert (matched.matched_count, matched.modified_count, matched.upserted_id, matched.acknowledged) == (
+        3,
+        2,
+        None,
+        False,
+    )
+    deleted = _requests.delete_result(broker_pb2.DeleteResponse(deleted_count=4), True)
+    assert deleted.deleted_count == 4 and deleted.raw_result == {"n": 4, "ok": 1.0}
+
+
+def test_a_bulk_write_answer_becomes_a_bulk_write_result() -> None:
+    response = broker_pb2.BulkWriteResponse(
+        inserted_count=2,
+        matched_count=3,
+        modified_count=1,
+        deleted_count=4,
+        upserted_count=2,
+        upserted_ids=[
+            broker_pb2.IndexedId(index=2, id=bson.encode({"_id": "u2"})),
+            broker_pb2.IndexedId(index=5, id=bson.encode({"_id": 5})),
+        ],
+    )
+    result = _requests.bulk_write_result(response, True, OPTS)
+    assert (result.inserted_count, result.matched_count, result.modified_count) == (2, 3, 1)
+    assert (result.deleted_count, result.upserted_count, result.upserted_ids) == (4, 2, {2: "u2", 5: 5})
+    assert result.bulk_api_result["upserted"] == [{"index": 2, "_id": "u2"}, {"index": 5, "_id": 5}]
+    assert result.bulk_api_result["nRemoved"] == 4
+
+
+def test_distinct_values_are_every_messages_in_order() -> None:
+    responses = [
+        broker_pb2.DistinctResponse(values=bson.encode({"values": [1, "a"]})),
+        broker_pb2.DistinctResponse(values=bson.encode({"values": [datetime.datetime(2024, 1, 1)]})),
+    ]
+    assert _requests.distinct_values(responses, OPTS) == [1, "a", datetime.datetime(2024, 1, 1)]
+    assert _requests.distinct_values([], OPTS) == []
+
+
+def test_find_and_modify_answers_a_document_or_none() -> None:
+    son = CodecOptions(document_class=SON)
+    found = _requests.modified_document(
+        broker_pb2.FindOneAndModifyResponse(document=bson.encode({"b": 1, "a": 2})), son
+    )
+    assert isinstance(found, SON) and list(found.items()) == [("b", 1), ("a", 2)]
+    assert _requests.modified_document(broker_pb2.FindOneAndModifyResponse(), OPTS) is None
+
+
+# --- write errors --------------------------------------------------------------------
+
+
+def _failed(cls: type[Any] | None = None, **metadata: str) -> Any:
+    from broker_client import InvalidRequest
+
+    return (cls or InvalidRequest)("write failed", code=grpc.StatusCode.INVALID_ARGUMENT, metadata=metadata)
+
+
+def test_bulk_write_error_details_are_pymongos_from_the_metadata() -> None:
+    from broker_client import BulkWriteError
+    from broker_client.errors import as_bulk_write_error
+
+    oid = ObjectId()
+    error = as_bulk_write_error(
+        _duplicate(
+            mongo_code="11000",
+            failed_index="2",
+            inserted_count="1",
+            matched_count="1",
+            modified_count="1",
+            deleted_count="0",
+            upserted_count="1",
+            write_errors='[{"index": 2, "code": 11000, "codeName": "DuplicateKey", "errmsg": "E11000 dup"},'
+            ' {"index": 4, "code": 11000, "codeName": "DuplicateKey", "errmsg": "E11000 again"}]',
+            write_errors_total="2",
+            upserted_ids=f'[{{"index": 1, "_id": {{"$oid": "{oid}"}}}}]',
+        )
+    )
+    assert isinstance(error, BulkWriteError) and not isinstance(error, DuplicateKeyError)
+    assert error.code is grpc.StatusCode.ALREADY_EXISTS
+    assert error.details == {
+        "writeErrors": [
+            {"index": 2, "code": 11000, "codeName": "DuplicateKey", "errmsg": "E11000 dup"},
+            {"index": 4, "code": 11000, "codeName": "DuplicateKey", "errmsg": "E11000 again"},
+        ],
+        "writeConcernErrors": [],
+        "nInserted": 1,
+        "nUpserted": 1,
+        "nMatched": 1,
+        "nModified": 1,
+        "nRemoved": 0,
+        "upserted": [{"index": 1, "_id": oid}],
+    }
+    assert error.failed_index == 2 and error.status_details == ()
+
+
+def test_bulk_write_error_details_without_write_errors_name_the_failing_index() -> None:
+    from broker_client.errors import as_bulk_write_error
+
+    error = as_bulk_write_error(_failed(failed_index="3", mongo_code="14", mongo_code_name="TypeMismatch"))
+    assert error.details["writeErrors"] == [
+        {"index": 3, "code": 14, "codeName": "TypeMismatch", "errmsg": "write failed"}
+    ]
+    concern = as_bulk_write_error(
+        _failed(write_concern_error="waiting for replication timed out", inserted_count="2")
+    )
+    assert concern.details["writeConcernErrors"] == [{"errmsg": "waiting for replication timed out"}]
+    assert concern.details["writeErrors"] == [] and concern.details["nInserted"] == 2
+
+
+def test_only_write_failures_become_write_errors() -> None:
+    from broker_client import BulkWriteError, PermissionDenied, WriteError
+    from broker_client.errors import as_bulk_write_error, as_write_error
+
+    refused = PermissionDenied("read-only", code=grpc.StatusCode.PERMISSION_DENIED, reason="NOT_AUTHORIZED")
+    assert as_write_error(refused) is refused and as_bulk_write_error(refused) is refused
+    duplicate = _duplicate(mongo_code="11000", failed_index="0")
+    assert as_write_error(duplicate) is duplicate
+    assert duplicate.details == {"index": 0, "code": 11000, "codeName": None, "errmsg": "E11000"}
+    immutable = _failed(
+        failed_index="0",
+        mongo_code="66",
+        write_errors='[{"index": 0, "code": 66, "codeName": "ImmutableField", "errmsg": "_id is immutable"}]',
+    )
+    immutable.attempts = 1
+    converted = as_write_error(immutable)
+    assert type(converted) is WriteError and converted.attempts == 1
+    assert converted.details == {
+        "index": 0,
+        "code": 66,
+        "codeName": "ImmutableField",
+        "errmsg": "_id is immutable",
+    }
+    assert (converted.code, converted.message, converted.mongo_code) == (immutable.code, "write failed", 66)
+    assert isinstance(as_bulk_write_error(immutable), BulkWriteError)
+
+
+def test_a_write_mongodb_refused_with_its_own_code_is_a_write_error() -> None:
+    from broker_client import InvalidRequest, OperationFailure, WriteError
+    from broker_client.errors import as_write_error
+
+    refused = OperationFailure(
+        "the database refused the operation",
+        code=grpc.StatusCode.FAILED_PRECONDITION,
+        reason="OPERATION_FAILED",
+        metadata={"mongo_code": "66", "mongo_code_name": "ImmutableField"},
+    )
+    converted = as_write_error(refused)
+    assert type(converted) is WriteError
+    assert converted.details == {
+        "index": 0,
+        "code": 66,
+        "codeName": "ImmutableField",
+        "errmsg": "the database refused the operation",
+    }
+    rejected = InvalidRequest(
+        "bad", code=grpc.StatusCode.INVALID_ARGUMENT, reason="QUERY_REJECTED", metadata={"mongo_code": "2"}
+    )
+    assert type(as_write_error(rejected)) is WriteError
+    # The broker's own refusal (no MongoDB code), and a feature the server lacks, stay as they are.
+    own = InvalidRequest(
+        "update only works with $ operators", code=grpc.StatusCode.INVALID_ARGUMENT, reason="INVALID_REQUEST"
+    )
+    assert as_write_error(own) is own
+    lacking = OperationFailure(
+        "not implemented",
+        code=grpc.StatusCode.UNIMPLEMENTED,
+        reason="NOT_SUPPORTED",
+        metadata={"mongo_code": "238"},
+    )
+    assert as_write_error(lacking) is lacking
+
+
+def test_write_errors_pickle_with_their_details() -> None:
+    import pickle
+
+    from broker_client.errors import as_bulk_write_error
+
+    error = as_bulk_write_error(_failed(failed_index="1", mongo_code="2", inserted_count="1"))
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and copy.details == error.details and copy.code is error.code
+
+
+# --- retries --------------------------------------------------------------------------
+
+
+def test_writes_that_are_not_idempotent_are_never_retried() -> None:
+    from broker_client.retry import NEVER_RETRIED, may_retry
+
+    settings = _settings()
+    for method in ("Update", "Delete", "FindOneAndModify", "BulkWrite"):
+        assert method in NEVER_RETRIED and not may_retry(method)
+        state = settings.retry_state(method, None)
+        assert state.policy is None
+        with pytest.raises(ServerSelectionTimeoutError):
+            state.backoff(_unavailable())
+    for method in ("Find", "FindOne", "Count", "Distinct", "Aggregate", "Insert", "Ping"):
+        assert may_retry(method) and settings.retry_state(method, None).policy == RetryPolicy()
+        assert settings.retry_state(method, None).backoff(_unavailable()) >= 0
+    # An aggregate that writes is sent once: its cursor asks for no retries.
+    cursor = _requests.CursorState(
+        _requests.aggregate_request("appdb", "items", OPTS, [{"$out": "x"}]),
+        5.0,
+        settings,
+        method="Aggregate",
+        retry=False,
+    )
+    assert cursor.start().policy is None and cursor.method == "Aggregate"
+
+
+def test_a_collection_can_have_its_own_codec_options() -> None:
+    settings = _settings()
+    son = settings.with_codec_options(CodecOptions(document_class=SON, tz_aware=True))
+    assert son.codec_options.document_class is SON and son.id_codec_options.document_class is dict
+    assert son.id_codec_options.tz_aware and son.target == settings.target and son.retries is settings.retries
+    assert settings.codec_options.document_class is dict
+    with pytest.raises(TypeError, match=r"codec_options must be a bson\.CodecOptions"):
+        settings.with_codec_options({"tz_aware": True})  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grpc
@@ -9,7 +10,7 @@ import pytest
 from bson.errors import InvalidBSON
 from pymongo import errors as mongo_errors
 
-from broker.errors import Reason, RpcError, UnknownDatabaseError, to_rpc_error
+from broker.errors import Reason, RpcError, UnknownDatabaseError, bulk_write_error, to_rpc_error
 
 Code = grpc.StatusCode
 
@@ -152,3 +153,51 @@ def test_the_reasons_are_the_contracts_error_reason_enum() -> None:
     enum = {v.name for v in broker_pb2.ErrorReason.DESCRIPTOR.values if v.number != 0}
     assert set(reasons) == enum
     assert all(name == value for name, value in reasons.items())
+
+
+# --- a BulkWrite that failed part-way ---------------------------------------------
+
+
+def _bulk_error(write_errors: list[dict], **counts: int) -> RpcError:
+    details = {
+        "writeErrors": write_errors,
+        "writeConcernErrors": [],
+        "nInserted": counts.get("inserted", 0),
+        "nUpserted": counts.get("upserted", 0),
+        "nMatched": counts.get("matched", 0),
+        "nModified": counts.get("modified", 0),
+        "nRemoved": counts.get("removed", 0),
+        "upserted": [{"index": 1, "_id": 7}] if counts.get("upserted") else [],
+    }
+    return bulk_write_error(mongo_errors.BulkWriteError(details), "appdb", "operation")
+
+
+def test_bulk_write_error_names_the_index_the_counts_and_each_write_error():
+    error = _bulk_error(
+        [{"index": 3, "code": 11000, "errmsg": "dup"}, {"index": 5, "code": 121, "errmsg": "invalid"}],
+        inserted=2,
+        matched=1,
+        modified=1,
+        upserted=1,
+    )
+    assert error.code == grpc.StatusCode.ALREADY_EXISTS
+    meta = error.metadata
+    assert meta["failed_index"] == "3"
+    assert (meta["inserted_count"], meta["matched_count"], meta["upserted_count"]) == ("2", "1", "1")
+    assert json.loads(meta["write_errors"]) == [
+        {"index": 3, "code": 11000, "codeName": "DuplicateKey", "errmsg": "dup"},
+        {"index": 5, "code": 121, "codeName": "DocumentValidationFailure", "errmsg": "invalid"},
+    ]
+    assert meta["write_errors_total"] == "2"
+    assert json.loads(meta["upserted_ids"]) == [{"index": 1, "_id": {"$numberInt": "7"}}]
+    assert error.message.startswith("write failed at operation 3: dup")
+
+
+def test_bulk_write_error_lists_fit_in_the_trailers():
+    errors = [{"index": i, "code": 11000, "errmsg": "E" * 1000} for i in range(500)]
+    meta = _bulk_error(errors).metadata
+    listed = json.loads(meta["write_errors"])
+    assert len(meta["write_errors"]) <= 4096
+    assert 0 < len(listed) < 500 and meta["write_errors_total"] == "500"
+    assert all(len(e["errmsg"]) == 200 for e in listed)
+    assert sum(len(k) + len(v) for k, v in meta.items()) < 8 * 1024

@@ -11,8 +11,9 @@
 // reason (the name of an `ErrorReason` value, below), and metadata such as
 // `mongo_code` and `mongo_labels`.
 //
-// A write that fails part-way (Insert, BulkWrite) says in that metadata what
-// landed, as MongoDB reported it: `inserted_count`, `matched_count`,
+// A write that fails part-way says in that metadata what landed, as MongoDB
+// reported it. Insert: `inserted_count` and `failed_index`. BulkWrite:
+// `inserted_count`, `matched_count`,
 // `modified_count`, `deleted_count`, `upserted_count`; `failed_index`, the
 // index of the first failing document or operation; `write_errors`, a JSON
 // array of {"index", "code", "codeName", "errmsg"} (errmsg cut at 200

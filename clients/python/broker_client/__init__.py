@@ -35,6 +35,7 @@ if _typing.TYPE_CHECKING:
     from broker_client.errors import (
         AutoReconnect,
         BrokerError,
+        BulkWriteError,
         ConnectionFailure,
         DuplicateKeyError,
         ExecutionTimeout,
@@ -49,14 +50,26 @@ if _typing.TYPE_CHECKING:
         WaitQueueTimeoutError,
         WriteError,
     )
+    from broker_client.operations import (
+        DeleteMany,
+        DeleteOne,
+        InsertOne,
+        ReplaceOne,
+        ReturnDocument,
+        UpdateMany,
+        UpdateOne,
+    )
     from broker_client.results import (
         BrokerStats,
+        BulkWriteResult,
         DatabasePing,
         DatabaseStats,
+        DeleteResult,
         InsertManyResult,
         InsertOneResult,
         PingResult,
         PoolSummary,
+        UpdateResult,
     )
     from broker_client.retry import DEFAULT_RETRY_POLICY, RetryPolicy
 
@@ -72,6 +85,7 @@ _LAZY = {
         (
             "AutoReconnect",
             "BrokerError",
+            "BulkWriteError",
             "ConnectionFailure",
             "DuplicateKeyError",
             "ExecutionTimeout",
@@ -93,14 +107,21 @@ _LAZY = {
     **dict.fromkeys(
         (
             "BrokerStats",
+            "BulkWriteResult",
             "DatabasePing",
             "DatabaseStats",
+            "DeleteResult",
             "InsertManyResult",
             "InsertOneResult",
             "PingResult",
             "PoolSummary",
+            "UpdateResult",
         ),
         "results",
+    ),
+    **dict.fromkeys(
+        ("DeleteMany", "DeleteOne", "InsertOne", "ReplaceOne", "ReturnDocument", "UpdateMany", "UpdateOne"),
+        "operations",
     ),
 }
 
@@ -134,15 +155,21 @@ __all__ = [
     "BrokerClient",
     "BrokerError",
     "BrokerStats",
+    "BulkWriteError",
+    "BulkWriteResult",
     "Collection",
     "ConnectionFailure",
     "Cursor",
     "Database",
     "DatabasePing",
     "DatabaseStats",
+    "DeleteMany",
+    "DeleteOne",
+    "DeleteResult",
     "DuplicateKeyError",
     "ExecutionTimeout",
     "InsertManyResult",
+    "InsertOne",
     "InsertOneResult",
     "InvalidOperation",
     "InvalidRequest",
@@ -151,10 +178,15 @@ __all__ = [
     "PermissionDenied",
     "PingResult",
     "PoolSummary",
+    "ReplaceOne",
     "RetryPolicy",
+    "ReturnDocument",
     "ServerSelectionTimeoutError",
     "Unauthenticated",
     "UnknownDatabase",
+    "UpdateMany",
+    "UpdateOne",
+    "UpdateResult",
     "WaitQueueTimeoutError",
     "WriteConcernSpec",
     "WriteError",

@@ -43,13 +43,22 @@ from broker_client._channel import (
 )
 from broker_client._version import __version__
 from broker_client.errors import BrokerError, DuplicateKeyError, InvalidOperation
-from broker_client.retry import RetryPolicy, RetryState
+from broker_client.operations import check_replacement, check_requests, check_update, request_kind
+from broker_client.retry import RetryPolicy, RetryState, may_retry
 
 if TYPE_CHECKING:
     from typing_extensions import TypeVar
 
     from broker_client.proto.broker.v1 import broker_pb2
-    from broker_client.results import BrokerStats, InsertManyResult, InsertOneResult, PingResult
+    from broker_client.results import (
+        BrokerStats,
+        BulkWriteResult,
+        DeleteResult,
+        InsertManyResult,
+        InsertOneResult,
+        PingResult,
+        UpdateResult,
+    )
 
     # The document type: dict unless document_class or codec_options say
     # otherwise. A TypeVar default (PEP 696) needs typing_extensions on
@@ -62,37 +71,59 @@ else:
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "Collation",
     "CursorState",
     "DocumentT",
     "Hint",
     "Insert",
     "Projection",
+    "ReadOptions",
     "Settings",
     "Sort",
+    "Update",
     "WriteConcernSpec",
+    "acknowledged",
+    "aggregate_request",
+    "bulk_write_request",
+    "bulk_write_result",
+    "check_comment",
     "check_count",
     "check_documents",
     "check_length",
     "check_name",
     "check_timeout",
+    "count_request",
     "decode_batch",
     "decode_id",
+    "delete_request",
+    "delete_result",
+    "distinct_request",
+    "distinct_values",
+    "encode_collation",
+    "encode_document",
     "encode_filter",
     "encode_for_insert",
     "encode_hint",
     "encode_projection",
     "encode_sort",
+    "find_one_and_modify_request",
     "find_one_request",
     "find_request",
     "first_document",
     "insert_many_result",
     "insert_one_result",
     "missing_attribute",
+    "modified_document",
     "ping_request",
     "ping_result",
+    "pipeline_writes",
     "prepare_insert",
+    "read_concern_level",
+    "read_preference_message",
     "stats_request",
     "stats_result",
+    "update_request",
+    "update_result",
     "write_concern_message",
 ]
 
@@ -245,9 +276,25 @@ class Settings(Generic[DocumentT]):
         """A call's time limit in seconds: its own ``timeout=``, or the client's."""
         return self.timeout if timeout is None else check_timeout(timeout)
 
-    def retry_state(self, operation: str, timeout: float | None) -> RetryState:
-        """A new operation's attempts, under the client's policy and the call's deadline."""
-        return RetryState(self.retries, time.monotonic() + self.deadline(timeout), operation)
+    def retry_state(self, operation: str, timeout: float | None, *, retry: bool = True) -> RetryState:
+        """A new operation's attempts, under the client's policy and the call's deadline.
+
+        ``operation`` is the RPC's name: the ones that are never retried
+        (`retry.NEVER_RETRIED`), and any with ``retry=False``, are sent once.
+        """
+        policy = self.retries if retry and may_retry(operation) else None
+        return RetryState(policy, time.monotonic() + self.deadline(timeout), operation)
+
+    def with_codec_options(self, codec_options: CodecOptions[Any]) -> Settings[Any]:
+        """These settings with other codec options: a collection's own (``get_collection``)."""
+        if not isinstance(codec_options, CodecOptions):
+            raise TypeError(f"codec_options must be a bson.CodecOptions, not {type(codec_options).__name__}")
+        new: Settings[Any] = object.__new__(Settings)
+        for name in Settings.__slots__:
+            setattr(new, name, getattr(self, name))
+        new.codec_options = codec_options
+        new.id_codec_options = codec_options.with_options(document_class=dict)
+        return new
 
 
 # --- BSON ---------------------------------------------------------------------------
@@ -259,6 +306,10 @@ Sort: TypeAlias = str | Sequence[str | tuple[str, Any]] | Mapping[str, Any]
 Projection: TypeAlias = Mapping[str, Any] | Iterable[str]
 #: An index hint: its name, or its key pattern (as a sort is given).
 Hint: TypeAlias = str | Sequence[str | tuple[str, Any]] | Mapping[str, Any]
+#: A collation: a mapping such as ``{"locale": "fr"}``, or pymongo's ``Collation``.
+Collation: TypeAlias = Mapping[str, Any] | _HasDocument
+#: An update: ``$``-operators, or a pipeline (a list of stages).
+Update: TypeAlias = Mapping[str, Any] | list[Mapping[str, Any]]
 
 _ASCENDING = 1
 _DOC_TYPE_ERROR = (
@@ -412,13 +463,14 @@ def find_request(
     hint: Hint | None,
     max_time_ms: int | None,
     comment: str | None,
+    collation: Collation | None = None,
+    read: ReadOptions | None = None,
 ) -> broker_pb2.FindRequest:
     """The FindRequest of ``find()`` (and ``find_one``): every argument checked and encoded."""
     from broker_client.proto.broker.v1 import broker_pb2
 
     hint_name, hint_keys = encode_hint(hint, codec_options)
-    if comment is not None and not isinstance(comment, str):
-        raise TypeError(f"comment must be a str, not {type(comment).__name__}")
+    check_comment(comment)
     request = broker_pb2.FindRequest(
         database=database,
         collection=collection,
@@ -430,11 +482,14 @@ def find_request(
         batch_size=check_count(batch_size, "batch_size", INT32_MAX),
         max_time_ms=check_count(max_time_ms, "max_time_ms") if max_time_ms is not None else 0,
         comment=comment or "",
+        collation=encode_collation(collation, codec_options),
     )
     if hint_name is not None:
         request.hint_name = hint_name
     elif hint_keys is not None:
         request.hint_keys = hint_keys
+    if read is not None:
+        read.apply(request)
     return request
 
 
@@ -450,6 +505,8 @@ def find_one_request(
     hint: Hint | None,
     max_time_ms: int | None,
     comment: str | None,
+    collation: Collation | None = None,
+    read: ReadOptions | None = None,
 ) -> broker_pb2.FindRequest:
     """The FindOne call's request: a find with ``limit=1``."""
     # As in pymongo, a filter that is not a mapping is an _id to look up.
@@ -468,6 +525,8 @@ def find_one_request(
         hint=hint,
         max_time_ms=max_time_ms,
         comment=comment,
+        collation=collation,
+        read=read,
     )
 
 
@@ -659,7 +718,7 @@ class Insert:
 
 
 class CursorState(Generic[DocumentT]):
-    """The bookkeeping of one ``find()`` cursor (`Cursor`, `AsyncCursor`): stream, buffer, retries.
+    """The bookkeeping of one ``find()`` or ``aggregate()`` cursor (`Cursor`, `AsyncCursor`).
 
     Each gRPC message is one MongoDB batch of documents; `received` decodes
     a batch at a time, as the iteration reaches it. A cursor belongs to the
@@ -667,12 +726,34 @@ class CursorState(Generic[DocumentT]):
     again.
     """
 
-    __slots__ = ("buffer", "done", "pid", "request", "retrieved", "seconds", "settings", "state", "stream")
+    __slots__ = (
+        "buffer",
+        "done",
+        "method",
+        "pid",
+        "request",
+        "retrieved",
+        "retry",
+        "seconds",
+        "settings",
+        "state",
+        "stream",
+    )
 
     def __init__(
-        self, request: broker_pb2.FindRequest, seconds: float, settings: Settings[DocumentT]
+        self,
+        request: broker_pb2.FindRequest | broker_pb2.AggregateRequest,
+        seconds: float,
+        settings: Settings[DocumentT],
+        *,
+        method: str = "Find",
+        retry: bool = True,
     ) -> None:
         self.request = request
+        #: The streaming call: "Find", or "Aggregate" (the same FindResponse messages).
+        self.method = method
+        #: False for an aggregate that writes ($out, $merge): sent once.
+        self.retry = retry
         self.seconds = seconds
         self.settings = settings
         #: The open Find call, or None.
@@ -693,11 +774,11 @@ class CursorState(Generic[DocumentT]):
         if self.pid != os.getpid():
             raise InvalidOperation(
                 f"this cursor was opened in process {self.pid} before a fork; "
-                "call find() again in this process"
+                "call find() (or aggregate()) again in this process"
             )
         if self.state is None:
             # The deadline starts with the first batch: find() itself sends nothing.
-            self.state = self.settings.retry_state("Find", self.seconds)
+            self.state = self.settings.retry_state(self.method, self.seconds, retry=self.retry)
         return self.state
 
     def backoff(self, exc: BrokerError, state: RetryState) -> float:
@@ -829,4 +910,547 @@ def stats_result(response: broker_pb2.StatsResponse, attempts: int = 1) -> Broke
         databases.append(DatabaseStats(**values))
     return BrokerStats(
         version=response.version, uptime_s=response.uptime_s, databases=tuple(databases), attempts=attempts
+    )
+
+
+# --- read options -------------------------------------------------------------------
+
+# pymongo's mode names (``ReadPreference.document["mode"]``) and read concern
+# levels, to the proto's enum numbers.
+_READ_PREFERENCE_MODES: Final = {
+    "primary": 1,
+    "primaryPreferred": 2,
+    "secondary": 3,
+    "secondaryPreferred": 4,
+    "nearest": 5,
+}
+_READ_CONCERN_LEVELS: Final = {"local": 1, "available": 2, "majority": 3, "linearizable": 4, "snapshot": 5}
+_MISSING: Final = object()
+
+
+def read_preference_message(
+    preference: Any | None, codec_options: CodecOptions[Any]
+) -> broker_pb2.ReadPreference | None:
+    """pymongo's read preference as the proto's; None (the broker's configured one) for None.
+
+    ``preference`` is one of pymongo's own objects: ``pymongo.ReadPreference.SECONDARY``,
+    ``pymongo.read_preferences.Secondary(tag_sets=[...], max_staleness=120)``, ... Their
+    ``document`` (``{"mode", "tags", "maxStalenessSeconds"}``, what pymongo sends to a
+    mongos) is read, so pymongo itself need not be imported here.
+    """
+    if preference is None:
+        return None
+    from broker_client.proto.broker.v1 import broker_pb2
+
+    document = getattr(preference, "document", None)
+    if not isinstance(document, Mapping) or "mode" not in document:
+        raise TypeError(
+            "read_preference must be one of pymongo's read preferences (pymongo.ReadPreference.SECONDARY, "
+            f"pymongo.read_preferences.Secondary(tag_sets=...), ...), not {preference!r}"
+        )
+    mode = _READ_PREFERENCE_MODES.get(document["mode"])
+    if mode is None:
+        raise ValueError(f"unknown read preference mode {document['mode']!r}")
+    message = broker_pb2.ReadPreference(mode=mode)  # type: ignore[arg-type]
+    for tags in document.get("tags") or ():
+        tag_set = _check_mapping(tags, "each tag set")
+        message.tag_sets.append(bson.encode(tag_set, codec_options=codec_options))
+    staleness = document.get("maxStalenessSeconds")
+    if staleness is not None and staleness > 0:
+        message.max_staleness_s = check_count(staleness, "max_staleness")
+    return message
+
+
+def read_concern_level(concern: Any | None) -> int:
+    """pymongo's ``ReadConcern`` (or a level name) as the proto's level; 0, the server's default, for
+    None or ``ReadConcern()``."""
+    if concern is None:
+        return 0
+    level = concern if isinstance(concern, str) else getattr(concern, "level", _MISSING)
+    if level is _MISSING:
+        raise TypeError(
+            f"read_concern must be a pymongo.read_concern.ReadConcern or a level name, not {concern!r}"
+        )
+    if level is None:
+        return 0
+    number = _READ_CONCERN_LEVELS.get(level) if isinstance(level, str) else None
+    if number is None:
+        raise ValueError(f"unknown read concern level {level!r}; use one of {sorted(_READ_CONCERN_LEVELS)}")
+    return number
+
+
+class ReadOptions:
+    """A collection's read preference and read concern, converted once, set on each read request."""
+
+    __slots__ = ("read_concern", "read_preference")
+
+    def __init__(
+        self, read_preference: Any | None, read_concern: Any | None, codec_options: CodecOptions[Any]
+    ) -> None:
+        self.read_preference = read_preference_message(read_preference, codec_options)
+        self.read_concern = read_concern_level(read_concern)
+
+    def apply(self, request: Any) -> None:
+        """Set both on a Find, Count, Distinct or Aggregate request (unset: the defaults)."""
+        if self.read_preference is not None:
+            request.read_preference.CopyFrom(self.read_preference)
+        if self.read_concern:
+            request.read_concern = self.read_concern
+
+
+# --- the arguments of the other operations ------------------------------------------
+
+
+def check_comment(comment: object) -> str:
+    """A comment, which the contract carries as a string; "" for None."""
+    if comment is None:
+        return ""
+    if not isinstance(comment, str):
+        raise TypeError(f"comment must be a str, not {type(comment).__name__}")
+    return comment
+
+
+def _max_time(value: int | None, name: str = "maxTimeMS") -> int:
+    return 0 if value is None else check_count(value, name)
+
+
+def encode_collation(collation: Collation | None, codec_options: CodecOptions[Any]) -> bytes:
+    """A collation (a mapping, or pymongo's ``Collation``) as BSON; empty bytes for None."""
+    if collation is None:
+        return b""
+    document = collation if isinstance(collation, Mapping) else getattr(collation, "document", None)
+    if not isinstance(document, Mapping):
+        raise TypeError(
+            f"collation must be a mapping or a pymongo.collation.Collation, not {type(collation).__name__}"
+        )
+    return _encode(document, codec_options)
+
+
+def encode_document(document: Mapping[str, Any] | None, name: str, codec_options: CodecOptions[Any]) -> bytes:
+    """A document argument (``let``, a filter) as BSON; empty bytes for None."""
+    if document is None:
+        return b""
+    return _encode(_check_mapping(document, name), codec_options)
+
+
+def _encode_array_filters(array_filters: Any | None, codec_options: CodecOptions[Any]) -> list[bytes]:
+    if array_filters is None:
+        return []
+    if not isinstance(array_filters, list):
+        raise TypeError(f"array_filters must be a list, not {type(array_filters).__name__}")
+    return [_encode(_check_mapping(f, "each array filter"), codec_options) for f in array_filters]
+
+
+def _set_update(message: Any, update: Update, codec_options: CodecOptions[Any]) -> None:
+    """``update`` or ``update_pipeline`` of an Update, FindOneAndModify or UpdateModel."""
+    checked = check_update(update)
+    if isinstance(checked, list):
+        message.update_pipeline.extend(_encode(stage, codec_options) for stage in checked)
+    else:
+        message.update = _encode(checked, codec_options)
+
+
+def _set_hint(message: Any, hint: Hint | None, codec_options: CodecOptions[Any]) -> None:
+    hint_name, hint_keys = encode_hint(hint, codec_options)
+    if hint_name is not None:
+        message.hint_name = hint_name
+    elif hint_keys is not None:
+        message.hint_keys = hint_keys
+
+
+def _set_write_concern(message: Any, write_concern: WriteConcernSpec | None) -> None:
+    concern = write_concern_message(write_concern)
+    if concern is not None:
+        message.write_concern.CopyFrom(concern)
+
+
+def acknowledged(request: Any) -> bool:
+    """False when a write request's write concern is ``w=0`` (which confirms nothing)."""
+    if not request.HasField("write_concern"):
+        return True
+    concern = request.write_concern
+    return not (concern.WhichOneof("w") == "w_nodes" and concern.w_nodes == 0)
+
+
+def _check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {value!r}")
+    return value
+
+
+# --- the requests of the other operations -------------------------------------------
+
+
+def update_request(
+    database: str,
+    collection: str,
+    codec_options: CodecOptions[Any],
+    filter: Mapping[str, Any],
+    *,
+    update: Update | None = None,
+    replacement: Mapping[str, Any] | None = None,
+    multi: bool = False,
+    upsert: bool = False,
+    bypass_document_validation: bool | None = None,
+    collation: Collation | None = None,
+    array_filters: list[Mapping[str, Any]] | None = None,
+    hint: Hint | None = None,
+    let: Mapping[str, Any] | None = None,
+    comment: str | None = None,
+    write_concern: WriteConcernSpec | None = None,
+) -> broker_pb2.UpdateRequest:
+    """The Update call: ``update_one``, ``update_many`` (``update``) or ``replace_one`` (``replacement``)."""
+    from broker_client.proto.broker.v1 import broker_pb2
+
+    request = broker_pb2.UpdateRequest(
+        database=database,
+        collection=collection,
+        filter=_encode(_check_mapping(filter, "filter"), codec_options),
+        multi=multi,
+        upsert=_check_bool(upsert, "upsert"),
+        array_filters=_encode_array_filters(array_filters, codec_options),
+        collation=encode_collation(collation, codec_options),
+        let=encode_document(let, "let", codec_options),
+        comment=check_comment(comment),
+        bypass_document_validation=bool(bypass_document_validation),
+    )
+    if replacement is not None:
+        request.replacement = _encode(check_replacement(replacement), codec_options)
+    elif update is not None:
+        _set_update(request, update, codec_options)
+    else:
+        raise TypeError("an update needs an update document (or pipeline), or a replacement")
+    _set_hint(request, hint, codec_options)
+    _set_write_concern(request, write_concern)
+    return request
+
+
+def delete_request(
+    database: str,
+    collection: str,
+    codec_options: CodecOptions[Any],
+    filter: Mapping[str, Any],
+    *,
+    multi: bool,
+    collation: Collation | None = None,
+    hint: Hint | None = None,
+    let: Mapping[str, Any] | None = None,
+    comment: str | None = None,
+    write_concern: WriteConcernSpec | None = None,
+) -> broker_pb2.DeleteRequest:
+    """The Delete call of ``delete_one`` / ``delete_many`` (``multi``)."""
+    from broker_client.proto.broker.v1 import broker_pb2
+
+    request = broker_pb2.DeleteRequest(
+        database=database,
+        collection=collection,
+        filter=_encode(_check_mapping(filter, "filter"), codec_options),
+        multi=multi,
+        collation=encode_collation(collation, codec_options),
+        let=encode_document(let, "let", codec_options),
+        comment=check_comment(comment),
+    )
+    _set_hint(request, hint, codec_options)
+    _set_write_concern(request, write_concern)
+    return request
+
+
+def find_one_and_modify_request(
+    database: str,
+    collection: str,
+    codec_options: CodecOptions[Any],
+    filter: Mapping[str, Any],
+    *,
+    update: Update | None = None,
+    replacement: Mapping[str, Any] | None = None,
+    remove: bool = False,
+    projection: Projection | None = None,
+    sort: Sort | None = None,
+    upsert: bool = False,
+    return_document: bool = False,
+    array_filters: list[Mapping[str, Any]] | None = None,
+    hint: Hint | None = None,
+    collation: Collation | None = None,
+    let: Mapping[str, Any] | None = None,
+    comment: str | None = None,
+    max_time_ms: int | None = None,
+    bypass_document_validation: bool | None = None,
+    write_concern: WriteConcernSpec | None = None,
+) -> broker_pb2.FindOneAndModifyRequest:
+    """The FindOneAndModify call of ``find_one_and_update`` / ``_replace`` / ``_delete`` (``remove``)."""
+    from broker_client.proto.broker.v1 import broker_pb2
+
+    if not isinstance(return_document, bool):
+        raise ValueError("return_document must be ReturnDocument.BEFORE or ReturnDocument.AFTER")
+    request = broker_pb2.FindOneAndModifyRequest(
+        database=database,
+        collection=collection,
+        filter=_encode(_check_mapping(filter, "filter"), codec_options),
+        sort=encode_sort(sort, codec_options),
+        projection=encode_projection(projection, codec_options),
+        remove=remove,
+        upsert=_check_bool(upsert, "upsert"),
+        return_document=(
+            broker_pb2.RETURN_DOCUMENT_AFTER if return_document else broker_pb2.RETURN_DOCUMENT_BEFORE
+        ),
+        array_filters=_encode_array_filters(array_filters, codec_options),
+        collation=encode_collation(collation, codec_options),
+        let=encode_document(let, "let", codec_options),
+        comment=check_comment(comment),
+        max_time_ms=_max_time(max_time_ms),
+        bypass_document_validation=bool(bypass_document_validation),
+    )
+    if replacement is not None:
+        request.replacement = _encode(check_replacement(replacement), codec_options)
+    elif update is not None:
+        _set_update(request, update, codec_options)
+    elif not remove:
+        raise TypeError("find_one_and_modify needs an update, a replacement or remove")
+    _set_hint(request, hint, codec_options)
+    _set_write_concern(request, write_concern)
+    return request
+
+
+def count_request(
+    database: str,
+    collection: str,
+    codec_options: CodecOptions[Any],
+    filter: Mapping[str, Any] | None,
+    *,
+    estimated: bool = False,
+    skip: int = 0,
+    limit: int = 0,
+    hint: Hint | None = None,
+    collation: Collation | None = None,
+    comment: str | None = None,
+    max_time_ms: int | None = None,
+    read: ReadOptions | None = None,
+) -> broker_pb2.CountRequest:
+    """The Count call of ``count_documents`` (a filter), or ``estimated_document_count`` (``estimated``)."""
+    from broker_client.proto.broker.v1 import broker_pb2
+
+    request = broker_pb2.CountRequest(
+        database=database,
+        collection=collection,
+        estimated=estimated,
+        filter=b"" if estimated else _encode(_check_mapping(filter, "filter"), codec_options),
+        skip=check_count(skip, "skip"),
+        limit=check_count(limit, "limit"),
+        collation=encode_collation(collation, codec_options),
+        comment=check_comment(comment),
+        max_time_ms=_max_time(max_time_ms),
+    )
+    _set_hint(request, hint, codec_options)
+    if read is not None:
+        read.apply(request)
+    return request
+
+
+def distinct_request(
+    database: str,
+    collection: str,
+    codec_options: CodecOptions[Any],
+    key: str,
+    filter: Mapping[str, Any] | None,
+    *,
+    collation: Collation | None = None,
+    comment: str | None = None,
+    max_time_ms: int | None = None,
+    read: ReadOptions | None = None,
+) -> broker_pb2.DistinctRequest:
+    """The Distinct call of ``distinct``."""
+    from broker_client.proto.broker.v1 import broker_pb2
+
+    if not isinstance(key, str):
+        raise TypeError(f"key must be an instance of str, not {type(key).__name__}")
+    if not key:
+        raise ValueError("key must not be empty")
+    request = broker_pb2.DistinctRequest(
+        database=database,
+        collection=collection,
+        key=key,
+        filter=encode_filter(filter, codec_options),
+        collation=encode_collation(collation, codec_options),
+        comment=check_comment(comment),
+        max_time_ms=_max_time(max_time_ms),
+    )
+    if read is not None:
+        read.apply(request)
+    return request
+
+
+#: The stages that make an aggregate write: it is then never retried.
+_WRITE_STAGES: Final = frozenset({"$out", "$merge"})
+
+
+def pipeline_writes(pipeline: Sequence[Mapping[str, Any]]) -> bool:
+    """True when a pipeline has a ``$out`` or ``$merge`` stage."""
+    return any(not _WRITE_STAGES.isdisjoint(stage.keys()) for stage in pipeline)
+
+
+def aggregate_request(
+    database: str,
+    collection: str,
+    codec_options: CodecOptions[Any],
+    pipeline: Sequence[Mapping[str, Any]],
+    *,
+    allow_disk_use: bool | None = None,
+    batch_size: int = 0,
+    hint: Hint | None = None,
+    collation: Collation | None = None,
+    let: Mapping[str, Any] | None = None,
+    comment: str | None = None,
+    max_time_ms: int | None = None,
+    read: ReadOptions | None = None,
+    write_concern: WriteConcernSpec | None = None,
+    bypass_document_validation: bool | None = None,
+) -> broker_pb2.AggregateRequest:
+    """The Aggregate call of ``aggregate``. The write concern is sent only for a pipeline that writes."""
+    from broker_client.proto.broker.v1 import broker_pb2
+
+    if not isinstance(pipeline, list | tuple):
+        raise TypeError(f"pipeline must be a list, not {type(pipeline).__name__}")
+    stages = [_encode(_check_mapping(stage, "each pipeline stage"), codec_options) for stage in pipeline]
+    if not stages:
+        # pymongo allows an empty pipeline (every document); the contract asks
+        # for a stage, and this one changes nothing.
+        stages = [bson.encode({"$match": {}})]
+    request = broker_pb2.AggregateRequest(
+        database=database,
+        collection=collection,
+        pipeline=stages,
+        batch_size=check_count(batch_size, "batchSize", INT32_MAX),
+        collation=encode_collation(collation, codec_options),
+        let=encode_document(let, "let", codec_options),
+        comment=check_comment(comment),
+        max_time_ms=_max_time(max_time_ms),
+        bypass_document_validation=bool(bypass_document_validation),
+    )
+    if allow_disk_use is not None:
+        request.allow_disk_use = _check_bool(allow_disk_use, "allowDiskUse")
+    _set_hint(request, hint, codec_options)
+    if read is not None:
+        read.apply(request)
+    if pipeline_writes(pipeline):
+        _set_write_concern(request, write_concern)
+    return request
+
+
+def _write_model(request: Any, codec_options: CodecOptions[Any]) -> broker_pb2.WriteModel:
+    """One of ``bulk_write``'s requests (ours or pymongo's) as a WriteModel."""
+    from broker_client.proto.broker.v1 import broker_pb2
+
+    kind = request_kind(request)
+    model = broker_pb2.WriteModel()
+    if kind == "InsertOne":
+        document = request._doc
+        model.insert_one.document = prepare_insert(document, codec_options)[0]
+        return model
+    filter = _encode(_check_mapping(request._filter, "filter"), codec_options)
+    collation = encode_collation(request._collation, codec_options)
+    if kind in ("UpdateOne", "UpdateMany"):
+        update = model.update_one if kind == "UpdateOne" else model.update_many
+        update.filter = filter
+        _set_update(update, request._doc, codec_options)
+        update.upsert = bool(request._upsert)
+        update.array_filters.extend(_encode_array_filters(request._array_filters, codec_options))
+        update.collation = collation
+        _set_hint(update, request._hint, codec_options)
+    elif kind == "ReplaceOne":
+        model.replace_one.filter = filter
+        model.replace_one.replacement = _encode(check_replacement(request._doc), codec_options)
+        model.replace_one.upsert = bool(request._upsert)
+        model.replace_one.collation = collation
+        _set_hint(model.replace_one, request._hint, codec_options)
+    else:
+        delete = model.delete_one if kind == "DeleteOne" else model.delete_many
+        delete.filter = filter
+        delete.collation = collation
+        _set_hint(delete, request._hint, codec_options)
+    return model
+
+
+def bulk_write_request(
+    database: str,
+    collection: str,
+    codec_options: CodecOptions[Any],
+    requests: Sequence[Any],
+    *,
+    ordered: bool = True,
+    bypass_document_validation: bool | None = None,
+    comment: str | None = None,
+    let: Mapping[str, Any] | None = None,
+    write_concern: WriteConcernSpec | None = None,
+) -> broker_pb2.BulkWriteRequest:
+    """The BulkWrite call of ``bulk_write``.
+
+    Each InsertOne document without an ``_id`` gets an ObjectId here, set on
+    the document itself, as ``insert_one`` and pymongo do.
+    """
+    from broker_client.proto.broker.v1 import broker_pb2
+
+    operations = [_write_model(request, codec_options) for request in check_requests(requests)]
+    request = broker_pb2.BulkWriteRequest(
+        database=database,
+        collection=collection,
+        operations=operations,
+        ordered=_check_bool(ordered, "ordered"),
+        bypass_document_validation=bool(bypass_document_validation),
+        comment=check_comment(comment),
+        let=encode_document(let, "let", codec_options),
+    )
+    _set_write_concern(request, write_concern)
+    return request
+
+
+# --- the answers of the other operations --------------------------------------------
+
+
+def update_result(
+    response: broker_pb2.UpdateResponse, acknowledged: bool, codec_options: CodecOptions[Any]
+) -> UpdateResult:
+    from broker_client.results import UpdateResult
+
+    upserted = decode_id(response.upserted_id, codec_options) if response.upserted_id else None
+    return UpdateResult(response.matched_count, response.modified_count, upserted, acknowledged)
+
+
+def delete_result(response: broker_pb2.DeleteResponse, acknowledged: bool) -> DeleteResult:
+    from broker_client.results import DeleteResult
+
+    return DeleteResult(response.deleted_count, acknowledged)
+
+
+def modified_document(
+    response: broker_pb2.FindOneAndModifyResponse, codec_options: CodecOptions[_D]
+) -> _D | None:
+    """FindOneAndModify's answer: the document, or None when nothing matched."""
+    if not response.document:
+        return None
+    return bson.decode(response.document, codec_options)
+
+
+def distinct_values(
+    responses: Sequence[broker_pb2.DistinctResponse], codec_options: CodecOptions[Any]
+) -> list[Any]:
+    """Distinct's answer: the values of every message, in order."""
+    values: list[Any] = []
+    for response in responses:
+        values.extend(bson.decode(response.values, codec_options)["values"])
+    return values
+
+
+def bulk_write_result(
+    response: broker_pb2.BulkWriteResponse, acknowledged: bool, codec_options: CodecOptions[Any]
+) -> BulkWriteResult:
+    from broker_client.results import BulkWriteResult
+
+    return BulkWriteResult(
+        inserted_count=response.inserted_count,
+        matched_count=response.matched_count,
+        modified_count=response.modified_count,
+        deleted_count=response.deleted_count,
+        upserted_count=response.upserted_count,
+        upserted_ids={item.index: decode_id(item.id, codec_options) for item in response.upserted_ids},
+        acknowledged=acknowledged,
     )

@@ -18,8 +18,18 @@ from typing import TYPE_CHECKING, Any, Generic
 
 from broker_client import _requests
 from broker_client._channel import AsyncChannelHolder
-from broker_client._requests import DEFAULT_TIMEOUT_S, DocumentT, Hint, Projection, Sort, WriteConcernSpec
-from broker_client.errors import BrokerError, map_rpc_errors
+from broker_client._requests import (
+    DEFAULT_TIMEOUT_S,
+    Collation,
+    DocumentT,
+    Hint,
+    Projection,
+    Sort,
+    Update,
+    WriteConcernSpec,
+)
+from broker_client.errors import BrokerError, as_bulk_write_error, as_write_error, map_rpc_errors
+from broker_client.operations import ReturnDocument
 from broker_client.retry import DEFAULT_RETRY_POLICY, RetryPolicy, RetryState
 
 if TYPE_CHECKING:
@@ -27,7 +37,15 @@ if TYPE_CHECKING:
     from bson.codec_options import CodecOptions
 
     from broker_client.proto.broker.v1 import broker_pb2
-    from broker_client.results import BrokerStats, InsertManyResult, InsertOneResult, PingResult
+    from broker_client.results import (
+        BrokerStats,
+        BulkWriteResult,
+        DeleteResult,
+        InsertManyResult,
+        InsertOneResult,
+        PingResult,
+        UpdateResult,
+    )
 
 __all__ = ["AsyncBrokerClient", "AsyncCollection", "AsyncCursor", "AsyncDatabase"]
 
@@ -152,11 +170,13 @@ class AsyncBrokerClient(Generic[DocumentT]):
             call = getattr(self._holder.stub(), method)
             return await call(request, timeout=timeout, metadata=self._settings.metadata)
 
-    def _open_find(self, request: broker_pb2.FindRequest, timeout: float) -> Any:
+    def _open_stream(self, method: str, request: Any, timeout: float) -> Any:
+        """Open the server-streaming call ``method`` ("Find", "Aggregate", "Distinct")."""
         with map_rpc_errors:
-            return self._holder.stub().Find(request, timeout=timeout, metadata=self._settings.metadata)
+            call = getattr(self._holder.stub(), method)
+            return call(request, timeout=timeout, metadata=self._settings.metadata)
 
-    async def _read(self, stream: Any) -> broker_pb2.FindResponse | None:
+    async def _read(self, stream: Any) -> Any | None:
         """The stream's next message, or None at its end."""
         import grpc.aio
 
@@ -173,17 +193,22 @@ class AsyncBrokerClient(Generic[DocumentT]):
                 except BrokerError as exc:
                     await _sleep(state.backoff(exc))
 
-    async def _find_all(self, request: broker_pb2.FindRequest, state: RetryState) -> list[bytes]:
-        """Every document of a Find, as BSON (see `BrokerClient._find_all`)."""
+    async def _collect(self, method: str, request: Any, state: RetryState) -> list[Any]:
+        """Every message of the streaming call ``method`` (see `BrokerClient._collect`)."""
         while True:
             try:
-                stream = self._open_find(request, state.next_timeout())
-                documents: list[bytes] = []
+                stream = self._open_stream(method, request, state.next_timeout())
+                responses: list[Any] = []
                 while (response := await self._read(stream)) is not None:
-                    documents.extend(response.documents)
-                return documents
+                    responses.append(response)
+                return responses
             except BrokerError as exc:
                 await _sleep(state.backoff(exc))
+
+    async def _find_all(self, request: broker_pb2.FindRequest, state: RetryState) -> list[bytes]:
+        """Every document of a Find, as BSON."""
+        responses = await self._collect("Find", request, state)
+        return [document for response in responses for document in response.documents]
 
     async def _insert(self, insert: _requests.Insert, state: RetryState) -> list[Any]:
         """Send ``insert``, retried by its rules (see `_requests.Insert`); every ``_id``."""
@@ -232,8 +257,23 @@ class AsyncDatabase(Generic[DocumentT]):
             raise _requests.missing_attribute(self, name, "collection", "database")
         return AsyncCollection(self, name)
 
-    def get_collection(self, name: str) -> AsyncCollection[DocumentT]:
-        return AsyncCollection(self, name)
+    def get_collection(
+        self,
+        name: str,
+        codec_options: CodecOptions[Any] | None = None,
+        read_preference: Any | None = None,
+        write_concern: WriteConcernSpec | None = None,
+        read_concern: Any | None = None,
+    ) -> AsyncCollection[DocumentT]:
+        """The collection ``name`` with options (see `Database.get_collection`)."""
+        return AsyncCollection(
+            self,
+            name,
+            codec_options=codec_options,
+            read_preference=read_preference,
+            write_concern=write_concern,
+            read_concern=read_concern,
+        )
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, AsyncDatabase):
@@ -252,15 +292,37 @@ class AsyncDatabase(Generic[DocumentT]):
 
 
 class AsyncCollection(Generic[DocumentT]):
-    """A collection: awaitable ``insert_one``, ``insert_many``, ``find_one``; ``find`` gives an `AsyncCursor`.
+    """A collection for asyncio programs: `Collection`'s methods, awaitable; ``find`` gives an `AsyncCursor`.
 
     The arguments, results, errors and retries are those of `Collection`.
+
+    Reads (``find``, ``find_one``, ``count_documents``, ``distinct``,
+    ``aggregate``) use the collection's read preference and read concern;
+    writes use its write concern unless the call gives one. Every method
+    also takes ``timeout=`` (seconds), the call's time limit.
     """
 
-    def __init__(self, database: AsyncDatabase[DocumentT], name: str) -> None:
+    def __init__(
+        self,
+        database: AsyncDatabase[DocumentT],
+        name: str,
+        *,
+        codec_options: CodecOptions[Any] | None = None,
+        read_preference: Any | None = None,
+        write_concern: WriteConcernSpec | None = None,
+        read_concern: Any | None = None,
+    ) -> None:
         self._database = database
         self._client = database.client
         self._name = _requests.check_name(name, "collection")
+        settings = self._client._settings
+        self._settings = settings if codec_options is None else settings.with_codec_options(codec_options)
+        # Converted now, so that a bad option fails here rather than at the first call.
+        self._read = _requests.ReadOptions(read_preference, read_concern, self._settings.codec_options)
+        _requests.write_concern_message(write_concern)
+        self._read_preference = read_preference
+        self._read_concern = read_concern
+        self._write_concern = write_concern
 
     @property
     def name(self) -> str:
@@ -274,6 +336,42 @@ class AsyncCollection(Generic[DocumentT]):
     def database(self) -> AsyncDatabase[DocumentT]:
         return self._database
 
+    @property
+    def codec_options(self) -> CodecOptions[DocumentT]:
+        return self._settings.codec_options
+
+    @property
+    def read_preference(self) -> Any | None:
+        """The read preference given (None: the broker's configured one)."""
+        return self._read_preference
+
+    @property
+    def read_concern(self) -> Any | None:
+        """The read concern given (None: the server's default)."""
+        return self._read_concern
+
+    @property
+    def write_concern(self) -> WriteConcernSpec | None:
+        """The default write concern of this collection's writes (None: the broker's)."""
+        return self._write_concern
+
+    def with_options(
+        self,
+        codec_options: CodecOptions[Any] | None = None,
+        read_preference: Any | None = None,
+        write_concern: WriteConcernSpec | None = None,
+        read_concern: Any | None = None,
+    ) -> AsyncCollection[DocumentT]:
+        """This collection with some options changed, as pymongo's ``with_options``."""
+        return AsyncCollection(
+            self._database,
+            self._name,
+            codec_options=codec_options if codec_options is not None else self._settings.codec_options,
+            read_preference=read_preference if read_preference is not None else self._read_preference,
+            write_concern=write_concern if write_concern is not None else self._write_concern,
+            read_concern=read_concern if read_concern is not None else self._read_concern,
+        )
+
     def __eq__(self, other: object) -> bool:
         if isinstance(other, AsyncCollection):
             return self._database == other._database and self._name == other._name
@@ -284,6 +382,22 @@ class AsyncCollection(Generic[DocumentT]):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._database!r}, {self._name!r})"
+
+    def _concern(self, write_concern: WriteConcernSpec | None) -> WriteConcernSpec | None:
+        return write_concern if write_concern is not None else self._write_concern
+
+    async def _write(self, method: str, request: Any, timeout: float | None, convert: Any) -> Any:
+        """Send a write that is never retried; a failure raised as pymongo's exception (``convert``)."""
+        state = self._settings.retry_state(method, timeout)
+        try:
+            return await self._client._call(method, request, state)
+        except BrokerError as exc:
+            converted = convert(exc)
+            if converted is exc:
+                raise
+            raise converted from None
+
+    # --- reads ------------------------------------------------------------------------
 
     def find(
         self,
@@ -297,10 +411,19 @@ class AsyncCollection(Generic[DocumentT]):
         hint: Hint | None = None,
         max_time_ms: int | None = None,
         comment: str | None = None,
+        collation: Collation | None = None,
         timeout: float | None = None,
     ) -> AsyncCursor[DocumentT]:
-        """A lazy `AsyncCursor` over the matching documents; not awaited (see `Collection.find`)."""
-        settings = self._client._settings
+        """A lazy cursor over the matching documents; nothing is sent until iterated.
+
+        ``timeout`` bounds the whole call, from the first batch to the last,
+        including the time the caller takes between batches, and any
+        retries. ``limit=0`` means no limit. ``batch_size=0`` means the
+        broker's default. A failure before the first documents arrive is
+        retried by the client's ``retries`` policy; a failure after that
+        raises (a restart would return documents twice).
+        """
+        settings = self._settings
         request = _requests.find_request(
             self._database.name,
             self._name,
@@ -314,6 +437,8 @@ class AsyncCollection(Generic[DocumentT]):
             hint=hint,
             max_time_ms=max_time_ms,
             comment=comment,
+            collation=collation,
+            read=self._read,
         )
         return AsyncCursor(self._client, _requests.CursorState(request, settings.deadline(timeout), settings))
 
@@ -327,10 +452,15 @@ class AsyncCollection(Generic[DocumentT]):
         hint: Hint | None = None,
         max_time_ms: int | None = None,
         comment: str | None = None,
+        collation: Collation | None = None,
         timeout: float | None = None,
     ) -> DocumentT | None:
-        """The first matching document, or None (see `Collection.find_one`)."""
-        settings = self._client._settings
+        """The first matching document, or None.
+
+        As in pymongo, a ``filter`` that is not a mapping is an ``_id`` to
+        look up: ``find_one(oid)`` is ``find_one({"_id": oid})``.
+        """
+        settings = self._settings
         request = _requests.find_one_request(
             self._database.name,
             self._name,
@@ -342,10 +472,141 @@ class AsyncCollection(Generic[DocumentT]):
             hint=hint,
             max_time_ms=max_time_ms,
             comment=comment,
+            collation=collation,
+            read=self._read,
         )
         state = settings.retry_state("FindOne", timeout)
         response = await self._client._call("FindOne", request, state)
         return _requests.first_document(response, settings.codec_options)
+
+    async def count_documents(
+        self,
+        filter: Mapping[str, Any],
+        *,
+        comment: str | None = None,
+        skip: int = 0,
+        limit: int = 0,
+        hint: Hint | None = None,
+        collation: Collation | None = None,
+        maxTimeMS: int | None = None,  # pymongo's name
+        timeout: float | None = None,
+    ) -> int:
+        """How many documents ``filter`` matches (after ``skip``, at most ``limit``; 0: no limit)."""
+        request = _requests.count_request(
+            self._database.name,
+            self._name,
+            self._settings.codec_options,
+            filter,
+            skip=skip,
+            limit=limit,
+            hint=hint,
+            collation=collation,
+            comment=comment,
+            max_time_ms=maxTimeMS,
+            read=self._read,
+        )
+        state = self._settings.retry_state("Count", timeout)
+        return int((await self._client._call("Count", request, state)).count)
+
+    async def estimated_document_count(
+        self,
+        comment: str | None = None,
+        *,
+        maxTimeMS: int | None = None,  # pymongo's name
+        timeout: float | None = None,
+    ) -> int:
+        """The collection's size from its metadata: fast, without a filter."""
+        request = _requests.count_request(
+            self._database.name,
+            self._name,
+            self._settings.codec_options,
+            None,
+            estimated=True,
+            comment=comment,
+            max_time_ms=maxTimeMS,
+            read=self._read,
+        )
+        state = self._settings.retry_state("Count", timeout)
+        return int((await self._client._call("Count", request, state)).count)
+
+    async def distinct(
+        self,
+        key: str,
+        filter: Mapping[str, Any] | None = None,
+        *,
+        comment: str | None = None,
+        collation: Collation | None = None,
+        maxTimeMS: int | None = None,  # pymongo's name
+        timeout: float | None = None,
+    ) -> list[Any]:
+        """The distinct values of ``key`` (dot notation) among the documents ``filter`` matches.
+
+        The broker streams them in one message or several; all are read,
+        retried as a whole if the stream fails, before the list is returned.
+        """
+        settings = self._settings
+        request = _requests.distinct_request(
+            self._database.name,
+            self._name,
+            settings.codec_options,
+            key,
+            filter,
+            collation=collation,
+            comment=comment,
+            max_time_ms=maxTimeMS,
+            read=self._read,
+        )
+        state = settings.retry_state("Distinct", timeout)
+        with state:
+            responses = await self._client._collect("Distinct", request, state)
+        return _requests.distinct_values(responses, settings.codec_options)
+
+    async def aggregate(
+        self,
+        pipeline: Sequence[Mapping[str, Any]],
+        *,
+        let: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+        allowDiskUse: bool | None = None,  # pymongo's name
+        batchSize: int = 0,
+        hint: Hint | None = None,
+        collation: Collation | None = None,
+        maxTimeMS: int | None = None,
+        timeout: float | None = None,
+    ) -> AsyncCursor[DocumentT]:
+        """Run ``pipeline``: a cursor over its results, framed and read as ``find()``'s.
+
+        As pymongo's, the call is sent at once (its first batch is read
+        here, so a refused pipeline raises here). Retried like ``find``
+        until its first documents, except a pipeline with ``$out`` or
+        ``$merge``, which writes (with the collection's write concern) and
+        is sent once.
+        """
+        settings = self._settings
+        writes = _requests.pipeline_writes(pipeline) if isinstance(pipeline, list | tuple) else False
+        request = _requests.aggregate_request(
+            self._database.name,
+            self._name,
+            settings.codec_options,
+            pipeline,
+            allow_disk_use=allowDiskUse,
+            batch_size=batchSize,
+            hint=hint,
+            collation=collation,
+            let=let,
+            comment=comment,
+            max_time_ms=maxTimeMS,
+            read=self._read,
+            write_concern=self._write_concern,
+        )
+        find = _requests.CursorState(
+            request, settings.deadline(timeout), settings, method="Aggregate", retry=not writes
+        )
+        cursor = AsyncCursor(self._client, find)
+        await cursor._fetch()
+        return cursor
+
+    # --- writes -----------------------------------------------------------------------
 
     async def insert_one(
         self,
@@ -355,17 +616,23 @@ class AsyncCollection(Generic[DocumentT]):
         write_concern: WriteConcernSpec | None = None,
         timeout: float | None = None,
     ) -> InsertOneResult:
-        """Insert one document (see `Collection.insert_one`)."""
+        """Insert one document. Without an ``_id`` it gets an ObjectId, here, first.
+
+        As pymongo does, the new ``_id`` is also set on ``document`` itself
+        (not on a RawBSONDocument, whose id the broker makes). Only such an
+        insert, with the id made here, is retried: a retry that finds the
+        id already stored reports success, as the first attempt landed.
+        """
         insert = _requests.Insert(
             self._database.name,
             self._name,
             [document],
             ordered=True,
             bypass_document_validation=bypass_document_validation,
-            write_concern=write_concern,
-            settings=self._client._settings,
+            write_concern=self._concern(write_concern),
+            settings=self._settings,
         )
-        state = self._client._settings.retry_state("Insert", timeout)
+        state = self._settings.retry_state("Insert", timeout)
         ids = await self._client._insert(insert, state)
         return _requests.insert_one_result(ids, insert.acknowledged, state.attempts)
 
@@ -378,26 +645,369 @@ class AsyncCollection(Generic[DocumentT]):
         write_concern: WriteConcernSpec | None = None,
         timeout: float | None = None,
     ) -> InsertManyResult:
-        """Insert documents in one call (see `Collection.insert_many`)."""
+        """Insert documents in one call; each without an ``_id`` gets an ObjectId first.
+
+        With ``ordered=True`` (the default) the broker stops at the first
+        error, else it carries on. Either way the exception's
+        ``inserted_count`` and ``failed_index`` say what happened. Retried
+        only when every ``_id`` was made here (see `insert_one`).
+        """
         insert = _requests.Insert(
             self._database.name,
             self._name,
             _requests.check_documents(documents),
             ordered=ordered,
             bypass_document_validation=bypass_document_validation,
-            write_concern=write_concern,
-            settings=self._client._settings,
+            write_concern=self._concern(write_concern),
+            settings=self._settings,
         )
-        state = self._client._settings.retry_state("Insert", timeout)
+        state = self._settings.retry_state("Insert", timeout)
         ids = await self._client._insert(insert, state)
         return _requests.insert_many_result(ids, insert.acknowledged, state.attempts)
 
+    async def _update(self, request: broker_pb2.UpdateRequest, timeout: float | None) -> UpdateResult:
+        response = await self._write("Update", request, timeout, as_write_error)
+        return _requests.update_result(
+            response, _requests.acknowledged(request), self._settings.id_codec_options
+        )
+
+    async def update_one(  # noqa: PLR0917 (pymongo's positional order)
+        self,
+        filter: Mapping[str, Any],
+        update: Update,
+        upsert: bool = False,
+        bypass_document_validation: bool | None = None,
+        collation: Collation | None = None,
+        array_filters: list[Mapping[str, Any]] | None = None,
+        hint: Hint | None = None,
+        *,
+        let: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+        write_concern: WriteConcernSpec | None = None,
+        timeout: float | None = None,
+    ) -> UpdateResult:
+        """Update the first document ``filter`` matches, with ``$``-operators or a pipeline (a list).
+
+        Never retried (see ``broker_client.retry``). A write error raises
+        WriteError (DuplicateKeyError for a duplicate key, e.g. on upsert).
+        """
+        request = _requests.update_request(
+            self._database.name,
+            self._name,
+            self._settings.codec_options,
+            filter,
+            update=update,
+            upsert=upsert,
+            bypass_document_validation=bypass_document_validation,
+            collation=collation,
+            array_filters=array_filters,
+            hint=hint,
+            let=let,
+            comment=comment,
+            write_concern=self._concern(write_concern),
+        )
+        return await self._update(request, timeout)
+
+    async def update_many(  # noqa: PLR0917 (pymongo's positional order)
+        self,
+        filter: Mapping[str, Any],
+        update: Update,
+        upsert: bool = False,
+        array_filters: list[Mapping[str, Any]] | None = None,
+        bypass_document_validation: bool | None = None,
+        collation: Collation | None = None,
+        hint: Hint | None = None,
+        *,
+        let: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+        write_concern: WriteConcernSpec | None = None,
+        timeout: float | None = None,
+    ) -> UpdateResult:
+        """Update every document ``filter`` matches (see `update_one`)."""
+        request = _requests.update_request(
+            self._database.name,
+            self._name,
+            self._settings.codec_options,
+            filter,
+            update=update,
+            multi=True,
+            upsert=upsert,
+            bypass_document_validation=bypass_document_validation,
+            collation=collation,
+            array_filters=array_filters,
+            hint=hint,
+            let=let,
+            comment=comment,
+            write_concern=self._concern(write_concern),
+        )
+        return await self._update(request, timeout)
+
+    async def replace_one(  # noqa: PLR0917 (pymongo's positional order)
+        self,
+        filter: Mapping[str, Any],
+        replacement: Mapping[str, Any],
+        upsert: bool = False,
+        bypass_document_validation: bool | None = None,
+        collation: Collation | None = None,
+        hint: Hint | None = None,
+        *,
+        let: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+        write_concern: WriteConcernSpec | None = None,
+        timeout: float | None = None,
+    ) -> UpdateResult:
+        """Replace the first document ``filter`` matches with ``replacement`` (no ``$`` keys)."""
+        request = _requests.update_request(
+            self._database.name,
+            self._name,
+            self._settings.codec_options,
+            filter,
+            replacement=replacement,
+            upsert=upsert,
+            bypass_document_validation=bypass_document_validation,
+            collation=collation,
+            hint=hint,
+            let=let,
+            comment=comment,
+            write_concern=self._concern(write_concern),
+        )
+        return await self._update(request, timeout)
+
+    async def _delete(
+        self,
+        filter: Mapping[str, Any],
+        *,
+        multi: bool,
+        collation: Collation | None,
+        hint: Hint | None,
+        let: Mapping[str, Any] | None,
+        comment: str | None,
+        write_concern: WriteConcernSpec | None,
+        timeout: float | None,
+    ) -> DeleteResult:
+        request = _requests.delete_request(
+            self._database.name,
+            self._name,
+            self._settings.codec_options,
+            filter,
+            multi=multi,
+            collation=collation,
+            hint=hint,
+            let=let,
+            comment=comment,
+            write_concern=self._concern(write_concern),
+        )
+        response = await self._write("Delete", request, timeout, as_write_error)
+        return _requests.delete_result(response, _requests.acknowledged(request))
+
+    async def delete_one(
+        self,
+        filter: Mapping[str, Any],
+        collation: Collation | None = None,
+        hint: Hint | None = None,
+        *,
+        let: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+        write_concern: WriteConcernSpec | None = None,
+        timeout: float | None = None,
+    ) -> DeleteResult:
+        """Delete the first document ``filter`` matches. Never retried."""
+        return await self._delete(
+            filter,
+            multi=False,
+            collation=collation,
+            hint=hint,
+            let=let,
+            comment=comment,
+            write_concern=write_concern,
+            timeout=timeout,
+        )
+
+    async def delete_many(
+        self,
+        filter: Mapping[str, Any],
+        collation: Collation | None = None,
+        hint: Hint | None = None,
+        *,
+        let: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+        write_concern: WriteConcernSpec | None = None,
+        timeout: float | None = None,
+    ) -> DeleteResult:
+        """Delete every document ``filter`` matches (``{}``: all of them). Never retried."""
+        return await self._delete(
+            filter,
+            multi=True,
+            collation=collation,
+            hint=hint,
+            let=let,
+            comment=comment,
+            write_concern=write_concern,
+            timeout=timeout,
+        )
+
+    async def _find_and_modify(
+        self, request: broker_pb2.FindOneAndModifyRequest, timeout: float | None
+    ) -> DocumentT | None:
+        response = await self._write("FindOneAndModify", request, timeout, as_write_error)
+        return _requests.modified_document(response, self._settings.codec_options)
+
+    async def find_one_and_update(  # noqa: PLR0917 (pymongo's positional order)
+        self,
+        filter: Mapping[str, Any],
+        update: Update,
+        projection: Projection | None = None,
+        sort: Sort | None = None,
+        upsert: bool = False,
+        return_document: bool = ReturnDocument.BEFORE,
+        array_filters: list[Mapping[str, Any]] | None = None,
+        hint: Hint | None = None,
+        *,
+        let: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+        collation: Collation | None = None,
+        maxTimeMS: int | None = None,  # pymongo's name
+        write_concern: WriteConcernSpec | None = None,
+        timeout: float | None = None,
+    ) -> DocumentT | None:
+        """Update one document atomically; the document before (default) or after the change, or None.
+
+        ``sort`` picks the document when several match. With ``upsert`` and
+        ``return_document=ReturnDocument.AFTER`` the inserted document is
+        returned. Never retried.
+        """
+        request = _requests.find_one_and_modify_request(
+            self._database.name,
+            self._name,
+            self._settings.codec_options,
+            filter,
+            update=update,
+            projection=projection,
+            sort=sort,
+            upsert=upsert,
+            return_document=return_document,
+            array_filters=array_filters,
+            hint=hint,
+            collation=collation,
+            let=let,
+            comment=comment,
+            max_time_ms=maxTimeMS,
+            write_concern=self._concern(write_concern),
+        )
+        return await self._find_and_modify(request, timeout)
+
+    async def find_one_and_replace(  # noqa: PLR0917 (pymongo's positional order)
+        self,
+        filter: Mapping[str, Any],
+        replacement: Mapping[str, Any],
+        projection: Projection | None = None,
+        sort: Sort | None = None,
+        upsert: bool = False,
+        return_document: bool = ReturnDocument.BEFORE,
+        hint: Hint | None = None,
+        *,
+        let: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+        collation: Collation | None = None,
+        maxTimeMS: int | None = None,  # pymongo's name
+        write_concern: WriteConcernSpec | None = None,
+        timeout: float | None = None,
+    ) -> DocumentT | None:
+        """Replace one document atomically; the document before (default) or after, or None."""
+        request = _requests.find_one_and_modify_request(
+            self._database.name,
+            self._name,
+            self._settings.codec_options,
+            filter,
+            replacement=replacement,
+            projection=projection,
+            sort=sort,
+            upsert=upsert,
+            return_document=return_document,
+            hint=hint,
+            collation=collation,
+            let=let,
+            comment=comment,
+            max_time_ms=maxTimeMS,
+            write_concern=self._concern(write_concern),
+        )
+        return await self._find_and_modify(request, timeout)
+
+    async def find_one_and_delete(
+        self,
+        filter: Mapping[str, Any],
+        projection: Projection | None = None,
+        sort: Sort | None = None,
+        hint: Hint | None = None,
+        *,
+        let: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+        collation: Collation | None = None,
+        maxTimeMS: int | None = None,  # pymongo's name
+        write_concern: WriteConcernSpec | None = None,
+        timeout: float | None = None,
+    ) -> DocumentT | None:
+        """Delete one document atomically; the deleted document, or None."""
+        request = _requests.find_one_and_modify_request(
+            self._database.name,
+            self._name,
+            self._settings.codec_options,
+            filter,
+            remove=True,
+            projection=projection,
+            sort=sort,
+            hint=hint,
+            collation=collation,
+            let=let,
+            comment=comment,
+            max_time_ms=maxTimeMS,
+            write_concern=self._concern(write_concern),
+        )
+        return await self._find_and_modify(request, timeout)
+
+    async def bulk_write(
+        self,
+        requests: Sequence[Any],
+        ordered: bool = True,
+        bypass_document_validation: bool | None = None,
+        *,
+        comment: str | None = None,
+        let: Mapping[str, Any] | None = None,
+        write_concern: WriteConcernSpec | None = None,
+        timeout: float | None = None,
+    ) -> BulkWriteResult:
+        """Run InsertOne, UpdateOne, UpdateMany, ReplaceOne, DeleteOne and DeleteMany requests in one call.
+
+        pymongo's own request objects are accepted too. Each InsertOne
+        document without an ``_id`` gets an ObjectId first, set on the
+        document. Ordered (the default): it stops at the first failure;
+        unordered: it carries on. A failure raises BulkWriteError (a
+        duplicate key too, as in pymongo), whose ``details`` say what
+        failed and what landed. Never retried.
+        """
+        request = _requests.bulk_write_request(
+            self._database.name,
+            self._name,
+            self._settings.codec_options,
+            requests,
+            ordered=ordered,
+            bypass_document_validation=bypass_document_validation,
+            comment=comment,
+            let=let,
+            write_concern=self._concern(write_concern),
+        )
+        response = await self._write("BulkWrite", request, timeout, as_bulk_write_error)
+        return _requests.bulk_write_result(
+            response, _requests.acknowledged(request), self._settings.id_codec_options
+        )
+
 
 class AsyncCursor(Generic[DocumentT]):
-    """The result of ``AsyncCollection.find()``: ``async for doc in cursor``.
+    """The result of ``AsyncCollection.find()`` and ``await aggregate()``: ``async for doc in cursor``.
 
-    Lazy like `Cursor`: nothing is sent until the first ``__anext__``; each
-    gRPC message is one MongoDB batch. ``await cursor.close()`` (or leaving
+    Like `Cursor`: ``find()``'s sends nothing until the first ``__anext__``,
+    ``aggregate()`` reads the first batch before returning it; each gRPC
+    message is one MongoDB batch. ``await cursor.close()`` (or leaving
     an ``async with`` block) cancels the call if it is still running.
     """
 
@@ -439,7 +1049,7 @@ class AsyncCursor(Generic[DocumentT]):
             while True:
                 try:
                     if find.stream is None:
-                        find.stream = client._open_find(find.request, state.next_timeout())
+                        find.stream = client._open_stream(find.method, find.request, state.next_timeout())
                     response = await client._read(find.stream)
                     break
                 except BrokerError as exc:

@@ -22,8 +22,18 @@ from typing import TYPE_CHECKING, Any, Final, Generic
 
 from broker_client import _requests
 from broker_client._channel import GATE, ChannelHolder
-from broker_client._requests import DEFAULT_TIMEOUT_S, DocumentT, Hint, Projection, Sort, WriteConcernSpec
-from broker_client.errors import BrokerError, map_rpc_errors
+from broker_client._requests import (
+    DEFAULT_TIMEOUT_S,
+    Collation,
+    DocumentT,
+    Hint,
+    Projection,
+    Sort,
+    Update,
+    WriteConcernSpec,
+)
+from broker_client.errors import BrokerError, as_bulk_write_error, as_write_error, map_rpc_errors
+from broker_client.operations import ReturnDocument
 from broker_client.retry import DEFAULT_RETRY_POLICY, RetryPolicy, RetryState
 
 if TYPE_CHECKING:
@@ -31,7 +41,15 @@ if TYPE_CHECKING:
     from bson.codec_options import CodecOptions
 
     from broker_client.proto.broker.v1 import broker_pb2
-    from broker_client.results import BrokerStats, InsertManyResult, InsertOneResult, PingResult
+    from broker_client.results import (
+        BrokerStats,
+        BulkWriteResult,
+        DeleteResult,
+        InsertManyResult,
+        InsertOneResult,
+        PingResult,
+        UpdateResult,
+    )
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -82,9 +100,11 @@ class BrokerClient(Generic[DocumentT]):
         retries: a `RetryPolicy` (default `DEFAULT_RETRY_POLICY`: 3 tries,
             backoff from 50 ms up to 1 s, full jitter), or None to send
             every call once. Retried: UNAVAILABLE and POOL_EXHAUSTED, for
-            pings, stats, find_one, a find until its first documents, and
-            inserts whose every ``_id`` this client made (see
-            ``broker_client.retry``).
+            pings, stats and the reads (find_one, count_documents,
+            estimated_document_count, distinct; find and aggregate until
+            their first documents, not an aggregate that writes), and
+            inserts whose every ``_id`` this client made. Never for the
+            other writes (see ``broker_client.retry``).
 
     The client is thread-safe and fork-safe: its channel is made on first
     use and made anew in a forked child, which never touches the parent's.
@@ -187,14 +207,14 @@ class BrokerClient(Generic[DocumentT]):
             call = getattr(self._holder.stub(), method)
             return call(request, timeout=timeout, metadata=self._settings.metadata)
 
-    def _open_find(
-        self, request: broker_pb2.FindRequest, timeout: float
-    ) -> Iterator[broker_pb2.FindResponse]:
+    def _open_stream(self, method: str, request: Any, timeout: float) -> Iterator[Any]:
+        """Open the server-streaming call ``method`` ("Find", "Aggregate", "Distinct")."""
         with map_rpc_errors, GATE:
+            call = getattr(self._holder.stub(), method)
             # iter() returns the call itself; it satisfies the stubs' typing.
-            return iter(self._holder.stub().Find(request, timeout=timeout, metadata=self._settings.metadata))
+            return iter(call(request, timeout=timeout, metadata=self._settings.metadata))
 
-    def _read(self, stream: Iterator[broker_pb2.FindResponse]) -> broker_pb2.FindResponse | None:
+    def _read(self, stream: Iterator[Any]) -> Any | None:
         """The stream's next message, or None at its end."""
         with map_rpc_errors, GATE:
             return next(stream, None)
@@ -208,8 +228,8 @@ class BrokerClient(Generic[DocumentT]):
                 except BrokerError as exc:
                     time.sleep(state.backoff(exc))
 
-    def _find_all(self, request: broker_pb2.FindRequest, state: RetryState) -> list[bytes]:
-        """Every document of a Find, as BSON.
+    def _collect(self, method: str, request: Any, state: RetryState) -> list[Any]:
+        """Every message of the streaming call ``method``.
 
         A failure anywhere in the stream may restart it from the beginning:
         nothing reaches the caller before the end, so nothing can be handed
@@ -217,13 +237,19 @@ class BrokerClient(Generic[DocumentT]):
         """
         while True:
             try:
-                stream = self._open_find(request, state.next_timeout())
-                documents: list[bytes] = []
+                stream = self._open_stream(method, request, state.next_timeout())
+                responses: list[Any] = []
                 while (response := self._read(stream)) is not None:
-                    documents.extend(response.documents)
-                return documents
+                    responses.append(response)
+                return responses
             except BrokerError as exc:
                 time.sleep(state.backoff(exc))
+
+    def _find_all(self, request: broker_pb2.FindRequest, state: RetryState) -> list[bytes]:
+        """Every document of a Find, as BSON."""
+        return [
+            document for response in self._collect("Find", request, state) for document in response.documents
+        ]
 
     def _insert(self, insert: _requests.Insert, state: RetryState) -> list[Any]:
         """Send ``insert``, retried by its rules (see `_requests.Insert`); every ``_id``."""
@@ -272,8 +298,31 @@ class Database(Generic[DocumentT]):
             raise _requests.missing_attribute(self, name, "collection", "database")
         return Collection(self, name)
 
-    def get_collection(self, name: str) -> Collection[DocumentT]:
-        return Collection(self, name)
+    def get_collection(
+        self,
+        name: str,
+        codec_options: CodecOptions[Any] | None = None,
+        read_preference: Any | None = None,
+        write_concern: WriteConcernSpec | None = None,
+        read_concern: Any | None = None,
+    ) -> Collection[DocumentT]:
+        """The collection ``name``, with options as pymongo's ``get_collection`` takes them.
+
+        ``read_preference`` is one of pymongo's (``pymongo.ReadPreference.SECONDARY``,
+        ``pymongo.read_preferences.Secondary(tag_sets=..., max_staleness=...)``),
+        ``read_concern`` a ``pymongo.read_concern.ReadConcern``; both apply to
+        the collection's reads. ``write_concern`` is the default of its
+        writes, ``codec_options`` its documents' encoding. Unset: the
+        client's codec options and the broker's configured defaults.
+        """
+        return Collection(
+            self,
+            name,
+            codec_options=codec_options,
+            read_preference=read_preference,
+            write_concern=write_concern,
+            read_concern=read_concern,
+        )
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Database):
@@ -292,12 +341,35 @@ class Database(Generic[DocumentT]):
 
 
 class Collection(Generic[DocumentT]):
-    """A collection: ``insert_one``, ``insert_many``, ``find``, ``find_one``."""
+    """A collection, with pymongo's methods: inserts, updates, deletes, reads and bulk writes.
 
-    def __init__(self, database: Database[DocumentT], name: str) -> None:
+    Reads (``find``, ``find_one``, ``count_documents``, ``distinct``,
+    ``aggregate``) use the collection's read preference and read concern;
+    writes use its write concern unless the call gives one. Every method
+    also takes ``timeout=`` (seconds), the call's time limit.
+    """
+
+    def __init__(
+        self,
+        database: Database[DocumentT],
+        name: str,
+        *,
+        codec_options: CodecOptions[Any] | None = None,
+        read_preference: Any | None = None,
+        write_concern: WriteConcernSpec | None = None,
+        read_concern: Any | None = None,
+    ) -> None:
         self._database = database
         self._client = database.client
         self._name = _requests.check_name(name, "collection")
+        settings = self._client._settings
+        self._settings = settings if codec_options is None else settings.with_codec_options(codec_options)
+        # Converted now, so that a bad option fails here rather than at the first call.
+        self._read = _requests.ReadOptions(read_preference, read_concern, self._settings.codec_options)
+        _requests.write_concern_message(write_concern)
+        self._read_preference = read_preference
+        self._read_concern = read_concern
+        self._write_concern = write_concern
 
     @property
     def name(self) -> str:
@@ -311,6 +383,42 @@ class Collection(Generic[DocumentT]):
     def database(self) -> Database[DocumentT]:
         return self._database
 
+    @property
+    def codec_options(self) -> CodecOptions[DocumentT]:
+        return self._settings.codec_options
+
+    @property
+    def read_preference(self) -> Any | None:
+        """The read preference given (None: the broker's configured one)."""
+        return self._read_preference
+
+    @property
+    def read_concern(self) -> Any | None:
+        """The read concern given (None: the server's default)."""
+        return self._read_concern
+
+    @property
+    def write_concern(self) -> WriteConcernSpec | None:
+        """The default write concern of this collection's writes (None: the broker's)."""
+        return self._write_concern
+
+    def with_options(
+        self,
+        codec_options: CodecOptions[Any] | None = None,
+        read_preference: Any | None = None,
+        write_concern: WriteConcernSpec | None = None,
+        read_concern: Any | None = None,
+    ) -> Collection[DocumentT]:
+        """This collection with some options changed, as pymongo's ``with_options``."""
+        return Collection(
+            self._database,
+            self._name,
+            codec_options=codec_options if codec_options is not None else self._settings.codec_options,
+            read_preference=read_preference if read_preference is not None else self._read_preference,
+            write_concern=write_concern if write_concern is not None else self._write_concern,
+            read_concern=read_concern if read_concern is not None else self._read_concern,
+        )
+
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Collection):
             return self._database == other._database and self._name == other._name
@@ -321,6 +429,22 @@ class Collection(Generic[DocumentT]):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._database!r}, {self._name!r})"
+
+    def _concern(self, write_concern: WriteConcernSpec | None) -> WriteConcernSpec | None:
+        return write_concern if write_concern is not None else self._write_concern
+
+    def _write(self, method: str, request: Any, timeout: float | None, convert: Any) -> Any:
+        """Send a write that is never retried; a failure raised as pymongo's exception (``convert``)."""
+        state = self._settings.retry_state(method, timeout)
+        try:
+            return self._client._call(method, request, state)
+        except BrokerError as exc:
+            converted = convert(exc)
+            if converted is exc:
+                raise
+            raise converted from None
+
+    # --- reads ------------------------------------------------------------------------
 
     def find(
         self,
@@ -334,6 +458,7 @@ class Collection(Generic[DocumentT]):
         hint: Hint | None = None,
         max_time_ms: int | None = None,
         comment: str | None = None,
+        collation: Collation | None = None,
         timeout: float | None = None,
     ) -> Cursor[DocumentT]:
         """A lazy cursor over the matching documents; nothing is sent until iterated.
@@ -345,7 +470,7 @@ class Collection(Generic[DocumentT]):
         retried by the client's ``retries`` policy; a failure after that
         raises (a restart would return documents twice).
         """
-        settings = self._client._settings
+        settings = self._settings
         request = _requests.find_request(
             self._database.name,
             self._name,
@@ -359,6 +484,8 @@ class Collection(Generic[DocumentT]):
             hint=hint,
             max_time_ms=max_time_ms,
             comment=comment,
+            collation=collation,
+            read=self._read,
         )
         return Cursor(self._client, _requests.CursorState(request, settings.deadline(timeout), settings))
 
@@ -372,6 +499,7 @@ class Collection(Generic[DocumentT]):
         hint: Hint | None = None,
         max_time_ms: int | None = None,
         comment: str | None = None,
+        collation: Collation | None = None,
         timeout: float | None = None,
     ) -> DocumentT | None:
         """The first matching document, or None.
@@ -379,7 +507,7 @@ class Collection(Generic[DocumentT]):
         As in pymongo, a ``filter`` that is not a mapping is an ``_id`` to
         look up: ``find_one(oid)`` is ``find_one({"_id": oid})``.
         """
-        settings = self._client._settings
+        settings = self._settings
         request = _requests.find_one_request(
             self._database.name,
             self._name,
@@ -391,10 +519,141 @@ class Collection(Generic[DocumentT]):
             hint=hint,
             max_time_ms=max_time_ms,
             comment=comment,
+            collation=collation,
+            read=self._read,
         )
         state = settings.retry_state("FindOne", timeout)
         response = self._client._call("FindOne", request, state)
         return _requests.first_document(response, settings.codec_options)
+
+    def count_documents(
+        self,
+        filter: Mapping[str, Any],
+        *,
+        comment: str | None = None,
+        skip: int = 0,
+        limit: int = 0,
+        hint: Hint | None = None,
+        collation: Collation | None = None,
+        maxTimeMS: int | None = None,  # pymongo's name
+        timeout: float | None = None,
+    ) -> int:
+        """How many documents ``filter`` matches (after ``skip``, at most ``limit``; 0: no limit)."""
+        request = _requests.count_request(
+            self._database.name,
+            self._name,
+            self._settings.codec_options,
+            filter,
+            skip=skip,
+            limit=limit,
+            hint=hint,
+            collation=collation,
+            comment=comment,
+            max_time_ms=maxTimeMS,
+            read=self._read,
+        )
+        state = self._settings.retry_state("Count", timeout)
+        return int(self._client._call("Count", request, state).count)
+
+    def estimated_document_count(
+        self,
+        comment: str | None = None,
+        *,
+        maxTimeMS: int | None = None,  # pymongo's name
+        timeout: float | None = None,
+    ) -> int:
+        """The collection's size from its metadata: fast, without a filter."""
+        request = _requests.count_request(
+            self._database.name,
+            self._name,
+            self._settings.codec_options,
+            None,
+            estimated=True,
+            comment=comment,
+            max_time_ms=maxTimeMS,
+            read=self._read,
+        )
+        state = self._settings.retry_state("Count", timeout)
+        return int(self._client._call("Count", request, state).count)
+
+    def distinct(
+        self,
+        key: str,
+        filter: Mapping[str, Any] | None = None,
+        *,
+        comment: str | None = None,
+        collation: Collation | None = None,
+        maxTimeMS: int | None = None,  # pymongo's name
+        timeout: float | None = None,
+    ) -> list[Any]:
+        """The distinct values of ``key`` (dot notation) among the documents ``filter`` matches.
+
+        The broker streams them in one message or several; all are read,
+        retried as a whole if the stream fails, before the list is returned.
+        """
+        settings = self._settings
+        request = _requests.distinct_request(
+            self._database.name,
+            self._name,
+            settings.codec_options,
+            key,
+            filter,
+            collation=collation,
+            comment=comment,
+            max_time_ms=maxTimeMS,
+            read=self._read,
+        )
+        state = settings.retry_state("Distinct", timeout)
+        with state:
+            responses = self._client._collect("Distinct", request, state)
+        return _requests.distinct_values(responses, settings.codec_options)
+
+    def aggregate(
+        self,
+        pipeline: Sequence[Mapping[str, Any]],
+        *,
+        let: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+        allowDiskUse: bool | None = None,  # pymongo's name
+        batchSize: int = 0,
+        hint: Hint | None = None,
+        collation: Collation | None = None,
+        maxTimeMS: int | None = None,
+        timeout: float | None = None,
+    ) -> Cursor[DocumentT]:
+        """Run ``pipeline``: a cursor over its results, framed and read as ``find()``'s.
+
+        As pymongo's, the call is sent at once (its first batch is read
+        here, so a refused pipeline raises here). Retried like ``find``
+        until its first documents, except a pipeline with ``$out`` or
+        ``$merge``, which writes (with the collection's write concern) and
+        is sent once.
+        """
+        settings = self._settings
+        writes = _requests.pipeline_writes(pipeline) if isinstance(pipeline, list | tuple) else False
+        request = _requests.aggregate_request(
+            self._database.name,
+            self._name,
+            settings.codec_options,
+            pipeline,
+            allow_disk_use=allowDiskUse,
+            batch_size=batchSize,
+            hint=hint,
+            collation=collation,
+            let=let,
+            comment=comment,
+            max_time_ms=maxTimeMS,
+            read=self._read,
+            write_concern=self._write_concern,
+        )
+        find = _requests.CursorState(
+            request, settings.deadline(timeout), settings, method="Aggregate", retry=not writes
+        )
+        cursor = Cursor(self._client, find)
+        cursor._fetch()
+        return cursor
+
+    # --- writes -----------------------------------------------------------------------
 
     def insert_one(
         self,
@@ -417,10 +676,10 @@ class Collection(Generic[DocumentT]):
             [document],
             ordered=True,
             bypass_document_validation=bypass_document_validation,
-            write_concern=write_concern,
-            settings=self._client._settings,
+            write_concern=self._concern(write_concern),
+            settings=self._settings,
         )
-        state = self._client._settings.retry_state("Insert", timeout)
+        state = self._settings.retry_state("Insert", timeout)
         ids = self._client._insert(insert, state)
         return _requests.insert_one_result(ids, insert.acknowledged, state.attempts)
 
@@ -446,22 +705,359 @@ class Collection(Generic[DocumentT]):
             _requests.check_documents(documents),
             ordered=ordered,
             bypass_document_validation=bypass_document_validation,
-            write_concern=write_concern,
-            settings=self._client._settings,
+            write_concern=self._concern(write_concern),
+            settings=self._settings,
         )
-        state = self._client._settings.retry_state("Insert", timeout)
+        state = self._settings.retry_state("Insert", timeout)
         ids = self._client._insert(insert, state)
         return _requests.insert_many_result(ids, insert.acknowledged, state.attempts)
 
+    def _update(self, request: broker_pb2.UpdateRequest, timeout: float | None) -> UpdateResult:
+        response = self._write("Update", request, timeout, as_write_error)
+        return _requests.update_result(
+            response, _requests.acknowledged(request), self._settings.id_codec_options
+        )
+
+    def update_one(  # noqa: PLR0917 (pymongo's positional order)
+        self,
+        filter: Mapping[str, Any],
+        update: Update,
+        upsert: bool = False,
+        bypass_document_validation: bool | None = None,
+        collation: Collation | None = None,
+        array_filters: list[Mapping[str, Any]] | None = None,
+        hint: Hint | None = None,
+        *,
+        let: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+        write_concern: WriteConcernSpec | None = None,
+        timeout: float | None = None,
+    ) -> UpdateResult:
+        """Update the first document ``filter`` matches, with ``$``-operators or a pipeline (a list).
+
+        Never retried (see ``broker_client.retry``). A write error raises
+        WriteError (DuplicateKeyError for a duplicate key, e.g. on upsert).
+        """
+        request = _requests.update_request(
+            self._database.name,
+            self._name,
+            self._settings.codec_options,
+            filter,
+            update=update,
+            upsert=upsert,
+            bypass_document_validation=bypass_document_validation,
+            collation=collation,
+            array_filters=array_filters,
+            hint=hint,
+            let=let,
+            comment=comment,
+            write_concern=self._concern(write_concern),
+        )
+        return self._update(request, timeout)
+
+    def update_many(  # noqa: PLR0917 (pymongo's positional order)
+        self,
+        filter: Mapping[str, Any],
+        update: Update,
+        upsert: bool = False,
+        array_filters: list[Mapping[str, Any]] | None = None,
+        bypass_document_validation: bool | None = None,
+        collation: Collation | None = None,
+        hint: Hint | None = None,
+        *,
+        let: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+        write_concern: WriteConcernSpec | None = None,
+        timeout: float | None = None,
+    ) -> UpdateResult:
+        """Update every document ``filter`` matches (see `update_one`)."""
+        request = _requests.update_request(
+            self._database.name,
+            self._name,
+            self._settings.codec_options,
+            filter,
+            update=update,
+            multi=True,
+            upsert=upsert,
+            bypass_document_validation=bypass_document_validation,
+            collation=collation,
+            array_filters=array_filters,
+            hint=hint,
+            let=let,
+            comment=comment,
+            write_concern=self._concern(write_concern),
+        )
+        return self._update(request, timeout)
+
+    def replace_one(  # noqa: PLR0917 (pymongo's positional order)
+        self,
+        filter: Mapping[str, Any],
+        replacement: Mapping[str, Any],
+        upsert: bool = False,
+        bypass_document_validation: bool | None = None,
+        collation: Collation | None = None,
+        hint: Hint | None = None,
+        *,
+        let: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+        write_concern: WriteConcernSpec | None = None,
+        timeout: float | None = None,
+    ) -> UpdateResult:
+        """Replace the first document ``filter`` matches with ``replacement`` (no ``$`` keys)."""
+        request = _requests.update_request(
+            self._database.name,
+            self._name,
+            self._settings.codec_options,
+            filter,
+            replacement=replacement,
+            upsert=upsert,
+            bypass_document_validation=bypass_document_validation,
+            collation=collation,
+            hint=hint,
+            let=let,
+            comment=comment,
+            write_concern=self._concern(write_concern),
+        )
+        return self._update(request, timeout)
+
+    def _delete(
+        self,
+        filter: Mapping[str, Any],
+        *,
+        multi: bool,
+        collation: Collation | None,
+        hint: Hint | None,
+        let: Mapping[str, Any] | None,
+        comment: str | None,
+        write_concern: WriteConcernSpec | None,
+        timeout: float | None,
+    ) -> DeleteResult:
+        request = _requests.delete_request(
+            self._database.name,
+            self._name,
+            self._settings.codec_options,
+            filter,
+            multi=multi,
+            collation=collation,
+            hint=hint,
+            let=let,
+            comment=comment,
+            write_concern=self._concern(write_concern),
+        )
+        response = self._write("Delete", request, timeout, as_write_error)
+        return _requests.delete_result(response, _requests.acknowledged(request))
+
+    def delete_one(
+        self,
+        filter: Mapping[str, Any],
+        collation: Collation | None = None,
+        hint: Hint | None = None,
+        *,
+        let: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+        write_concern: WriteConcernSpec | None = None,
+        timeout: float | None = None,
+    ) -> DeleteResult:
+        """Delete the first document ``filter`` matches. Never retried."""
+        return self._delete(
+            filter,
+            multi=False,
+            collation=collation,
+            hint=hint,
+            let=let,
+            comment=comment,
+            write_concern=write_concern,
+            timeout=timeout,
+        )
+
+    def delete_many(
+        self,
+        filter: Mapping[str, Any],
+        collation: Collation | None = None,
+        hint: Hint | None = None,
+        *,
+        let: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+        write_concern: WriteConcernSpec | None = None,
+        timeout: float | None = None,
+    ) -> DeleteResult:
+        """Delete every document ``filter`` matches (``{}``: all of them). Never retried."""
+        return self._delete(
+            filter,
+            multi=True,
+            collation=collation,
+            hint=hint,
+            let=let,
+            comment=comment,
+            write_concern=write_concern,
+            timeout=timeout,
+        )
+
+    def _find_and_modify(
+        self, request: broker_pb2.FindOneAndModifyRequest, timeout: float | None
+    ) -> DocumentT | None:
+        response = self._write("FindOneAndModify", request, timeout, as_write_error)
+        return _requests.modified_document(response, self._settings.codec_options)
+
+    def find_one_and_update(  # noqa: PLR0917 (pymongo's positional order)
+        self,
+        filter: Mapping[str, Any],
+        update: Update,
+        projection: Projection | None = None,
+        sort: Sort | None = None,
+        upsert: bool = False,
+        return_document: bool = ReturnDocument.BEFORE,
+        array_filters: list[Mapping[str, Any]] | None = None,
+        hint: Hint | None = None,
+        *,
+        let: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+        collation: Collation | None = None,
+        maxTimeMS: int | None = None,  # pymongo's name
+        write_concern: WriteConcernSpec | None = None,
+        timeout: float | None = None,
+    ) -> DocumentT | None:
+        """Update one document atomically; the document before (default) or after the change, or None.
+
+        ``sort`` picks the document when several match. With ``upsert`` and
+        ``return_document=ReturnDocument.AFTER`` the inserted document is
+        returned. Never retried.
+        """
+        request = _requests.find_one_and_modify_request(
+            self._database.name,
+            self._name,
+            self._settings.codec_options,
+            filter,
+            update=update,
+            projection=projection,
+            sort=sort,
+            upsert=upsert,
+            return_document=return_document,
+            array_filters=array_filters,
+            hint=hint,
+            collation=collation,
+            let=let,
+            comment=comment,
+            max_time_ms=maxTimeMS,
+            write_concern=self._concern(write_concern),
+        )
+        return self._find_and_modify(request, timeout)
+
+    def find_one_and_replace(  # noqa: PLR0917 (pymongo's positional order)
+        self,
+        filter: Mapping[str, Any],
+        replacement: Mapping[str, Any],
+        projection: Projection | None = None,
+        sort: Sort | None = None,
+        upsert: bool = False,
+        return_document: bool = ReturnDocument.BEFORE,
+        hint: Hint | None = None,
+        *,
+        let: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+        collation: Collation | None = None,
+        maxTimeMS: int | None = None,  # pymongo's name
+        write_concern: WriteConcernSpec | None = None,
+        timeout: float | None = None,
+    ) -> DocumentT | None:
+        """Replace one document atomically; the document before (default) or after, or None."""
+        request = _requests.find_one_and_modify_request(
+            self._database.name,
+            self._name,
+            self._settings.codec_options,
+            filter,
+            replacement=replacement,
+            projection=projection,
+            sort=sort,
+            upsert=upsert,
+            return_document=return_document,
+            hint=hint,
+            collation=collation,
+            let=let,
+            comment=comment,
+            max_time_ms=maxTimeMS,
+            write_concern=self._concern(write_concern),
+        )
+        return self._find_and_modify(request, timeout)
+
+    def find_one_and_delete(
+        self,
+        filter: Mapping[str, Any],
+        projection: Projection | None = None,
+        sort: Sort | None = None,
+        hint: Hint | None = None,
+        *,
+        let: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+        collation: Collation | None = None,
+        maxTimeMS: int | None = None,  # pymongo's name
+        write_concern: WriteConcernSpec | None = None,
+        timeout: float | None = None,
+    ) -> DocumentT | None:
+        """Delete one document atomically; the deleted document, or None."""
+        request = _requests.find_one_and_modify_request(
+            self._database.name,
+            self._name,
+            self._settings.codec_options,
+            filter,
+            remove=True,
+            projection=projection,
+            sort=sort,
+            hint=hint,
+            collation=collation,
+            let=let,
+            comment=comment,
+            max_time_ms=maxTimeMS,
+            write_concern=self._concern(write_concern),
+        )
+        return self._find_and_modify(request, timeout)
+
+    def bulk_write(
+        self,
+        requests: Sequence[Any],
+        ordered: bool = True,
+        bypass_document_validation: bool | None = None,
+        *,
+        comment: str | None = None,
+        let: Mapping[str, Any] | None = None,
+        write_concern: WriteConcernSpec | None = None,
+        timeout: float | None = None,
+    ) -> BulkWriteResult:
+        """Run InsertOne, UpdateOne, UpdateMany, ReplaceOne, DeleteOne and DeleteMany requests in one call.
+
+        pymongo's own request objects are accepted too. Each InsertOne
+        document without an ``_id`` gets an ObjectId first, set on the
+        document. Ordered (the default): it stops at the first failure;
+        unordered: it carries on. A failure raises BulkWriteError (a
+        duplicate key too, as in pymongo), whose ``details`` say what
+        failed and what landed. Never retried.
+        """
+        request = _requests.bulk_write_request(
+            self._database.name,
+            self._name,
+            self._settings.codec_options,
+            requests,
+            ordered=ordered,
+            bypass_document_validation=bypass_document_validation,
+            comment=comment,
+            let=let,
+            write_concern=self._concern(write_concern),
+        )
+        response = self._write("BulkWrite", request, timeout, as_bulk_write_error)
+        return _requests.bulk_write_result(
+            response, _requests.acknowledged(request), self._settings.id_codec_options
+        )
+
 
 class Cursor(Generic[DocumentT]):
-    """The result of ``find()``: a lazy iterator over the server's stream.
+    """The result of ``find()`` and ``aggregate()``: an iterator over the server's stream.
 
     Each gRPC message is one MongoDB batch of documents. They are decoded a
-    batch at a time, as the iteration reaches it. ``close()`` (or leaving a
-    ``with`` block) cancels the call if it is still running. A cursor
-    belongs to the process that opened it: after ``fork()``, the child must
-    call ``find()`` again.
+    batch at a time, as the iteration reaches it. ``find()``'s is lazy;
+    ``aggregate()`` reads the first batch before returning it. ``close()``
+    (or leaving a ``with`` block) cancels the call if it is still running.
+    A cursor belongs to the process that opened it: after ``fork()``, the
+    child must call ``find()`` (or ``aggregate()``) again.
     """
 
     def __init__(self, client: BrokerClient[DocumentT], find: _requests.CursorState[DocumentT]) -> None:
@@ -502,7 +1098,7 @@ class Cursor(Generic[DocumentT]):
             while True:
                 try:
                     if find.stream is None:
-                        find.stream = client._open_find(find.request, state.next_timeout())
+                        find.stream = client._open_stream(find.method, find.request, state.next_timeout())
                     response = client._read(find.stream)
                     break
                 except BrokerError as exc:

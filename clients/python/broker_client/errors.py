@@ -7,6 +7,14 @@ metadata (``mongo_code``, ``mongo_code_name``, ``mongo_labels``,
 ``database``, ``inserted_count``, ``failed_index``), and a ``RetryInfo``
 delay where waiting helps.
 
+Write errors are pymongo's too: `WriteError` (a failed update, replace,
+delete or find-and-modify, and `DuplicateKeyError`) and `BulkWriteError`
+(a failed ``bulk_write``) have pymongo's ``details``, built from the
+broker's write-failure metadata (`write_error_details`,
+`bulk_write_details`). Only ``code`` differs from pymongo: it is the gRPC
+status code for every exception here; MongoDB's code is ``mongo_code``, and
+``details["code"]``.
+
 These classes do not subclass ``pymongo.errors``. Importing that module
 imports all of pymongo (MongoClient, asyncio, ssl): about 45 ms more on top
 of grpc and bson, measured with ``python -X importtime``. That is a heavy
@@ -33,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AutoReconnect",
     "BrokerError",
+    "BulkWriteError",
     "ConnectionFailure",
     "DuplicateKeyError",
     "ExecutionTimeout",
@@ -46,8 +55,12 @@ __all__ = [
     "UnknownDatabase",
     "WaitQueueTimeoutError",
     "WriteError",
+    "as_bulk_write_error",
+    "as_write_error",
+    "bulk_write_details",
     "from_rpc_error",
     "map_rpc_errors",
+    "write_error_details",
 ]
 
 DOMAIN: Final = "mongo-broker"
@@ -63,8 +76,10 @@ class BrokerError(Exception):
         reason: the broker's ``ErrorInfo.reason`` (e.g. "DUPLICATE_KEY"), or
             "" when the status came from gRPC itself (no broker listening).
         metadata: the ``ErrorInfo`` metadata, a dict of strings.
-        details: every ``google.rpc.Status`` detail, unpacked where the type
-            is known (``ErrorInfo``, ``RetryInfo``), else the packed ``Any``.
+        status_details: every ``google.rpc.Status`` detail, unpacked where
+            the type is known (``ErrorInfo``, ``RetryInfo``), else the packed
+            ``Any``. ``details`` is the same tuple, except on `WriteError` and
+            `BulkWriteError`, where it is pymongo's ``details`` dict.
         retry_after: seconds the broker asks the caller to wait, or None.
         attempts: how many times the operation was sent before this error
             was raised (more than 1 after retries; 0 when the client raised
@@ -89,7 +104,7 @@ class BrokerError(Exception):
         self.code = code
         self.reason = reason
         self.metadata: dict[str, str] = dict(metadata or {})
-        self.details = details
+        self.status_details = details
         self.retry_after = retry_after
         self.attempts = 0
 
@@ -102,6 +117,11 @@ class BrokerError(Exception):
     def __repr__(self) -> str:
         code = self.code.name if self.code is not None else None
         return f"{type(self).__name__}({self.message!r}, code={code}, reason={self.reason!r})"
+
+    @property
+    def details(self) -> Any:
+        """The ``google.rpc.Status`` details (`status_details`); pymongo's dict on write errors."""
+        return self.status_details
 
     @property
     def mongo_code(self) -> int | None:
@@ -173,11 +193,37 @@ class ExecutionTimeout(OperationFailure):
 
 
 class WriteError(OperationFailure):
-    """A write failed."""
+    """A write failed (pymongo's ``WriteError``).
+
+    ``details`` is pymongo's: the write error as MongoDB reported it,
+    ``{"index", "code", "codeName", "errmsg"}``.
+    """
+
+    @property
+    def details(self) -> dict[str, Any]:
+        return write_error_details(self)
 
 
 class DuplicateKeyError(WriteError):
     """ALREADY_EXISTS: duplicate key. ``inserted_count`` says how many landed first."""
+
+
+class BulkWriteError(OperationFailure):
+    """A ``bulk_write`` failed part-way, or its write concern did (pymongo's ``BulkWriteError``).
+
+    ``details`` is pymongo's: ``writeErrors`` (``[{"index", "code",
+    "codeName", "errmsg"}]``, ``index`` in the list of operations),
+    ``writeConcernErrors``, ``nInserted``, ``nUpserted``, ``nMatched``,
+    ``nModified``, ``nRemoved`` and ``upserted`` (``[{"index", "_id"}]``):
+    what landed before, or besides, the failure. As in pymongo, a duplicate
+    key in a bulk write raises BulkWriteError too (``reason``
+    "DUPLICATE_KEY", ``writeErrors[i]["code"]`` 11000), not
+    DuplicateKeyError.
+    """
+
+    @property
+    def details(self) -> dict[str, Any]:
+        return bulk_write_details(self)
 
 
 class InvalidRequest(OperationFailure):
@@ -303,3 +349,147 @@ def _int_or_none(value: str | None) -> int | None:
         return int(value)
     except ValueError:
         return None
+
+
+# --- write failures -----------------------------------------------------------------
+
+#: Metadata keys that say MongoDB reported write errors (or a write concern
+#: error) for the call, rather than refusing it as a whole.
+_WRITE_FAILURE_KEYS: Final = ("write_errors", "failed_index", "write_concern_error")
+
+
+def _rebuilt(exc: BrokerError, cls: type[BrokerError]) -> BrokerError:
+    new = cls(
+        exc.message,
+        code=exc.code,
+        reason=exc.reason,
+        metadata=exc.metadata,
+        details=exc.status_details,
+        retry_after=exc.retry_after,
+    )
+    new.attempts = exc.attempts
+    return new.with_traceback(exc.__traceback__)
+
+
+#: The statuses of a single write that MongoDB itself refused, by code and
+#: reason: what pymongo raises as WriteError (mongod reports a bad update,
+#: filter or hint of one statement as its write error).
+_REFUSED_BY_MONGODB: Final = frozenset(
+    {("FAILED_PRECONDITION", "OPERATION_FAILED"), ("INVALID_ARGUMENT", "QUERY_REJECTED")}
+)
+
+
+def as_write_error(exc: BrokerError) -> BrokerError:
+    """``exc`` of an update, replace, delete or find-and-modify, as pymongo raises it.
+
+    A MongoDB write error becomes a `WriteError`, unless it is one already
+    (`DuplicateKeyError`): the metadata lists it (``write_errors``,
+    ``failed_index``), or MongoDB refused the write with a code of its own
+    (``mongo_code``, and a status in `_REFUSED_BY_MONGODB`). Anything else
+    (a permission, a request the broker refused, a feature the server lacks,
+    a timeout) is ``exc``.
+    """
+    if isinstance(exc, WriteError):
+        return exc
+    listed = any(key in exc.metadata for key in _WRITE_FAILURE_KEYS[:2])
+    refused = (
+        exc.code is not None
+        and "mongo_code" in exc.metadata
+        and (exc.code.name, exc.reason) in _REFUSED_BY_MONGODB
+    )
+    return _rebuilt(exc, WriteError) if listed or refused else exc
+
+
+def as_bulk_write_error(exc: BrokerError) -> BrokerError:
+    """``exc`` of a bulk write, as pymongo raises it: a `BulkWriteError` when MongoDB reported
+    write errors or a write concern error (a duplicate key included), else ``exc``."""
+    if isinstance(exc, BulkWriteError) or not any(key in exc.metadata for key in _WRITE_FAILURE_KEYS):
+        return exc
+    return _rebuilt(exc, BulkWriteError)
+
+
+def _write_errors(error: BrokerError) -> list[dict[str, Any]]:
+    """The ``write_errors`` metadata (a JSON array), each entry checked; [] when absent or bad."""
+    import json
+
+    raw = error.metadata.get("write_errors")
+    if not raw:
+        return []
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        return []
+    out: list[dict[str, Any]] = []
+    for entry in parsed if isinstance(parsed, list) else ():
+        if isinstance(entry, dict):
+            out.append(
+                {
+                    "index": entry.get("index"),
+                    "code": entry.get("code"),
+                    "codeName": entry.get("codeName"),
+                    "errmsg": entry.get("errmsg", ""),
+                }
+            )
+    return out
+
+
+def _first_write_error(error: BrokerError) -> dict[str, Any]:
+    """The write error the metadata names first, or one made of ``failed_index`` and ``mongo_code``."""
+    found = _write_errors(error)
+    if found:
+        return found[0]
+    return {
+        "index": error.failed_index if error.failed_index is not None else 0,
+        "code": error.mongo_code,
+        "codeName": error.mongo_code_name,
+        "errmsg": error.message,
+    }
+
+
+def write_error_details(error: BrokerError) -> dict[str, Any]:
+    """pymongo's ``WriteError.details``: the (first) write error, ``{"index", "code", "codeName",
+    "errmsg"}``."""
+    details = _first_write_error(error)
+    # An insert that was resent in part counts its failed_index in the
+    # caller's list (see _requests.Insert); the metadata's is the one to use.
+    if error.failed_index is not None:
+        details["index"] = error.failed_index
+    return details
+
+
+def bulk_write_details(error: BrokerError) -> dict[str, Any]:
+    """pymongo's ``BulkWriteError.details``, from the broker's write-failure metadata.
+
+    ``writeErrors`` holds what the broker sent, which may be cut short
+    (``metadata["write_errors_total"]`` counts them all); when it sent none
+    but named a failing index, that one is described from ``mongo_code``.
+    ``upserted`` is decoded from canonical Extended JSON, so its ids keep
+    their BSON types.
+    """
+    metadata = error.metadata
+    write_errors = _write_errors(error)
+    if not write_errors and "failed_index" in metadata:
+        write_errors = [_first_write_error(error)]
+    upserted: list[dict[str, Any]] = []
+    raw_upserted = metadata.get("upserted_ids")
+    if raw_upserted:
+        from bson import json_util
+
+        try:
+            parsed = json_util.loads(raw_upserted)
+        except ValueError:
+            parsed = []
+        for entry in parsed if isinstance(parsed, list) else ():
+            if isinstance(entry, Mapping) and "index" in entry and "_id" in entry:
+                upserted.append({"index": int(entry["index"]), "_id": entry["_id"]})
+    concern = metadata.get("write_concern_error")
+    return {
+        "writeErrors": write_errors,
+        "writeConcernErrors": [{"errmsg": concern}] if concern else [],
+        "nInserted": _int_or_none(metadata.get("inserted_count")) or 0,
+        "nUpserted": _int_or_none(metadata.get("upserted_count")) or 0,
+        "nMatched": _int_or_none(metadata.get("matched_count")) or 0,
+        "nModified": _int_or_none(metadata.get("modified_count")) or 0,
+        "nRemoved": _int_or_none(metadata.get("deleted_count")) or 0,
+        "upserted": upserted,
+    }

@@ -1,4 +1,4 @@
-"""Result objects: pymongo's insert results, and typed Ping and Stats answers.
+"""Result objects: pymongo's write results, and typed Ping and Stats answers.
 
 They are read-only values, built from the broker's answers by `_requests`.
 """
@@ -11,12 +11,15 @@ from typing import Any
 
 __all__ = [
     "BrokerStats",
+    "BulkWriteResult",
     "DatabasePing",
     "DatabaseStats",
+    "DeleteResult",
     "InsertManyResult",
     "InsertOneResult",
     "PingResult",
     "PoolSummary",
+    "UpdateResult",
 ]
 
 
@@ -42,6 +45,87 @@ class InsertManyResult:
     """False when the write concern was ``w=0``: nothing was confirmed."""
     attempts: int = field(default=1, compare=False)
     """How many times the call was sent (more than 1 after retries)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateResult:
+    """What ``update_one``, ``update_many`` and ``replace_one`` return (pymongo's ``UpdateResult``)."""
+
+    matched_count: int
+    """Documents the filter matched (0 for an upsert that inserted)."""
+    modified_count: int
+    """Documents actually changed (a match may already be as asked)."""
+    upserted_id: Any = None
+    """The ``_id`` of the document an upsert inserted, or None."""
+    acknowledged: bool = True
+    """False when the write concern was ``w=0``: nothing was confirmed."""
+    attempts: int = field(default=1, compare=False)
+    """How many times the call was sent (always 1: updates are never retried)."""
+
+    @property
+    def did_upsert(self) -> bool:
+        """True when an upsert inserted a document."""
+        return self.upserted_id is not None
+
+    @property
+    def raw_result(self) -> dict[str, Any]:
+        """The counts in the shape of MongoDB's update reply, as pymongo's ``raw_result``."""
+        raw: dict[str, Any] = {
+            "n": self.matched_count + (1 if self.did_upsert else 0),
+            "nModified": self.modified_count,
+            "ok": 1.0,
+            "updatedExisting": self.matched_count > 0,
+        }
+        if self.did_upsert:
+            raw["upserted"] = self.upserted_id
+        return raw
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteResult:
+    """What ``delete_one`` and ``delete_many`` return (pymongo's ``DeleteResult``)."""
+
+    deleted_count: int
+    acknowledged: bool = True
+    """False when the write concern was ``w=0``: nothing was confirmed."""
+    attempts: int = field(default=1, compare=False)
+    """How many times the call was sent (always 1: deletes are never retried)."""
+
+    @property
+    def raw_result(self) -> dict[str, Any]:
+        """The count in the shape of MongoDB's delete reply, as pymongo's ``raw_result``."""
+        return {"n": self.deleted_count, "ok": 1.0}
+
+
+@dataclass(frozen=True, slots=True)
+class BulkWriteResult:
+    """What ``bulk_write`` returns (pymongo's ``BulkWriteResult``)."""
+
+    inserted_count: int
+    matched_count: int
+    modified_count: int
+    deleted_count: int
+    upserted_count: int
+    upserted_ids: dict[int, Any] = field(default_factory=dict)
+    """The ``_id`` of each document an upsert inserted, by the operation's index in the list."""
+    acknowledged: bool = True
+    """False when the write concern was ``w=0``: nothing was confirmed."""
+    attempts: int = field(default=1, compare=False)
+    """How many times the call was sent (always 1: bulk writes are never retried)."""
+
+    @property
+    def bulk_api_result(self) -> dict[str, Any]:
+        """The counts as pymongo's ``bulk_api_result`` (and `BulkWriteError.details`) spell them."""
+        return {
+            "writeErrors": [],
+            "writeConcernErrors": [],
+            "nInserted": self.inserted_count,
+            "nUpserted": self.upserted_count,
+            "nMatched": self.matched_count,
+            "nModified": self.modified_count,
+            "nRemoved": self.deleted_count,
+            "upserted": [{"index": index, "_id": id_} for index, id_ in sorted(self.upserted_ids.items())],
+        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,10 +10,18 @@ hold for `BrokerClient` and `AsyncBrokerClient` alike:
   reason ``POOL_EXHAUSTED`` (the broker's wait queue is full). Nothing else:
   DEADLINE_EXCEEDED means the time is up, the other codes do not change by
   retrying.
-- Which operations: pings, stats, ``find_one``, and ``find`` until its first
-  documents arrive (a stream that fails later raises: restarting it would
-  hand the caller documents twice). Inserts only when the client itself made
-  every ``_id`` in the call (see `_requests.Insert`).
+- Which operations: the reads, which change nothing: pings, stats,
+  ``find_one``, ``count_documents``, ``estimated_document_count`` and
+  ``distinct`` (whose stream is read whole before anything is returned),
+  and ``find`` and ``aggregate`` until their first documents arrive (a
+  stream that fails later raises: restarting it would hand the caller
+  documents twice). Not an ``aggregate`` whose pipeline has a ``$out`` or
+  ``$merge`` stage: it writes. Inserts only when the client itself made
+  every ``_id`` in the call (see `_requests.Insert`). Never the other
+  writes (`NEVER_RETRIED`: updates, replaces, deletes, find-and-modify and
+  bulk writes): a retry after an attempt whose outcome is unknown could
+  apply them twice, and unlike an insert with a new ``_id`` nothing tells
+  a second application from the first.
 - How long to wait: "full jitter" (AWS Architecture Blog, "Exponential
   Backoff And Jitter", 2015): a uniform random pause in ``[0, cap]``, where
   ``cap = min(max_backoff, initial_backoff * multiplier ** (n - 1))`` before
@@ -46,7 +54,16 @@ from typing import TYPE_CHECKING, Final
 if TYPE_CHECKING:
     from broker_client.errors import BrokerError
 
-__all__ = ["DEFAULT_RETRY_POLICY", "MIN_ATTEMPT_S", "MIN_SEND_S", "RetryPolicy", "RetryState", "is_retryable"]
+__all__ = [
+    "DEFAULT_RETRY_POLICY",
+    "MIN_ATTEMPT_S",
+    "MIN_SEND_S",
+    "NEVER_RETRIED",
+    "RetryPolicy",
+    "RetryState",
+    "is_retryable",
+    "may_retry",
+]
 
 log = logging.getLogger("broker_client.retry")
 
@@ -148,6 +165,17 @@ class RetryPolicy:
 
 #: The clients' default: three tries, pauses of at most 50, 100 ms (then up to 1 s).
 DEFAULT_RETRY_POLICY: Final = RetryPolicy()
+
+
+#: The calls (RPC names) no client retries: they are not idempotent. An
+#: Update with ``$inc``, a Delete of "the first match", a FindOneAndModify or
+#: a BulkWrite may have been applied by an attempt whose answer was lost.
+NEVER_RETRIED: Final = frozenset({"Update", "Delete", "FindOneAndModify", "BulkWrite"})
+
+
+def may_retry(operation: str) -> bool:
+    """False for the calls that are sent once whatever the policy (`NEVER_RETRIED`)."""
+    return operation not in NEVER_RETRIED
 
 
 @functools.cache
