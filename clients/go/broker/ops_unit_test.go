@@ -754,6 +754,20 @@ func TestSingleWritesFailWithAWriteException(t *testing.T) {
 	if !errors.As(err, &we) || we.WriteConcernError == nil || we.WriteConcernError.Message != "waiting for replication timed out" || len(we.WriteErrors) != 0 {
 		t.Fatalf("DeleteOne with a write concern error: %T %v", err, err)
 	}
+	// Without a list of write errors, MongoDB's code is the one write error.
+	srv.failWith("Update", brokerError(t, codes.AlreadyExists, brokerv1.ErrorReason_DUPLICATE_KEY, "E11000 duplicate key", map[string]string{
+		"mongo_code": "11000", "mongo_code_name": "DuplicateKey",
+	}))
+	_, err = coll.ReplaceOne(ctx, nil, bson.D{}, Upsert(true))
+	if !errors.As(err, &we) || len(we.WriteErrors) != 1 || we.WriteErrors[0] != (WriteError{Code: 11000, CodeName: "DuplicateKey", Message: "E11000 duplicate key"}) {
+		t.Fatalf("ReplaceOne duplicate without write_errors: %T %v", err, err)
+	}
+	srv.failWith("Update", brokerError(t, codes.Unavailable, brokerv1.ErrorReason_DATABASE_UNAVAILABLE, "not primary", map[string]string{
+		"mongo_code": "10107",
+	}))
+	if _, err = coll.UpdateOne(ctx, nil, upsert); errors.As(err, &we) || !IsUnavailable(err) {
+		t.Fatalf("an unreachable database is not a write error: %T %v", err, err)
+	}
 	// An error that is not MongoDB refusing the write stays a plain *Error.
 	srv.failWith("Update", brokerError(t, codes.InvalidArgument, brokerv1.ErrorReason_INVALID_REQUEST, "bad", nil))
 	_, err = coll.UpdateOne(ctx, nil, upsert)

@@ -8,6 +8,8 @@ import (
 
 	"go.mongodb.org/mongo-driver/v2/bson"
 	"google.golang.org/grpc/status"
+
+	"github.com/mongo-broker/mongo-broker/clients/go/brokerv1"
 )
 
 // WriteError is one write that MongoDB refused, as the Go driver's
@@ -174,6 +176,15 @@ func writeConcernErrorOf(e *Error) *WriteConcernError {
 	return nil
 }
 
+// refusals are the reasons of a status that is MongoDB refusing a write
+// (rather than the broker refusing the request, or the database being out
+// of reach): a single write's status carries its one write error.
+var refusals = map[string]bool{
+	brokerv1.ErrorReason_DUPLICATE_KEY.String():    true,
+	brokerv1.ErrorReason_QUERY_REJECTED.String():   true,
+	brokerv1.ErrorReason_OPERATION_FAILED.String(): true,
+}
+
 // asWriteException turns the error of a single write into a
 // WriteException when the broker says MongoDB refused the write; any other
 // error (a bad request, a timeout, ...) is returned as it is.
@@ -183,6 +194,11 @@ func asWriteException(err error) error {
 		return err
 	}
 	errs, ok := writeErrorsOf(e)
+	if !ok && e.MongoCode != 0 && refusals[e.Reason] {
+		// A broker that lists no write errors for a single write still
+		// names MongoDB's code: that is the one write error.
+		errs, ok = WriteErrors{{Code: e.MongoCode, CodeName: e.MongoCodeName(), Message: e.Message}}, true
+	}
 	wce := writeConcernErrorOf(e)
 	if !ok && wce == nil {
 		return err
