@@ -45,7 +45,8 @@ type InsertManyResult struct {
 // InsertOne inserts one document (bson.D, bson.M, bson.Raw or a struct).
 // A document without an _id gets a new ObjectID here, before it is sent, as
 // the Go driver does; so a retried insert that had already landed shows up
-// as a duplicate key (IsDuplicateKey).
+// as a duplicate key (IsDuplicateKey). A document MongoDB refuses is a
+// WriteException. Inserts are never retried.
 func (c *Collection) InsertOne(ctx context.Context, document any, opts ...InsertOption) (*InsertOneResult, error) {
 	if ctx == nil {
 		return nil, ErrNilContext
