@@ -3914,7 +3914,7 @@ type DatabaseStats struct {
 	CheckoutFailures map[string]int64 `protobuf:"bytes,15,rep,name=checkout_failures,json=checkoutFailures,proto3" json:"checkout_failures,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
 	// Commands sent to MongoDB, by command name (find, getMore, insert, ...).
 	Operations map[string]int64 `protobuf:"bytes,16,rep,name=operations,proto3" json:"operations,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
-	// Calls answered, by method (Find, Insert, Ping).
+	// Calls answered, by method (Find, Insert, Update, Aggregate, Ping, ...).
 	Rpcs map[string]int64 `protobuf:"bytes,17,rep,name=rpcs,proto3" json:"rpcs,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
 	// Calls that failed, by gRPC status code name.
 	Errors       map[string]int64 `protobuf:"bytes,18,rep,name=errors,proto3" json:"errors,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`

@@ -1839,7 +1839,7 @@ class DatabaseStats(_message.Message):
 
     @_builtins.property
     def rpcs(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Calls answered, by method (Find, Insert, Ping)."""
+        """Calls answered, by method (Find, Insert, Update, Aggregate, Ping, ...)."""
 
     @_builtins.property
     def errors(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
