@@ -36,6 +36,7 @@ type options struct {
 	metadata    []string
 	creds       credentials.TransportCredentials
 	dialOptions []grpc.DialOption
+	retries     RetryPolicy
 }
 
 // An Option configures a Client in NewClient.
@@ -77,6 +78,7 @@ type Client struct {
 	target   string
 	timeout  time.Duration
 	metadata metadata.MD
+	retries  RetryPolicy
 }
 
 // ErrNilContext is returned by every method given a nil context.Context, in
@@ -89,12 +91,15 @@ var ErrNilContext = errors.New("broker: nil Context (use context.Background() or
 // socket path, or "host:port" (any gRPC target). Like grpc.NewClient, it
 // makes no connection: the first call does.
 func NewClient(target string, opts ...Option) (*Client, error) {
-	o := options{timeout: DefaultTimeout}
+	o := options{timeout: DefaultTimeout, retries: DefaultRetryPolicy}
 	for _, opt := range opts {
 		opt(&o)
 	}
 	if o.timeout <= 0 {
 		return nil, fmt.Errorf("broker: timeout must be positive, not %v", o.timeout)
+	}
+	if err := o.retries.validate(); err != nil {
+		return nil, err
 	}
 	if len(o.metadata)%2 != 0 {
 		return nil, errors.New("broker: WithMetadata takes key, value pairs")
@@ -129,6 +134,7 @@ func NewClient(target string, opts ...Option) (*Client, error) {
 		target:   normalized,
 		timeout:  o.timeout,
 		metadata: md,
+		retries:  o.retries,
 	}, nil
 }
 
@@ -185,11 +191,9 @@ func (c *Client) ping(ctx context.Context, database string) (*PingResult, error)
 	if ctx == nil {
 		return nil, ErrNilContext
 	}
-	ctx, cancel := c.callContext(ctx)
-	defer cancel()
-	resp, err := c.stub.Ping(ctx, &brokerv1.PingRequest{Database: database})
+	resp, err := unary(ctx, c, true, c.stub.Ping, &brokerv1.PingRequest{Database: database})
 	if err != nil {
-		return nil, fromRPC(err)
+		return nil, err
 	}
 	result := &PingResult{Version: resp.GetVersion()}
 	for _, db := range resp.GetDatabases() {
@@ -212,11 +216,9 @@ func (c *Client) stats(ctx context.Context, database string) (*StatsResult, erro
 	if ctx == nil {
 		return nil, ErrNilContext
 	}
-	ctx, cancel := c.callContext(ctx)
-	defer cancel()
-	resp, err := c.stub.Stats(ctx, &brokerv1.StatsRequest{Database: database})
+	resp, err := unary(ctx, c, true, c.stub.Stats, &brokerv1.StatsRequest{Database: database})
 	if err != nil {
-		return nil, fromRPC(err)
+		return nil, err
 	}
 	return statsFromProto(resp), nil
 }

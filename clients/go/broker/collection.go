@@ -8,12 +8,13 @@ import (
 	"reflect"
 
 	"go.mongodb.org/mongo-driver/v2/bson"
+	"google.golang.org/grpc"
 
 	"github.com/mongo-broker/mongo-broker/clients/go/brokerv1"
 )
 
-// ErrNoDocuments is returned by SingleResult.Decode and Err when FindOne
-// matched nothing.
+// ErrNoDocuments is returned by SingleResult.Decode and Err when FindOne or
+// a FindOneAnd* matched nothing.
 var ErrNoDocuments = errors.New("broker: no documents in result")
 
 // Collection is a collection of a database configured on the broker.
@@ -44,7 +45,8 @@ type InsertManyResult struct {
 // InsertOne inserts one document (bson.D, bson.M, bson.Raw or a struct).
 // A document without an _id gets a new ObjectID here, before it is sent, as
 // the Go driver does; so a retried insert that had already landed shows up
-// as a duplicate key (IsDuplicateKey).
+// as a duplicate key (IsDuplicateKey). A document MongoDB refuses is a
+// WriteException. Inserts are never retried.
 func (c *Collection) InsertOne(ctx context.Context, document any, opts ...InsertOption) (*InsertOneResult, error) {
 	if ctx == nil {
 		return nil, ErrNilContext
@@ -53,7 +55,7 @@ func (c *Collection) InsertOne(ctx context.Context, document any, opts ...Insert
 	if err != nil {
 		return nil, err
 	}
-	ids, err := c.insert(ctx, [][]byte{raw}, opts)
+	ids, err := c.insert(ctx, [][]byte{raw}, false, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -66,8 +68,10 @@ func (c *Collection) InsertOne(ctx context.Context, document any, opts ...Insert
 
 // InsertMany inserts documents in one call. documents is a slice of any
 // document type ([]bson.D, []any, []MyStruct, ...). Each document without
-// an _id gets a new ObjectID here first. On error, the *Error's
-// InsertedCount and FailedIndex say what happened.
+// an _id gets a new ObjectID here first. When MongoDB refuses documents,
+// the error is a BulkWriteException (WriteErrors by index, PartialResult
+// with the ids that landed), wrapping the *Error whose InsertedCount and
+// FailedIndex say the same.
 func (c *Collection) InsertMany(ctx context.Context, documents any, opts ...InsertOption) (*InsertManyResult, error) {
 	if ctx == nil {
 		return nil, ErrNilContext
@@ -87,68 +91,44 @@ func (c *Collection) InsertMany(ctx context.Context, documents any, opts ...Inse
 		}
 		encoded[i] = raw
 	}
-	ids, err := c.insert(ctx, encoded, opts)
+	ids, err := c.insert(ctx, encoded, true, opts)
 	if err != nil {
 		return nil, err
 	}
 	return &InsertManyResult{InsertedIDs: ids}, nil
 }
 
-func (c *Collection) insert(ctx context.Context, documents [][]byte, opts []InsertOption) ([]any, error) {
-	o := insertOptions{ordered: true}
-	for _, opt := range opts {
-		opt(&o)
-	}
+func (c *Collection) insert(ctx context.Context, documents [][]byte, many bool, opts []InsertOption) ([]any, error) {
+	o := collect(opts)
+	ordered := o.ordered == nil || *o.ordered
 	request := &brokerv1.InsertRequest{
 		Database:                 c.db.name,
 		Collection:               c.name,
 		Documents:                documents,
-		Ordered:                  &o.ordered,
+		Ordered:                  &ordered,
 		BypassDocumentValidation: o.bypassDocumentValidation,
 	}
-	if o.writeConcern != nil {
-		wc, err := writeConcernProto(*o.writeConcern)
-		if err != nil {
-			return nil, err
-		}
-		request.WriteConcern = wc
+	var err error
+	if request.WriteConcern, err = writeConcernProto(o.writeConcern); err != nil {
+		return nil, err
 	}
 	client := c.db.client
-	ctx, cancel := client.callContext(ctx)
-	defer cancel()
-	response, err := client.stub.Insert(ctx, request)
+	response, err := unary(ctx, client, false, client.stub.Insert, request)
 	if err != nil {
-		return nil, fromRPC(err)
+		if !many {
+			return nil, asWriteException(err)
+		}
+		return nil, insertManyException(err, documents, ordered)
 	}
 	ids := make([]any, 0, len(response.GetInsertedIds()))
 	for _, raw := range response.GetInsertedIds() {
-		value, err := bson.Raw(raw).LookupErr("_id")
+		id, err := idOf(raw)
 		if err != nil {
-			return nil, fmt.Errorf("broker: an inserted id is not a {_id: value} document: %w", err)
-		}
-		var id any
-		if err := value.Unmarshal(&id); err != nil {
-			return nil, fmt.Errorf("broker: decoding an inserted id: %w", err)
+			return nil, err
 		}
 		ids = append(ids, id)
 	}
 	return ids, nil
-}
-
-func writeConcernProto(wc WriteConcern) (*brokerv1.WriteConcern, error) {
-	out := &brokerv1.WriteConcern{J: wc.Journal, WtimeoutMs: wc.WTimeout.Milliseconds()}
-	switch w := wc.W.(type) {
-	case nil:
-	case int:
-		out.W = &brokerv1.WriteConcern_WNodes{WNodes: int32(w)}
-	case int32:
-		out.W = &brokerv1.WriteConcern_WNodes{WNodes: w}
-	case string:
-		out.W = &brokerv1.WriteConcern_WTag{WTag: w}
-	default:
-		return nil, fmt.Errorf("broker: WriteConcern.W must be an int or a string, not %T", wc.W)
-	}
-	return out, nil
 }
 
 // marshalForInsert encodes a document and, when it has no _id, puts a new
@@ -173,6 +153,20 @@ func marshalForInsert(document any) ([]byte, error) {
 	out = append(out, raw[4:]...)
 	binary.LittleEndian.PutUint32(out, uint32(len(out)))
 	return out, nil
+}
+
+// insertManyException is InsertMany's BulkWriteException: every document
+// is an insert model, and has its _id (marshalForInsert made sure).
+func insertManyException(err error, documents [][]byte, ordered bool) error {
+	models := make([]WriteModel, len(documents))
+	ids := make(map[int64]any, len(documents))
+	for i, raw := range documents {
+		models[i] = NewInsertOneModel().SetDocument(bson.Raw(raw))
+		if id, err := idOf(raw); err == nil {
+			ids[int64(i)] = id
+		}
+	}
+	return asBulkWriteException(err, models, ids, ordered)
 }
 
 // marshalDocument encodes a filter, projection, sort or document. nil gives
@@ -220,42 +214,37 @@ func (c *Collection) Find(ctx context.Context, filter any, opts ...FindOption) (
 
 func (c *Collection) find(ctx context.Context, request *brokerv1.FindRequest) (*Cursor, error) {
 	client := c.db.client
-	streamCtx, cancel := client.callContext(ctx)
-	stream, err := client.stub.Find(streamCtx, request)
-	if err != nil {
-		cancel()
-		return nil, fromRPC(err)
-	}
-	cursor := &Cursor{stream: stream, cancel: cancel}
-	if !cursor.fetch(ctx) && cursor.err != nil {
-		return nil, cursor.err
-	}
-	return cursor, nil
+	return client.openCursor(ctx, true, func(ctx context.Context) (grpc.ServerStreamingClient[brokerv1.FindResponse], error) {
+		return client.stub.Find(ctx, request)
+	})
 }
 
 func (c *Collection) findRequest(filter any, opts []FindOption) (*brokerv1.FindRequest, error) {
-	var o findOptions
-	for _, opt := range opts {
-		opt(&o)
-	}
+	o := collect(opts)
 	for _, c := range []struct {
 		name string
 		n    int64
-	}{{"Skip", o.skip}, {"Limit", o.limit}, {"BatchSize", int64(o.batchSize)}, {"MaxTime", int64(o.maxTime)}} {
+	}{{"Skip", o.skip}, {"Limit", o.limit}, {"BatchSize", int64(o.batchSize)}} {
 		if err := checkCount(c.name, c.n); err != nil {
 			return nil, err
 		}
 	}
-	request := &brokerv1.FindRequest{
-		Database:   c.db.name,
-		Collection: c.name,
-		Skip:       o.skip,
-		Limit:      o.limit,
-		BatchSize:  o.batchSize,
-		MaxTimeMs:  o.maxTime.Milliseconds(),
-		Comment:    o.comment,
+	read, err := encodeRead(&o)
+	if err != nil {
+		return nil, err
 	}
-	var err error
+	request := &brokerv1.FindRequest{
+		Database:       c.db.name,
+		Collection:     c.name,
+		Skip:           o.skip,
+		Limit:          o.limit,
+		BatchSize:      o.batchSize,
+		MaxTimeMs:      read.maxTimeMs,
+		Comment:        o.comment,
+		Collation:      read.collation,
+		ReadPreference: read.readPreference,
+		ReadConcern:    read.readConcern,
+	}
 	if request.Filter, err = marshalDocument("filter", filter); err != nil {
 		return nil, err
 	}
@@ -265,27 +254,26 @@ func (c *Collection) findRequest(filter any, opts []FindOption) (*brokerv1.FindR
 	if request.Sort, err = marshalDocument("sort", o.sort); err != nil {
 		return nil, err
 	}
-	switch hint := o.hint.(type) {
-	case nil:
-	case string:
-		request.Hint = &brokerv1.FindRequest_HintName{HintName: hint}
-	default:
-		keys, err := marshalDocument("hint", hint)
-		if err != nil {
-			return nil, err
-		}
+	name, keys, err := hintParts(o.hint)
+	switch {
+	case err != nil:
+		return nil, err
+	case name != "":
+		request.Hint = &brokerv1.FindRequest_HintName{HintName: name}
+	case keys != nil:
 		request.Hint = &brokerv1.FindRequest_HintKeys{HintKeys: keys}
 	}
 	return request, nil
 }
 
-// SingleResult is what FindOne returns: Decode it, or check Err.
+// SingleResult is what FindOne and the FindOneAnd* return: Decode it, or
+// check Err.
 type SingleResult struct {
 	raw bson.Raw
 	err error
 }
 
-// Err is the error of the FindOne, ErrNoDocuments when nothing matched.
+// Err is the error of the call, ErrNoDocuments when nothing matched.
 func (r *SingleResult) Err() error { return r.err }
 
 // Raw is the document's BSON, or the error.
@@ -300,22 +288,20 @@ func (r *SingleResult) Decode(v any) error {
 }
 
 // FindOne returns the first matching document. Its options are Find's;
-// Limit is always 1. It is one unary call; its errors are returned as the
-// broker (or gRPC) gives them.
+// Limit is always 1. It is one unary call (retried as RetryPolicy says);
+// its errors are returned as the broker (or gRPC) gives them.
 func (c *Collection) FindOne(ctx context.Context, filter any, opts ...FindOption) *SingleResult {
 	if ctx == nil {
 		return &SingleResult{err: ErrNilContext}
 	}
-	request, err := c.findRequest(filter, append(opts, Limit(1)))
+	request, err := c.findRequest(filter, append(opts, FindOption(Limit(1))))
 	if err != nil {
 		return &SingleResult{err: err}
 	}
 	client := c.db.client
-	ctx, cancel := client.callContext(ctx)
-	defer cancel()
-	response, err := client.stub.FindOne(ctx, request)
+	response, err := unary(ctx, client, true, client.stub.FindOne, request)
 	if err != nil {
-		return &SingleResult{err: fromRPC(err)}
+		return &SingleResult{err: err}
 	}
 	if documents := response.GetDocuments(); len(documents) > 0 {
 		return &SingleResult{raw: bson.Raw(documents[0])}

@@ -14,8 +14,8 @@ import (
 	"github.com/mongo-broker/mongo-broker/clients/go/brokerv1"
 )
 
-// Cursor iterates over the documents of a Find, one gRPC message (one
-// MongoDB batch) at a time. It is not safe for concurrent use.
+// Cursor iterates over the documents of a Find or an Aggregate, one gRPC
+// message (one MongoDB batch) at a time. It is not safe for concurrent use.
 //
 //	defer cur.Close(ctx)
 //	for cur.Next(ctx) { ... cur.Decode(&v) ... }

@@ -1,6 +1,7 @@
 // Package broker is the Go client of mongo-broker, a sidecar that runs
-// MongoDB find, insert and ping for many short-lived worker processes over
-// one bounded connection pool per configured database.
+// MongoDB operations (find, insert, update, delete, find-and-modify, count,
+// distinct, aggregate, bulk write) for many short-lived worker processes
+// over one bounded connection pool per configured database.
 //
 // Its shape follows the official Go driver:
 //
@@ -30,5 +31,10 @@
 //
 // Errors from the broker are *Error values carrying the gRPC code and the
 // broker's google.rpc.ErrorInfo (reason, MongoDB code, metadata); test them
-// with errors.As or with IsDuplicateKey, IsUnavailable, IsTimeout, ...
+// with errors.As or with IsDuplicateKey, IsUnavailable, IsTimeout, ... A
+// write MongoDB refuses is a WriteException or, for BulkWrite and
+// InsertMany, a BulkWriteException, each wrapping that *Error.
+//
+// Retries: reads are retried on transient errors as RetryPolicy says; the
+// writes (inserts, updates, deletes, FindOneAnd*, BulkWrite) never are.
 package broker

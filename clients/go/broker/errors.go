@@ -39,7 +39,11 @@ type Error struct {
 	// MongoCode is MongoDB's error code (e.g. 11000), 0 when it gave none.
 	MongoCode int
 	// Metadata is the ErrorInfo metadata: database, mongo_code,
-	// mongo_code_name, mongo_labels, inserted_count, failed_index.
+	// mongo_code_name, mongo_labels and, for a write that failed part-way,
+	// inserted_count, matched_count, modified_count, deleted_count,
+	// upserted_count, failed_index, write_errors, write_errors_total,
+	// upserted_ids and write_concern_error (which WriteException and
+	// BulkWriteException decode).
 	Metadata map[string]string
 	// RetryAfter is how long the broker asks the caller to wait before
 	// retrying (google.rpc.RetryInfo), 0 when it did not say.
@@ -111,8 +115,9 @@ func (e *Error) HasErrorLabel(label string) bool {
 // the failure; ok is false when the broker did not say.
 func (e *Error) InsertedCount() (n int, ok bool) { return e.intMetadata("inserted_count") }
 
-// FailedIndex is, for a failed insert, the index of the document that
-// failed; ok is false when the broker did not say.
+// FailedIndex is, for a failed insert or bulk write, the index of the
+// first document or operation that failed; ok is false when the broker did
+// not say.
 func (e *Error) FailedIndex() (n int, ok bool) { return e.intMetadata("failed_index") }
 
 func (e *Error) intMetadata(key string) (int, bool) {

@@ -222,8 +222,8 @@ func (s *findOnlyServer) record(method string) {
 }
 
 // serveBroker runs srv on a Unix socket for the test, noting each call's
-// method in recorder, and connects a client to it.
-func serveBroker(t *testing.T, srv brokerv1.BrokerServer, recorder *findOnlyServer) *Client {
+// method in recorder, and connects a client (with opts) to it.
+func serveBroker(t *testing.T, srv brokerv1.BrokerServer, recorder *findOnlyServer, opts ...Option) *Client {
 	t.Helper()
 	socket := filepath.Join(t.TempDir(), "broker.sock")
 	listener, err := net.Listen("unix", socket)
@@ -243,7 +243,7 @@ func serveBroker(t *testing.T, srv brokerv1.BrokerServer, recorder *findOnlyServ
 	brokerv1.RegisterBrokerServer(server, srv)
 	go func() { _ = server.Serve(listener) }()
 	t.Cleanup(server.Stop)
-	client, err := NewClient("unix://"+socket, WithTimeout(10*time.Second))
+	client, err := NewClient("unix://"+socket, append([]Option{WithTimeout(10 * time.Second)}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}

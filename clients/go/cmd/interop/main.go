@@ -1,12 +1,22 @@
 // Command interop is the Go side of tests/test_interop.py: it writes the
-// interop fixture document with this client, reads documents back, and
-// provokes a duplicate key, printing JSON lines that the test compares
-// with what Python and Node wrote and read.
+// interop fixture document with this client, reads documents back,
+// provokes a duplicate key, and updates, aggregates, counts and deletes
+// them, printing JSON lines that the test compares with what Python and
+// Node wrote and read.
 //
 //	interop write COLLECTION [--decimal]   insert the fixture; print {"inserted_id": ...}
 //	interop read COLLECTION WRITER         print each document whose writer is WRITER,
 //	                                       as canonical Extended JSON, one per line
 //	interop dup COLLECTION                 insert one _id twice; print the error
+//	interop modify COLLECTION WRITER MODIFIER
+//	                                       UpdateMany the documents whose writer is WRITER:
+//	                                       $set modified_by MODIFIER, $inc i32; print
+//	                                       {"matched": N, "modified": N}
+//	interop aggregate COLLECTION WRITER    $match writer WRITER, $project writer, modified_by
+//	                                       and i32; print each result as canonical
+//	                                       Extended JSON, one per line
+//	interop count COLLECTION WRITER        CountDocuments of writer WRITER; print {"count": N}
+//	interop delete COLLECTION WRITER       DeleteMany of writer WRITER; print {"deleted": N}
 //
 // The broker comes from MONGO_BROKER_TARGET, the configured database from
 // MONGO_BROKER_DATABASE (default "appdb").
@@ -25,7 +35,8 @@ import (
 	"github.com/mongo-broker/mongo-broker/clients/go/broker"
 )
 
-const usage = "usage: interop write COLLECTION [--decimal] | read COLLECTION WRITER | dup COLLECTION"
+const usage = "usage: interop write COLLECTION [--decimal] | read COLLECTION WRITER | dup COLLECTION" +
+	" | modify COLLECTION WRITER MODIFIER | aggregate COLLECTION WRITER | count COLLECTION WRITER | delete COLLECTION WRITER"
 
 func main() {
 	if err := run(os.Args[1:]); err != nil {
@@ -64,6 +75,14 @@ func run(args []string) error {
 		return read(ctx, coll, args[2])
 	case args[0] == "dup" && len(args) == 2:
 		return dup(ctx, coll)
+	case args[0] == "modify" && len(args) == 4:
+		return modify(ctx, coll, args[2], args[3])
+	case args[0] == "aggregate" && len(args) == 3:
+		return aggregate(ctx, coll, args[2])
+	case args[0] == "count" && len(args) == 3:
+		return count(ctx, coll, args[2])
+	case args[0] == "delete" && len(args) == 3:
+		return deleteWriter(ctx, coll, args[2])
 	}
 	return errors.New(usage)
 }
@@ -169,6 +188,69 @@ func dup(ctx context.Context, coll *broker.Collection) error {
 		"mongo_code":       e.MongoCode,
 		"message":          e.Error(),
 	})
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Println(string(line))
+	return err
+}
+
+func modify(ctx context.Context, coll *broker.Collection, writer, modifier string) error {
+	result, err := coll.UpdateMany(ctx, bson.D{{Key: "writer", Value: writer}}, bson.D{
+		{Key: "$set", Value: bson.D{{Key: "modified_by", Value: modifier}}},
+		{Key: "$inc", Value: bson.D{{Key: "i32", Value: int32(1)}}},
+	})
+	if err != nil {
+		return err
+	}
+	return printJSON(map[string]any{"matched": result.MatchedCount, "modified": result.ModifiedCount})
+}
+
+func aggregate(ctx context.Context, coll *broker.Collection, writer string) error {
+	cursor, err := coll.Aggregate(ctx, broker.Pipeline{
+		{{Key: "$match", Value: bson.D{{Key: "writer", Value: writer}}}},
+		{{Key: "$project", Value: bson.D{
+			{Key: "_id", Value: int32(0)}, {Key: "writer", Value: int32(1)},
+			{Key: "modified_by", Value: int32(1)}, {Key: "i32", Value: int32(1)},
+		}}},
+	})
+	if err != nil {
+		return err
+	}
+	defer cursor.Close(ctx)
+	for cursor.Next(ctx) {
+		// Decoded and encoded again, as read does, so the test sees what
+		// this client made of each value.
+		var doc bson.D
+		if err := cursor.Decode(&doc); err != nil {
+			return err
+		}
+		if err := printLine(doc); err != nil {
+			return err
+		}
+	}
+	return cursor.Err()
+}
+
+func count(ctx context.Context, coll *broker.Collection, writer string) error {
+	n, err := coll.CountDocuments(ctx, bson.D{{Key: "writer", Value: writer}})
+	if err != nil {
+		return err
+	}
+	return printJSON(map[string]any{"count": n})
+}
+
+func deleteWriter(ctx context.Context, coll *broker.Collection, writer string) error {
+	result, err := coll.DeleteMany(ctx, bson.D{{Key: "writer", Value: writer}})
+	if err != nil {
+		return err
+	}
+	return printJSON(map[string]any{"deleted": result.DeletedCount})
+}
+
+// printJSON prints one plain JSON line (encoding/json sorts the keys).
+func printJSON(value map[string]any) error {
+	line, err := json.Marshal(value)
 	if err != nil {
 		return err
 	}
