@@ -161,6 +161,21 @@ class Language:
         """Insert one _id twice; what the language's error said."""
         raise NotImplementedError
 
+    def modify(self, collection: str, writer: str, modifier: str) -> Document:
+        """update_many the writer's documents: $set modified_by, $inc i32; {"matched", "modified"}."""
+        raise NotImplementedError
+
+    def aggregate(self, collection: str, writer: str) -> list[Document]:
+        """$match the writer's documents, $project writer, modified_by and i32."""
+        raise NotImplementedError
+
+    def count(self, collection: str, writer: str) -> int:
+        raise NotImplementedError
+
+    def delete(self, collection: str, writer: str) -> int:
+        """delete_many the writer's documents; how many went."""
+        raise NotImplementedError
+
 
 class PythonSide(Language):
     name = "python"
@@ -194,6 +209,25 @@ class PythonSide(Language):
             "mongo_code": error.mongo_code,
         }
 
+    def modify(self, collection: str, writer: str, modifier: str) -> Document:
+        result = self.client[self.database][collection].update_many(
+            {"writer": writer}, {"$set": {"modified_by": modifier}, "$inc": {"i32": 1}}
+        )
+        return {"matched": result.matched_count, "modified": result.modified_count}
+
+    def aggregate(self, collection: str, writer: str) -> list[Document]:
+        pipeline = [
+            {"$match": {"writer": writer}},
+            {"$project": {"_id": 0, "writer": 1, "modified_by": 1, "i32": 1}},
+        ]
+        return list(self.client[self.database][collection].aggregate(pipeline))
+
+    def count(self, collection: str, writer: str) -> int:
+        return self.client[self.database][collection].count_documents({"writer": writer})
+
+    def delete(self, collection: str, writer: str) -> int:
+        return self.client[self.database][collection].delete_many({"writer": writer}).deleted_count
+
 
 class HelperSide(Language):
     """A language driven through its interop helper program."""
@@ -218,6 +252,22 @@ class HelperSide(Language):
         (line,) = self._run("dup", collection)
         seen: Document = json.loads(line)
         return seen
+
+    def modify(self, collection: str, writer: str, modifier: str) -> Document:
+        (line,) = self._run("modify", collection, writer, modifier)
+        result: Document = json.loads(line)
+        return result
+
+    def aggregate(self, collection: str, writer: str) -> list[Document]:
+        return [load_canonical(line) for line in self._run("aggregate", collection, writer)]
+
+    def count(self, collection: str, writer: str) -> int:
+        (line,) = self._run("count", collection, writer)
+        return int(json.loads(line)["count"])
+
+    def delete(self, collection: str, writer: str) -> int:
+        (line,) = self._run("delete", collection, writer)
+        return int(json.loads(line)["deleted"])
 
 
 def _tool(name: str) -> str:
@@ -337,6 +387,33 @@ def test_decimal128_crosses_every_language(broker, languages, direct, record_pro
         expected = expected_document(writer, ids[writer], decimal=True)
         assert_exact(found[0], expected, f"{writer} wrote, {reader} read (Decimal128)")
     record_property("interop_decimal128", "exact in every pair")
+
+
+# --- update, aggregate, count and delete across languages ---------------------------
+
+
+@pytest.mark.parametrize(("modifier", "reader"), PAIRS, ids=[f"{m}-to-{r}" for m, r in PAIRS])
+def test_a_change_made_in_one_language_is_read_in_another(
+    modifier, reader, languages, direct, record_property
+):
+    """The reader writes the fixture, the modifier updates it, the reader aggregates and counts it,
+    the modifier deletes it: every step through the broker, each language's values exact."""
+    name = f"interop_mod_{uuid.uuid4().hex[:8]}"
+    direct(name)
+    languages[reader].write(name)
+    assert languages[modifier].modify(name, reader, modifier) == {"matched": 1, "modified": 1}
+    rows = languages[reader].aggregate(name, reader)
+    assert len(rows) == 1, rows
+    assert_exact(
+        bson.encode(rows[0]),
+        {"writer": reader, "i32": 43, "modified_by": modifier},
+        f"{modifier} -> {reader}",
+    )
+    assert languages[modifier].count(name, reader) == 1
+    assert languages[modifier].delete(name, reader) == 1
+    assert languages[reader].count(name, reader) == 0
+    assert direct(name).count_documents({}) == 0
+    record_property("interop_modify", f"{modifier} -> {reader}: exact")
 
 
 # --- errors ---------------------------------------------------------------------
