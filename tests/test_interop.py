@@ -216,7 +216,7 @@ class PythonSide(Language):
         return {"matched": result.matched_count, "modified": result.modified_count}
 
     def aggregate(self, collection: str, writer: str) -> list[Document]:
-        pipeline = [
+        pipeline: list[Document] = [
             {"$match": {"writer": writer}},
             {"$project": {"_id": 0, "writer": 1, "modified_by": 1, "i32": 1}},
         ]
