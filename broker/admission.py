@@ -96,6 +96,10 @@ class Admission:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    def would_wait(self) -> bool:
+        """Whether an acquire now would queue: no free slot, or others already waiting."""
+        return self._free <= 0 or bool(self._waiters)
+
     def _state(self) -> str:
         return f"{self.in_use}/{self.slots} connections busy, {self.waiting}/{self.max_waiting} calls waiting"
 

@@ -23,13 +23,14 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Hashable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import grpc
 import pymongo
 
+from broker import coalesce
 from broker.errors import Reason, RpcError, invalid_argument, to_rpc_error
 from broker.logs import log_value
 from broker.metrics import BrokerMetrics
@@ -236,6 +237,85 @@ class DatabaseCall(Call):
             ) from None
         finally:
             self.stage = "between round trips"
+
+    async def coalesced(
+        self,
+        key: Hashable,
+        item: Any,
+        size: int,
+        run: Callable[[list[Any]], Coroutine[Any, Any, list[Any]]],
+    ) -> Any:
+        """One item's round trip, going out with compatible waiting calls when the pool is busy.
+
+        ``run`` takes the items of a group and returns one outcome per item,
+        a value or an exception (the call's own error). With a free slot, or
+        coalescing off, the call goes alone at once (see coalesce.py).
+        """
+        pool, coalescer = self.pool, self.pool.coalescer
+        if coalescer is None or not pool.admission.would_wait():
+            return _outcome((await self.round_trip(run([item])))[0])
+        member = coalesce.Member(item, size, remaining=self.remaining)
+        if coalescer.join(key, member):
+            self.stage = "waiting with a coalesced round trip"
+            start = time.monotonic()
+            outcome = await self._answer(member)
+            self.queue_wait_s += time.monotonic() - start
+            if outcome is coalesce.ALONE:
+                return _outcome((await self.round_trip(run([item])))[0])
+            return _outcome(outcome)
+        group = coalescer.lead(key, member)
+        self.stage = "waiting for a connection"
+        try:
+            waited = await pool.admission.acquire(self.remaining())
+        except BaseException:
+            coalescer.abandon(group)
+            raise
+        self.queue_wait_s += waited
+        pool.stats.record_queue_wait(waited)
+        members = coalescer.close(group)
+        # The group's operation may take as long as its longest-lived member;
+        # each member waits only for its own time limit.
+        limit = max((m.remaining() for m in members), default=0.0)
+        task = asyncio.get_running_loop().create_task(
+            _run_group(run, members, limit), context=contextvars.Context()
+        )
+        task.add_done_callback(lambda _: pool.admission.release())
+        self.stage = "database round trip (coalesced)"
+        try:
+            return _outcome(await self._answer(member))
+        finally:
+            self.stage = "between round trips"
+
+    async def _answer(self, member: coalesce.Member[Any]) -> Any:
+        try:
+            return await coalesce.answer_of(member, self.remaining())
+        except TimeoutError:
+            raise RpcError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "the call's time limit ran out while its coalesced round trip was waiting or running",
+                Reason.TIMEOUT,
+            ) from None
+
+
+async def _run_group(
+    run: Callable[[list[Any]], Coroutine[Any, Any, list[Any]]],
+    members: list[coalesce.Member[Any]],
+    limit: float,
+) -> None:
+    """Run a group's operation under its longest time limit and give every member its outcome."""
+    try:
+        with pymongo.timeout(limit):
+            outcomes = await run([m.item for m in members])
+    except Exception as exc:
+        coalesce.fail_all(members, exc)
+        return
+    coalesce.deliver(members, outcomes)
+
+
+def _outcome(outcome: Any) -> Any:
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 def _request_id(context: Context) -> str:

@@ -330,3 +330,95 @@ def json_to_bson(text: str, field: str) -> bytes:
 def bson_to_json(raw: bytes, mode: str) -> str:
     """Write one BSON document as Extended JSON, "canonical" or "relaxed"."""
     return json_util.dumps(bson.decode(raw, DECODE), json_options=_JSON_WRITE[mode])
+
+
+# --- `_id` lookups, for coalescing (see coalesce.py) -----------------------------------
+
+# The `_id` types a lookup may be coalesced for, and how their values compare:
+# ObjectId and string by bytes, the integers by value (MongoDB finds {_id: 1}
+# for an int32, int64 or double 1 alike, and so does a dict keyed by value).
+_OBJECT_ID, _STRING, _INT32_TYPE, _INT64_TYPE, _DOUBLE = 0x07, 0x02, 0x10, 0x12, 0x01
+_INT64 = struct.Struct("<q")
+_DOUBLE_VALUE = struct.Struct("<d")
+_ID_KEY = b"_id\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class IdLookup:
+    """A filter that is exactly {"_id": value}: the value's element, and the key it compares by."""
+
+    element: bytes  # type byte and value, without the key
+    key: tuple[str, Any]
+
+
+def _value_key(kind: int, value: bytes) -> tuple[str, Any] | None:
+    if kind == _OBJECT_ID:
+        return ("oid", value)
+    if kind == _STRING:
+        return ("str", value[4:-1])
+    if kind == _INT32_TYPE:
+        return ("num", _INT32.unpack(value)[0])
+    if kind == _INT64_TYPE:
+        return ("num", _INT64.unpack(value)[0])
+    if kind == _DOUBLE:
+        return ("num", _DOUBLE_VALUE.unpack(value)[0])
+    return None
+
+
+def _first_id(document: bytes) -> tuple[int, bytes] | None:
+    """The type and value of ``document``'s first element if it is `_id` of a comparable type."""
+    if len(document) < 10 or document[5:9] != _ID_KEY:
+        return None
+    kind, start = document[4], 9
+    if kind == _OBJECT_ID:
+        end = start + 12
+    elif kind == _STRING:
+        (length,) = _INT32.unpack_from(document, start)
+        end = start + 4 + length
+    elif kind == _INT32_TYPE:
+        end = start + 4
+    elif kind in (_INT64_TYPE, _DOUBLE):
+        end = start + 8
+    else:
+        return None
+    if end > len(document) - 1:
+        return None
+    return kind, document[start:end]
+
+
+def id_lookup(filter_: bytes) -> IdLookup | None:
+    """An IdLookup if ``filter_`` (already checked) is exactly one `_id` equality, else None."""
+    first = _first_id(filter_)
+    if first is None:
+        return None
+    kind, value = first
+    # Nothing after the one element but the document's terminating NUL.
+    if 9 + len(value) != len(filter_) - 1 or kind == _DOUBLE:
+        return None
+    key = _value_key(kind, value)
+    return None if key is None else IdLookup(bytes([kind]) + value, key)
+
+
+def id_key(document: bytes) -> tuple[str, Any] | None:
+    """The key a stored document's `_id` compares by, as IdLookup.key; None if not comparable."""
+    first = _first_id(document)
+    if first is not None:
+        return _value_key(*first)
+    value = RawBSONDocument(document, RAW).get("_id")
+    if isinstance(value, ObjectId):
+        return ("oid", value.binary)
+    if isinstance(value, str):
+        return ("str", value.encode())
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return ("num", value)
+    return None
+
+
+def in_filter(elements: Sequence[bytes]) -> bytes:
+    """{"_id": {"$in": [...]}} as BSON, from each value's element (type byte and value)."""
+    items = b"".join(e[:1] + str(i).encode() + b"\x00" + e[1:] for i, e in enumerate(elements))
+    array = _INT32.pack(len(items) + 5) + items + b"\x00"
+    in_doc = b"\x04$in\x00" + array
+    in_doc = _INT32.pack(len(in_doc) + 5) + in_doc + b"\x00"
+    outer = b"\x03_id\x00" + in_doc
+    return _INT32.pack(len(outer) + 5) + outer + b"\x00"

@@ -53,6 +53,8 @@ METRIC_NAMES = (
     "mongo_broker_recommended_max_pool_size",
     "mongo_broker_abandoned_round_trips_total",
     "mongo_broker_stalled_streams_total",
+    "mongo_broker_coalesced_round_trips_total",
+    "mongo_broker_coalesced_calls_total",
 )
 
 
@@ -131,6 +133,16 @@ class _StatsCollector(Collector):
             "Find streams ended at their time limit because their client stopped reading.",
             labels=label,
         )
+        coalesced = CounterMetricFamily(
+            "mongo_broker_coalesced_round_trips",
+            "Round trips that carried more than one waiting call (queue-time coalescing).",
+            labels=label,
+        )
+        coalesced_calls = CounterMetricFamily(
+            "mongo_broker_coalesced_calls",
+            "Calls carried by coalesced round trips.",
+            labels=label,
+        )
         for db in self._databases():
             # The same snapshot as the Stats reply: one set of numbers.
             snap = database_stats(db)
@@ -161,9 +173,12 @@ class _StatsCollector(Collector):
             advice.add_metric([name], snap.recommended_max_pool_size)
             abandoned.add_metric([name], snap.abandoned_round_trips)
             stalled.add_metric([name], snap.stalled_streams)
+            coalesced.add_metric([name], snap.coalesced_round_trips)
+            coalesced_calls.add_metric([name], snap.coalesced_calls)
         yield from (
             connections, created, closed, max_pool, clears, queue, queue_max, failures,
             commands, command_failures, in_flight, cursors, up, rtt, advice, abandoned, stalled,
+            coalesced, coalesced_calls,
         )  # fmt: skip
 
 

@@ -19,6 +19,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
 from broker.admission import Admission
+from broker.coalesce import COALESCE_MAX_BYTES, Coalescer
 from broker.errors import UnknownDatabaseError
 from broker.monitoring import DatabaseStats
 from broker.settings import ConfigError, DatabaseSettings, redact_text, redact_uri
@@ -38,6 +39,8 @@ class DatabasePool:
     db: AsyncDatabase[Any]
     stats: DatabaseStats
     admission: Admission
+    # None when coalescing is off for this database.
+    coalescer: Coalescer | None
 
 
 class Pools:
@@ -190,8 +193,13 @@ def _open(name: str, settings: DatabaseSettings) -> DatabasePool:
         max_waiting=settings.max_waiting,
         wait_timeout_s=settings.wait_queue_timeout_ms / 1000,
     )
+    coalescer = (
+        Coalescer(settings.coalesce_max_calls, COALESCE_MAX_BYTES)
+        if settings.coalesce_max_calls > 1
+        else None
+    )
     return DatabasePool(
-        name, settings, client, client.get_database(settings.database or name), stats, admission
+        name, settings, client, client.get_database(settings.database or name), stats, admission, coalescer
     )
 
 

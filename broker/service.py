@@ -26,7 +26,7 @@ import pymongo.errors
 from broker_client.proto.broker.v1 import broker_pb2, broker_pb2_grpc
 from bson.raw_bson import RawBSONDocument
 
-from broker import documents, pipelines, requests
+from broker import coalesce, documents, pipelines, requests
 from broker.call import (
     DEADLINE_SLACK_S,
     Calls,
@@ -215,15 +215,19 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                     f"FindOne returns at most one document, so limit must be 0 or 1, got {options['limit']}; "
                     "use Find for more"
                 )
-            # A negative limit is pymongo's single batch: the server returns
-            # the document and closes the cursor in the same reply.
-            options["limit"], options["batch_size"] = -1, 0
-            cursor = self._cursor(request, call, options)
-            try:
-                batch = await call.round_trip(_next_batch(aiter(cursor)))
-            finally:
-                await self._calls.close_cursor(cursor, call)
-            docs = documents.split_batch(batch)[:1] if batch else []
+            lookup = _coalescible_lookup(request, options)
+            if lookup is not None:
+                docs = await self._find_by_id(request, call, options, lookup)
+            else:
+                # A negative limit is pymongo's single batch: the server returns
+                # the document and closes the cursor in the same reply.
+                options["limit"], options["batch_size"] = -1, 0
+                cursor = self._cursor(request, call, options)
+                try:
+                    batch = await call.round_trip(_next_batch(aiter(cursor)))
+                finally:
+                    await self._calls.close_cursor(cursor, call)
+                docs = documents.split_batch(batch)[:1] if batch else []
             call.documents = len(docs)
             call.bytes = sum(len(d) for d in docs)
             if json_mode is not None:
@@ -231,6 +235,25 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 return broker_pb2.FindResponse(json_documents=texts)
             return broker_pb2.FindResponse(documents=docs)
         raise AssertionError("unreachable: _serve aborts on error")  # pragma: no cover
+
+    async def _find_by_id(
+        self, request: broker_pb2.FindRequest, call: DatabaseCall, options: dict[str, Any], lookup: Any
+    ) -> list[bytes]:
+        """A FindOne by `_id` equality: alone, or coalesced with others waiting (see coalesce.py)."""
+        read_options = requests.read_options(request, self._checks())
+        collection = call.pool.db.get_collection(requests.collection_name(request.collection), **read_options)
+        key = (
+            "FindOne",
+            request.collection,
+            request.projection,
+            request.read_preference.SerializeToString(deterministic=True),
+            request.read_concern,
+        )
+        run = functools.partial(
+            coalesce.find_by_ids, collection, options.get("projection"), options["comment"]
+        )
+        found = await call.coalesced(key, lookup, len(request.filter), run)
+        return [found] if found is not None else []
 
     @staticmethod
     def _first_batch_size(collection: str, asked: int, call: DatabaseCall, budget: int, wanted: int) -> int:
@@ -308,14 +331,27 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 requests.writable_collection_name(request.collection, call.pool),
                 write_concern=requests.write_concern(request),
             )
-            await call.round_trip(
-                collection.insert_many(
-                    prepared.documents,
-                    ordered=request.ordered if request.HasField("ordered") else True,
-                    bypass_document_validation=request.bypass_document_validation,
-                    comment=call.comment(),
+            if len(prepared.documents) == 1:
+                # A single document may ride with other waiting inserts (see coalesce.py).
+                key = (
+                    "Insert",
+                    request.collection,
+                    request.write_concern.SerializeToString(deterministic=True),
+                    request.bypass_document_validation,
                 )
-            )
+                run = functools.partial(
+                    coalesce.insert_many, collection, call.comment(), request.bypass_document_validation
+                )
+                await call.coalesced(key, prepared, prepared.bytes, run)
+            else:
+                await call.round_trip(
+                    collection.insert_many(
+                        prepared.documents,
+                        ordered=request.ordered if request.HasField("ordered") else True,
+                        bypass_document_validation=request.bypass_document_validation,
+                        comment=call.comment(),
+                    )
+                )
             if json_mode is not None:
                 return broker_pb2.InsertResponse(
                     inserted_ids_json=[documents.bson_to_json(d, json_mode) for d in prepared.id_documents],
@@ -708,6 +744,21 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 databases=[database_stats(pool) for pool in pools],
             )
         raise AssertionError("unreachable: _serve aborts on error")  # pragma: no cover
+
+
+def _coalescible_lookup(request: broker_pb2.FindRequest, options: dict[str, Any]) -> Any:
+    """The IdLookup of a FindOne that only looks one `_id` up, else None.
+
+    Sort, skip, hint and collation would change which document one lookup
+    finds, and a projection without `_id` would hide what a shared answer is
+    matched by: such lookups go alone.
+    """
+    if any(k in options for k in ("sort", "hint", "collation")) or options["skip"]:
+        return None
+    projection = options.get("projection")
+    if projection is not None and "_id" in projection and not projection["_id"]:
+        return None
+    return documents.id_lookup(request.filter)
 
 
 def _refuses_max_time(exc: pymongo.errors.OperationFailure) -> bool:

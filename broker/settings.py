@@ -314,6 +314,10 @@ class DatabaseSettings(BaseModel):
     # Calls that may wait for a connection at once; more are refused at once
     # with RESOURCE_EXHAUSTED. Bounds the broker's memory under overload.
     max_waiting: PositiveInt = 50
+    # Queue-time coalescing (see broker/coalesce.py): while every connection
+    # is busy, single-document Inserts and FindOne-by-_id lookups waiting for
+    # one go out together, at most this many per round trip; 0 turns it off.
+    coalesce_max_calls: NonNegativeInt = 64
     # pymongo: 20 s. The database is close by; a connect that takes 5 s is broken.
     connect_timeout_ms: PositiveInt = 5_000
     # pymongo: no limit. Every call already carries a time limit (deadline or

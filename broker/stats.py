@@ -57,6 +57,8 @@ def database_stats(db: DatabasePool) -> broker_pb2.DatabaseStats:
         command_failures=dict(stats.commands.failures),
         abandoned_round_trips=stats.abandoned,
         stalled_streams=stats.stalled_streams,
+        coalesced_round_trips=db.coalescer.round_trips if db.coalescer else 0,
+        coalesced_calls=db.coalescer.calls if db.coalescer else 0,
     )
 
 

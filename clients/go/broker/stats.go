@@ -85,6 +85,10 @@ type DatabaseStats struct {
 	// StalledStreams counts Find streams ended at their time limit because
 	// their client stopped reading.
 	StalledStreams int64
+	// CoalescedRoundTrips counts round trips that carried more than one
+	// waiting call, and CoalescedCalls the calls they carried.
+	CoalescedRoundTrips int64
+	CoalescedCalls      int64
 }
 
 func statsFromProto(resp *brokerv1.StatsResponse) *StatsResult {
@@ -125,6 +129,8 @@ func statsFromProto(resp *brokerv1.StatsResponse) *StatsResult {
 			CommandFailures:        counts(db.GetCommandFailures()),
 			AbandonedRoundTrips:    db.GetAbandonedRoundTrips(),
 			StalledStreams:         db.GetStalledStreams(),
+			CoalescedRoundTrips:    db.GetCoalescedRoundTrips(),
+			CoalescedCalls:         db.GetCoalescedCalls(),
 		})
 	}
 	return result

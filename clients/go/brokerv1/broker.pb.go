@@ -3939,8 +3939,12 @@ type DatabaseStats struct {
 	// Find streams ended at their time limit because their client stopped
 	// reading.
 	StalledStreams int64 `protobuf:"varint,31,opt,name=stalled_streams,json=stalledStreams,proto3" json:"stalled_streams,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Queue-time coalescing: round trips that carried more than one call, and
+	// the calls they carried (see databases.NAME.coalesce_max_calls).
+	CoalescedRoundTrips int64 `protobuf:"varint,32,opt,name=coalesced_round_trips,json=coalescedRoundTrips,proto3" json:"coalesced_round_trips,omitempty"`
+	CoalescedCalls      int64 `protobuf:"varint,33,opt,name=coalesced_calls,json=coalescedCalls,proto3" json:"coalesced_calls,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *DatabaseStats) Reset() {
@@ -4186,6 +4190,20 @@ func (x *DatabaseStats) GetAbandonedRoundTrips() int64 {
 func (x *DatabaseStats) GetStalledStreams() int64 {
 	if x != nil {
 		return x.StalledStreams
+	}
+	return 0
+}
+
+func (x *DatabaseStats) GetCoalescedRoundTrips() int64 {
+	if x != nil {
+		return x.CoalescedRoundTrips
+	}
+	return 0
+}
+
+func (x *DatabaseStats) GetCoalescedCalls() int64 {
+	if x != nil {
+		return x.CoalescedCalls
 	}
 	return 0
 }
@@ -4604,7 +4622,7 @@ const file_broker_v1_broker_proto_rawDesc = "" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x125\n" +
 	"\tdatabases\x18\x02 \x03(\v2\x17.broker.v1.DatabasePingR\tdatabases\"*\n" +
 	"\fStatsRequest\x12\x1a\n" +
-	"\bdatabase\x18\x01 \x01(\tR\bdatabase\"\xc3\r\n" +
+	"\bdatabase\x18\x01 \x01(\tR\bdatabase\"\xa0\x0e\n" +
 	"\rDatabaseStats\x12\x1a\n" +
 	"\bdatabase\x18\x01 \x01(\tR\bdatabase\x12)\n" +
 	"\x10connections_open\x18\x02 \x01(\x03R\x0fconnectionsOpen\x12,\n" +
@@ -4644,7 +4662,9 @@ const file_broker_v1_broker_proto_rawDesc = "" +
 	"meanHoldMs\x12X\n" +
 	"\x10command_failures\x18\x1d \x03(\v2-.broker.v1.DatabaseStats.CommandFailuresEntryR\x0fcommandFailures\x122\n" +
 	"\x15abandoned_round_trips\x18\x1e \x01(\x03R\x13abandonedRoundTrips\x12'\n" +
-	"\x0fstalled_streams\x18\x1f \x01(\x03R\x0estalledStreams\x1aC\n" +
+	"\x0fstalled_streams\x18\x1f \x01(\x03R\x0estalledStreams\x122\n" +
+	"\x15coalesced_round_trips\x18  \x01(\x03R\x13coalescedRoundTrips\x12'\n" +
+	"\x0fcoalesced_calls\x18! \x01(\x03R\x0ecoalescedCalls\x1aC\n" +
 	"\x15CheckoutFailuresEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\x1a=\n" +

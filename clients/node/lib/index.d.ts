@@ -399,6 +399,10 @@ export interface DatabaseStats {
   abandonedRoundTrips: number;
   /** Find streams ended at their time limit because their client stopped reading. */
   stalledStreams: number;
+  /** Round trips that carried more than one waiting call (queue-time coalescing). */
+  coalescedRoundTrips: number;
+  /** Calls those round trips carried. */
+  coalescedCalls: number;
 }
 
 export interface StatsResult {

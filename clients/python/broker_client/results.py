@@ -209,6 +209,8 @@ class DatabaseStats:
     command_failures: Mapping[str, int]
     abandoned_round_trips: int
     stalled_streams: int
+    coalesced_round_trips: int
+    coalesced_calls: int
 
 
 @dataclass(frozen=True, slots=True)

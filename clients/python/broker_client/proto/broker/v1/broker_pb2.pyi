@@ -1789,6 +1789,8 @@ class DatabaseStats(_message.Message):
     COMMAND_FAILURES_FIELD_NUMBER: _builtins.int
     ABANDONED_ROUND_TRIPS_FIELD_NUMBER: _builtins.int
     STALLED_STREAMS_FIELD_NUMBER: _builtins.int
+    COALESCED_ROUND_TRIPS_FIELD_NUMBER: _builtins.int
+    COALESCED_CALLS_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     connections_open: _builtins.int
     """The connection pool, from the driver's CMAP events."""
@@ -1827,6 +1829,11 @@ class DatabaseStats(_message.Message):
     """Find streams ended at their time limit because their client stopped
     reading.
     """
+    coalesced_round_trips: _builtins.int
+    """Queue-time coalescing: round trips that carried more than one call, and
+    the calls they carried (see databases.NAME.coalesce_max_calls).
+    """
+    coalesced_calls: _builtins.int
     @_builtins.property
     def checkout_failures(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Calls refused or failed while getting a connection, by reason:
@@ -1883,10 +1890,12 @@ class DatabaseStats(_message.Message):
         command_failures: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         abandoned_round_trips: _builtins.int = ...,
         stalled_streams: _builtins.int = ...,
+        coalesced_round_trips: _builtins.int = ...,
+        coalesced_calls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abandoned_round_trips", b"abandoned_round_trips", "available", b"available", "checkout_failures", b"checkout_failures", "command_failures", b"command_failures", "connections_closed", b"connections_closed", "connections_created", b"connections_created", "connections_idle", b"connections_idle", "connections_in_use", b"connections_in_use", "connections_open", b"connections_open", "database", b"database", "demand_connections", b"demand_connections", "errors", b"errors", "last_error", b"last_error", "max_pool_size", b"max_pool_size", "max_waiting", b"max_waiting", "mean_hold_ms", b"mean_hold_ms", "open_cursors", b"open_cursors", "operations", b"operations", "pool_clears", b"pool_clears", "recommended_max_pool_size", b"recommended_max_pool_size", "round_trips_per_second", b"round_trips_per_second", "rpcs", b"rpcs", "rpcs_in_flight", b"rpcs_in_flight", "server_rtt_ms", b"server_rtt_ms", "server_type", b"server_type", "stalled_streams", b"stalled_streams", "wait_max_ms", b"wait_max_ms", "wait_p50_ms", b"wait_p50_ms", "wait_p99_ms", b"wait_p99_ms", "wait_queue_length", b"wait_queue_length", "wait_queue_max", b"wait_queue_max"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abandoned_round_trips", b"abandoned_round_trips", "available", b"available", "checkout_failures", b"checkout_failures", "coalesced_calls", b"coalesced_calls", "coalesced_round_trips", b"coalesced_round_trips", "command_failures", b"command_failures", "connections_closed", b"connections_closed", "connections_created", b"connections_created", "connections_idle", b"connections_idle", "connections_in_use", b"connections_in_use", "connections_open", b"connections_open", "database", b"database", "demand_connections", b"demand_connections", "errors", b"errors", "last_error", b"last_error", "max_pool_size", b"max_pool_size", "max_waiting", b"max_waiting", "mean_hold_ms", b"mean_hold_ms", "open_cursors", b"open_cursors", "operations", b"operations", "pool_clears", b"pool_clears", "recommended_max_pool_size", b"recommended_max_pool_size", "round_trips_per_second", b"round_trips_per_second", "rpcs", b"rpcs", "rpcs_in_flight", b"rpcs_in_flight", "server_rtt_ms", b"server_rtt_ms", "server_type", b"server_type", "stalled_streams", b"stalled_streams", "wait_max_ms", b"wait_max_ms", "wait_p50_ms", b"wait_p50_ms", "wait_p99_ms", b"wait_p99_ms", "wait_queue_length", b"wait_queue_length", "wait_queue_max", b"wait_queue_max"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
