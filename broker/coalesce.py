@@ -223,9 +223,9 @@ async def find_by_ids(collection: Any, projection: Any, comment: str, items: lis
     order and are matched to members by `_id` value.
     """
     wanted = RawBSONDocument(documents.in_filter([item.element for item in items]), documents.RAW)
-    cursor = collection.find_raw_batches(
-        wanted, projection=projection, batch_size=len(items), comment=comment
-    )
+    # A negative limit asks for one batch of at most that many documents, and
+    # the server closes the cursor with it: no getMore or killCursors after.
+    cursor = collection.find_raw_batches(wanted, projection=projection, limit=-len(items), comment=comment)
     found: dict[Hashable, bytes] = {}
     try:
         async for batch in cursor:
