@@ -345,7 +345,7 @@ def run(settings: Settings, concurrencies: list[int]) -> dict[str, Any]:
                 rows: list[dict[str, Any]] = []
                 grpc_rows: list[tuple[str, str, str, Callable[[Any], Any], int, bool]] = [
                     (
-                        "aio_stub_ping",
+                        "stub_aio_ping",
                         "grpc.aio stub Ping (no database)",
                         aio_target,
                         lambda s: s.Ping(ping_stub, timeout=10),
@@ -353,7 +353,7 @@ def run(settings: Settings, concurrencies: list[int]) -> dict[str, Any]:
                         True,
                     ),
                     (
-                        "sync_stub_ping",
+                        "stub_sync_ping",
                         "sync gRPC stub Ping (no database)",
                         sync_target,
                         lambda s: s.Ping(ping_stub, timeout=10),
@@ -452,8 +452,8 @@ def run(settings: Settings, concurrencies: list[int]) -> dict[str, Any]:
 # (row key, column) pairs: a row's serving-process CPU, or for the direct
 # pymongo rows the pymongo process's own (the client column).
 _CPU = {
-    "aio_stub_ping": "server_cpu_us",
-    "sync_stub_ping": "server_cpu_us",
+    "stub_aio_ping": "server_cpu_us",
+    "stub_sync_ping": "server_cpu_us",
     "broker_ping": "server_cpu_us",
     "broker_find_one": "server_cpu_us",
     "broker_insert": "server_cpu_us",
@@ -468,30 +468,30 @@ _CPU = {
 DERIVED: list[tuple[str, list[tuple[int, str]]]] = [
     (
         "broker Ping - aio stub Ping: a database ping through pymongo + our code",
-        [(1, "broker_ping"), (-1, "aio_stub_ping")],
+        [(1, "broker_ping"), (-1, "stub_aio_ping")],
     ),
     ("broker Ping - AsyncMongoClient ping: gRPC + our code", [(1, "broker_ping"), (-1, "async_ping")]),
-    ("broker FindOne - aio stub Ping: pymongo + our code", [(1, "broker_find_one"), (-1, "aio_stub_ping")]),
+    ("broker FindOne - aio stub Ping: pymongo + our code", [(1, "broker_find_one"), (-1, "stub_aio_ping")]),
     (
         "broker FindOne - AsyncMongoClient find_one: gRPC + our code",
         [(1, "broker_find_one"), (-1, "async_find_one")],
     ),
     (
         "broker FindOne - AsyncMongoClient find_one - aio stub Ping: our code (+ a bigger message)",
-        [(1, "broker_find_one"), (-1, "async_find_one"), (-1, "aio_stub_ping")],
+        [(1, "broker_find_one"), (-1, "async_find_one"), (-1, "stub_aio_ping")],
     ),
-    ("broker Insert - aio stub Ping: pymongo + our code", [(1, "broker_insert"), (-1, "aio_stub_ping")]),
+    ("broker Insert - aio stub Ping: pymongo + our code", [(1, "broker_insert"), (-1, "stub_aio_ping")]),
     (
         "broker Insert - AsyncMongoClient insert_one: gRPC + our code",
         [(1, "broker_insert"), (-1, "async_insert_one")],
     ),
     (
         "broker Insert - AsyncMongoClient insert_one - aio stub Ping: our code (+ a bigger message)",
-        [(1, "broker_insert"), (-1, "async_insert_one"), (-1, "aio_stub_ping")],
+        [(1, "broker_insert"), (-1, "async_insert_one"), (-1, "stub_aio_ping")],
     ),
     (
         "aio stub Ping - sync stub Ping: grpc.aio server over the sync one",
-        [(1, "aio_stub_ping"), (-1, "sync_stub_ping")],
+        [(1, "stub_aio_ping"), (-1, "stub_sync_ping")],
     ),
     (
         "AsyncMongoClient find_one - MongoClient find_one: asyncio pymongo over sync",
@@ -528,7 +528,7 @@ def derive(rows: list[dict[str, Any]]) -> dict[str, Any]:
         differences.append(entry)
     shares = []
     for name, broker_key, direct_key in SHARES:
-        total, grpc_part, pymongo_part = cpu(broker_key), cpu("aio_stub_ping"), cpu(direct_key)
+        total, grpc_part, pymongo_part = cpu(broker_key), cpu("stub_aio_ping"), cpu(direct_key)
         if total is None or grpc_part is None or pymongo_part is None or total <= 0:
             shares.append({"call": name, "reason": "a term was not measured"})
             continue
