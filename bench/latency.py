@@ -50,6 +50,7 @@ from typing import Any
 import bson
 import grpc
 import pymongo
+from broker_client import BrokerClient
 from broker_client.proto.broker.v1 import broker_pb2, broker_pb2_grpc
 
 from bench.stubs import proc_cpu_s
@@ -308,6 +309,34 @@ def _grpc_row(
     return row
 
 
+def _client_rows(
+    broker: BrokerProcess,
+    filter_bson: bytes,
+    *,
+    settings: Settings,
+    concurrency: int,
+    db_pid: int | None,
+    db_reason: str,
+) -> list[dict[str, Any]]:
+    """find_one and insert_one through the bundled Python client (``broker_client``)."""
+    rows = []
+    reasons = {"db_cpu_us": db_reason} if db_reason else {}
+    query = bson.decode(filter_bson)
+    with BrokerClient(broker.unix_target) as client:
+        items = client["appdb"]["latency"]
+        for key, label, call in (
+            ("client_find_one", "broker_client find_one by _id", lambda: items.find_one(query)),
+            ("client_insert_one", "broker_client insert_one", lambda: items.insert_one({"a": 1})),
+        ):
+            try:
+                rounds = _rounds_of_calls(call, settings, concurrency, broker.pid, db_pid)
+            except Exception as exc:  # any client error: the row says so instead of the run failing
+                rows.append(failed_row(key, label, f"the call failed: {type(exc).__name__}"))
+                continue
+            rows.append(make_row(key, label, rounds, reasons))
+    return rows
+
+
 def run(settings: Settings, concurrencies: list[int]) -> dict[str, Any]:
     tables: list[dict[str, Any]] = []
     with (
@@ -403,6 +432,14 @@ def run(settings: Settings, concurrencies: list[int]) -> dict[str, Any]:
                         )
                     except grpc.RpcError as exc:
                         rows.append(failed_row(key, label, f"the call failed: {exc.code().name}"))
+                rows += _client_rows(
+                    broker,
+                    by_id.filter,
+                    settings=settings,
+                    concurrency=concurrency,
+                    db_pid=db_pid,
+                    db_reason=db_reason,
+                )
                 for kind, client_name in (("async", "AsyncMongoClient"), ("sync", "MongoClient")):
                     for op in ("ping", "find_one", "insert_one"):
                         key, label = f"{kind}_{op}", f"{client_name} {op} (direct)"
@@ -457,6 +494,8 @@ _CPU = {
     "broker_ping": "server_cpu_us",
     "broker_find_one": "server_cpu_us",
     "broker_insert": "server_cpu_us",
+    "client_find_one": "server_cpu_us",
+    "client_insert_one": "server_cpu_us",
     "async_ping": "client_cpu_us",
     "async_find_one": "client_cpu_us",
     "async_insert_one": "client_cpu_us",
@@ -490,6 +529,14 @@ DERIVED: list[tuple[str, list[tuple[int, str]]]] = [
         [(1, "broker_insert"), (-1, "async_insert_one"), (-1, "stub_aio_ping")],
     ),
     (
+        "broker_client find_one - raw FindOne, calling process: the Python client's own cost",
+        [(1, "client_find_one:client_cpu_us"), (-1, "broker_find_one:client_cpu_us")],
+    ),
+    (
+        "broker_client insert_one - raw Insert, calling process: the Python client's own cost",
+        [(1, "client_insert_one:client_cpu_us"), (-1, "broker_insert:client_cpu_us")],
+    ),
+    (
         "aio stub Ping - sync stub Ping: grpc.aio server over the sync one",
         [(1, "stub_aio_ping"), (-1, "stub_sync_ping")],
     ),
@@ -510,9 +557,11 @@ SHARES = [("FindOne", "broker_find_one", "async_find_one"), ("Insert", "broker_i
 def derive(rows: list[dict[str, Any]]) -> dict[str, Any]:
     by_key = {r["key"]: r for r in rows}
 
-    def cpu(key: str) -> float | None:
+    def cpu(term: str) -> float | None:
+        """A row's CPU per call: ``key`` (its column in _CPU) or ``key:column``."""
+        key, _, column = term.partition(":")
         row = by_key.get(key)
-        return None if row is None else row.get(_CPU[key])
+        return None if row is None else row.get(column or _CPU[key])
 
     differences = []
     for label, terms in DERIVED:

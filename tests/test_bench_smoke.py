@@ -172,6 +172,8 @@ LAYER_ROWS = {
     "broker_ping",
     "broker_find_one",
     "broker_insert",
+    "client_find_one",
+    "client_insert_one",
     "async_ping",
     "async_find_one",
     "async_insert_one",
