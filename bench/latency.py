@@ -10,7 +10,8 @@ C at a time from C client threads):
 
 - Ping of the grpc.aio stub and of the sync gRPC stub (no database);
 - the broker's Ping of one database, FindOne by ``_id`` and Insert of one
-  small document (the raw gRPC contract, no client library);
+  small document (the raw gRPC contract, no client library), and find_one
+  and insert_one through the bundled Python client;
 - ping, find_one by ``_id`` and insert_one with pymongo's AsyncMongoClient
   and its sync MongoClient directly, each in a subprocess of its own that
   runs the operations itself.
