@@ -5,7 +5,8 @@ Benchmarks are not tests: nothing here asserts a timing or a ratio. It runs
 "not measured" path, steady C=1 for 1 s, a stream of 2,000 documents, ghz
 for 1 s when it is built) into a temporary results directory, and checks
 that every record is either a measurement with finite numbers or a reason
-why it was not measured, and that the report and its plots were written.
+why it was not measured, and that the report and its plots were written. It also runs the layer table,
+``python -m bench.latency --smoke``, and checks its rows the same way.
 """
 
 from __future__ import annotations
@@ -163,3 +164,61 @@ def test_a_refused_mongobetween_download_is_reported_without_the_tools_text() ->
     assert "exited with status 2" in broken
     for reason in (refused, broken):
         assert "example.invalid" not in reason and "syntax error" not in reason and "403" not in reason
+
+
+LAYER_ROWS = {
+    "stub_aio_ping",
+    "stub_sync_ping",
+    "broker_ping",
+    "broker_find_one",
+    "broker_insert",
+    "client_find_one",
+    "client_insert_one",
+    "async_ping",
+    "async_find_one",
+    "async_insert_one",
+    "sync_ping",
+    "sync_find_one",
+    "sync_insert_one",
+}
+
+
+@pytest.mark.timeout(120)
+def test_layer_table_runs(tmp_path: Path) -> None:
+    """``python -m bench.latency --smoke``: every row's figures are finite or say why not.
+
+    A few calls per row; no timing or ratio is asserted.
+    """
+    out = tmp_path / "layers.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.latency", "--smoke", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert done.returncode == 0, (
+        f"bench.latency --smoke exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert "not asserted" in result["note"]
+    assert "| layer |" in done.stdout and "Derived" in done.stdout
+    (table,) = result["tables"]
+    assert table["concurrency"] == 1
+    assert {row["key"] for row in table["rows"]} == LAYER_ROWS
+    for row in table["rows"]:
+        for field in ("wall_p50_ms", "wall_p90_ms", "server_cpu_us", "client_cpu_us", "db_cpu_us"):
+            value = row[field]
+            if value is None:
+                reason = row["reasons"].get(field)
+                assert isinstance(reason, str) and reason, (row["key"], field)
+            else:
+                assert _finite(value) and value >= 0, (row["key"], field, value)
+        # Only the direct pymongo rows have no serving process of their own.
+        assert (row["server_cpu_us"] is None) == row["key"].startswith(("async_", "sync_")), row["key"]
+        assert row["calls"] > 0 and row["wall_p50_ms"] is not None, row["key"]
+    for entry in table["derived"]["differences"]:
+        assert _finite(entry["cpu_us"]) or isinstance(entry.get("reason"), str), entry["label"]
+    assert {share["call"] for share in table["derived"]["shares"]} == {"FindOne", "Insert"}
