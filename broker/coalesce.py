@@ -222,7 +222,12 @@ async def find_by_ids(collection: Any, projection: Any, comment: str, items: lis
     ``items`` are `documents.IdLookup`s. The documents come back in any
     order and are matched to members by `_id` value.
     """
-    wanted = RawBSONDocument(documents.in_filter([item.element for item in items]), documents.RAW)
+    # One lookup keeps its own equality: servers that push `_id` equality
+    # down to their index may not do so for $in (FerretDB 1.24 scans the
+    # collection for it), and a lone call must cost what it did uncoalesced.
+    elements = [item.element for item in items]
+    query = documents.id_filter(elements[0]) if len(elements) == 1 else documents.in_filter(elements)
+    wanted = RawBSONDocument(query, documents.RAW)
     # A negative limit asks for one batch of at most that many documents, and
     # the server closes the cursor with it: no getMore or killCursors after.
     cursor = collection.find_raw_batches(wanted, projection=projection, limit=-len(items), comment=comment)

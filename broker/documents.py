@@ -414,6 +414,12 @@ def id_key(document: bytes) -> tuple[str, Any] | None:
     return None
 
 
+def id_filter(element: bytes) -> bytes:
+    """{"_id": value} as BSON, from the value's element (type byte and value)."""
+    body = element[:1] + _ID_KEY + element[1:]
+    return _INT32.pack(len(body) + 5) + body + b"\x00"
+
+
 def in_filter(elements: Sequence[bytes]) -> bytes:
     """{"_id": {"$in": [...]}} as BSON, from each value's element (type byte and value)."""
     items = b"".join(e[:1] + str(i).encode() + b"\x00" + e[1:] for i, e in enumerate(elements))

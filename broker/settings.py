@@ -316,8 +316,11 @@ class DatabaseSettings(BaseModel):
     max_waiting: PositiveInt = 50
     # Queue-time coalescing (see broker/coalesce.py): while every connection
     # is busy, single-document Inserts and FindOne-by-_id lookups waiting for
-    # one go out together, at most this many per round trip; 0 turns it off.
-    coalesce_max_calls: NonNegativeInt = 64
+    # one go out together, at most this many per round trip. Off (0) by
+    # default: against FerretDB 1.24, which scans a collection for `_id: {$in:
+    # [...]}`, it cost a third of the steady throughput at C=16 and C=64
+    # (docs/BENCHMARKS.md); 64 is a good value where $in uses the index.
+    coalesce_max_calls: NonNegativeInt = 0
     # pymongo: 20 s. The database is close by; a connect that takes 5 s is broken.
     connect_timeout_ms: PositiveInt = 5_000
     # pymongo: no limit. Every call already carries a time limit (deadline or

@@ -24,7 +24,9 @@ LATENCY_MS = 40
 def slow_broker(start_broker, proxy):
     proxy.add_toxic("latency", latency=LATENCY_MS)
     return start_broker(
-        proxied_config(start_broker, proxy, max_pool_size=1, max_waiting=200, min_pool_size=1)
+        proxied_config(
+            start_broker, proxy, max_pool_size=1, max_waiting=200, min_pool_size=1, coalesce_max_calls=64
+        )
     )
 
 
@@ -128,7 +130,7 @@ def test_waiting_lookups_by_id_share_a_find_and_each_gets_its_own_document(
 
 
 def test_a_lone_call_never_waits_for_company(start_broker, collection_name, mongo_collection):
-    broker = start_broker(start_broker.base_config())
+    broker = start_broker(start_broker.base_config(coalesce_max_calls=64))
     with open_stub(broker.unix_target) as stub:
         for n in range(20):
             stub.Insert(
@@ -142,9 +144,9 @@ def test_a_lone_call_never_waits_for_company(start_broker, collection_name, mong
     assert mongo_collection.count_documents({}) == 20
 
 
-def test_coalescing_can_be_turned_off(start_broker, proxy, collection_name, mongo_collection):
+def test_coalescing_is_off_by_default(start_broker, proxy, collection_name, mongo_collection):
     proxy.add_toxic("latency", latency=LATENCY_MS)
-    config = proxied_config(start_broker, proxy, max_pool_size=1, max_waiting=200, coalesce_max_calls=0)
+    config = proxied_config(start_broker, proxy, max_pool_size=1, max_waiting=200)
     broker = start_broker(config)
     with open_stub(broker.unix_target) as stub:
         replies = _together([_insert(stub, collection_name, {"n": n}) for n in range(8)])

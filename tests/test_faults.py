@@ -127,10 +127,13 @@ def test_1_database_down_at_broker_start_then_appears(start_broker, own_server, 
 # 2 -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("coalesce", [0, 64], ids=["alone", "coalescing"])
 def test_2_database_restarted_with_50_calls_in_flight(
-    start_broker, own_server, collection_name, record_property
+    start_broker, own_server, collection_name, record_property, coalesce
 ):
-    config = start_broker.base_config(**FAST_DB, max_pool_size=10, max_waiting=100)
+    config = start_broker.base_config(
+        **FAST_DB, max_pool_size=10, max_waiting=100, coalesce_max_calls=coalesce
+    )
     config["databases"]["appdb"]["uri"] = own_server.uri
     proc = start_broker(config)
     with open_stub(proc.unix_target) as stub:
@@ -230,6 +233,50 @@ def test_3_blackhole_ends_at_the_deadline(start_broker, proxy, collection_name, 
         proxy.clear()
         assert _eventually(lambda: database_stats(stub, timeout=5).rpcs_in_flight == 0)
         _back_to_baseline(proc.pid, before)
+
+
+def test_3_blackhole_under_coalesced_inserts_loses_no_acknowledged_write(
+    start_broker, proxy, collection_name
+):
+    # One connection, so the inserts queue and coalesce; then the network
+    # swallows everything while they are in flight, and comes back.
+    proc = start_broker(
+        _through(start_broker, proxy, max_pool_size=1, max_waiting=100, coalesce_max_calls=64)
+    )
+    proxy.add_toxic("latency", latency=20)
+    acknowledged: list[int] = []
+    codes: list[str] = []
+    lock = threading.Lock()
+    with open_stub(proc.unix_target) as stub:
+
+        def one(n: int) -> None:
+            try:
+                stub.Insert(
+                    pb.InsertRequest(
+                        database="appdb", collection=collection_name, documents=[bson.encode({"_id": n})]
+                    ),
+                    timeout=1.5,
+                )
+                with lock:
+                    acknowledged.append(n)
+                    codes.append("OK")
+            except grpc.RpcError as exc:
+                with lock:
+                    codes.append(exc.code().name)
+
+        with ThreadPoolExecutor(40) as pool:
+            futures = [pool.submit(one, n) for n in range(40)]
+            time.sleep(0.1)
+            proxy.add_toxic("timeout", timeout=0)
+            for future in futures:
+                future.result(timeout=30)
+        proxy.clear()
+        assert set(codes) <= {"OK", "DEADLINE_EXCEEDED", "UNAVAILABLE"}, codes
+        assert _eventually(lambda: _ping_ok(stub), timeout=15)
+        stored = [d["_id"] for d in find_all(stub, database="appdb", collection=collection_name)[0]]
+        assert sorted(stored) == sorted(set(stored))
+        assert set(acknowledged) <= set(stored), sorted(set(acknowledged) - set(stored))
+        assert database_stats(stub).coalesced_calls > 0
 
 
 # 4 -------------------------------------------------------------------------------
