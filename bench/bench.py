@@ -117,12 +117,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=0,
         help="nice value for the broker and mongobetween (e.g. -10: a bigger CPU share, like a CPU request)",
     )
-    add(
-        "--build-mongobetween",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="try `go install github.com/coinbase/mongobetween@$MONGOBETWEEN_VERSION` when not found",
-    )
     add("--results-dir", type=Path, default=RESULTS, help="where REPORT.md and the plots go")
     add("--no-report", action="store_true", help="write the raw JSON only")
     add(
@@ -155,7 +149,6 @@ def _apply_smoke(args: argparse.Namespace, given: set[str]) -> None:
         "ghz_seconds": 1.0,
         "ghz_concurrency": 2,
         "ghz_connections": 1,
-        "build_mongobetween": False,
     }
     for name, value in defaults.items():
         if f"--{name.replace('_', '-')}" not in given:
@@ -302,8 +295,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     def progress(message: str) -> None:
         print(f"[{time.monotonic() - t0:7.1f} s] {message}", flush=True)
 
-    wanted_mb = modes.MONGOBETWEEN in args.modes
-    mongobetween = workloads.Mongobetween.obtain(build=args.build_mongobetween and wanted_mb)
+    mongobetween = workloads.Mongobetween.obtain()
     progress(f"mongobetween: {mongobetween.reason}")
     workdir = short_tmpdir("mb-bench-")
     raw_dir = args.results_dir / "raw"

@@ -75,6 +75,8 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
             "connections_opened": m["connections_opened"],
             "workers_failed": m["workers_failed"],
             "worker_rss_mb": percentile(m["worker_peak_rss_mb"], 50),
+            # A worker's own CPU from spawn to exit (absent from older runs and the threads mode).
+            "worker_cpu_p50_ms": percentile(m.get("worker_cpu_ms", []), 50),
             "loadavg_1m": m.get("loadavg_1m", math.nan),
         }
     if workload == "profile":
@@ -215,6 +217,7 @@ STORM_COLUMNS: list[tuple[str, str, int | None]] = [
     ("s2f_p50_ms", "spawn→first result p50 ms", 0),
     ("s2f_p99_ms", "spawn→first result p99 ms", 0),
     ("import_p50_ms", "spawn→imports done p50 ms", 0),
+    ("worker_cpu_p50_ms", "worker CPU spawn→exit p50 ms", 0),
     ("peak_connections", "peak DB connections", 0),
     ("connections_opened", "DB connections opened", 0),
     ("op_p50_ms", "later ops p50 ms", 2),
@@ -627,6 +630,8 @@ def headline_rows(raw: dict[str, Any], agg: Aggregate) -> list[tuple[str, str, A
         rows.append((f"storm W={big}: DB connections opened", "storm", big, "connections_opened", 0))
     for w in storm_ws:
         rows.append((f"storm W={w}: spawn→first result p50 ms", "storm", w, "s2f_p50_ms", 0))
+    for w in storm_ws:
+        rows.append((f"storm W={w}: worker CPU spawn→exit p50 ms", "storm", w, "worker_cpu_p50_ms", 0))
     if storm_ws:
         rows.append((f"storm W={max(storm_ws)}: wall time s", "storm", max(storm_ws), "wall_s", 1))
     for c in agg.params.get("steady", []):
@@ -1145,6 +1150,27 @@ def before_after_section(baseline: dict[str, Any], current: dict[str, float], th
     )
 
 
+def layers_section(out_dir: Path) -> str | None:
+    """The layer table (`python -m bench.latency`, saved as LAYERS.md beside the report), if there is one.
+
+    It is its own run, one call at a time on the same machine, so it is
+    included as written rather than merged into this run's figures.
+    """
+    path = out_dir / "LAYERS.md"
+    if not path.is_file():
+        return None
+    lines = path.read_text(encoding="utf-8").strip().splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]  # its own title: this section's heading replaces it
+    # Its headings one level below this section's.
+    body = "\n".join("##" + line if line.startswith("#") else line for line in lines).strip()
+    return (
+        "## Layers: where one call's CPU goes\n\n"
+        "From `python -m bench.latency --calls 400 > bench/results/LAYERS.md`, a separate run "
+        "on the same machine (its own header says when).\n\n" + body
+    )
+
+
 def write_report(
     raw: dict[str, Any], out_dir: Path, raw_path: Path | None = None, new_baseline: bool = False
 ) -> Path:
@@ -1210,6 +1236,8 @@ def write_report(
         parts += [stream_section(raw, agg, images), ""]
     if agg.params.get("ghz"):
         parts += [ghz_section(raw, agg), ""]
+    if (layers := layers_section(out_dir)) is not None:
+        parts += [layers, ""]
     if profile_text:
         parts += [profile_text, ""]
     if baseline is None:

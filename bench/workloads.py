@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import socket
@@ -103,25 +102,23 @@ def _runnable(
 
 # --- mongobetween ----------------------------------------------------------------------------
 
-MONGOBETWEEN_MODULE = "github.com/coinbase/mongobetween"
-
 
 @dataclass
 class Mongobetween:
     """Where mongobetween comes from, or why it could not be had.
 
-    In order: the ``MONGOBETWEEN`` environment variable (a binary path),
-    ``.tools/bin/mongobetween``, else ``go install
-    github.com/coinbase/mongobetween@$MONGOBETWEEN_VERSION`` (default
-    ``latest``) into ``.tools/bin``. On failure ``reason`` says why, and every
-    table shows the mode as not measured with that reason.
+    The ``MONGOBETWEEN`` environment variable (a binary path), else
+    ``.tools/bin/mongobetween``. It is not on the Go module proxy, and the
+    bench never builds it: build it from its public source beside the
+    checkout (docs/BENCHMARKS.md says how). Without it every table shows the
+    mode as not measured, with the reason.
     """
 
     binary: str | None
     reason: str
 
     @classmethod
-    def obtain(cls, build: bool = True) -> Mongobetween:
+    def obtain(cls) -> Mongobetween:
         given = os.environ.get("MONGOBETWEEN")
         if given:
             if os.access(given, os.X_OK):
@@ -130,46 +127,10 @@ class Mongobetween:
         local = TOOLS / "mongobetween"
         if os.access(local, os.X_OK):
             return cls(str(local), f"{local} (built earlier)")
-        if not build:
-            return cls(None, "not measured: mongobetween is not built and building it was not asked for")
-        version = os.environ.get("MONGOBETWEEN_VERSION", "latest")
-        go = shutil.which("go")
-        if go is None:
-            return cls(None, "not measured: mongobetween could not be built: no Go toolchain on PATH")
-        TOOLS.mkdir(parents=True, exist_ok=True)
-        command = [go, "install", f"{MONGOBETWEEN_MODULE}@{version}"]
-        try:
-            done = subprocess.run(
-                command,
-                capture_output=True,
-                text=True,
-                timeout=300,
-                check=False,
-                env={**os.environ, "GOBIN": str(TOOLS)},
-            )
-        except subprocess.TimeoutExpired:
-            return cls(None, "not measured: `go install` of mongobetween took over 300 s")
-        if done.returncode == 0 and os.access(local, os.X_OK):
-            return cls(str(local), f"built with `{' '.join(command[1:])}`")
-        return cls(None, _install_failure(command, done.returncode, done.stderr))
-
-
-# The Go toolchain's own error text names the module proxy's host and the
-# URL it read; that text ends up in committed reports, so only its gist is kept.
-_FETCH_REFUSED = re.compile(
-    r"reading https?://|\b(?:401|403|404|410)\b|Forbidden|Not Found|module lookup disabled"
-)
-
-
-def _install_failure(command: list[str], returncode: int, stderr: str) -> str:
-    """Why `go install` failed, in words fit for a committed report (never the raw tool output)."""
-    shown = f"`go {' '.join(command[1:])}`"
-    if _FETCH_REFUSED.search(stderr):
-        return f"not measured: mongobetween could not be obtained: the Go module proxy refused it ({shown})"
-    return (
-        f"not measured: mongobetween could not be built: {shown} exited with status {returncode} "
-        "(run it by hand to see why)"
-    )
+        return cls(
+            None,
+            "not measured: no mongobetween binary (set MONGOBETWEEN to one built from its public source)",
+        )
 
 
 class MongobetweenProcess:
@@ -473,6 +434,7 @@ def _storm_processes(
         "op_ms": [v for _, r in ok for v in _later_ops(r)],
         "connects_reported": sum(int(r["connects"]) for _, r in ok),
         "worker_peak_rss_mb": [r["peak_rss_mb"] for _, r in ok],
+        "worker_cpu_ms": [r["cpu_ms"] for _, r in ok if "cpu_ms" in r],
     }
 
 

@@ -304,6 +304,9 @@ def storm(spec: dict[str, Any]) -> int:
             "t_done": time.monotonic(),
             "connects": connects,
             "peak_rss_mb": peak_rss_mb(),
+            # The process's own CPU from its start (interpreter, imports,
+            # connecting, the operations): on few cores, what a storm costs.
+            "cpu_ms": (os.times().user + os.times().system) * 1000,
         }
     )
     return 0

@@ -144,26 +144,21 @@ def test_profile_summary_reads_speedscope(tmp_path: Path) -> None:
     assert dict(summary["areas"])["bson"] == pytest.approx(200 / 3)
 
 
-def test_a_refused_mongobetween_download_is_reported_without_the_tools_text() -> None:
-    """The reason lands in committed reports: it must not quote the Go toolchain (hosts, URLs)."""
+def test_without_a_mongobetween_binary_it_is_not_measured_and_never_built(monkeypatch, tmp_path) -> None:
+    """The bench only measures a binary it is given: it never fetches or builds mongobetween."""
     from bench import workloads
 
-    command = ["go", "install", "github.com/coinbase/mongobetween@latest"]
-    stderr = (
-        "go: github.com/coinbase/mongobetween@latest: module github.com/coinbase/mongobetween: "
-        # The shape of the toolchain's refusal, with a made-up host and path.
-        "reading https://modules.example.invalid/github.com/coinbase/mongobetween/versions: "
-        "403 Forbidden\n\tserver response: This module version is not available.\n"
-    )
-    refused = workloads._install_failure(command, 1, stderr)
-    assert refused == (
-        "not measured: mongobetween could not be obtained: the Go module proxy refused it "
-        "(`go install github.com/coinbase/mongobetween@latest`)"
-    )
-    broken = workloads._install_failure(command, 2, "main.go:3:1: syntax error near https-ish text\n")
-    assert "exited with status 2" in broken
-    for reason in (refused, broken):
-        assert "example.invalid" not in reason and "syntax error" not in reason and "403" not in reason
+    monkeypatch.setattr(workloads, "TOOLS", tmp_path)
+    monkeypatch.delenv("MONGOBETWEEN", raising=False)
+    absent = workloads.Mongobetween.obtain()
+    assert absent.binary is None and absent.reason.startswith("not measured: no mongobetween binary")
+    monkeypatch.setenv("MONGOBETWEEN", str(tmp_path / "nothing-here"))
+    assert workloads.Mongobetween.obtain().reason.endswith("is not an executable file")
+    built = tmp_path / "mongobetween"
+    built.write_text("#!/bin/sh\n")
+    built.chmod(0o755)
+    monkeypatch.delenv("MONGOBETWEEN")
+    assert workloads.Mongobetween.obtain().binary == str(built)
 
 
 LAYER_ROWS = {
