@@ -122,7 +122,8 @@ class Mongobetween:
         given = os.environ.get("MONGOBETWEEN")
         if given:
             if os.access(given, os.X_OK):
-                return cls(given, f"MONGOBETWEEN={given}")
+                # Only its name: a local build's path says nothing a report reader can use.
+                return cls(given, f"the binary MONGOBETWEEN names ({Path(given).name})")
             return cls(None, f"not measured: MONGOBETWEEN={given} is not an executable file")
         local = TOOLS / "mongobetween"
         if os.access(local, os.X_OK):
