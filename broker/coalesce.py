@@ -12,6 +12,9 @@ as one operation (the caller-side rules are in `Group`):
 - FindOne lookups by `_id` equality on one collection, with the same
   projection and read options: one find of `{_id: {$in: [...]}}`.
 
+It is off unless a database sets `coalesce_max_calls` (see its setting for
+the measurement behind that default).
+
 There are no timers: a call that finds a free slot goes alone at once, so a
 lone caller never waits for company. Each member gets exactly its own answer
 (its own write error, its own document or none) under its own deadline.
