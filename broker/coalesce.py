@@ -86,13 +86,12 @@ class Member(Generic[_I]):
 class Group(Generic[_I]):
     """The calls that will go out as one operation, led by the first of them."""
 
-    __slots__ = ("bytes", "key", "members", "open")
+    __slots__ = ("bytes", "key", "members")
 
     def __init__(self, key: Hashable, leader: Member[_I]) -> None:
         self.key = key
         self.members: list[Member[_I]] = [leader]
         self.bytes = leader.size
-        self.open = True
 
     def live(self) -> list[Member[_I]]:
         return [m for m in self.members if not m.gone]
@@ -112,7 +111,7 @@ class Coalescer:
     def join(self, key: Hashable, member: Member[_I]) -> bool:
         """Add ``member`` to the open group for ``key``; False if there is none with room."""
         group = self._open.get(key)
-        if group is None or not group.open:
+        if group is None:  # only open groups are kept by key
             return False
         if len(group.members) >= self.max_calls or group.bytes + member.size > self.max_bytes:
             # Full: it takes no more, and the next caller leads a group of its own.
@@ -145,7 +144,6 @@ class Coalescer:
                 member.answer.set_result(ALONE)
 
     def _close(self, group: Group[Any]) -> None:
-        group.open = False
         if self._open.get(group.key) is group:
             del self._open[group.key]
 

@@ -29,15 +29,32 @@ from broker.pools import DatabasePool
 __all__ = [
     "INLINE_VALIDATION_BYTES",
     "JSON_FIELDS_NEED_ENCODING",
+    "Change",
+    "aggregate_arguments",
+    "bulk_operations",
+    "change",
+    "collation",
     "collection_name",
+    "common_options",
+    "count_arguments",
+    "delete_arguments",
+    "distinct_arguments",
+    "documents_list",
+    "find_and_modify_arguments",
     "find_options",
     "find_request_as_bson",
+    "hint",
     "json_mode",
     "max_document_bytes",
     "prepare_inserts",
+    "read_options",
+    "request_as_bson",
+    "sort",
+    "update_arguments",
     "validate",
     "writable_collection_name",
     "write_concern",
+    "write_options",
 ]
 
 _T = TypeVar("_T")
@@ -296,16 +313,6 @@ def _convert_json(message: Message, prefix: str) -> None:
                 _convert_json(value, f"{path}.")
 
 
-def document_bytes(request: Message) -> int:
-    """The size of a request's documents, to choose inline or threaded validation."""
-    return request.ByteSize()
-
-
-def optional_document(data: bytes, field: str, checks: documents.Checks) -> RawBSONDocument | None:
-    """A filter-like document (operators allowed, JavaScript guarded), or None when empty."""
-    return documents.raw_document(data, field, checks)
-
-
 def documents_list(items: Sequence[bytes], field: str, checks: documents.Checks) -> list[RawBSONDocument]:
     """Each element checked as one document, e.g. array_filters or a pipeline's stages."""
     checked: list[RawBSONDocument] = []
@@ -368,7 +375,8 @@ def change(
     otherwise replace the whole document by accident, the other fail late.
     None when none of them is given (a FindOneAndModify with remove).
     """
-    given = [f for f in ("update", "update_pipeline", "replacement") if _has(request, f)]
+    # With a default: a ReplaceOneModel has no update fields, an UpdateModel no replacement.
+    given = [f for f in ("update", "update_pipeline", "replacement") if getattr(request, f, None)]
     if len(given) > 1:
         raise invalid_argument(f"give only one of {prefix}{' and '.join(given)}")
     if not given:
@@ -404,11 +412,6 @@ def change(
             "to change fields, send update (update_one / find_one_and_update)"
         )
     return Change("replacement", RawBSONDocument(data, documents.RAW))
-
-
-def _has(request: Any, field: str) -> bool:
-    value = getattr(request, field, None)
-    return bool(value)
 
 
 _READ_MODES = {
@@ -485,7 +488,7 @@ def common_options(request: Any, call_comment: str, checks: documents.Checks) ->
         options["hint"] = chosen
     if hasattr(request, "collation") and (value := collation(request.collation, checks)) is not None:
         options["collation"] = value
-    if hasattr(request, "let") and (let := optional_document(request.let, "let", checks)) is not None:
+    if hasattr(request, "let") and (let := documents.raw_document(request.let, "let", checks)) is not None:
         options["let"] = let
     if hasattr(request, "max_time_ms"):
         _non_negative(request.max_time_ms, "max_time_ms")

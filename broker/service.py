@@ -240,8 +240,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         self, request: broker_pb2.FindRequest, call: DatabaseCall, options: dict[str, Any], lookup: Any
     ) -> list[bytes]:
         """A FindOne by `_id` equality: alone, or coalesced with others waiting (see coalesce.py)."""
-        read_options = requests.read_options(request, self._checks())
-        collection = call.pool.db.get_collection(requests.collection_name(request.collection), **read_options)
+        collection = self._readable(request, call)
         key = (
             "FindOne",
             request.collection,
@@ -283,10 +282,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         return options
 
     def _cursor(self, request: broker_pb2.FindRequest, call: DatabaseCall, options: dict[str, Any]) -> Any:
-        collection = call.pool.db.get_collection(
-            requests.collection_name(request.collection), **requests.read_options(request, self._checks())
-        )
-        return collection.find_raw_batches(**options)
+        return self._readable(request, call).find_raw_batches(**options)
 
     async def Insert(
         self,
@@ -327,10 +323,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             )
             call.documents = len(prepared.documents)
             call.bytes = prepared.bytes
-            collection = call.pool.db.get_collection(
-                requests.writable_collection_name(request.collection, call.pool),
-                write_concern=requests.write_concern(request),
-            )
+            collection = self._writable(request, call)
             if len(prepared.documents) == 1:
                 # A single document may ride with other waiting inserts (see coalesce.py).
                 key = (
@@ -543,10 +536,8 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             arguments["batchSize"] = self._first_batch_size(
                 request.collection, request.batch_size, call, max_message, wanted
             )
-            options = requests.read_options(request, self._checks())
-            if writes:
-                options.update(requests.write_options(request))
-            collection = call.pool.db.get_collection(requests.collection_name(request.collection), **options)
+            # A pipeline that writes ($out, $merge) does so under the request's write concern.
+            collection = self._readable(request, call, **(requests.write_options(request) if writes else {}))
             cursor = await call.round_trip(collection.aggregate_raw_batches(**arguments))
             # A pipeline has no limit to ask one more than the cap for: the
             # stream stops, refused, at the first batch that passes it.
@@ -671,12 +662,13 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             **requests.write_options(request),
         )
 
-    def _readable(self, request: Any, call: DatabaseCall) -> Any:
-        """The request's collection, for a read, under its read preference and read concern."""
+    def _readable(self, request: Any, call: DatabaseCall, **options: Any) -> Any:
+        """The request's collection for a read: its read preference, read concern, and ``options``."""
         return call.pool.db.get_collection(
             requests.collection_name(request.collection),
             codec_options=documents.DECODE,
             **requests.read_options(request, self._checks()),
+            **options,
         )
 
     async def Ping(
