@@ -114,23 +114,32 @@ func (c *Client) retry(ctx context.Context, attempt func() error) error {
 		err := attempt()
 		var f final
 		if errors.As(err, &f) {
-			return f.err
+			return attempted(f.err, n)
 		}
 		if err == nil || n >= c.retries.MaxAttempts || !shouldRetry(err) {
-			return err
+			return attempted(err, n)
 		}
 		pause := c.retries.pause(n, err)
 		if deadline, ok := ctx.Deadline(); ok && time.Until(deadline) < pause+minAttempt {
-			return err
+			return attempted(err, n)
 		}
 		timer := time.NewTimer(pause)
 		select {
 		case <-ctx.Done():
 			timer.Stop()
-			return err
+			return attempted(err, n)
 		case <-timer.C:
 		}
+		c.retried.Add(1)
 	}
+}
+
+// attempted records on a call's final *Error how many attempts it made.
+func attempted(err error, n int) error {
+	if e := AsError(err); e != nil {
+		e.Attempts = n
+	}
+	return err
 }
 
 // unary makes one unary call with the client's metadata and deadline,
