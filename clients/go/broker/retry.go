@@ -23,9 +23,19 @@ import (
 //   - Which calls: Ping, Stats, FindOne, CountDocuments,
 //     EstimatedDocumentCount, and Find, Distinct and Aggregate until their
 //     first message arrives (restarting a stream later would hand documents
-//     over twice); an Aggregate with an $out or $merge stage never. Inserts,
-//     updates, deletes, FindOneAnd* and BulkWrite are never retried: they
-//     are not idempotent, and a lost answer does not say whether they ran.
+//     over twice); an Aggregate with an $out or $merge stage never.
+//     InsertOne and InsertMany only when every _id was made here: a retry
+//     that meets a duplicate key of those new ObjectIDs asks the broker
+//     which are stored, so nothing is stored twice (an _id of the caller's
+//     could be another's, so such an insert is sent once). Updates,
+//     deletes, FindOneAnd* and BulkWrite are never retried: they are not
+//     idempotent, and a lost answer does not say whether they ran.
+//   - Where: on a tier (a "dns:" target or NewClientForAddresses), gRPC's
+//     round_robin gives each attempt the next ready replica, so a retry
+//     after a replica refused (draining: UNAVAILABLE, SHUTTING_DOWN) or
+//     went away lands on another one. Calls do not wait for a replica to
+//     be ready (no wait-for-ready): with none ready, an attempt fails
+//     UNAVAILABLE at once and the pause below comes before the next.
 //   - The pause: "full jitter", a uniform random pause in [0, cap] with
 //     cap = min(MaxBackoff, InitialBackoff * Multiplier^(n-1)) before the
 //     n-th retry, so that many workers that failed together do not retry
@@ -52,8 +62,8 @@ var DefaultRetryPolicy = RetryPolicy{MaxAttempts: 3, InitialBackoff: 50 * time.M
 // NoRetries makes every call exactly once.
 var NoRetries = RetryPolicy{MaxAttempts: 1}
 
-// WithRetryPolicy sets how the client retries reads (default
-// DefaultRetryPolicy; NoRetries for none).
+// WithRetryPolicy sets how the client retries reads and inserts with
+// client-made _ids (default DefaultRetryPolicy; NoRetries for none).
 func WithRetryPolicy(policy RetryPolicy) Option {
 	return func(o *options) { o.retries = policy }
 }
