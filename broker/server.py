@@ -45,7 +45,7 @@ from broker.health import BROKER_SERVICE, Health
 from broker.metrics import BrokerMetrics
 from broker.pools import Pools
 from broker.service import BrokerService
-from broker.settings import ConfigError, ListenSettings, Settings, load_settings
+from broker.settings import ConfigError, ListenSettings, ServerSettings, Settings, load_settings
 
 __all__ = ["ListenError", "Listeners", "serve"]
 
@@ -237,6 +237,15 @@ def _write_ready_file(path: str, listeners: Listeners) -> None:
     os.replace(tmp, path)
 
 
+def _connection_age(server: ServerSettings) -> list[tuple[str, int]]:
+    if not server.max_connection_age_s:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", int(server.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(server.max_connection_age_grace_s * 1000)),
+    ]
+
+
 def _grpc_server(settings: Settings, concurrency: int | None) -> grpc.aio.Server:
     server = settings.server
     return grpc.aio.server(
@@ -253,6 +262,7 @@ def _grpc_server(settings: Settings, concurrency: int | None) -> grpc.aio.Server
             # TCP port would silently take a share of the calls.
             ("grpc.so_reuseport", 0),
             ("grpc.max_connection_idle_ms", int(server.max_connection_idle_s * 1000)),
+            *_connection_age(server),
             ("grpc.keepalive_time_ms", int(server.keepalive_time_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(server.keepalive_timeout_s * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),

@@ -464,6 +464,12 @@ class ServerSettings(BaseModel):
     # Close a client connection idle this long: dead workers' connections are
     # reaped (their clients reconnect transparently when they come back).
     max_connection_idle_s: Annotated[float, Field(gt=0)] = 300.0
+    # Close (GOAWAY) every client connection this old, 0 for never. A client
+    # resolves its target again when a connection closes, so behind a
+    # shared tier's DNS name this is how long-lived clients find replicas a
+    # scale-up added. Calls in flight get max_connection_age_grace_s.
+    max_connection_age_s: Annotated[float, Field(ge=0)] = 0.0
+    max_connection_age_grace_s: Annotated[float, Field(gt=0)] = 30.0
     # Ping idle clients this often to find connections whose peer vanished.
     keepalive_time_s: Annotated[float, Field(gt=0)] = 60.0
     keepalive_timeout_s: Annotated[float, Field(gt=0)] = 20.0

@@ -1173,8 +1173,7 @@ def test_tier_drain_outlasts_the_readiness_probe(tier: Tier, tier_settings: Sett
     """The endpoint leaves (readiness fails) before the listener stops (drain_delay_s)."""
     readiness = tier.broker["readinessProbe"]
     noticed = readiness.get("periodSeconds", 10) * readiness.get("failureThreshold", 3)
-    # As loaded and validated; by name until ServerSettings declares it.
-    drain = float(tier_settings.server.model_dump()["drain_delay_s"])
+    drain = tier_settings.server.drain_delay_s
     assert drain > noticed, f"drain_delay_s {drain} must outlast the readiness probe's {noticed} s"
     grace = tier.spec.get("terminationGracePeriodSeconds", 30)
     # A preStop hook runs before SIGTERM and counts against the same budget.

@@ -279,3 +279,17 @@ def test_health_watches_past_the_bound_fall_back_to_no_health_checking(start_bro
                 time.sleep(0.1)
         watches[1].cancel()
     assert "health Watch refused" in process.log_text()
+
+
+def test_max_connection_age_makes_clients_reconnect(start_broker) -> None:
+    config = {k: v for k, v in start_broker.base_config().items() if k != "listen"}
+    config["server"] = {"max_connection_age_s": 1.0, "max_connection_age_grace_s": 1.0}
+    process = start_broker(config)
+    with BrokerClient(process.tcp_target) as client:
+        first = client.stats().caller
+        deadline = time.monotonic() + 20
+        # The caller's port is the connection's: a new one after GOAWAY.
+        while client.stats().caller == first:
+            assert time.monotonic() < deadline, "the connection was never closed for its age"
+            time.sleep(0.2)
+        assert client.ping().ok
