@@ -41,7 +41,7 @@ from broker.metrics import BrokerMetrics
 from broker.pools import DatabasePool, Pools
 from broker.security import JS_OPERATORS
 from broker.settings import Settings
-from broker.stats import database_stats, pool_summary
+from broker.stats import database_stats, peer_stats, pool_summary
 
 __all__ = ["BrokerService"]
 
@@ -734,6 +734,10 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 version=self._version,
                 uptime_s=time.monotonic() - self._started,
                 databases=[database_stats(pool) for pool in pools],
+                instance=self._settings.server.instance,
+                caller=call.peer,
+                peers=peer_stats(self._calls.peers),
+                peers_dropped=self._calls.peers.dropped,
             )
         raise AssertionError("unreachable: _serve aborts on error")  # pragma: no cover
 
