@@ -315,15 +315,15 @@ func TestRefusedCallIsRetriedOnAnotherReplica(t *testing.T) {
 	if client.RetryCount() == retriesBefore {
 		t.Fatal("RetryCount did not grow, yet one replica refused calls")
 	}
-	// With retries off the refusal is the caller's, and says how many tries.
+	// With retries off the refusal is the caller's, and says how many tries
+	// (once both connections are up: until then every call goes to one).
 	once := tierClient(t, replicas, WithRetryPolicy(NoRetries))
 	var refused *Error
-	for range 10 {
-		if _, err := once.Ping(context.Background()); err != nil {
-			refused = AsError(err)
-			break
-		}
-	}
+	eventually(t, "refused by the draining replica", func() (bool, string) {
+		_, err := once.Ping(context.Background())
+		refused = AsError(err)
+		return refused != nil, "every call answered"
+	})
 	if refused == nil || refused.Code != codes.Unavailable || refused.Reason != "SHUTTING_DOWN" || refused.Attempts != 1 {
 		t.Fatalf("got %v, want the replica's UNAVAILABLE SHUTTING_DOWN after 1 attempt", refused)
 	}

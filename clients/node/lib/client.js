@@ -229,7 +229,11 @@ class BrokerClient {
    */
   async stats(database, options = {}) {
     const response = await this._unary('Stats', { database: database || '' }, options, true);
-    return { ...camelCaseFields(response), databases: response.databases.map(camelCaseFields) };
+    return {
+      ...camelCaseFields(response),
+      databases: response.databases.map(camelCaseFields),
+      peers: (response.peers || []).map(camelCaseFields),
+    };
   }
 
   /**
@@ -497,6 +501,11 @@ function sleep(ms) {
  * @property {number} uptimeS seconds since the broker started
  * @property {Record<string, any>[]} databases each database's figures: the
  *   proto's DatabaseStats fields, in camelCase
+ * @property {string} instance the replica that answered (server.instance)
+ * @property {string} caller this call's own peer as the broker saw it
+ * @property {{host: string, calls: number, lastCallSAgo: number}[]} peers
+ *   calls by calling host, most recent first
+ * @property {number} peersDropped hosts dropped from peers to keep it bounded
  */
 
 /**

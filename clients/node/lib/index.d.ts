@@ -412,9 +412,24 @@ export interface StatsResult {
   /** Seconds since the broker started. */
   uptimeS: number;
   databases: DatabaseStats[];
+  /** The replica that answered: server.instance (default: its host name, the pod name on Kubernetes). */
+  instance: string;
+  /** This call's own peer as the broker saw it ("ipv4:10.0.0.7:53412", "unix:"). */
+  caller: string;
+  /** Calls by calling host, most recently seen first (at most 64); empty unless the token may use every database. */
+  peers: PeerStats[];
+  /** Hosts dropped from `peers` to keep it bounded. */
+  peersDropped: number;
 }
 
-/** A client for one broker. Make one per process; `close()` it when done. */
+/** One calling host of a broker. */
+export interface PeerStats {
+  /** "10.0.0.7", "fd00::7", or "unix" for every Unix-socket caller. */
+  host: string;
+  calls: number;
+  lastCallSAgo: number;
+}
+
 /** A replica of a tier, as the client sees its health. */
 export interface ReplicaState {
   /** "10.0.0.5:50051", "[fd00::5]:50051" or "unix:///path". */
@@ -423,6 +438,7 @@ export interface ReplicaState {
   state: 'CONNECTING' | 'SERVING' | 'NOT_SERVING' | 'UNREACHABLE';
 }
 
+/** A client for one broker, or for a tier of replicas. Make one per process; `close()` it when done. */
 export declare class BrokerClient {
   /**
    * One broker ("unix:///run/mongo-broker/broker.sock", "127.0.0.1:50051"),
