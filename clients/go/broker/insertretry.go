@@ -16,7 +16,8 @@ import (
 // client's, keep a retry from storing a document twice:
 //
 //   - An attempt that failed without an answer (UNAVAILABLE: a replica
-//     draining or a connection lost) may have stored some documents. A
+//     draining or a connection lost; CANCELLED by the server) may have
+//     stored some documents. A
 //     later attempt that meets a duplicate key may be meeting them: the
 //     ids are new ObjectIDs, so the broker is asked which of them are
 //     stored, and one that is can only have been stored by this call.
@@ -56,7 +57,7 @@ func (c *Collection) insertWithRetries(ctx context.Context, request *brokerv1.In
 			e := fromRPC(err).(*Error)
 			rebaseInsertError(e, pending, len(documents))
 			if !maybeStored || !e.HasReason(brokerv1.ErrorReason_DUPLICATE_KEY) {
-				maybeStored = maybeStored || shouldRetry(e)
+				maybeStored = maybeStored || shouldRetry(callCtx, e)
 				return e
 			}
 			must, rest := pending, []int(nil)

@@ -19,7 +19,11 @@ import (
 //
 //   - What: UNAVAILABLE (no broker listening, broker draining, database
 //     unreachable) and RESOURCE_EXHAUSTED with the reason POOL_EXHAUSTED
-//     (the broker's wait queue is full). Nothing else changes by retrying.
+//     (the broker's wait queue is full). Also CANCELLED when the caller's
+//     context was not cancelled: a gRPC server that stops cancels the calls
+//     it had received but not yet handed to the broker
+//     (https://github.com/grpc/grpc/issues/41785), calls that never ran.
+//     Nothing else changes by retrying.
 //   - Which calls: Ping, Stats, FindOne, CountDocuments,
 //     EstimatedDocumentCount, and Find, Distinct and Aggregate until their
 //     first message arrives (restarting a stream later would hand documents
@@ -100,14 +104,16 @@ func (p RetryPolicy) pause(retry int, err error) time.Duration {
 	return pause
 }
 
-// shouldRetry is the rule of which errors a retry may cure.
-func shouldRetry(err error) bool {
+// shouldRetry is the rule of which errors of a call on ctx a retry may cure.
+func shouldRetry(ctx context.Context, err error) bool {
 	e := AsError(err)
 	if e == nil {
 		return false
 	}
 	return e.Code == codes.Unavailable ||
-		(e.Code == codes.ResourceExhausted && e.HasReason(brokerv1.ErrorReason_POOL_EXHAUSTED))
+		(e.Code == codes.ResourceExhausted && e.HasReason(brokerv1.ErrorReason_POOL_EXHAUSTED)) ||
+		// Not the caller's cancel: the server's (see RetryPolicy).
+		(e.Code == codes.Canceled && ctx.Err() == nil)
 }
 
 // final marks an attempt's error as one not to retry, whatever its code: a
@@ -126,7 +132,7 @@ func (c *Client) retry(ctx context.Context, attempt func() error) error {
 		if errors.As(err, &f) {
 			return attempted(f.err, n)
 		}
-		if err == nil || n >= c.retries.MaxAttempts || !shouldRetry(err) {
+		if err == nil || n >= c.retries.MaxAttempts || !shouldRetry(ctx, err) {
 			return attempted(err, n)
 		}
 		pause := c.retries.pause(n, err)

@@ -140,15 +140,20 @@ type replica struct {
 	address string
 	health  *healthService
 
-	mu       sync.Mutex
-	pings    int
-	draining bool
+	mu         sync.Mutex
+	pings      int
+	draining   bool
+	cancelNext int // Pings answered CANCELLED, as a stopping gRPC server does
 }
 
 func (r *replica) Ping(context.Context, *brokerv1.PingRequest) (*brokerv1.PingResponse, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.pings++
+	if r.cancelNext > 0 {
+		r.cancelNext--
+		return nil, status.Error(codes.Canceled, "CANCELLED")
+	}
 	if r.draining {
 		st, err := status.New(codes.Unavailable, "the broker is shutting down").WithDetails(
 			&errdetails.ErrorInfo{Reason: "SHUTTING_DOWN", Domain: Domain})
@@ -256,10 +261,14 @@ func TestTierSpreadsOverServingReplicasOnly(t *testing.T) {
 			replicas := startReplicas(t, 3, unix)
 			replicas[2].setServing(false)
 			client := tierClient(t, replicas)
-			shares := pings(t, client, replicas, 60)
-			if shares[0] == 0 || shares[1] == 0 || shares[2] != 0 {
-				t.Fatalf("shares %v: want calls on both SERVING replicas and none on the NOT_SERVING one", shares)
-			}
+			// Until both health checks have answered, one replica takes all.
+			eventually(t, "spread over both SERVING replicas", func() (bool, string) {
+				shares := pings(t, client, replicas, 30)
+				if shares[2] != 0 {
+					t.Fatalf("shares %v: the NOT_SERVING replica got calls", shares)
+				}
+				return shares[0] > 0 && shares[1] > 0, fmt.Sprint(shares)
+			})
 			// The third comes back, the first goes: the calls follow.
 			replicas[2].setServing(true)
 			replicas[0].setServing(false)
@@ -329,5 +338,28 @@ func TestRefusedCallIsRetriedOnAnotherReplica(t *testing.T) {
 	}
 	if status.Code(refused) != codes.Unavailable {
 		t.Fatal("status.Code does not see UNAVAILABLE")
+	}
+}
+
+func TestACancelOfTheServersIsRetriedAndTheCallersIsNot(t *testing.T) {
+	replicas := startReplicas(t, 1, false)
+	replicas[0].mu.Lock()
+	replicas[0].cancelNext = 1
+	replicas[0].mu.Unlock()
+	client := tierClient(t, replicas)
+	if _, err := client.Ping(context.Background()); err != nil {
+		t.Fatalf("Ping: %v; want the server's CANCELLED retried", err)
+	}
+	if client.RetryCount() != 1 || replicas[0].count() != 2 {
+		t.Fatalf("%d retries, %d pings; want 1 and 2", client.RetryCount(), replicas[0].count())
+	}
+	canceled := fromRPC(status.Error(codes.Canceled, "context canceled"))
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if shouldRetry(ctx, canceled) {
+		t.Fatal("a call whose caller cancelled it would be retried")
+	}
+	if !shouldRetry(context.Background(), canceled) {
+		t.Fatal("a server's CANCELLED would not be retried")
 	}
 }

@@ -318,9 +318,15 @@ class BrokerClient {
    * @returns {RetryState}
    */
   _retryState(operation, deadline, retry) {
-    return new RetryState(retry ? this.retries : null, deadline.getTime(), operation, () => {
-      this._retryCount += 1;
-    });
+    return new RetryState(
+      retry ? this.retries : null,
+      deadline.getTime(),
+      operation,
+      () => {
+        this._retryCount += 1;
+      },
+      () => this._closed,
+    );
   }
 
   /**
@@ -390,8 +396,9 @@ class BrokerClient {
    * @returns {Promise<any>}
    */
   async _unaryOnce(method, request, options, deadline, avoid) {
-    const { metadata, callOptions } = this._call(options, deadline);
     const { stub, address } = await this._pick(deadline, avoid);
+    // After the pick: close() may have come while it waited.
+    const { metadata, callOptions } = this._call(options, deadline);
     return new Promise((resolve, reject) => {
       stub[method](request, metadata, callOptions, (/** @type {any} */ error, /** @type {any} */ response) => {
         if (!error) {
@@ -410,8 +417,10 @@ class BrokerClient {
  * One operation's attempts and pauses within its deadline: "full jitter"
  * backoff (a uniform random pause in [0, cap]), so that many workers that
  * failed together do not retry together. Only UNAVAILABLE and a full pool
- * (`BrokerError.retryable`) are retried; a RetryInfo delay from the broker
- * is the least pause.
+ * (`BrokerError.retryable`), and a CANCELLED of the server's (see
+ * `_serverCancelled`), are retried; a RetryInfo delay from the broker is
+ * the least pause. On a tier each attempt goes to the next SERVING
+ * replica, the one that failed last.
  */
 class RetryState {
   /**
@@ -424,12 +433,14 @@ class RetryState {
    * @param {number} deadline
    * @param {string} operation
    * @param {() => void} [onRetry] called at each retry (the client's count)
+   * @param {() => boolean} [closed] whether the client was closed (its calls CANCELLED)
    */
-  constructor(policy, deadline, operation, onRetry = () => {}) {
+  constructor(policy, deadline, operation, onRetry = () => {}, closed = () => false) {
     this.policy = policy;
     this.deadline = deadline;
     this.operation = operation;
     this.onRetry = onRetry;
+    this.closed = closed;
     /** Attempts that failed and were retried. */
     this.failures = 0;
   }
@@ -443,7 +454,9 @@ class RetryState {
   backoff(error) {
     if (error instanceof BrokerError) error.attempts = this.failures + 1;
     const policy = this.policy;
-    if (policy === null || !(error instanceof BrokerError) || !error.retryable) throw error;
+    if (policy === null || !(error instanceof BrokerError) || !(error.retryable || this._serverCancelled(error))) {
+      throw error;
+    }
     if (this.failures + 1 >= policy.maxAttempts) throw error;
     // A bounded exponent: 2 ** 2000 is Infinity.
     const growth = policy.multiplier ** Math.min(this.failures, 64);
@@ -454,6 +467,17 @@ class RetryState {
     this.failures += 1;
     this.onRetry();
     return delay;
+  }
+
+  /**
+   * CANCELLED that this client did not cause (it cancels a unary call only
+   * by closing, and a stream only once nobody reads it): a gRPC server that
+   * stops cancels the calls it had received but not yet handed to the
+   * broker (https://github.com/grpc/grpc/issues/41785), calls that never ran.
+   * @param {BrokerError} error
+   */
+  _serverCancelled(error) {
+    return error.code === grpc.status.CANCELLED && !this.closed();
   }
 }
 
@@ -872,7 +896,8 @@ class Collection {
    * twice:
    *
    * - An attempt that failed without an answer (UNAVAILABLE: a replica
-   *   draining or a connection lost) may have stored some documents. A
+   *   draining or a connection lost; CANCELLED by a stopping server) may
+   *   have stored some documents. A
    *   later attempt that meets a duplicate key may be meeting them: the
    *   ids are new, so the broker is asked which are stored, and one that is
    *   can only have been stored by this call.
@@ -1227,7 +1252,6 @@ class Collection {
       /** @type {any[]} */
       const values = [];
       let messages = 0;
-      const { metadata, callOptions } = client._call(options, deadline);
       let picked;
       try {
         picked = await client._pick(deadline, avoid);
@@ -1235,6 +1259,7 @@ class Collection {
         await sleep(state.backoff(/** @type {BrokerError} */ (error)));
         continue;
       }
+      const { metadata, callOptions } = client._call(options, deadline);
       const call = picked.stub.Distinct(request, metadata, callOptions);
       // As for a cursor: a cancelled stream's 'error' must not go unhandled.
       call.on('error', () => {});
@@ -1400,7 +1425,6 @@ class Cursor {
     /** @type {string|undefined} */
     let avoid;
     for (;;) {
-      const { metadata, callOptions } = this._client._call(this._options, deadline);
       let picked;
       try {
         picked = await this._client._pick(deadline, avoid);
@@ -1413,6 +1437,7 @@ class Cursor {
         }
         continue;
       }
+      const { metadata, callOptions } = this._client._call(this._options, deadline);
       const call = picked.stub[this._method](this._request, metadata, callOptions);
       this._call = call;
       // grpc-js reports a cancel (close(), an early break) as an 'error'

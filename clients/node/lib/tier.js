@@ -386,20 +386,30 @@ class Tier {
   }
 
   /**
-   * Follows a replica's channel: one that fails to connect is UNREACHABLE
+   * Follows a replica's channel. One that fails to connect is UNREACHABLE
    * at once (as gRPC fails a call fast when no connection is up), rather
    * than CONNECTING until the deadline of every call that waits for it.
+   * One whose connection goes (a GOAWAY: the broker stopping its listeners,
+   * or its max_connection_age) is watched afresh on the next connection,
+   * as gRPC's own health checking watches each connection: the old Watch
+   * stream would otherwise hold a stopping broker until its grace ran out.
    * @param {Replica} replica
    */
   _follow(replica) {
     const channel = replica.stub.getChannel();
+    const { READY, SHUTDOWN, TRANSIENT_FAILURE } = grpc.connectivityState;
+    let wasReady = false;
     const follow = () => {
       if (replica.closed) return;
       const state = channel.getConnectivityState(true);
-      if (state === grpc.connectivityState.SHUTDOWN) return;
-      if (state === grpc.connectivityState.TRANSIENT_FAILURE && replica.state !== 'NOT_SERVING') {
-        this._set(replica, 'UNREACHABLE');
+      if (state === SHUTDOWN) return;
+      if (state === TRANSIENT_FAILURE && replica.state !== 'NOT_SERVING') this._set(replica, 'UNREACHABLE');
+      if (wasReady && state !== READY) {
+        // Until the next connection's Watch answers (a draining one stays out).
+        if (replica.state === 'SERVING') this._set(replica, 'CONNECTING');
+        this._rewatch(replica, 0);
       }
+      wasReady = state === READY;
       channel.watchConnectivityState(state, Infinity, follow);
     };
     follow();

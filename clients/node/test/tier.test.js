@@ -262,6 +262,30 @@ test('a call refused UNAVAILABLE SHUTTING_DOWN is retried on another replica, an
   }
 });
 
+test("a CANCELLED of the server's (a stopping server's, to a call it never ran) is retried", async () => {
+  let cancelNext = 1;
+  const replica = await new Replica().start('127.0.0.1:0', {
+    Ping: (/** @type {any} */ _call, /** @type {Function} */ callback) => {
+      replica.pings += 1;
+      if (cancelNext > 0) {
+        cancelNext -= 1;
+        callback({ code: grpc.status.CANCELLED, details: 'CANCELLED' });
+      } else {
+        callback(null, { version: 'ok', databases: [] });
+      }
+    },
+  });
+  const client = new broker.BrokerClient([replica.address], { timeoutMs: 5000 });
+  try {
+    assert.equal((await client.ping()).version, 'ok');
+    assert.equal(client.retryCount, 1);
+    assert.equal(replica.pings, 2);
+  } finally {
+    await client.close();
+    replica.stop();
+  }
+});
+
 test('a dns target reaches what the name resolves to', async () => {
   const [replica] = await startReplicas(1);
   const port = replica.address.split(':').pop();
