@@ -13,7 +13,10 @@ list of their addresses:
   gets SIGTERM; no caller sees an error, every acknowledged insert is
   stored exactly once, and the traffic moves to the other two;
 - health: a replica draining with ``server.drain_delay_s`` still accepts
-  calls, but its health is NOT_SERVING, and the clients send it no data call.
+  calls, but its health is NOT_SERVING, and the clients send it no data call;
+- TLS: a ``dns:///name:port`` tier checks each replica's certificate against
+  the name, not the IP address it dialled (as the tier's certificates name
+  the Service).
 """
 
 from __future__ import annotations
@@ -327,3 +330,66 @@ def test_a_not_serving_replica_gets_no_new_calls(
     assert all(b > a for a, b in zip(survivors_settled, survivors_late, strict=True))
     assert summary["errors"] == [], summary["errors"]
     stored_once(mongo, collection_name, summary["inserted"])
+
+
+# --- TLS ------------------------------------------------------------------------
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def localhost_certificate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA (ca.pem) and a server certificate for the name localhost only, no IP address."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make the TLS test's certificate", pytrace=False)
+    pki = tmp_path_factory.mktemp("tier-pki")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=tier-test-ca",
+             cwd=pki)  # fmt: skip
+    (pki / "san.ext").write_text("subjectAltName=DNS:localhost\n")
+    _openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=pki)
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "server.pem", "-days", "2", "-extfile", "san.ext", cwd=pki)  # fmt: skip
+    return pki
+
+
+def test_a_dns_tier_checks_the_certificate_against_the_name(
+    tier_program: tuple[str, list[str]],
+    start_broker: BrokerFactory,
+    localhost_certificate: Path,
+    collection_name: str,
+) -> None:
+    language, argv = tier_program
+    config = start_broker.base_config()
+    config["listen"] = {
+        **config["listen"],
+        "tls_cert_file": str(localhost_certificate / "server.pem"),
+        "tls_key_file": str(localhost_certificate / "server.key"),
+    }
+    replica = start_broker(config)
+    port = replica.tcp_target.rsplit(":", 1)[1]
+    env = {**os.environ, "MONGO_BROKER_CA_FILE": str(localhost_certificate / "ca.pem")}
+
+    def spread(target: str) -> Document:
+        result = subprocess.run(
+            [*argv, "spread", DB_NAME, collection_name, "20", target],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        summary: Document = json.loads(result.stdout)
+        return summary
+
+    by_name = spread(f"dns:///localhost:{port}")
+    assert by_name["errors"] == [], f"{language}: {by_name['errors'][:3]}"
+    # The same replica as an address: the certificate names no IP address,
+    # so every call fails, which shows the name was what passed the check.
+    by_address = spread(f"127.0.0.1:{port}")
+    assert len(by_address["errors"]) == 20, f"{language}: {by_address['errors'][:3]}"

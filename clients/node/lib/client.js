@@ -172,12 +172,16 @@ class BrokerClient {
     for (const [key, value] of Object.entries(metadata)) this._metadata.add(key.toLowerCase(), String(value));
     if (token !== undefined) this._metadata.set('authorization', `Bearer ${token}`);
     const Broker = loadService();
-    /** @param {string} address */
-    const stubFor = (address) =>
+    /**
+     * @param {string} address
+     * @param {Record<string, string>} [tierOptions] a tier's, under the caller's
+     */
+    const stubFor = (address, tierOptions = {}) =>
       new Broker(address, credentials || grpc.credentials.createInsecure(), {
         'grpc.max_receive_message_length': DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
         'grpc.max_send_message_length': DEFAULT_MAX_SEND_MESSAGE_BYTES,
         'grpc.primary_user_agent': `mongo-broker-client-node/${VERSION}`,
+        ...tierOptions,
         ...channelOptions,
       });
     /** @type {any} the one broker's stub; null for a tier */

@@ -15,7 +15,9 @@
  * - A list of addresses is dialled as given. A "dns:///name:port" target is
  *   looked up with the system resolver (`dns.lookup`, all addresses) at
  *   once, every 30 s, and sooner when no replica is serving; a replica
- *   whose address goes is closed, a new one is watched.
+ *   whose address goes is closed, a new one is watched. Its channels send
+ *   the name as :authority and, with TLS, check the certificate against
+ *   the name, as one channel to the dns target would.
  * - A replica is SERVING only after its Watch said so. One that never
  *   answered yet is CONNECTING: a call waits for it (within its deadline)
  *   when no other replica is SERVING. One that said NOT_SERVING, or whose
@@ -218,13 +220,15 @@ function parseDNSTarget(target) {
  * @property {number} backoffMs
  * @property {NodeJS.Timeout|null} timer a pending re-watch
  * @property {boolean} closed
+ * @property {string} lastError why its last Watch failed (a refused connection, a TLS check)
  */
 
 /** The replicas of a tier and the round-robin over the SERVING ones. */
 class Tier {
   /**
    * @param {{addresses: string[]} | {host: string, port: number}} spec
-   * @param {(address: string) => any} makeStub a Broker client for one address
+   * @param {(address: string, options: Record<string, string>) => any} makeStub
+   *   a Broker client for one address, with these channel options
    */
   constructor(spec, makeStub) {
     this._makeStub = makeStub;
@@ -301,7 +305,9 @@ class Tier {
 
   /** @returns {string} every replica and its state, for error messages. */
   describe() {
-    const states = [...this._replicas.values()].map((r) => `${r.address} ${r.state}`);
+    const states = [...this._replicas.values()].map((r) =>
+      r.state === 'UNREACHABLE' && r.lastError ? `${r.address} UNREACHABLE (${r.lastError})` : `${r.address} ${r.state}`,
+    );
     if (this._dns !== null) {
       const name = `${this._dns.host}:${this._dns.port}`;
       if (this._lookupError) states.push(`dns lookup of ${name} failed: ${this._lookupError}`);
@@ -359,15 +365,38 @@ class Tier {
     }
     for (const address of addresses) {
       if (this._replicas.has(address)) continue;
-      const stub = this._makeStub(address);
+      const stub = this._makeStub(address, this._channelOptions());
       const Health = loadHealth();
       const health = new Health(address, grpc.credentials.createInsecure(), { channelOverride: stub.getChannel() });
       /** @type {Replica} */
-      const replica = { address, stub, health, state: 'CONNECTING', watch: null, backoffMs: WATCH_BACKOFF_MS, timer: null, closed: false };
+      const replica = {
+        address,
+        stub,
+        health,
+        state: 'CONNECTING',
+        watch: null,
+        backoffMs: WATCH_BACKOFF_MS,
+        timer: null,
+        closed: false,
+        lastError: '',
+      };
       this._replicas.set(address, replica);
       this._follow(replica);
       this._watch(replica);
     }
+  }
+
+  /**
+   * The channel options of a replica. A dns tier's channels dial IP
+   * addresses but speak for the name, as one gRPC channel to the dns
+   * target would: the name is the :authority, and with TLS the name the
+   * certificate must carry (not the pod's IP).
+   * @returns {Record<string, string>}
+   */
+  _channelOptions() {
+    if (this._dns === null) return {};
+    const { host, port } = this._dns;
+    return { 'grpc.default_authority': `${host}:${port}`, 'grpc.ssl_target_name_override': host };
   }
 
   /**
@@ -403,7 +432,10 @@ class Tier {
       if (replica.closed) return;
       const state = channel.getConnectivityState(true);
       if (state === SHUTDOWN) return;
-      if (state === TRANSIENT_FAILURE && replica.state !== 'NOT_SERVING') this._set(replica, 'UNREACHABLE');
+      if (state === TRANSIENT_FAILURE && replica.state !== 'NOT_SERVING') {
+        this._set(replica, 'UNREACHABLE');
+        this._learnWhy(replica);
+      }
       if (wasReady && state !== READY) {
         // Until the next connection's Watch answers (a draining one stays out).
         if (replica.state === 'SERVING') this._set(replica, 'CONNECTING');
@@ -413,6 +445,18 @@ class Tier {
       channel.watchConnectivityState(state, Infinity, follow);
     };
     follow();
+  }
+
+  /**
+   * Why a replica's channel fails to connect (refused, a TLS check, ...),
+   * for error messages: a call that does not wait for the connection fails
+   * at once with the channel's last error.
+   * @param {Replica} replica
+   */
+  _learnWhy(replica) {
+    replica.health.Check({ service: BROKER_SERVICE }, { deadline: Date.now() + 1000 }, (/** @type {any} */ error) => {
+      if (error && replica.state === 'UNREACHABLE') replica.lastError = String(error.details || error.message);
+    });
   }
 
   /**
@@ -428,6 +472,7 @@ class Tier {
     replica.watch = call;
     call.on('data', (/** @type {{status: string}} */ message) => {
       replica.backoffMs = WATCH_BACKOFF_MS;
+      replica.lastError = '';
       this._set(replica, message.status === 'SERVING' ? 'SERVING' : 'NOT_SERVING');
     });
     call.on('error', (/** @type {any} */ error) => {
@@ -439,6 +484,7 @@ class Tier {
         this._set(replica, 'SERVING');
         return;
       }
+      replica.lastError = String(error.details || error.message);
       this._set(replica, 'UNREACHABLE');
       this._rewatch(replica, replica.backoffMs);
       replica.backoffMs = Math.min(WATCH_BACKOFF_MAX_MS, replica.backoffMs * 2);

@@ -15,8 +15,11 @@
  *       "errors": [...], "retries": N}
  *
  * One TARGET is given as it is (a "dns:///name:port" tier); several as a list.
+ * With MONGO_BROKER_CA_FILE (a PEM file) the client speaks TLS and trusts that CA.
  */
 
+const fs = require('node:fs');
+const grpc = require('@grpc/grpc-js');
 const { BrokerClient } = require('..');
 
 const USAGE = 'usage: tier.js spread DATABASE COLLECTION CALLS TARGET... | load DATABASE COLLECTION WORKERS TARGET...';
@@ -118,7 +121,9 @@ async function main() {
   if (!['spread', 'load'].includes(mode) || !Number.isInteger(n) || n < 1 || targets.length === 0) {
     throw new Error(USAGE);
   }
-  const client = new BrokerClient(targets.length === 1 ? targets[0] : targets);
+  const ca = process.env.MONGO_BROKER_CA_FILE;
+  const credentials = ca ? grpc.credentials.createSsl(fs.readFileSync(ca)) : undefined;
+  const client = new BrokerClient(targets.length === 1 ? targets[0] : targets, { credentials });
   try {
     const coll = client.db(database).collection(collection);
     if (mode === 'spread') await spread(client, coll, n);

@@ -12,7 +12,8 @@
 //	    "retries": N}
 //
 // One TARGET is given to broker.NewClient (a "dns:///name:port" tier);
-// several go to broker.NewClientForAddresses.
+// several go to broker.NewClientForAddresses. With MONGO_BROKER_CA_FILE (a
+// PEM file) the client speaks TLS and trusts that CA.
 package main
 
 import (
@@ -28,6 +29,7 @@ import (
 	"time"
 
 	"go.mongodb.org/mongo-driver/v2/bson"
+	"google.golang.org/grpc/credentials"
 
 	"github.com/mongo-broker/mongo-broker/clients/go/broker"
 )
@@ -56,11 +58,19 @@ func run(args []string) error {
 		return fmt.Errorf("%q is not a positive count: %s", args[3], usage)
 	}
 	targets := args[4:]
+	var opts []broker.Option
+	if ca := os.Getenv("MONGO_BROKER_CA_FILE"); ca != "" {
+		creds, err := credentials.NewClientTLSFromFile(ca, "")
+		if err != nil {
+			return err
+		}
+		opts = append(opts, broker.WithTransportCredentials(creds))
+	}
 	var client *broker.Client
 	if len(targets) == 1 {
-		client, err = broker.NewClient(targets[0])
+		client, err = broker.NewClient(targets[0], opts...)
 	} else {
-		client, err = broker.NewClientForAddresses(targets)
+		client, err = broker.NewClientForAddresses(targets, opts...)
 	}
 	if err != nil {
 		return err
