@@ -241,7 +241,8 @@ class BrokerClient {
   }
 
   /**
-   * Closes the channel; calls in flight fail with CANCELLED. The promise
+   * Closes the channel (a tier's channels): calls in flight finish (grpc-js
+   * lets them), later calls throw. The promise
    * resolves once the channel is shut down; calling it again returns the
    * same promise.
    * @returns {Promise<void>}
