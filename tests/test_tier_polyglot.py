@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bson import ObjectId
 from broker_client import BrokerClient
+from bson import ObjectId
 from pymongo import MongoClient
 
 from harness.brokerproc import BrokerProcess
@@ -241,13 +241,15 @@ def test_calls_spread_over_every_replica(
             for local, _ in connections_from_pid(replica.pid, db_server.port)
         }
 
-    with ConnectionSampler(db_connections) as sampler, running(
-        [*argv, "spread", DB_NAME, collection_name, "300", *targets(replicas)], ROOT
-    ) as program:
+    with (
+        ConnectionSampler(db_connections) as sampler,
+        running([*argv, "spread", DB_NAME, collection_name, "300", *targets(replicas)], ROOT) as program,
+    ):
         summary = program.json_line()
         assert program.proc.wait(timeout=30) == 0, "".join(program.stderr)
     assert summary["errors"] == [], summary["errors"]
-    shares = [data_rpcs(replica)["FindOne"] - b["FindOne"] for replica, b in zip(replicas, before, strict=True)]
+    after = [data_rpcs(replica) for replica in replicas]
+    shares = [a["FindOne"] - b["FindOne"] for a, b in zip(after, before, strict=True)]
     record_property(f"{language}_findone_shares", shares)
     record_property(f"{language}_peak_db_connections", sampler.peak)
     print(f"{language}: FindOne per replica {shares}, peak DB connections {sampler.peak}")
@@ -325,7 +327,10 @@ def test_a_not_serving_replica_gets_no_new_calls(
         assert time.monotonic() - signalled < DRAIN_DELAY_S, "too slow to look within the drain delay"
         survivors_late = [total(data_rpcs(replica)) for replica in survivors]
         summary = program.finish()
-    print(f"{language}: draining replica's data calls {settled} -> {late}; survivors {survivors_settled} -> {survivors_late}")
+    print(
+        f"{language}: draining replica's data calls {settled} -> {late}; "
+        f"survivors {survivors_settled} -> {survivors_late}"
+    )
     assert late == settled, f"the NOT_SERVING replica got data calls: {settled} -> {late}"
     assert all(b > a for a, b in zip(survivors_settled, survivors_late, strict=True))
     assert summary["errors"] == [], summary["errors"]
@@ -346,8 +351,8 @@ def localhost_certificate(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.fail("openssl is needed to make the TLS test's certificate", pytrace=False)
     pki = tmp_path_factory.mktemp("tier-pki")
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=tier-test-ca",
-             cwd=pki)  # fmt: skip
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+             "-subj", "/CN=tier-test-ca", cwd=pki)  # fmt: skip
     (pki / "san.ext").write_text("subjectAltName=DNS:localhost\n")
     _openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=pki)
     _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
