@@ -32,7 +32,7 @@ const dns = require('node:dns');
 const net = require('node:net');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
-const { DeadlineExceededError, UnavailableError } = require('./errors');
+const { BrokerError, DeadlineExceededError, UnavailableError } = require('./errors');
 
 /** The health service name a broker reports for its Broker service. */
 const BROKER_SERVICE = 'broker.v1.Broker';
@@ -125,15 +125,19 @@ function parseTier(target, normalizeTarget) {
   let firstTCP = '';
   target.forEach((raw, i) => {
     if (typeof raw !== 'string' || raw.trim() === '') {
-      throw new TypeError(`target: address ${i + 1} of ${target.length} is ${typeof raw === 'string' ? 'empty' : `a ${typeof raw}, not a string`}`);
+      const what = typeof raw === 'string' ? 'empty' : `a ${typeof raw}, not a string`;
+      throw new TypeError(`target: address ${i + 1} of ${target.length} is ${what}`);
     }
     const address = parseAddress(raw.trim(), normalizeTarget);
-    if (addresses.includes(address)) throw new TypeError(`target: address ${JSON.stringify(raw.trim())} is listed twice`);
+    if (addresses.includes(address)) {
+      throw new TypeError(`target: address ${JSON.stringify(raw.trim())} is listed twice`);
+    }
     if (address.startsWith('unix:')) firstUnix = firstUnix || raw.trim();
     else firstTCP = firstTCP || raw.trim();
     if (firstUnix && firstTCP) {
       throw new TypeError(
-        `target: the addresses mix a unix socket (${JSON.stringify(firstUnix)}) and TCP (${JSON.stringify(firstTCP)}): list replicas of one kind`,
+        `target: the addresses mix a unix socket (${JSON.stringify(firstUnix)}) and TCP ` +
+          `(${JSON.stringify(firstTCP)}): list replicas of one kind`,
       );
     }
     addresses.push(address);
@@ -153,14 +157,16 @@ function parseAddress(address, normalizeTarget) {
   if (scheme || address.startsWith('dns:')) {
     const name = scheme ? scheme[1] : 'dns';
     throw new TypeError(
-      `target: address ${quoted}: a list takes host:port addresses and unix sockets, not ${name}: targets (a dns:///name:port target goes alone, as a string)`,
+      `target: address ${quoted}: a list takes host:port addresses and unix sockets, not ${name}: targets ` +
+        '(a dns:///name:port target goes alone, as a string)',
     );
   }
   const { host, port } = splitHostPort(address, `target: address ${quoted}`);
   if (net.isIP(host) === 0) {
     throw new TypeError(
-      `target: address ${quoted}: ${JSON.stringify(host)} is a host name; a list takes IP addresses (a name resolved once would go stale): ` +
-        `give the name as one target, "dns:///${address}", which reaches every address it resolves to`,
+      `target: address ${quoted}: ${JSON.stringify(host)} is a host name; a list takes IP addresses ` +
+        `(a name resolved once would go stale): give the name as one target, "dns:///${address}", ` +
+        'which reaches every address it resolves to',
     );
   }
   return net.isIPv6(host) ? `[${host}]:${port}` : `${host}:${port}`;
@@ -203,7 +209,8 @@ function parseDNSTarget(target) {
   if (!match) throw new TypeError(`target ${JSON.stringify(target)}: a dns target is ${example}`);
   if (match[1]) {
     throw new TypeError(
-      `target ${JSON.stringify(target)}: naming a DNS server (${match[1]}) is not supported here; write dns:///name:port, which uses the system's resolver`,
+      `target ${JSON.stringify(target)}: naming a DNS server (${match[1]}) is not supported here; ` +
+        "write dns:///name:port, which uses the system's resolver",
     );
   }
   return splitHostPort(match[2], `target ${JSON.stringify(target)} (a dns target is ${example})`);
@@ -266,7 +273,7 @@ class Tier {
    */
   async pick(deadline, avoid) {
     for (;;) {
-      if (this._closed) throw new UnavailableError('the client is closed');
+      if (this._closed) throw new BrokerError('the client is closed');
       const serving = [...this._replicas.values()].filter((r) => r.state === 'SERVING');
       if (serving.length > 0) {
         this._next = (this._next + 1) % serving.length;
@@ -279,7 +286,9 @@ class Tier {
       }
       if (this._dns !== null && Date.now() - this._lastLookup >= DNS_RETRY_MS) this._lookup();
       const pending = this._resolving || [...this._replicas.values()].some((r) => r.state === 'CONNECTING');
-      if (!pending) throw new UnavailableError(`no broker replica is serving: ${this.describe()}`, { code: grpc.status.UNAVAILABLE });
+      if (!pending) {
+        throw new UnavailableError(`no broker replica is serving: ${this.describe()}`, { code: grpc.status.UNAVAILABLE });
+      }
       if (!(await this._changed(deadline))) {
         throw new DeadlineExceededError(`no broker replica was ready before the deadline: ${this.describe()}`, {
           code: grpc.status.DEADLINE_EXCEEDED,
