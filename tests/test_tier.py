@@ -257,6 +257,26 @@ def test_stats_names_the_replica_and_its_callers(start_broker) -> None:
     assert "peer=ipv4:127.0.0.1:" in process.log_text()
 
 
+def test_only_a_token_for_every_database_sees_the_other_callers(start_broker) -> None:
+    config = {k: v for k, v in start_broker.base_config().items() if k != "listen"}
+    config["databases"]["otherdb"] = dict(config["databases"][DB_NAME])
+    admin, scoped = "admin-token-0123456789", "scoped-token-0123456789"
+    config["auth"] = {
+        "tokens": [
+            {"name": "admin", "token": admin},
+            {"name": "app", "token": scoped, "databases": [DB_NAME]},
+        ]
+    }
+    process = start_broker(config)
+    with BrokerClient(process.unix_target, token=admin) as everything:
+        assert [p.host for p in everything.stats().peers] == ["unix"]
+    with BrokerClient(process.unix_target, token=scoped) as app:
+        stats = app.stats()
+        assert stats.peers == ()
+        assert stats.caller.startswith("unix:")  # its own address it may know
+        assert [d.database for d in stats.databases] == [DB_NAME]
+
+
 def test_the_instance_defaults_to_the_host_name(broker) -> None:
     import socket
 
