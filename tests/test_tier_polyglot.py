@@ -97,13 +97,13 @@ def tier_program(request: pytest.FixtureRequest) -> tuple[str, list[str]]:
     return language, argv
 
 
-def start_tier(start_broker: BrokerFactory, **server: Any) -> list[BrokerProcess]:
-    """Three brokers on loopback TCP, started side by side; ``server`` is their [server] table."""
+def start_tier(start_broker: BrokerFactory, **first: Any) -> list[BrokerProcess]:
+    """Three brokers on loopback TCP, started side by side; ``first`` is the first one's [server] table."""
     replicas = []
-    for _ in range(REPLICAS):
+    for index in range(REPLICAS):
         config = start_broker.base_config()
-        if server:
-            config["server"] = server
+        if first and index == 0:
+            config["server"] = first
         replicas.append(start_broker(config, wait=False))
     for replica in replicas:
         replica.wait_ready(timeout=60)
