@@ -10,7 +10,8 @@ Service names:
 
 Watch streams last as long as a client's connection: every client that
 health-checks (gRPC's client-side health checking, which the bundled clients
-turn on for TCP targets) holds one per broker it is connected to. They are
+turn on for targets naming several replicas) holds one per broker it is
+connected to. They are
 counted apart from the calls (``server.max_health_watches``), so thousands of
 idle watchers cannot take the data plane's or the operators' room. A Watch
 past the bound is answered UNIMPLEMENTED: gRPC clients then treat the broker

@@ -489,6 +489,8 @@ def test_backoff_is_full_jitter_under_an_exponential_cap() -> None:
         (grpc.StatusCode.UNAVAILABLE, "", True),
         (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE", True),
         (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", True),
+        # Only a stopping server's reaches the loop (see is_retryable).
+        (grpc.StatusCode.CANCELLED, "", True),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, "POOL_EXHAUSTED", True),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, "LIMIT_EXCEEDED", False),
         (grpc.StatusCode.DEADLINE_EXCEEDED, "TIMEOUT", False),

@@ -49,17 +49,21 @@ def test_a_replica_list_entry_must_be_a_string() -> None:
         normalize_target(["10.0.0.7:1", 5])  # type: ignore[list-item]
 
 
-@pytest.mark.parametrize("target", ["ipv4:10.0.0.7:1,10.0.0.8:1", "dns:///b.svc:50051", "127.0.0.1:50051"])
-def test_tcp_targets_balance_round_robin_and_health_check(target: str) -> None:
-    config = json.loads(service_config(target))
+@pytest.mark.parametrize("target", ["ipv4:10.0.0.7:1,10.0.0.8:1", "ipv6:[::1]:1", "dns:///b.svc:50051"])
+def test_replica_targets_balance_round_robin_and_health_check(target: str) -> None:
+    config = json.loads(service_config(target) or "null")
     assert config == {
         "loadBalancingConfig": [{"round_robin": {}}],
         "healthCheckConfig": {"serviceName": "broker.v1.Broker"},
     }
 
 
-@pytest.mark.parametrize("target", ["unix:///run/b.sock", "unix:/run/b.sock", "unix-abstract:b"])
-def test_a_unix_socket_holds_no_health_watch(target: str) -> None:
-    # One broker with nowhere else to go: every pre-fork worker holding a
-    # Watch stream would only cost the broker.
-    assert json.loads(service_config(target)) == {"loadBalancingConfig": [{"round_robin": {}}]}
+@pytest.mark.parametrize(
+    "target", ["unix:///run/b.sock", "unix:/run/b.sock", "unix-abstract:b", "127.0.0.1:50051", "broker:50051"]
+)
+def test_one_broker_is_not_health_checked(target: str) -> None:
+    # One broker (or a load balancer's one address) with nowhere else to go:
+    # a NOT_SERVING answer would only refuse the calls it can still serve
+    # during its drain, and every pre-fork worker would hold a Watch stream.
+    # gRPC's pick_first then stays, which reconnects on the next call.
+    assert service_config(target) is None

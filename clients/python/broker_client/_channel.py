@@ -116,6 +116,8 @@ FORK_DRAIN_TIMEOUT_S: Final = 10.0
 # The health service name the broker sets NOT_SERVING when it starts to drain.
 BROKER_HEALTH_SERVICE: Final = "broker.v1.Broker"
 
+# Targets that may name several brokers: health-checked (see service_config).
+_REPLICA_SCHEMES: Final = ("dns:", "ipv4:", "ipv6:")
 _PASS_THROUGH_SCHEMES: Final = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:")
 _WRONG_SCHEMES: Final = ("mongodb:", "mongodb+srv:", "http:", "https:", "grpc:", "tcp:")
 
@@ -189,23 +191,31 @@ def _replica_list(targets: Sequence[str]) -> str:
     return f"{scheme}:{','.join(entries)}"
 
 
-def service_config(target: str) -> str:
-    """The channel's default gRPC service config for a normalized target, as JSON.
+def service_config(target: str) -> str | None:
+    """The channel's default gRPC service config for a normalized target, as JSON, or None.
 
-    ``round_robin`` spreads calls over every address the target resolves
-    to (gRPC's default, ``pick_first``, would send all of them to one).
-    Over TCP the channel also health-checks each broker (the broker's
-    ``broker.v1.Broker`` health service): a draining broker leaves the
-    rotation as soon as it says NOT_SERVING, before it closes its listener.
-    A Unix socket is one broker with nowhere else to go, so no Watch stream
-    is held for it.
+    A target that names replicas (``dns:`` or an ``ipv4:``/``ipv6:``
+    address list) gets ``round_robin``, which spreads calls over every
+    address (gRPC's default, ``pick_first``, would send all of them to
+    one), and health checks on the broker's ``broker.v1.Broker`` service: a
+    draining replica leaves the rotation as soon as it says NOT_SERVING,
+    while it still serves the calls it has.
+
+    Any other target (a ``host:port``, a Unix socket) is one broker, or a
+    load balancer's one address: None keeps gRPC's ``pick_first``. With
+    nowhere else to go, its calls are better served through a drain than
+    refused, and after a lost connection ``pick_first`` waits for the next
+    call to reconnect, where ``round_robin`` would fail calls fast through
+    its reconnect backoff while the broker restarts.
     """
+    if not target.lower().startswith(_REPLICA_SCHEMES):
+        return None
     # Written out rather than json.dumps'd: the client imports nothing it
     # can do without (worker start-up time).
-    balance = '"loadBalancingConfig":[{"round_robin":{}}]'
-    if target.lower().startswith(("unix:", "unix-abstract:")):
-        return "{" + balance + "}"
-    return "{" + balance + ',"healthCheckConfig":{"serviceName":"' + BROKER_HEALTH_SERVICE + '"}}'
+    return (
+        '{"loadBalancingConfig":[{"round_robin":{}}],'
+        '"healthCheckConfig":{"serviceName":"' + BROKER_HEALTH_SERVICE + '"}}'
+    )
 
 
 class ForkGate:

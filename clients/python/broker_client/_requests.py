@@ -257,10 +257,6 @@ class Settings(Generic[DocumentT]):
             call_metadata.append(("authorization", f"Bearer {token}"))
         self.metadata: tuple[tuple[str, str], ...] = tuple(call_metadata)
         channel_options: dict[str, Any] = {
-            # round_robin over every replica a target names, and health checks
-            # over TCP (see _channel.service_config); a user's own
-            # grpc.service_config replaces it.
-            "grpc.service_config": service_config(self.target),
             "grpc.max_receive_message_length": DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
             "grpc.max_send_message_length": DEFAULT_MAX_SEND_MESSAGE_BYTES,
             # Fork safety: a channel of its own connections (see _channel).
@@ -268,6 +264,11 @@ class Settings(Generic[DocumentT]):
             "grpc.primary_user_agent": f"mongo-broker-client/{__version__}",
             **channel_defaults,
         }
+        balancing = service_config(self.target)
+        if balancing is not None:
+            # round_robin and health checks over a tier's replicas (see
+            # _channel.service_config); a user's own grpc.service_config wins.
+            channel_options["grpc.service_config"] = balancing
         for key, value in options:
             if value is None:
                 # gRPC reads some options by key alone (SingleThreadedUnaryStream),

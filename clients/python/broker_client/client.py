@@ -78,9 +78,9 @@ class BrokerClient(Generic[DocumentT]):
             a Unix socket), ``"127.0.0.1:50051"`` or ``"dns:///host:50051"``;
             or the replicas of a shared tier, as ``"dns:///name:port"`` (a
             name with several addresses) or a list of ``"IP:port"``. Calls
-            are spread over every replica (``round_robin``), and over TCP
-            each replica is health-checked: one that starts draining leaves
-            the rotation, and a retried call goes to another.
+            are spread over every replica (``round_robin``), and for those
+            two forms each replica is health-checked: one that starts
+            draining leaves the rotation, and a retried call goes to another.
         timeout: the default time limit of every call, in seconds
             (default `DEFAULT_TIMEOUT_S`, 30 s). Each call may pass its own
             ``timeout=``. It becomes the gRPC deadline, which the broker
@@ -104,7 +104,8 @@ class BrokerClient(Generic[DocumentT]):
             only knowingly.
         retries: a `RetryPolicy` (default `DEFAULT_RETRY_POLICY`: 3 tries,
             backoff from 50 ms up to 1 s, full jitter), or None to send
-            every call once. Retried: UNAVAILABLE and POOL_EXHAUSTED, for
+            every call once. Retried: UNAVAILABLE, a CANCELLED the caller
+            did not cause, and POOL_EXHAUSTED, for
             pings, stats and the reads (find_one, count_documents,
             estimated_document_count, distinct; find and aggregate until
             their first documents, not an aggregate that writes), and

@@ -6,7 +6,9 @@ ask the same state when to retry and how long to pause, so the rules below
 hold for `BrokerClient` and `AsyncBrokerClient` alike:
 
 - What is retried: UNAVAILABLE (no broker listening, broker draining,
-  database unreachable or connection lost), and RESOURCE_EXHAUSTED with the
+  database unreachable or connection lost), CANCELLED that the caller did
+  not cause (a stopping gRPC server's, see `is_retryable`), and
+  RESOURCE_EXHAUSTED with the
   reason ``POOL_EXHAUSTED`` (the broker's wait queue is full). Nothing else:
   DEADLINE_EXCEEDED means the time is up, the other codes do not change by
   retrying.
@@ -188,11 +190,18 @@ def _pool_exhausted() -> str:
 
 
 def is_retryable(error: BrokerError) -> bool:
-    """True for the errors a retry may cure: UNAVAILABLE, and RESOURCE_EXHAUSTED/POOL_EXHAUSTED."""
+    """True for the errors a retry may cure: UNAVAILABLE, CANCELLED, and RESOURCE_EXHAUSTED/POOL_EXHAUSTED.
+
+    CANCELLED reaches the retry loop only from the server's side: the
+    caller cannot cancel a blocking call, and an asyncio caller's own
+    cancellation is CancelledError, not a BrokerError. A stopping gRPC
+    server cancels calls it had taken in but not yet handed to the broker
+    (grpc/grpc#41785), which never ran.
+    """
     code = error.code
     if code is None:
         return False
-    return code.name == "UNAVAILABLE" or (
+    return code.name in {"UNAVAILABLE", "CANCELLED"} or (
         code.name == "RESOURCE_EXHAUSTED" and error.reason == _pool_exhausted()
     )
 
