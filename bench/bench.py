@@ -337,6 +337,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                     profiles[profile] = about
                     tag = "" if profile == dbprofiles.PLAIN else f"[{profile}] "
                     progress(f"{tag}database profile {profile}: ping {about['ping']}")
+                    (workdir / profile).mkdir()
                     ctx = workloads.Context(
                         server=endpoint,
                         workdir=workdir / profile,
