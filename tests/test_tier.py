@@ -93,6 +93,27 @@ def test_calls_are_spread_over_every_replica(tier, tier_client, collection_name,
     assert sum(per_replica) <= bound, f"database connections per replica {per_replica}, bound {bound}"
 
 
+def test_the_async_client_spreads_over_every_replica_too(tier, collection_name) -> None:
+    import asyncio
+
+    from broker_client import AsyncBrokerClient
+
+    brokers = tier()
+    before = [data_calls(b) for b in brokers]
+
+    async def run() -> None:
+        async with AsyncBrokerClient([b.tcp_target for b in brokers], timeout=15) as client:
+            items = client[DB_NAME][collection_name]
+            await items.insert_one({"_id": "k"})
+            for _ in range(89):
+                assert await items.find_one({"_id": "k"}) == {"_id": "k"}
+
+    asyncio.run(run())
+    shares = [data_calls(b) - n for b, n in zip(brokers, before, strict=True)]
+    assert sum(shares) == 90, shares
+    assert min(shares) >= 15, f"calls per replica {shares}: not spread over all three"
+
+
 @dataclass
 class Load:
     """Client threads inserting documents (ids made by the client) and reading each back."""
@@ -164,6 +185,27 @@ def test_a_draining_replica_loses_no_call(tier, tier_client, collection_name, mo
     assert sorted(map(str, stored_ids)) == sorted(map(str, load.acknowledged))
 
 
+def test_calls_cut_off_by_a_dying_replica_are_retried_on_the_others(
+    tier, tier_client, collection_name, mongo
+) -> None:
+    brokers = tier()
+    client = tier_client(brokers)
+    client.ping()
+    with Load(client, collection_name, threads=6) as load:
+        time.sleep(1.5)
+        calls_at_kill = load.calls
+        # No drain at all: the calls it is running break with their connection.
+        os.kill(brokers[0].pid, signal.SIGKILL)
+        brokers[0].wait(timeout=10)
+        time.sleep(1.5)
+    print(f"replica killed: {load.calls} calls, {load.retried_calls} retried, {len(load.errors)} failed")
+    assert not load.errors, f"{len(load.errors)} call(s) failed: {load.errors[:3]!r}"
+    assert load.calls - calls_at_kill > 20, "the load stopped when one replica died"
+    stored = [doc["_id"] for doc in mongo[MONGO_DB][collection_name].find({}, {"_id": 1})]
+    # An insert retried after its first attempt landed reports success once.
+    assert sorted(map(str, stored)) == sorted(map(str, load.acknowledged))
+
+
 def test_a_not_serving_replica_gets_no_new_calls(tier, tier_client, collection_name) -> None:
     brokers = tier(drain_delay_s=6.0)
     client = tier_client(brokers)
@@ -213,6 +255,26 @@ def test_stats_names_the_replica_and_its_callers(start_broker) -> None:
         assert stats.peers[0].host == "127.0.0.1"  # most recently seen first
         assert unix.stats().caller.startswith("unix:")
     assert "peer=ipv4:127.0.0.1:" in process.log_text()
+
+
+def test_only_a_token_for_every_database_sees_the_other_callers(start_broker) -> None:
+    config = {k: v for k, v in start_broker.base_config().items() if k != "listen"}
+    config["databases"]["otherdb"] = dict(config["databases"][DB_NAME])
+    admin, scoped = "admin-token-0123456789", "scoped-token-0123456789"
+    config["auth"] = {
+        "tokens": [
+            {"name": "admin", "token": admin},
+            {"name": "app", "token": scoped, "databases": [DB_NAME]},
+        ]
+    }
+    process = start_broker(config)
+    with BrokerClient(process.unix_target, token=admin) as everything:
+        assert [p.host for p in everything.stats().peers] == ["unix"]
+    with BrokerClient(process.unix_target, token=scoped) as app:
+        stats = app.stats()
+        assert stats.peers == ()
+        assert stats.caller.startswith("unix:")  # its own address it may know
+        assert [d.database for d in stats.databases] == [DB_NAME]
 
 
 def test_the_instance_defaults_to_the_host_name(broker) -> None:

@@ -4220,7 +4220,8 @@ type StatsResponse struct {
 	// "unix:"), so a caller can check which address reached the broker.
 	Caller string `protobuf:"bytes,5,opt,name=caller,proto3" json:"caller,omitempty"`
 	// Calls to this broker by calling host (no port), most recently seen
-	// first; at most 64 hosts are kept.
+	// first; at most 64 hosts are kept. Empty unless the caller's token may
+	// use every configured database.
 	Peers []*PeerStats `protobuf:"bytes,6,rep,name=peers,proto3" json:"peers,omitempty"`
 	// Hosts dropped from peers to keep it bounded.
 	PeersDropped  int64 `protobuf:"varint,7,opt,name=peers_dropped,json=peersDropped,proto3" json:"peers_dropped,omitempty"`

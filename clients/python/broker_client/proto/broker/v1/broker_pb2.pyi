@@ -1929,7 +1929,8 @@ class StatsResponse(_message.Message):
     @_builtins.property
     def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeerStats]:
         """Calls to this broker by calling host (no port), most recently seen
-        first; at most 64 hosts are kept.
+        first; at most 64 hosts are kept. Empty unless the caller's token may
+        use every configured database.
         """
 
     def __init__(
