@@ -349,13 +349,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                     )
                     try:
                         versions = versions or software_versions(_server_info(ctx))
-                        for name in names:
-                            began = time.monotonic()
-                            found = _run_workload(name, ctx, args, imports=profile == dbprofiles.PLAIN)
-                            records.extend({**r, "db_profile": profile} for r in found)
-                            timings[tag + name] = time.monotonic() - began
-                            progress(f"{tag}{name} done in {timings[tag + name]:.0f} s")
-                        ctx.mongo.drop_database(workloads.MONGO_DB)
+                        records += _run_profile(ctx, profile, names, args, timings)
                     finally:
                         ctx.close()
                     brokers.extend(ctx.brokers_started)
@@ -377,6 +371,26 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "plan": the_plan,
         "records": records,
     }
+
+
+def _run_profile(
+    ctx: workloads.Context,
+    profile: str,
+    names: Sequence[str],
+    args: argparse.Namespace,
+    timings: dict[str, float],
+) -> list[dict[str, Any]]:
+    """Every workload of ``names`` in one profile; each record is tagged with the profile."""
+    tag = "" if profile == dbprofiles.PLAIN else f"[{profile}] "
+    records: list[dict[str, Any]] = []
+    for name in names:
+        began = time.monotonic()
+        found = _run_workload(name, ctx, args, imports=profile == dbprofiles.PLAIN)
+        records.extend({**r, "db_profile": profile} for r in found)
+        timings[tag + name] = time.monotonic() - began
+        ctx.progress(f"{name} done in {timings[tag + name]:.0f} s")
+    ctx.mongo.drop_database(workloads.MONGO_DB)
+    return records
 
 
 def _tagged(progress: Callable[[str], None], tag: str) -> Callable[[str], None]:
