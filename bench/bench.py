@@ -134,7 +134,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=dbprofiles.parse_profiles,
         default=[dbprofiles.PLAIN],
         help="how the modes reach the database: plain, and tls-latency (TLS + toxiproxy latency; "
-        "storm and steady only, about 20 minutes more)",
+        "storm and steady only, about 25 minutes more on 2 cores)",
     )
     add("--smoke", action="store_true", help="a few seconds of everything: W=5, C=1 for 1 s, 2k docs")
     add("-v", "--verbose", action="store_true")
