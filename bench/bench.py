@@ -3,13 +3,17 @@
     python -m bench.bench                  # the default run (about 20 minutes on 2 quiet cores)
     python -m bench.bench --full           # also every mode, 3 repeats, at W=1000
     python -m bench.bench --smoke          # a few seconds: proves the harness still runs
+    python -m bench.bench --db-profiles plain,tls-latency   # also TLS + latency to the database
     python -m bench.report RAW.json        # re-render REPORT.md and the plots from raw figures
 
 Modes (bench/modes.py): churn, per-process, mongobetween, broker-uds,
 broker-tcp, direct-shared; every worker is harness/worker.py. Workloads
 (bench/workloads.py): storm, steady, stream, ghz, profile. All of them run
 against the same database server in the same run: ``MONGODB_URI`` when set,
-else what harness/dbserver.py finds (mongod, Docker, FerretDB). The raw
+else what harness/dbserver.py finds (mongod, Docker, FerretDB). Database
+profiles (bench/dbprofiles.py) say how the modes reach it: ``plain``
+loopback TCP, and ``tls-latency``, its TLS listener behind toxiproxy's
+latency, for storm and steady. The raw
 figures go to ``bench/results/raw/bench-<time>.json`` (git-ignored) and
 ``bench/report.py`` writes ``bench/results/REPORT.md`` and its PNG plots;
 docs/BENCHMARKS.md says how each figure is measured.
@@ -29,14 +33,14 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from bench import modes, report, workloads
-from harness.dbserver import KINDS, DatabaseServerError, database_server
+from bench import dbprofiles, modes, report, workloads
+from harness.dbserver import KINDS, DatabaseServer, DatabaseServerError, database_server
 from harness.process import short_tmpdir
 
 logger = logging.getLogger(__name__)
@@ -125,6 +129,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("DBSERVER_KIND", "auto"),
         help="database server (env DBSERVER_KIND; MONGODB_URI wins under auto)",
     )
+    add(
+        "--db-profiles",
+        type=dbprofiles.parse_profiles,
+        default=[dbprofiles.PLAIN],
+        help="how the modes reach the database: plain, and tls-latency (TLS + toxiproxy latency; "
+        "storm and steady only, about 25 minutes more on 2 cores)",
+    )
     add("--smoke", action="store_true", help="a few seconds of everything: W=5, C=1 for 1 s, 2k docs")
     add("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -157,6 +168,8 @@ def _apply_smoke(args: argparse.Namespace, given: set[str]) -> None:
         args.workloads = ["storm", "steady", "stream", "ghz"]
     if "--modes" not in given:
         args.modes = [modes.PER_PROCESS, modes.MONGOBETWEEN, modes.BROKER_UDS]
+    if "--db-profiles" not in given:
+        args.db_profiles = list(dbprofiles.PROFILES)
 
 
 # --- facts about the machine and the software -----------------------------------------------------
@@ -283,11 +296,14 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         },
         "max_pool_size": args.max_pool_size,
         "proxy_nice": args.proxy_nice,
+        "db_profiles": {
+            profile: dbprofiles.workloads_for(profile, args.workloads) for profile in args.db_profiles
+        },
     }
 
 
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
-    """Run the plan; return the raw result (records, facts, versions)."""
+    """Run the plan, profile after profile; return the raw result (records, facts, versions)."""
     started = time.time()
     t0 = time.monotonic()
     facts = machine_facts()
@@ -302,30 +318,41 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     raw_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     timings: dict[str, float] = {}
+    profiles: dict[str, dict[str, Any]] = {}
+    brokers: list[dict[str, Any]] = []
+    versions: dict[str, Any] = {}
     server_kind = None if args.server == "auto" else args.server
+    pki = None
+    if dbprofiles.TLS_LATENCY in args.db_profiles:
+        pki = dbprofiles.make_pki(workdir / "pki")
     try:
-        with database_server(server_kind) as server:
+        with database_server(server_kind, tls=pki.listener if pki else None) as server:
             progress(f"database: {server.kind} at {server.address} ({server.reason})")
-            ctx = workloads.Context(
-                server=server,
-                workdir=workdir,
-                raw_dir=raw_dir,
-                mongobetween=mongobetween,
-                max_pool_size=args.max_pool_size,
-                proxy_nice=args.proxy_nice,
-                progress=progress,
-            )
-            try:
-                versions = software_versions(_server_info(ctx))
-                for name in args.workloads:
-                    began = time.monotonic()
-                    records.extend(_run_workload(name, ctx, args))
-                    timings[name] = time.monotonic() - began
-                    progress(f"{name} done in {timings[name]:.0f} s")
-                ctx.mongo.drop_database(workloads.MONGO_DB)
-            finally:
-                ctx.close()
-            brokers = ctx.brokers_started
+            for profile in args.db_profiles:
+                names = dbprofiles.workloads_for(profile, args.workloads)
+                if not names:
+                    continue
+                with _endpoint(profile, server, pki) as (endpoint, about):
+                    about["ping"] = dbprofiles.ping_ms(endpoint.uri)
+                    profiles[profile] = about
+                    tag = "" if profile == dbprofiles.PLAIN else f"[{profile}] "
+                    progress(f"{tag}database profile {profile}: ping {about['ping']}")
+                    (workdir / profile).mkdir()
+                    ctx = workloads.Context(
+                        server=endpoint,
+                        workdir=workdir / profile,
+                        raw_dir=raw_dir,
+                        mongobetween=mongobetween,
+                        max_pool_size=args.max_pool_size,
+                        proxy_nice=args.proxy_nice,
+                        progress=_tagged(progress, tag),
+                    )
+                    try:
+                        versions = versions or software_versions(_server_info(ctx))
+                        records += _run_profile(ctx, profile, names, args, timings)
+                    finally:
+                        ctx.close()
+                    brokers.extend(ctx.brokers_started)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     facts["loadavg_end"] = list(os.getloadavg())
@@ -340,14 +367,55 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "versions": {**versions, "broker": brokers[0]["version"] if brokers else "?"},
         "broker_config": brokers[0]["config"] if brokers else {},
         "mongobetween": {"binary": mongobetween.binary, "reason": mongobetween.reason},
+        "db_profiles": profiles,
         "plan": the_plan,
         "records": records,
     }
 
 
-def _run_workload(name: str, ctx: workloads.Context, args: argparse.Namespace) -> list[dict[str, Any]]:
+def _run_profile(
+    ctx: workloads.Context,
+    profile: str,
+    names: Sequence[str],
+    args: argparse.Namespace,
+    timings: dict[str, float],
+) -> list[dict[str, Any]]:
+    """Every workload of ``names`` in one profile; each record is tagged with the profile."""
+    tag = "" if profile == dbprofiles.PLAIN else f"[{profile}] "
+    records: list[dict[str, Any]] = []
+    for name in names:
+        began = time.monotonic()
+        found = _run_workload(name, ctx, args, imports=profile == dbprofiles.PLAIN)
+        records.extend({**r, "db_profile": profile} for r in found)
+        timings[tag + name] = time.monotonic() - began
+        ctx.progress(f"{name} done in {timings[tag + name]:.0f} s")
+    ctx.mongo.drop_database(workloads.MONGO_DB)
+    return records
+
+
+def _tagged(progress: Callable[[str], None], tag: str) -> Callable[[str], None]:
+    return lambda message: progress(tag + message)
+
+
+@contextlib.contextmanager
+def _endpoint(
+    profile: str, server: DatabaseServer, pki: dbprofiles.PkiFiles | None
+) -> Iterator[tuple[DatabaseServer, dict[str, Any]]]:
+    """The server as ``profile`` reaches it, and what the report says about that."""
+    if profile == dbprofiles.PLAIN:
+        yield server, {"how": f"{server.kind}'s plain TCP listener on loopback"}
+        return
+    assert pki is not None
+    with dbprofiles.tls_latency_endpoint(server, pki) as (endpoint, about):
+        yield endpoint, about
+
+
+def _run_workload(
+    name: str, ctx: workloads.Context, args: argparse.Namespace, *, imports: bool
+) -> list[dict[str, Any]]:
     if name == "storm":
-        records = workloads.run_imports(ctx, repeats=max(3, args.repeats))
+        # A cold worker's imports do not touch the database: measured once, in the plain profile.
+        records = workloads.run_imports(ctx, repeats=max(3, args.repeats)) if imports else []
         large = None if args.full else (args.large_w, args.large_modes, args.large_repeats)
         return records + workloads.run_storm(
             ctx,

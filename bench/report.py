@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import modes
+from bench import dbprofiles, modes
 from bench.modes import percentile
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,12 +100,32 @@ class Aggregate:
         return [m for m in order if m in present] + sorted(present - set(order))
 
 
-def aggregate(raw: dict[str, Any]) -> Aggregate:
+def db_profiles(raw: dict[str, Any]) -> list[str]:
+    """The database profiles the run's records come from, in run order (old runs: plain only)."""
+    found: list[str] = []
+    for record in raw["records"]:
+        profile = record.get("db_profile", dbprofiles.PLAIN)
+        if profile not in found:
+            found.append(profile)
+    return found or [dbprofiles.PLAIN]
+
+
+def main_profile(raw: dict[str, Any]) -> str:
+    """The profile of the report's main sections: plain whenever it ran."""
+    found = db_profiles(raw)
+    return dbprofiles.PLAIN if dbprofiles.PLAIN in found else found[0]
+
+
+def aggregate(raw: dict[str, Any], db_profile: str | None = None) -> Aggregate:
+    """Cells of one database profile's records (``main_profile`` unless given)."""
+    wanted = db_profile or main_profile(raw)
     values: dict[Key, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     missing: dict[Key, str] = {}
     notes: dict[Key, list[str]] = defaultdict(list)
     params: dict[str, list[Any]] = defaultdict(list)
     for record in raw["records"]:
+        if record.get("db_profile", dbprofiles.PLAIN) != wanted:
+            continue
         key = (record["workload"], record["param"], record["mode"])
         if record["param"] not in params[record["workload"]]:
             params[record["workload"]].append(record["param"])
@@ -402,6 +422,160 @@ def ghz_section(raw: dict[str, Any], agg: Aggregate) -> str:
             ]
     if notes := _notes(agg, "ghz"):
         out += [notes, ""]
+    return "\n".join(out)
+
+
+# --- database profiles side by side ----------------------------------------------------------------
+
+PROFILE_STORM: list[tuple[str, str, int | None]] = [
+    ("peak_connections", "peak DB connections", 0),
+    ("s2f_p50_ms", "spawn→first result p50 ms", 0),
+    ("worker_cpu_p50_ms", "worker CPU spawn→exit p50 ms", 0),
+    ("loadavg_1m", "load avg 1 min", 1),
+]
+PROFILE_STEADY: list[tuple[str, str, int | None]] = [
+    ("ops_per_s", "ops/s", 0),
+    ("proxy_cpu_s_per_1k_ops", "proxy CPU s / 1k ops", 3),
+    ("p99_ms", "p99 ms", 1),
+    ("p99.9_ms", "p99.9 ms", 1),
+    ("loadavg_1m", "load avg 1 min", 1),
+]
+PROFILE_C1: list[tuple[str, str, int | None]] = [
+    ("p50_ms", "p50 ms", 2),
+    ("p99_ms", "p99 ms", 1),
+    ("loadavg_1m", "load avg 1 min", 1),
+]
+
+
+def side_by_side(
+    aggs: dict[str, Aggregate], workload: str, param: Any, columns: Sequence[tuple[str, str, int | None]]
+) -> str:
+    """Rows: modes; for each metric, one column per profile. A mode a profile lacks says why."""
+    shown: list[str] = []
+    for agg in aggs.values():
+        shown += [m for m in agg.modes_for(workload, param) if m not in shown]
+    shown.sort(key=lambda m: modes.MODES.index(m) if m in modes.MODES else len(modes.MODES))
+    header = ["mode", *(f"{title}: {profile}" for _, title, _ in columns for profile in aggs)]
+    rows = []
+    for mode in shown:
+        row = [f"**{mode}**"]
+        for metric, _, digits in columns:
+            for agg in aggs.values():
+                key = (workload, param, mode)
+                if key in agg.missing:
+                    row.append("skipped" if agg.missing[key].startswith("skipped") else "not measured")
+                else:
+                    row.append(fmt(agg.get(workload, param, mode, metric), digits))
+        rows.append(row)
+    return table(header, rows)
+
+
+def profile_ratios(aggs: dict[str, Aggregate]) -> list[tuple[str, dict[str, str]]]:
+    """(figure, {profile: ratio of medians}) for the comparisons the profiles are for."""
+    rows: list[tuple[str, dict[str, str]]] = []
+
+    def want(label: str, where: tuple[str, Any, str], row: str, column: str) -> None:
+        workload, param, metric = where
+        cells = {
+            profile: ratio(agg.get(workload, param, row, metric), agg.get(workload, param, column, metric))
+            for profile, agg in aggs.items()
+        }
+        if any(cell != "-" for cell in cells.values()):
+            rows.append((f"{label}: {row} ÷ {column}", cells))
+
+    everywhere = list(aggs.values())
+    storm_ws = [
+        w
+        for w in everywhere[0].params.get("storm", [])
+        if all(w in a.params.get("storm", []) for a in everywhere)
+    ]
+    steady_cs = everywhere[0].params.get("steady", [])
+    per_process, mongobetween = modes.PER_PROCESS, modes.MONGOBETWEEN
+    if storm_ws:
+        big = max(storm_ws)
+        want(f"storm W={big} peak DB connections", ("storm", big, "peak_connections"), per_process, PRIMARY)
+        for w in storm_ws:
+            want(f"storm W={w} spawn→first result p50", ("storm", w, "s2f_p50_ms"), PRIMARY, per_process)
+        want(f"storm W={big} spawn→first result p50", ("storm", big, "s2f_p50_ms"), PRIMARY, mongobetween)
+        want(
+            f"storm W={big} worker CPU spawn→exit p50",
+            ("storm", big, "worker_cpu_p50_ms"),
+            PRIMARY,
+            per_process,
+        )
+    for c in (16, 64):
+        if c in steady_cs:
+            want(f"steady C={c} ops/s", ("steady", c, "ops_per_s"), PRIMARY, per_process)
+            want(f"steady C={c} ops/s", ("steady", c, "ops_per_s"), PRIMARY, mongobetween)
+            want(f"steady C={c} p99", ("steady", c, "p99_ms"), PRIMARY, per_process)
+    if 1 in steady_cs:
+        want("steady C=1 p50", ("steady", 1, "p50_ms"), PRIMARY, modes.DIRECT_SHARED)
+        want("steady C=1 p50", ("steady", 1, "p50_ms"), PRIMARY, per_process)
+    return rows
+
+
+def _ping_text(about: dict[str, Any]) -> str:
+    ping = about.get("ping") or {}
+    if not ping:
+        return ""
+    return (
+        f"; a pymongo ping: p50 **{num(ping['p50_ms'], 2)} ms** (p99 {num(ping['p99_ms'], 1)}), "
+        f"a new client's first ping {num(ping['first_ms'], 0)} ms"
+    )
+
+
+def profiles_section(raw: dict[str, Any]) -> str:
+    """Storm and steady of every database profile side by side; empty when only one ran."""
+    names = db_profiles(raw)
+    if len(names) < 2:
+        planned = raw["plan"].get("db_profiles", {})
+        if dbprofiles.TLS_LATENCY in names or dbprofiles.TLS_LATENCY in planned:
+            return ""
+        return (
+            "## Database profiles\n\nOnly the plain profile ran. `--db-profiles plain,tls-latency` adds "
+            "TLS to the database and toxiproxy latency in front of it, and a side-by-side section here. "
+            + _method("database-profiles-plain-and-tls-latency")
+            + "\n"
+        )
+    aggs = {name: aggregate(raw, name) for name in names}
+    about = raw.get("db_profiles", {})
+    out = [
+        f"## Database profiles: {' and '.join(names)} side by side",
+        "",
+        "The same server, every mode, one run, the profiles one after the other. "
+        + _method("database-profiles-plain-and-tls-latency"),
+        "",
+    ]
+    for name in names:
+        info = about.get(name, {})
+        how = str(info.get("how", "?"))
+        if "latency_toxic_each_way" in info:
+            toxic = info["latency_toxic_each_way"]
+            how += (
+                f", toxiproxy latency {toxic.get('latency')} ms ± {toxic.get('jitter')} ms on each "
+                f"direction, URI `{info.get('uri_shown', '?')}`"
+            )
+        workloads = raw["plan"].get("db_profiles", {}).get(name)
+        ran = f" ({', '.join(workloads)})" if workloads else ""
+        out.append(f"- **{name}**{ran}: {how}{_ping_text(info)}.")
+    out += [
+        "",
+        "Key ratios of medians, per profile:",
+        "",
+        table(
+            ["figure", *names], [[label, *(cells[n] for n in names)] for label, cells in profile_ratios(aggs)]
+        ),
+        "",
+    ]
+    first = aggs[names[0]]
+    for w in first.params.get("storm", []):
+        if all(w in agg.params.get("storm", []) for agg in aggs.values()):
+            out += [f"### Storm W = {w}", "", side_by_side(aggs, "storm", w, PROFILE_STORM), ""]
+    for c in (16, 64):
+        if all(c in agg.params.get("steady", []) for agg in aggs.values()):
+            out += [f"### Steady C = {c}", "", side_by_side(aggs, "steady", c, PROFILE_STEADY), ""]
+    if all(1 in agg.params.get("steady", []) for agg in aggs.values()):
+        out += ["### Steady C = 1", "", side_by_side(aggs, "steady", 1, PROFILE_C1), ""]
     return "\n".join(out)
 
 
@@ -703,6 +877,10 @@ def headline_text(raw: dict[str, Any]) -> str:
     lines = [headline_table(raw, agg), ""]
     for goal, _target, measured, ok, _gap in goals(raw, agg):
         lines.append(f"{_status(ok).strip('*'):>12}  {goal}: {measured}")
+    if len(names := db_profiles(raw)) > 1:
+        lines += ["", "database profiles, " + " / ".join(names) + ":"]
+        for label, cells in profile_ratios({name: aggregate(raw, name) for name in names}):
+            lines.append(f"  {label}: {' / '.join(cells[n] for n in names)}")
     return "\n".join(lines)
 
 
@@ -1224,6 +1402,8 @@ def write_report(
         "",
         goals_section(raw, agg),
     ]
+    if profiles := profiles_section(raw):
+        parts += [profiles, ""]
     if baseline is not None and baseline.get("started") != raw["started"]:
         parts += [before_after_section(baseline, current, raw["started"]), ""]
     if raw_path is not None and (others := other_runs_section(raw, raw_path)):

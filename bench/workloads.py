@@ -38,6 +38,7 @@ import psutil
 from pymongo import MongoClient
 
 from bench import modes
+from bench.dbprofiles import with_query
 from harness.brokerproc import BrokerProcess, broker_config
 from harness.dbserver import DatabaseServer
 from harness.fleet import run_fleet, worker_command
@@ -137,10 +138,12 @@ class Mongobetween:
 class MongobetweenProcess:
     """mongobetween on a loopback port, in front of the database, ``maxpoolsize`` bounded."""
 
-    def __init__(self, binary: str, db_address: str, max_pool_size: int, workdir: Path) -> None:
+    def __init__(self, binary: str, db_uri: str, max_pool_size: int, workdir: Path) -> None:
         self.port = free_port()
         self.log_path = workdir / "mongobetween.log"
-        upstream = f"mongodb://{db_address}/?maxpoolsize={max_pool_size}&label=bench"
+        # The database's own URI, options kept: in the tls-latency profile its
+        # tls and tlsCAFile make mongobetween's upstream TLS too.
+        upstream = with_query(db_uri, maxpoolsize=max_pool_size, label="bench")
         self.argv = [binary, "-network", "tcp4", "-loglevel", "warn", f"127.0.0.1:{self.port}={upstream}"]
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -228,9 +231,8 @@ class Context:
         if self.mongobetween.binary is None:
             yield None
             return
-        proc = MongobetweenProcess(
-            self.mongobetween.binary, self.server.address, self.max_pool_size, self.workdir
-        )
+        binary = self.mongobetween.binary
+        proc = MongobetweenProcess(binary, self.server.uri, self.max_pool_size, self.workdir)
         proc.start()
         renice(proc.pid, self.proxy_nice)
         try:

@@ -16,6 +16,11 @@
 ``DBSERVER_KIND=ferretdb`` (or ``uri``, ``mongod``, ``docker``) uses only that
 kind and fails if it cannot be had; ``auto`` or unset walks the list.
 
+``database_server(tls=TLSListener(cert, key))`` also opens a TLS listener on a
+port of its own (``tls_port``), beside the plain one, which ``uri`` and the
+ready check keep using. Only the FerretDB wrapper of ``bench/ferretdb`` can do
+this here; any other kind fails with ``DatabaseServerError``.
+
 A server this module started can be stopped and started again on the same
 port with the same data (``stop()``, ``start()``, ``restart()``), for fault
 tests. ``close()`` stops it for good and removes its temporary directory.
@@ -32,6 +37,7 @@ import subprocess
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from types import TracebackType
@@ -48,6 +54,7 @@ __all__ = [
     "DatabaseServer",
     "DatabaseServerError",
     "Kind",
+    "TLSListener",
     "database_server",
     "shown_path",
     "start_database_server",
@@ -72,6 +79,14 @@ class DatabaseServerError(RuntimeError):
     """No server could be had, or the one chosen did not start or answer."""
 
 
+@dataclass(frozen=True)
+class TLSListener:
+    """The PEM certificate and key of a TLS listener opened beside the plain one."""
+
+    cert_file: Path
+    key_file: Path
+
+
 class DatabaseServer:
     """A MongoDB-wire-protocol server that answers ``ping`` at ``uri``.
 
@@ -82,6 +97,8 @@ class DatabaseServer:
 
     kind: Kind
     managed = True
+    # The port of the TLS listener, when one was asked for (same host as ``uri``).
+    tls_port: int | None = None
 
     def __init__(self, host: str, port: int, reason: str) -> None:
         self.host = host
@@ -367,7 +384,9 @@ def _ferretdb_is_upstream(binary: str) -> bool:
     return b"--state-dir" in out.stdout + out.stderr
 
 
-def _ferretdb_argv(binary: str) -> Callable[[int, Path], list[str]]:
+def _ferretdb_argv(
+    binary: str, tls: tuple[int, TLSListener] | None = None
+) -> Callable[[int, Path], list[str]]:
     def argv(port: int, data_dir: Path) -> list[str]:
         args = [
             binary,
@@ -375,6 +394,13 @@ def _ferretdb_argv(binary: str) -> Callable[[int, Path], list[str]]:
             f"--sqlite-url=file:{data_dir}/",  # the trailing slash is required
             "--log-level=warn",
         ]
+        if tls is not None:
+            tls_port, files = tls
+            args += [
+                f"--listen-tls={LOOPBACK}:{tls_port}",
+                f"--tls-cert={files.cert_file}",
+                f"--tls-key={files.key_file}",
+            ]
         if _ferretdb_is_upstream(binary):
             args += [
                 "--handler=sqlite",
@@ -445,8 +471,14 @@ def _docker_answers(timeout: float = 2.0) -> tuple[bool, str]:
         return answer
 
 
-def _candidate(kind: Kind, explicit: bool) -> DatabaseServer | None:
+def _candidate(kind: Kind, explicit: bool, tls: TLSListener | None = None) -> DatabaseServer | None:
     """Build an unstarted server of ``kind``, or None (logged) when unavailable."""
+    if tls is not None and kind != "ferretdb":
+        if kind == "uri" and os.environ.get(URI_ENV):
+            # Falling through to FerretDB would quietly measure another server than the one given.
+            raise DatabaseServerError(f"{URI_ENV} is set, but a TLS listener was asked for: unset one")
+        _unavailable(kind, "a TLS listener is asked for; only bench/ferretdb's FerretDB opens one", explicit)
+        return None
     if kind == "uri":
         uri = os.environ.get(URI_ENV)
         if not uri:
@@ -466,7 +498,19 @@ def _candidate(kind: Kind, explicit: bool) -> DatabaseServer | None:
             return None
         return DockerServer(f"{why} (image {DOCKER_IMAGE})")
     binary, why = _find_or_build_ferretdb()
-    return ProcessServer("ferretdb", _ferretdb_argv(binary), why)
+    if tls is None:
+        return ProcessServer("ferretdb", _ferretdb_argv(binary), why)
+    if _ferretdb_is_upstream(binary):
+        raise DatabaseServerError(
+            f"a TLS listener is asked for, but {shown_path(binary)} is upstream's ferretdb, "
+            "not the bench/ferretdb wrapper that takes --listen-tls"
+        )
+    tls_port = free_port(LOOPBACK)
+    server = ProcessServer("ferretdb", _ferretdb_argv(binary, (tls_port, tls)), why)
+    while server.port == tls_port:  # two free_port calls may return the same port
+        server.port = free_port(LOOPBACK)
+    server.tls_port = tls_port
+    return server
 
 
 def _unavailable(kind: Kind, why: str, explicit: bool) -> None:
@@ -475,11 +519,14 @@ def _unavailable(kind: Kind, why: str, explicit: bool) -> None:
     logger.info("not using %s: %s", kind, why)
 
 
-def start_database_server(kind: Kind | None = None, ready_timeout: float = 30.0) -> DatabaseServer:
+def start_database_server(
+    kind: Kind | None = None, ready_timeout: float = 30.0, tls: TLSListener | None = None
+) -> DatabaseServer:
     """Choose, start and ping a server; the caller must ``close()`` it.
 
     ``kind`` (or the ``DBSERVER_KIND`` environment variable) restricts the
     choice to one kind; otherwise the first available in ``KINDS`` order wins.
+    With ``tls``, only a kind that can open a TLS listener too is chosen.
     """
     wanted = kind or os.environ.get(KIND_ENV) or "auto"
     if wanted != "auto" and wanted not in KINDS:
@@ -487,7 +534,7 @@ def start_database_server(kind: Kind | None = None, ready_timeout: float = 30.0)
     explicit = wanted != "auto"
     order = [cast(Kind, wanted)] if explicit else list(KINDS)
     for candidate_kind in order:
-        server = _candidate(candidate_kind, explicit)
+        server = _candidate(candidate_kind, explicit, tls)
         if server is None:
             continue
         logger.info("database server: %s, because %s", server.kind, server.reason)
@@ -506,9 +553,11 @@ def start_database_server(kind: Kind | None = None, ready_timeout: float = 30.0)
 
 
 @contextlib.contextmanager
-def database_server(kind: Kind | None = None, ready_timeout: float = 30.0) -> Iterator[DatabaseServer]:
+def database_server(
+    kind: Kind | None = None, ready_timeout: float = 30.0, tls: TLSListener | None = None
+) -> Iterator[DatabaseServer]:
     """``with database_server() as server:`` a running server, closed on exit."""
-    server = start_database_server(kind, ready_timeout)
+    server = start_database_server(kind, ready_timeout, tls)
     try:
         yield server
     finally:

@@ -3,7 +3,9 @@
 Benchmarks are not tests: nothing here asserts a timing or a ratio. It runs
 ``python -m bench.bench --smoke`` (storm W=5 in two modes and mongobetween's
 "not measured" path, steady C=1 for 1 s, a stream of 2,000 documents, ghz
-for 1 s when it is built) into a temporary results directory, and checks
+for 1 s when it is built), then storm and steady again in the tls-latency
+database profile (TLS to the server, toxiproxy latency), into a temporary
+results directory, and checks
 that every record is either a measurement with finite numbers or a reason
 why it was not measured, and that the report and its plots were written. It also runs the layer table,
 ``python -m bench.latency --smoke``, and checks its rows the same way.
@@ -39,7 +41,7 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=400,
         check=False,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -51,7 +53,7 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
     return json.loads(raws[0].read_text(encoding="utf-8")), out, done.stdout
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(450)
 def test_every_workload_produced_records(smoke_run: tuple[dict[str, Any], Path, str]) -> None:
     raw, _, _ = smoke_run
     workloads = {r["workload"] for r in raw["records"]}
@@ -62,7 +64,7 @@ def test_every_workload_produced_records(smoke_run: tuple[dict[str, Any], Path, 
         assert (workload, "broker-uds") in measured
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(450)
 def test_measurements_are_well_formed(smoke_run: tuple[dict[str, Any], Path, str]) -> None:
     raw, _, _ = smoke_run
     for record in raw["records"]:
@@ -97,7 +99,7 @@ def test_measurements_are_well_formed(smoke_run: tuple[dict[str, Any], Path, str
             assert metrics["count"] > 0 and _finite(metrics["rps"]), where
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(450)
 def test_mongobetween_is_reported_not_dropped(smoke_run: tuple[dict[str, Any], Path, str]) -> None:
     raw, out, _ = smoke_run
     if raw["mongobetween"]["binary"] is not None:
@@ -108,7 +110,7 @@ def test_mongobetween_is_reported_not_dropped(smoke_run: tuple[dict[str, Any], P
     assert "mongobetween" in (out / "REPORT.md").read_text(encoding="utf-8")
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(450)
 def test_report_and_plots_written(smoke_run: tuple[dict[str, Any], Path, str]) -> None:
     _, out, stdout = smoke_run
     text = (out / "REPORT.md").read_text(encoding="utf-8")
@@ -117,6 +119,39 @@ def test_report_and_plots_written(smoke_run: tuple[dict[str, Any], Path, str]) -
     for name in ("storm_peak_connections.png", "storm_spawn_to_first.png", "steady.png", "stream.png"):
         assert (out / name).read_bytes().startswith(PNG_MAGIC), name
     assert "figure (median" in stdout
+
+
+@pytest.mark.timeout(450)
+def test_tls_latency_profile_ran_and_has_its_section(smoke_run: tuple[dict[str, Any], Path, str]) -> None:
+    raw, out, stdout = smoke_run
+    by_profile: dict[str, set[tuple[str, str]]] = {}
+    for record in raw["records"]:
+        if "metrics" in record:
+            by_profile.setdefault(record["db_profile"], set()).add((record["workload"], record["mode"]))
+    assert set(by_profile) == {"plain", "tls-latency"}
+    tls = by_profile["tls-latency"]
+    assert {w for w, _ in tls} == {"storm", "steady"}, "stream, ghz and profile run in plain only"
+    for workload in ("storm", "steady"):
+        assert (workload, "per-process") in tls and (workload, "broker-uds") in tls
+    if raw["mongobetween"]["binary"] is not None:
+        assert ("steady", "mongobetween") in tls, "mongobetween takes the TLS upstream URI"
+    # Every per-process worker connected on its own, through the proxy: its connects were counted.
+    storms = [r for r in raw["records"] if r.get("db_profile") == "tls-latency" and r["workload"] == "storm"]
+    own = [r["metrics"] for r in storms if r["mode"] == "per-process"]
+    assert own and all(m["connections_opened"] >= m["workers"] for m in own)
+    about = raw["db_profiles"]["tls-latency"]
+    assert about["latency_toxic_each_way"] == {"latency": 1, "jitter": 1}
+    # Only the CA file's name: where the run kept it says nothing to a report reader.
+    assert about["uri_shown"] == "mongodb://127.0.0.1:PROXYPORT/?tls=true&tlsCAFile=ca.pem"
+    for profile in ("plain", "tls-latency"):
+        ping = raw["db_profiles"][profile]["ping"]
+        assert all(_finite(ping[k]) and ping[k] > 0 for k in ("first_ms", "p50_ms", "p99_ms")), profile
+    text = (out / "REPORT.md").read_text(encoding="utf-8")
+    section = text.split("## Database profiles: plain and tls-latency side by side", 1)[1]
+    for heading in ("Key ratios", "### Storm W = 5", "### Steady C = 1"):
+        assert heading in section, heading
+    assert "spawn→first result p50 ms: tls-latency" in section
+    assert "database profiles, plain / tls-latency:" in stdout
 
 
 def test_profile_summary_reads_speedscope(tmp_path: Path) -> None:

@@ -12,13 +12,16 @@ from typing import Any
 
 import pytest
 from pymongo import MongoClient
+from pymongo.errors import PyMongoError
 
+from bench.dbprofiles import make_pki, tls_uri
 from harness.brokerproc import BrokerProcess, BrokerStartError, broker_config, render_toml
 from harness.dbserver import (
     KINDS,
     DatabaseServer,
     DatabaseServerError,
     ProcessServer,
+    TLSListener,
     start_database_server,
 )
 from harness.fleet import run_fleet
@@ -76,6 +79,46 @@ def test_unknown_or_unavailable_kind_is_refused(monkeypatch: pytest.MonkeyPatch)
     if shutil.which("mongod") is None:
         with pytest.raises(DatabaseServerError, match="no mongod on PATH"):
             start_database_server("mongod")
+
+
+def test_ferretdb_opens_a_tls_listener_beside_the_plain_one(
+    db_server: DatabaseServer, tmp_path: Path
+) -> None:
+    """bench/ferretdb's --listen-tls: the bench's tls-latency profile reaches the server through it."""
+    if db_server.kind != "ferretdb":
+        pytest.skip(f"the session server is {db_server.kind}; only bench/ferretdb opens a TLS listener")
+    pki = make_pki(tmp_path / "pki")
+    with start_database_server("ferretdb", tls=pki.listener) as server:
+        assert server.tls_port is not None and server.tls_port != server.port
+        tls = tls_uri(server.host, server.tls_port, pki.ca_file)
+        with MongoClient[dict[str, Any]](tls, serverSelectionTimeoutMS=10_000) as client:
+            assert client.admin.command("ping")["ok"] == 1
+            client.tls_db.c.insert_one({"_id": 1, "over": "tls"})
+        # The plain listener is the same server, and stays what uri names.
+        with MongoClient[dict[str, Any]](server.uri, serverSelectionTimeoutMS=10_000) as client:
+            assert client.tls_db.c.find_one({"_id": 1}) == {"_id": 1, "over": "tls"}
+        # The TLS port serves no plaintext, and a client that does not trust the CA gets nothing.
+        for uri in (
+            f"mongodb://{server.host}:{server.tls_port}/",
+            f"mongodb://{server.host}:{server.tls_port}/?tls=true",
+        ):
+            with (
+                MongoClient[dict[str, Any]](uri, serverSelectionTimeoutMS=1500) as client,
+                pytest.raises(PyMongoError),
+            ):
+                client.admin.command("ping")
+
+
+def test_a_tls_listener_is_refused_where_it_cannot_be_had(
+    db_server: DatabaseServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    files = TLSListener(tmp_path / "server.pem", tmp_path / "server.key")
+    with pytest.raises(DatabaseServerError, match="only bench/ferretdb's FerretDB opens one"):
+        start_database_server("mongod", tls=files)
+    # MONGODB_URI names the server to measure: never quietly replaced by a FerretDB with TLS.
+    monkeypatch.setenv("MONGODB_URI", db_server.uri)
+    with pytest.raises(DatabaseServerError, match="MONGODB_URI is set, but a TLS listener was asked for"):
+        start_database_server(tls=files)
 
 
 def test_uri_server_is_used_as_given(db_server: DatabaseServer, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,6 +23,12 @@ import (
 func main() {
 	listen := flag.String("listen-addr", "127.0.0.1:27017", "TCP address to listen on")
 	unix := flag.String("listen-unix", "", "Unix socket path to listen on (optional)")
+	// A TLS listener beside the plain one, for the bench's tls-latency
+	// database profile: clients that reach a real database pay a TLS handshake.
+	listenTLS := flag.String("listen-tls", "", "TCP address of a TLS listener (optional; needs --tls-cert and --tls-key)")
+	tlsCert := flag.String("tls-cert", "", "PEM certificate of the TLS listener")
+	tlsKey := flag.String("tls-key", "", "PEM private key of the TLS listener")
+	tlsCA := flag.String("tls-ca", "", "PEM CA certificate: if set, TLS clients must present a certificate it signed")
 	sqliteURL := flag.String("sqlite-url", "file:data/", "SQLite URI of the data directory (must end with /)")
 	logLevel := flag.String("log-level", "warn", "log level: debug, info, warn or error")
 	flag.Parse()
@@ -32,10 +38,22 @@ func main() {
 		fmt.Fprintf(os.Stderr, "bad --log-level %q: %v\n", *logLevel, err)
 		os.Exit(2)
 	}
+	tlsFlags := *tlsCert != "" || *tlsKey != "" || *tlsCA != ""
+	if (*listenTLS != "" && (*tlsCert == "" || *tlsKey == "")) || (*listenTLS == "" && tlsFlags) {
+		fmt.Fprintln(os.Stderr, "--listen-tls needs --tls-cert and --tls-key, and they need --listen-tls")
+		os.Exit(2)
+	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 
 	f, err := ferretdb.New(&ferretdb.Config{
-		Listener:  ferretdb.ListenerConfig{TCP: *listen, Unix: *unix},
+		Listener: ferretdb.ListenerConfig{
+			TCP:         *listen,
+			Unix:        *unix,
+			TLS:         *listenTLS,
+			TLSCertFile: *tlsCert,
+			TLSKeyFile:  *tlsKey,
+			TLSCAFile:   *tlsCA,
+		},
 		Logger:    logger,
 		Handler:   "sqlite",
 		SQLiteURL: *sqliteURL,
