@@ -207,7 +207,13 @@ class DatabaseCall(Call):
         self.queue_wait_s += waited
         pool.stats.record_queue_wait(waited)
         self.stage = "database round trip"
-        task = asyncio.ensure_future(operation)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(operation)
+        # The call waits on a future of its own, which the task's end or the
+        # guard's timer resolves: cancelling the call cancels only this
+        # waiter, never the task (as asyncio.shield, or asyncio.wait, would
+        # do, with more futures, callbacks and a set per round trip).
+        waiter: asyncio.Future[None] = loop.create_future()
 
         def done(finished: asyncio.Future[_T]) -> None:
             pool.admission.release()
@@ -215,12 +221,15 @@ class DatabaseCall(Call):
             # error is not logged as "never retrieved".
             if not finished.cancelled():
                 finished.exception()
+            if not waiter.done():
+                waiter.set_result(None)
 
         task.add_done_callback(done)
+        guard = loop.call_at(
+            loop.time() + max(self.remaining(), 0.0) + _ROUND_TRIP_GUARD_S, _wake, waiter
+        )
         try:
-            # asyncio.wait never cancels what it waits for, so it shields the
-            # task as asyncio.shield would, with fewer futures per call.
-            await asyncio.wait((task,), timeout=max(self.remaining(), 0.0) + _ROUND_TRIP_GUARD_S)
+            await waiter
             if task.done():
                 return task.result()
             pool.stats.abandoned += 1
@@ -236,6 +245,7 @@ class DatabaseCall(Call):
                 Reason.TIMEOUT,
             ) from None
         finally:
+            guard.cancel()
             self.stage = "between round trips"
 
     async def coalesced(
@@ -310,6 +320,11 @@ async def _run_group(
         coalesce.fail_all(members, exc)
         return
     coalesce.deliver(members, outcomes)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _outcome(outcome: Any) -> Any:
