@@ -577,40 +577,60 @@ class Calls:
             stats.rpcs[call.method] += 1
             if call.code != "OK":
                 stats.errors[call.code] += 1
-            self._metrics.queue_wait.labels(pool.name).observe(call.queue_wait_s)
-            self._metrics.rpc_duration.labels(call.method, pool.name, call.code).observe(elapsed)
+            self._metrics.observe_queue_wait(pool.name, call.queue_wait_s)
+            self._metrics.observe_call(call.method, pool.name, call.code, elapsed)
         if not counted:
             # Unknown database names are not used as labels: a caller could
             # otherwise create any number of time series.
-            self._metrics.rpc_duration.labels(call.method, "", call.code).observe(elapsed)
-        if self._settings.log.access:
-            # Database and collection are whatever the caller sent, logged
-            # even when the call is refused: escaped, so that a name holding
-            # a line break cannot write an access-log line of its own. The
-            # JSON fields keep the exact values (json.dumps escapes them).
-            access_log.info(
-                "%s db=%s coll=%s code=%s ms=%.2f docs=%d bytes=%d wait_ms=%.2f rid=%s",
-                log_value(call.method),
-                log_value(call.database),
-                log_value(call.collection),
-                call.code,
-                elapsed * 1000,
-                call.documents,
-                call.bytes,
-                call.queue_wait_s * 1000,
-                log_value(call.request_id),
-                extra={
-                    "method": call.method,
-                    "database": call.database,
-                    "collection": call.collection,
-                    "code": call.code,
-                    "duration_ms": round(elapsed * 1000, 3),
-                    "documents": call.documents,
-                    "bytes": call.bytes,
-                    "queue_wait_ms": round(call.queue_wait_s * 1000, 3),
-                    "request_id": call.request_id,
-                },
-            )
+            self._metrics.observe_call(call.method, "", call.code, elapsed)
+        if self._settings.log.access and access_log.isEnabledFor(logging.INFO):
+            _log_access(call, elapsed)
+
+
+def _log_access(call: Call, elapsed: float) -> None:
+    """The call's access-log line.
+
+    Database and collection are whatever the caller sent, logged even when
+    the call is refused: escaped, so that a name holding a line break cannot
+    write an access-log line of its own. The JSON fields keep the exact
+    values (json.dumps escapes them).
+
+    The record is made and handled directly, as Logger.info would, less its
+    search of the stack for the caller's file and line, which no formatter
+    of the broker's prints.
+    """
+    record = access_log.makeRecord(
+        access_log.name,
+        logging.INFO,
+        __file__,
+        0,
+        "%s db=%s coll=%s code=%s ms=%.2f docs=%d bytes=%d wait_ms=%.2f rid=%s",
+        (
+            log_value(call.method),
+            log_value(call.database),
+            log_value(call.collection),
+            call.code,
+            elapsed * 1000,
+            call.documents,
+            call.bytes,
+            call.queue_wait_s * 1000,
+            log_value(call.request_id),
+        ),
+        None,
+        "_finish",
+        {
+            "method": call.method,
+            "database": call.database,
+            "collection": call.collection,
+            "code": call.code,
+            "duration_ms": round(elapsed * 1000, 3),
+            "documents": call.documents,
+            "bytes": call.bytes,
+            "queue_wait_ms": round(call.queue_wait_s * 1000, 3),
+            "request_id": call.request_id,
+        },
+    )
+    access_log.handle(record)
 
 
 async def transmit(sending: Awaitable[None], call: DatabaseCall) -> None:
