@@ -34,6 +34,7 @@ from broker import coalesce
 from broker.errors import Reason, RpcError, invalid_argument, to_rpc_error
 from broker.logs import log_value
 from broker.metrics import BrokerMetrics
+from broker.peers import Peers, peer_host
 from broker.pools import DatabasePool, Pools
 from broker.security import ANONYMOUS, Authenticator, Principal
 from broker.settings import Settings
@@ -106,14 +107,16 @@ class Call:
 
     __slots__ = (
         "bytes", "code", "collection", "counted", "data_plane", "database", "deadline",
-        "documents", "method", "queue_wait_s", "request_id", "stage", "started",
+        "documents", "method", "peer", "queue_wait_s", "request_id", "stage", "started",
     )  # fmt: skip
 
-    def __init__(self, method: str, database: str, collection: str, request_id: str) -> None:
+    def __init__(self, method: str, database: str, collection: str, request_id: str, peer: str = "") -> None:
         self.method = method
         self.database = database
         self.collection = collection
         self.request_id = request_id
+        # The caller's address as gRPC names it: "ipv4:10.0.0.7:53412", "unix:".
+        self.peer = peer
         self.started = time.monotonic()
         self.deadline = self.started + _NO_DEADLINE_S
         # The databases the call is counted under in Stats and metrics: its
@@ -389,6 +392,7 @@ class Calls:
         self._drain_aborted: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._draining = False
+        self.peers = Peers()
         # Data-plane calls (every method but Ping and Stats) running now, and their
         # bound. gRPC's own maximum_concurrent_rpcs is this bound plus
         # server.reserved_rpcs (see server.py), so however many streams one
@@ -509,7 +513,9 @@ class Calls:
         """What every call shares: registry, request id, drain refusal, authentication,
         failures mapped to statuses, and the access log and metrics at the end."""
         task = asyncio.current_task()
-        held = _Held(Call(method, database, collection, _request_id(context)), task, self._inflight)
+        peer = context.peer() or ""
+        self.peers.record(peer_host(peer))
+        held = _Held(Call(method, database, collection, _request_id(context), peer), task, self._inflight)
         try:
             # The id travels back in the trailers: they go out with the status
             # in the call's last batch, where headers sent now would cost
@@ -604,7 +610,7 @@ def _log_access(call: Call, elapsed: float) -> None:
         logging.INFO,
         __file__,
         0,
-        "%s db=%s coll=%s code=%s ms=%.2f docs=%d bytes=%d wait_ms=%.2f rid=%s",
+        "%s db=%s coll=%s code=%s ms=%.2f docs=%d bytes=%d wait_ms=%.2f rid=%s peer=%s",
         (
             log_value(call.method),
             log_value(call.database),
@@ -615,6 +621,7 @@ def _log_access(call: Call, elapsed: float) -> None:
             call.bytes,
             call.queue_wait_s * 1000,
             log_value(call.request_id),
+            log_value(call.peer),
         ),
         None,
         "_finish",
@@ -628,6 +635,7 @@ def _log_access(call: Call, elapsed: float) -> None:
             "bytes": call.bytes,
             "queue_wait_ms": round(call.queue_wait_s * 1000, 3),
             "request_id": call.request_id,
+            "peer": call.peer,
         },
     )
     access_log.handle(record)

@@ -148,10 +148,19 @@ def _stats(args: argparse.Namespace) -> int:
     if args.json:
         print(_as_json(reply))
         return 0
-    print(f"mongo-broker {reply.version} at {target}, up {reply.uptime_s:.0f}s")
+    print(f"mongo-broker {reply.version} at {target} ({reply.instance}), up {reply.uptime_s:.0f}s")
+    print(f"callers  {format_callers(reply)}")
     for db in reply.databases:
         print(format_stats_table(db))
     return 0
+
+
+def format_callers(reply: Any) -> str:
+    """Calls by calling host, most recently seen first, as one line."""
+    callers = ", ".join(f"{p.host} {p.calls}" for p in reply.peers) or "none"
+    if reply.peers_dropped:
+        callers += f" (+{reply.peers_dropped} hosts not kept)"
+    return callers
 
 
 def _counts(values: Mapping[str, int]) -> str:

@@ -7,6 +7,15 @@ Service names:
 - "broker.v1.Broker": the same as "".
 - one name per configured database: SERVING while the driver can reach a
   writable server for it, NOT_SERVING while it cannot.
+
+Watch streams last as long as a client's connection: every client that
+health-checks (gRPC's client-side health checking, which the bundled clients
+turn on for TCP targets) holds one per broker it is connected to. They are
+counted apart from the calls (``server.max_health_watches``), so thousands of
+idle watchers cannot take the data plane's or the operators' room. A Watch
+past the bound is answered UNIMPLEMENTED: gRPC clients then treat the broker
+as healthy and carry on without health checking, where RESOURCE_EXHAUSTED
+would take the broker out of their rotation altogether.
 """
 
 from __future__ import annotations
@@ -14,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
+from typing import Any
 
+import grpc
 from broker_client.proto.broker.v1 import broker_pb2
 from grpc_health.v1 import health_pb2
 
@@ -32,11 +43,42 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class _BoundedHealthServicer(health_aio.HealthServicer):  # type: ignore[misc]
+    """grpc_health's servicer, with at most ``max_watches`` Watch streams open at once."""
+
+    def __init__(self, max_watches: int) -> None:
+        super().__init__()
+        self.max_watches = max_watches
+        self.watches = 0
+        self.refused = 0
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        if self.watches >= self.max_watches:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning(
+                    "health Watch refused (%d so far): %d streams open, server.max_health_watches=%d",
+                    self.refused,
+                    self.watches,
+                    self.max_watches,
+                )
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"this broker already serves {self.max_watches} health Watch streams "
+                "(server.max_health_watches): check the health with Check, or raise the limit",
+            )
+        self.watches += 1
+        try:
+            await super().Watch(request, context)
+        finally:
+            self.watches -= 1
+
+
 class Health:
     """Owns the HealthServicer and keeps its statuses in step with the databases."""
 
-    def __init__(self) -> None:
-        self.servicer = health_aio.HealthServicer()
+    def __init__(self, max_watches: int) -> None:
+        self.servicer = _BoundedHealthServicer(max_watches)
         self._tasks: set[asyncio.Task[None]] = set()
         self._current: dict[str, DatabasePool] = {}
 

@@ -5,10 +5,12 @@ its key), bind every listener (a bad address fails before anything is
 announced; the Unix socket in a private directory, see _StagedSocket), start
 serving, move the secured socket into place, then write the ready file.
 
-SIGTERM/SIGINT: health goes NOT_SERVING at once and the listeners stop
+SIGTERM/SIGINT: health goes NOT_SERVING at once. For `drain_delay_s` (0 by
+default) calls are still served, so health-checking clients and Kubernetes
+readiness move traffic to other replicas first. Then the listeners stop
 accepting; calls in flight get `shutdown_grace_s` to finish and whatever is
 left is answered UNAVAILABLE; then the clients close. A second signal skips
-the wait. The counts of drained and aborted calls are logged.
+both waits. The counts of drained and aborted calls are logged.
 
 SIGHUP: reload the config file. Databases are added, removed or re-tuned
 without a restart; calls in flight finish on the client they started with,
@@ -43,7 +45,7 @@ from broker.health import BROKER_SERVICE, Health
 from broker.metrics import BrokerMetrics
 from broker.pools import Pools
 from broker.service import BrokerService
-from broker.settings import ConfigError, ListenSettings, Settings, load_settings
+from broker.settings import ConfigError, ListenSettings, ServerSettings, Settings, load_settings
 
 __all__ = ["ListenError", "Listeners", "serve"]
 
@@ -235,13 +237,23 @@ def _write_ready_file(path: str, listeners: Listeners) -> None:
     os.replace(tmp, path)
 
 
+def _connection_age(server: ServerSettings) -> list[tuple[str, int]]:
+    if not server.max_connection_age_s:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", int(server.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(server.max_connection_age_grace_s * 1000)),
+    ]
+
+
 def _grpc_server(settings: Settings, concurrency: int | None) -> grpc.aio.Server:
     server = settings.server
     return grpc.aio.server(
         # Past this many calls at once gRPC answers RESOURCE_EXHAUSTED itself,
         # so the broker's memory stays bounded whatever the callers do. The
-        # broker refuses data-plane calls sooner (server.max_concurrent_rpcs),
-        # which keeps server.reserved_rpcs of this for Ping, Stats and health.
+        # broker refuses data-plane calls sooner (server.max_concurrent_rpcs)
+        # and health Watch streams past server.max_health_watches, which keeps
+        # server.reserved_rpcs of this for Ping, Stats and health checks.
         maximum_concurrent_rpcs=concurrency,
         options=[
             ("grpc.max_receive_message_length", settings.limits.max_request_bytes),
@@ -250,6 +262,7 @@ def _grpc_server(settings: Settings, concurrency: int | None) -> grpc.aio.Server
             # TCP port would silently take a share of the calls.
             ("grpc.so_reuseport", 0),
             ("grpc.max_connection_idle_ms", int(server.max_connection_idle_s * 1000)),
+            *_connection_age(server),
             ("grpc.keepalive_time_ms", int(server.keepalive_time_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(server.keepalive_timeout_s * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
@@ -281,9 +294,12 @@ class _Broker:
         self.config_path = config_path
         self.pools = Pools.build(settings.databases)
         self.metrics = BrokerMetrics(lambda: self.pools)
-        self.health = Health()
+        self.health = Health(settings.server.max_health_watches)
         self.service = BrokerService(self.pools, settings, self.metrics, __version__)
-        self.server = _grpc_server(settings, settings.concurrency_limit() + settings.server.reserved_rpcs)
+        self.server = _grpc_server(
+            settings,
+            settings.concurrency_limit() + settings.server.reserved_rpcs + settings.server.max_health_watches,
+        )
         broker_pb2_grpc.add_BrokerServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         if settings.server.reflection:
@@ -360,6 +376,11 @@ class _Broker:
     async def stop(self, forced: asyncio.Event) -> None:
         grace = self.settings.server.shutdown_grace_s
         await self.health.shutting_down()
+        delay = self.settings.server.drain_delay_s
+        if delay > 0:
+            log.info("health NOT_SERVING; still serving for %.1fs before the listeners close", delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(forced.wait(), delay)
         # Stop accepting at once; the grace given to grpc outlasts our own
         # drain, which answers leftovers UNAVAILABLE rather than CANCELLED.
         stopping = asyncio.ensure_future(self.server.stop(grace + 3.0))

@@ -41,7 +41,7 @@ from broker.metrics import BrokerMetrics
 from broker.pools import DatabasePool, Pools
 from broker.security import JS_OPERATORS
 from broker.settings import Settings
-from broker.stats import database_stats, pool_summary
+from broker.stats import database_stats, peer_stats, pool_summary
 
 __all__ = ["BrokerService"]
 
@@ -730,10 +730,17 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 pools = [self._pools.get(request.database, principal.may_use)]
             else:
                 pools = [pool for pool in self._pools if principal.may_use(pool.name)]
+            sees_everything = all(principal.may_use(pool.name) for pool in self._pools)
             return broker_pb2.StatsResponse(
                 version=self._version,
                 uptime_s=time.monotonic() - self._started,
                 databases=[database_stats(pool) for pool in pools],
+                instance=self._settings.server.instance,
+                caller=call.peer,
+                # Who else calls is the whole broker's business: a token
+                # scoped to some databases learns no other caller's address.
+                peers=peer_stats(self._calls.peers) if sees_everything else (),
+                peers_dropped=self._calls.peers.dropped if sees_everything else 0,
             )
         raise AssertionError("unreachable: _serve aborts on error")  # pragma: no cover
 

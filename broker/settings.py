@@ -16,8 +16,10 @@ A bad value fails at startup with a message naming the key, e.g.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -175,6 +177,17 @@ def redact_text(text: str, uri: str) -> str:
     return text
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for an address only this host can reach: 127.0.0.0/8, ::1, localhost."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        # A host name other than localhost may resolve to anything.
+        return False
+
+
 class ListenSettings(BaseModel):
     """Where the broker accepts gRPC calls. At least one listener is required."""
 
@@ -196,6 +209,10 @@ class ListenSettings(BaseModel):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
+    # A TCP listener on anything but a loopback address carries tokens and
+    # documents over the network, so it needs TLS. Set this only where the
+    # network itself is private and encrypted (e.g. a service mesh's mTLS).
+    allow_plaintext_tcp: bool = False
 
     @field_validator("unix", "tcp", mode="before")
     @classmethod
@@ -250,6 +267,14 @@ class ListenSettings(BaseModel):
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
         if self.tls_cert_file is not None and self.tcp is None:
             raise ValueError("TLS applies to the TCP listener: set listen.tcp")
+        if self.tcp is not None and self.tls_cert_file is None and not self.allow_plaintext_tcp:
+            host = self.tcp.rsplit(":", 1)[0].strip("[]")
+            if not is_loopback_host(host):
+                raise ValueError(
+                    f"listen.tcp {self.tcp!r} is reachable from other hosts and has no TLS: set "
+                    "tls_cert_file and tls_key_file, bind a loopback address such as "
+                    "127.0.0.1, or set allow_plaintext_tcp = true if the network is private and encrypted"
+                )
         for path in (self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file):
             if path is not None and not path.is_file():
                 raise ValueError(f"cannot read {str(path)!r}")
@@ -409,6 +434,15 @@ class ServerSettings(BaseModel):
 
     # Seconds in-flight calls get to finish on SIGTERM before being cancelled.
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 10.0
+    # Seconds between SIGTERM and the listeners closing, while health already
+    # says NOT_SERVING and calls are still served. Clients that health-check
+    # (all three bundled ones) and Kubernetes readiness move traffic away in
+    # that time, so a replica of a shared tier leaves before it refuses
+    # anything. 0 (the sidecar default): close at once.
+    drain_delay_s: Annotated[float, Field(ge=0, le=600)] = 0.0
+    # This broker's name in Stats (`instance`), to tell a tier's replicas
+    # apart. Default: the host name, which is the pod's name on Kubernetes.
+    instance: Annotated[str, Field(min_length=1, max_length=253)] = Field(default_factory=socket.gethostname)
     # Find, FindOne and Insert calls the broker runs at once; more are refused
     # with RESOURCE_EXHAUSTED (POOL_EXHAUSTED). Default: every database's
     # max_pool_size + max_waiting, plus 64, so a flood on one database leaves
@@ -419,11 +453,23 @@ class ServerSettings(BaseModel):
     # every data-plane slot (streams it never reads) cannot lock out the
     # operator's and the probes' calls.
     reserved_rpcs: PositiveInt = 32
+    # Health Watch streams open at once, apart from the two limits above:
+    # each client that health-checks holds one for as long as it is
+    # connected (one per worker process and broker replica). Past it, Watch
+    # is answered UNIMPLEMENTED, and gRPC clients carry on without health
+    # checking.
+    max_health_watches: PositiveInt = 4096
     # Serve gRPC reflection (grpcurl and other tools can list and describe).
     reflection: bool = True
     # Close a client connection idle this long: dead workers' connections are
     # reaped (their clients reconnect transparently when they come back).
     max_connection_idle_s: Annotated[float, Field(gt=0)] = 300.0
+    # Close (GOAWAY) every client connection this old, 0 for never. A client
+    # resolves its target again when a connection closes, so behind a
+    # shared tier's DNS name this is how long-lived clients find replicas a
+    # scale-up added. Calls in flight get max_connection_age_grace_s.
+    max_connection_age_s: Annotated[float, Field(ge=0)] = 0.0
+    max_connection_age_grace_s: Annotated[float, Field(gt=0)] = 30.0
     # Ping idle clients this often to find connections whose peer vanished.
     keepalive_time_s: Annotated[float, Field(gt=0)] = 60.0
     keepalive_timeout_s: Annotated[float, Field(gt=0)] = 20.0

@@ -6,11 +6,14 @@ every figure is gathered in one place and the two can never disagree.
 
 from __future__ import annotations
 
+import time
+
 from broker_client.proto.broker.v1 import broker_pb2
 
+from broker.peers import Peers
 from broker.pools import DatabasePool
 
-__all__ = ["checkout_failures", "database_stats", "pool_summary"]
+__all__ = ["checkout_failures", "database_stats", "peer_stats", "pool_summary"]
 
 
 def checkout_failures(db: DatabasePool) -> dict[str, int]:
@@ -69,3 +72,12 @@ def pool_summary(pool: DatabasePool) -> broker_pb2.PoolSummary:
         connections_in_use=monitor.in_use,
         max_pool_size=pool.settings.max_pool_size,
     )
+
+
+def peer_stats(peers: Peers) -> list[broker_pb2.PeerStats]:
+    """Calls by calling host, most recently seen first."""
+    now = time.monotonic()
+    return [
+        broker_pb2.PeerStats(host=p.host, calls=p.calls, last_call_s_ago=round(now - p.last_call, 3))
+        for p in peers.snapshot()
+    ]

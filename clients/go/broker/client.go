@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -79,6 +80,7 @@ type Client struct {
 	timeout  time.Duration
 	metadata metadata.MD
 	retries  RetryPolicy
+	retried  *atomic.Int64
 }
 
 // ErrNilContext is returned by every method given a nil context.Context, in
@@ -90,7 +92,30 @@ var ErrNilContext = errors.New("broker: nil Context (use context.Background() or
 // "unix:///path/broker.sock", "unix:/path/broker.sock", a bare absolute
 // socket path, or "host:port" (any gRPC target). Like grpc.NewClient, it
 // makes no connection: the first call does.
+//
+// A "dns:///name:port" target is a tier of broker replicas, such as the
+// pods behind a headless Kubernetes Service: calls are spread round-robin
+// over every address the name resolves to whose health is SERVING, as
+// NewClientForAddresses does for a list. Any other target is one broker,
+// with gRPC's defaults (one connection, no health checking).
 func NewClient(target string, opts ...Option) (*Client, error) {
+	normalized, err := normalizeTarget(target)
+	if err != nil {
+		return nil, err
+	}
+	var extra []grpc.DialOption
+	if isTierTarget(normalized) {
+		if err := checkDNSTarget(normalized); err != nil {
+			return nil, err
+		}
+		extra = append(extra, grpc.WithDefaultServiceConfig(tierServiceConfig))
+	}
+	return newClient(normalized, extra, opts)
+}
+
+// newClient makes the Client of a checked target; tier are the dial
+// options of a tier, which the caller's WithDialOptions come after.
+func newClient(target string, tier []grpc.DialOption, opts []Option) (*Client, error) {
 	o := options{timeout: DefaultTimeout, retries: DefaultRetryPolicy}
 	for _, opt := range opts {
 		opt(&o)
@@ -103,10 +128,6 @@ func NewClient(target string, opts ...Option) (*Client, error) {
 	}
 	if len(o.metadata)%2 != 0 {
 		return nil, errors.New("broker: WithMetadata takes key, value pairs")
-	}
-	normalized, err := normalizeTarget(target)
-	if err != nil {
-		return nil, err
 	}
 	md := metadata.Pairs(o.metadata...)
 	if o.token != "" {
@@ -123,18 +144,20 @@ func NewClient(target string, opts ...Option) (*Client, error) {
 			grpc.MaxCallRecvMsgSize(DefaultMaxReceiveMessageBytes),
 			grpc.MaxCallSendMsgSize(DefaultMaxSendMessageBytes),
 		),
-	}, o.dialOptions...)
-	conn, err := grpc.NewClient(normalized, dialOptions...)
+	}, tier...)
+	dialOptions = append(dialOptions, o.dialOptions...)
+	conn, err := grpc.NewClient(target, dialOptions...)
 	if err != nil {
 		return nil, fmt.Errorf("broker: bad target %q: %w", target, err)
 	}
 	return &Client{
 		conn:     conn,
 		stub:     brokerv1.NewBrokerClient(conn),
-		target:   normalized,
+		target:   target,
 		timeout:  o.timeout,
 		metadata: md,
 		retries:  o.retries,
+		retried:  new(atomic.Int64),
 	}, nil
 }
 
@@ -159,8 +182,15 @@ func normalizeTarget(target string) (string, error) {
 	return target, nil
 }
 
-// Target is the gRPC target the client dials.
+// Target is the gRPC target the client dials; a client made by
+// NewClientForAddresses has its own scheme, followed by the addresses.
 func (c *Client) Target() string { return c.target }
+
+// RetryCount is how many retries this client has made since it was
+// created, over every call: attempts beyond each call's first (see
+// RetryPolicy). Each failed attempt that is retried also shows in the
+// final error's Attempts.
+func (c *Client) RetryCount() int64 { return c.retried.Load() }
 
 // Close closes the connection; calls in flight fail with Canceled.
 func (c *Client) Close() error { return c.conn.Close() }

@@ -44,18 +44,21 @@ type InsertManyResult struct {
 
 // InsertOne inserts one document (bson.D, bson.M, bson.Raw or a struct).
 // A document without an _id gets a new ObjectID here, before it is sent, as
-// the Go driver does; so a retried insert that had already landed shows up
-// as a duplicate key (IsDuplicateKey). A document MongoDB refuses is a
-// WriteException. Inserts are never retried.
+// the Go driver does. A document MongoDB refuses is a WriteException.
+//
+// Only an insert whose _id was made here is retried (see RetryPolicy): a
+// retry that meets a duplicate key of that new ObjectID asks the broker
+// whether it is stored, and if so the earlier attempt stored it, and the
+// insert succeeded. A document with an _id of the caller's is sent once.
 func (c *Collection) InsertOne(ctx context.Context, document any, opts ...InsertOption) (*InsertOneResult, error) {
 	if ctx == nil {
 		return nil, ErrNilContext
 	}
-	raw, err := marshalForInsert(document)
+	raw, made, err := prepareInsert(document)
 	if err != nil {
 		return nil, err
 	}
-	ids, err := c.insert(ctx, [][]byte{raw}, false, opts)
+	ids, err := c.insert(ctx, [][]byte{raw}, made, false, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -71,7 +74,8 @@ func (c *Collection) InsertOne(ctx context.Context, document any, opts ...Insert
 // an _id gets a new ObjectID here first. When MongoDB refuses documents,
 // the error is a BulkWriteException (WriteErrors by index, PartialResult
 // with the ids that landed), wrapping the *Error whose InsertedCount and
-// FailedIndex say the same.
+// FailedIndex say the same. It is retried as InsertOne is, only when every
+// _id was made here.
 func (c *Collection) InsertMany(ctx context.Context, documents any, opts ...InsertOption) (*InsertManyResult, error) {
 	if ctx == nil {
 		return nil, ErrNilContext
@@ -84,21 +88,25 @@ func (c *Collection) InsertMany(ctx context.Context, documents any, opts ...Inse
 		return nil, errors.New("broker: InsertMany needs at least one document")
 	}
 	encoded := make([][]byte, value.Len())
+	allMade := true
 	for i := range encoded {
-		raw, err := marshalForInsert(value.Index(i).Interface())
+		raw, made, err := prepareInsert(value.Index(i).Interface())
 		if err != nil {
 			return nil, fmt.Errorf("document %d: %w", i, err)
 		}
 		encoded[i] = raw
+		allMade = allMade && made
 	}
-	ids, err := c.insert(ctx, encoded, true, opts)
+	ids, err := c.insert(ctx, encoded, allMade, true, opts)
 	if err != nil {
 		return nil, err
 	}
 	return &InsertManyResult{InsertedIDs: ids}, nil
 }
 
-func (c *Collection) insert(ctx context.Context, documents [][]byte, many bool, opts []InsertOption) ([]any, error) {
+// insert sends an Insert of documents; allMade says every _id was made
+// here, which makes it safe to retry (see insertWithRetries).
+func (c *Collection) insert(ctx context.Context, documents [][]byte, allMade, many bool, opts []InsertOption) ([]any, error) {
 	o := collect(opts)
 	ordered := o.ordered == nil || *o.ordered
 	request := &brokerv1.InsertRequest{
@@ -113,7 +121,18 @@ func (c *Collection) insert(ctx context.Context, documents [][]byte, many bool, 
 		return nil, err
 	}
 	client := c.db.client
-	response, err := unary(ctx, client, false, client.stub.Insert, request)
+	var response *brokerv1.InsertResponse
+	// w=0 (which the broker refuses) would confirm nothing to check.
+	if allMade && acknowledged(request.WriteConcern) {
+		var ids []any
+		if ids, err = idsOf(documents); err == nil {
+			if err = c.insertWithRetries(ctx, request, ids); err == nil {
+				return ids, nil
+			}
+		}
+	} else {
+		response, err = unary(ctx, client, false, client.stub.Insert, request)
+	}
 	if err != nil {
 		if !many {
 			return nil, asWriteException(err)
@@ -134,15 +153,22 @@ func (c *Collection) insert(ctx context.Context, documents [][]byte, many bool, 
 // marshalForInsert encodes a document and, when it has no _id, puts a new
 // ObjectID first, as the Go driver does.
 func marshalForInsert(document any) ([]byte, error) {
+	raw, _, err := prepareInsert(document)
+	return raw, err
+}
+
+// prepareInsert is marshalForInsert, also saying whether the _id was made
+// here.
+func prepareInsert(document any) ([]byte, bool, error) {
 	raw, err := marshalDocument("document", document)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	if raw == nil {
-		return nil, errors.New("broker: document must not be nil")
+		return nil, false, errors.New("broker: document must not be nil")
 	}
 	if _, err := bson.Raw(raw).LookupErr("_id"); err == nil {
-		return raw, nil
+		return raw, false, nil
 	}
 	id := bson.NewObjectID()
 	// int32 length | 0x07 "_id" 0x00 | 12 id bytes | the old elements and
@@ -152,7 +178,7 @@ func marshalForInsert(document any) ([]byte, error) {
 	out = append(out, id[:]...)
 	out = append(out, raw[4:]...)
 	binary.LittleEndian.PutUint32(out, uint32(len(out)))
-	return out, nil
+	return out, true, nil
 }
 
 // insertManyException is InsertMany's BulkWriteException: every document

@@ -35,6 +35,13 @@
 // write MongoDB refuses is a WriteException or, for BulkWrite and
 // InsertMany, a BulkWriteException, each wrapping that *Error.
 //
-// Retries: reads are retried on transient errors as RetryPolicy says; the
-// writes (inserts, updates, deletes, FindOneAnd*, BulkWrite) never are.
+// Retries: reads, and inserts whose every _id was made here, are retried
+// on transient errors as RetryPolicy says; the other writes (updates,
+// deletes, FindOneAnd*, BulkWrite) never are.
+//
+// A tier of broker replicas (the pods behind a headless Kubernetes Service)
+// is one "dns:///name:port" target to NewClient, or a list of addresses to
+// NewClientForAddresses: calls go round-robin to every replica whose
+// grpc.health.v1 status is SERVING, so a draining replica gets no new ones,
+// and a retry goes to the next replica.
 package broker

@@ -51,6 +51,9 @@ type Error struct {
 	// Details are every google.rpc.Status detail, unpacked where the type
 	// is known (*errdetails.ErrorInfo, *errdetails.RetryInfo, ...).
 	Details []any
+	// Attempts is how many times the call was sent before it failed with
+	// this error: 1, or more when it was retried (see RetryPolicy).
+	Attempts int
 
 	status *status.Status
 }
@@ -143,7 +146,7 @@ func fromRPC(err error) error {
 }
 
 func fromStatus(st *status.Status) *Error {
-	e := &Error{Code: st.Code(), Message: st.Message(), Metadata: map[string]string{}, status: st}
+	e := &Error{Code: st.Code(), Message: st.Message(), Metadata: map[string]string{}, Attempts: 1, status: st}
 	for _, detail := range st.Details() {
 		e.Details = append(e.Details, detail)
 		switch d := detail.(type) {

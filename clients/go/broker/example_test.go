@@ -26,7 +26,7 @@ func Example() {
 	res, err := items.InsertOne(ctx, bson.D{{Key: "sku", Value: "a1"}, {Key: "qty", Value: 5}})
 	switch {
 	case broker.IsDuplicateKey(err):
-		// A retry of an insert that had landed: its client-made _id exists.
+		// Another document has this _id or unique key.
 	case broker.IsUnavailable(err):
 		log.Fatal("broker or database down, retry later: ", err)
 	case err != nil:

@@ -19,13 +19,27 @@ import (
 //
 //   - What: UNAVAILABLE (no broker listening, broker draining, database
 //     unreachable) and RESOURCE_EXHAUSTED with the reason POOL_EXHAUSTED
-//     (the broker's wait queue is full). Nothing else changes by retrying.
+//     (the broker's wait queue is full). Also CANCELLED when the caller's
+//     context was not cancelled: a gRPC server that stops cancels the calls
+//     it had received but not yet handed to the broker
+//     (https://github.com/grpc/grpc/issues/41785), calls that never ran.
+//     Nothing else changes by retrying.
 //   - Which calls: Ping, Stats, FindOne, CountDocuments,
 //     EstimatedDocumentCount, and Find, Distinct and Aggregate until their
 //     first message arrives (restarting a stream later would hand documents
-//     over twice); an Aggregate with an $out or $merge stage never. Inserts,
-//     updates, deletes, FindOneAnd* and BulkWrite are never retried: they
-//     are not idempotent, and a lost answer does not say whether they ran.
+//     over twice); an Aggregate with an $out or $merge stage never.
+//     InsertOne and InsertMany only when every _id was made here: a retry
+//     that meets a duplicate key of those new ObjectIDs asks the broker
+//     which are stored, so nothing is stored twice (an _id of the caller's
+//     could be another's, so such an insert is sent once). Updates,
+//     deletes, FindOneAnd* and BulkWrite are never retried: they are not
+//     idempotent, and a lost answer does not say whether they ran.
+//   - Where: on a tier (a "dns:" target or NewClientForAddresses), gRPC's
+//     round_robin gives each attempt the next ready replica, so a retry
+//     after a replica refused (draining: UNAVAILABLE, SHUTTING_DOWN) or
+//     went away lands on another one. Calls do not wait for a replica to
+//     be ready (no wait-for-ready): with none ready, an attempt fails
+//     UNAVAILABLE at once and the pause below comes before the next.
 //   - The pause: "full jitter", a uniform random pause in [0, cap] with
 //     cap = min(MaxBackoff, InitialBackoff * Multiplier^(n-1)) before the
 //     n-th retry, so that many workers that failed together do not retry
@@ -52,8 +66,8 @@ var DefaultRetryPolicy = RetryPolicy{MaxAttempts: 3, InitialBackoff: 50 * time.M
 // NoRetries makes every call exactly once.
 var NoRetries = RetryPolicy{MaxAttempts: 1}
 
-// WithRetryPolicy sets how the client retries reads (default
-// DefaultRetryPolicy; NoRetries for none).
+// WithRetryPolicy sets how the client retries reads and inserts with
+// client-made _ids (default DefaultRetryPolicy; NoRetries for none).
 func WithRetryPolicy(policy RetryPolicy) Option {
 	return func(o *options) { o.retries = policy }
 }
@@ -90,14 +104,16 @@ func (p RetryPolicy) pause(retry int, err error) time.Duration {
 	return pause
 }
 
-// shouldRetry is the rule of which errors a retry may cure.
-func shouldRetry(err error) bool {
+// shouldRetry is the rule of which errors of a call on ctx a retry may cure.
+func shouldRetry(ctx context.Context, err error) bool {
 	e := AsError(err)
 	if e == nil {
 		return false
 	}
 	return e.Code == codes.Unavailable ||
-		(e.Code == codes.ResourceExhausted && e.HasReason(brokerv1.ErrorReason_POOL_EXHAUSTED))
+		(e.Code == codes.ResourceExhausted && e.HasReason(brokerv1.ErrorReason_POOL_EXHAUSTED)) ||
+		// Not the caller's cancel: the server's (see RetryPolicy).
+		(e.Code == codes.Canceled && ctx.Err() == nil)
 }
 
 // final marks an attempt's error as one not to retry, whatever its code: a
@@ -114,23 +130,32 @@ func (c *Client) retry(ctx context.Context, attempt func() error) error {
 		err := attempt()
 		var f final
 		if errors.As(err, &f) {
-			return f.err
+			return attempted(f.err, n)
 		}
-		if err == nil || n >= c.retries.MaxAttempts || !shouldRetry(err) {
-			return err
+		if err == nil || n >= c.retries.MaxAttempts || !shouldRetry(ctx, err) {
+			return attempted(err, n)
 		}
 		pause := c.retries.pause(n, err)
 		if deadline, ok := ctx.Deadline(); ok && time.Until(deadline) < pause+minAttempt {
-			return err
+			return attempted(err, n)
 		}
 		timer := time.NewTimer(pause)
 		select {
 		case <-ctx.Done():
 			timer.Stop()
-			return err
+			return attempted(err, n)
 		case <-timer.C:
 		}
+		c.retried.Add(1)
 	}
+}
+
+// attempted records on a call's final *Error how many attempts it made.
+func attempted(err error, n int) error {
+	if e := AsError(err); e != nil {
+		e.Attempts = n
+	}
+	return err
 }
 
 // unary makes one unary call with the client's metadata and deadline,

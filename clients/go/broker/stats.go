@@ -14,6 +14,27 @@ type StatsResult struct {
 	// Uptime is how long the broker has been serving.
 	Uptime    time.Duration
 	Databases []DatabaseStats
+	// Instance is the replica that answered (the broker's server.instance,
+	// by default its host name: the pod name on Kubernetes).
+	Instance string
+	// Caller is this call's own peer as the broker saw it
+	// ("ipv4:10.0.0.7:53412", "unix:").
+	Caller string
+	// Peers are the calls to this broker by calling host, most recently
+	// seen first (at most 64 hosts); empty unless the token may use every
+	// configured database.
+	Peers []PeerStats
+	// PeersDropped counts the hosts dropped from Peers to keep it bounded.
+	PeersDropped int64
+}
+
+// PeerStats is one calling host of a broker.
+type PeerStats struct {
+	// Host is "10.0.0.7", "fd00::7", or "unix" for every Unix-socket caller.
+	Host  string
+	Calls int64
+	// LastCallAgo is how long ago the host's last call came.
+	LastCallAgo time.Duration
 }
 
 // Database returns the figures of the named database, and whether they
@@ -93,8 +114,18 @@ type DatabaseStats struct {
 
 func statsFromProto(resp *brokerv1.StatsResponse) *StatsResult {
 	result := &StatsResult{
-		Version: resp.GetVersion(),
-		Uptime:  time.Duration(resp.GetUptimeS() * float64(time.Second)),
+		Version:      resp.GetVersion(),
+		Uptime:       time.Duration(resp.GetUptimeS() * float64(time.Second)),
+		Instance:     resp.GetInstance(),
+		Caller:       resp.GetCaller(),
+		PeersDropped: resp.GetPeersDropped(),
+	}
+	for _, peer := range resp.GetPeers() {
+		result.Peers = append(result.Peers, PeerStats{
+			Host:        peer.GetHost(),
+			Calls:       peer.GetCalls(),
+			LastCallAgo: time.Duration(peer.GetLastCallSAgo() * float64(time.Second)),
+		})
 	}
 	for _, db := range resp.GetDatabases() {
 		result.Databases = append(result.Databases, DatabaseStats{

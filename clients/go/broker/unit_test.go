@@ -335,9 +335,25 @@ func filledDatabaseStats(t *testing.T) *brokerv1.DatabaseStats {
 
 func TestStatsResultHasEveryFieldOfTheProto(t *testing.T) {
 	proto := filledDatabaseStats(t)
-	result := statsFromProto(&brokerv1.StatsResponse{Version: "1.2.3", UptimeS: 90.25, Databases: []*brokerv1.DatabaseStats{proto}})
+	response := &brokerv1.StatsResponse{
+		Version: "1.2.3", UptimeS: 90.25, Databases: []*brokerv1.DatabaseStats{proto},
+		Instance: "broker-0", Caller: "ipv4:10.0.0.7:53412", PeersDropped: 2,
+		Peers: []*brokerv1.PeerStats{{Host: "10.0.0.7", Calls: 5, LastCallSAgo: 1.5}},
+	}
+	result := statsFromProto(response)
 	if result.Version != "1.2.3" || result.Uptime != 90250*time.Millisecond || len(result.Databases) != 1 {
 		t.Fatalf("got %+v", result)
+	}
+	if result.Instance != "broker-0" || result.Caller != "ipv4:10.0.0.7:53412" || result.PeersDropped != 2 ||
+		len(result.Peers) != 1 || result.Peers[0] != (PeerStats{Host: "10.0.0.7", Calls: 5, LastCallAgo: 1500 * time.Millisecond}) {
+		t.Fatalf("the replica's own fields: %+v", result)
+	}
+	// Every field of the response but databases is a field of StatsResult.
+	if got, want := reflect.TypeOf(*result).NumField(), response.ProtoReflect().Descriptor().Fields().Len(); got != want {
+		t.Errorf("StatsResult has %d fields for the proto's %d", got, want)
+	}
+	if got, want := reflect.TypeOf(PeerStats{}).NumField(), (&brokerv1.PeerStats{}).ProtoReflect().Descriptor().Fields().Len(); got != want {
+		t.Errorf("PeerStats has %d fields for the proto's %d", got, want)
 	}
 	db := result.Databases[0]
 	value := reflect.ValueOf(db)

@@ -4209,10 +4209,22 @@ func (x *DatabaseStats) GetCoalescedCalls() int64 {
 }
 
 type StatsResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Version       string                 `protobuf:"bytes,1,opt,name=version,proto3" json:"version,omitempty"`
-	UptimeS       float64                `protobuf:"fixed64,2,opt,name=uptime_s,json=uptimeS,proto3" json:"uptime_s,omitempty"`
-	Databases     []*DatabaseStats       `protobuf:"bytes,3,rep,name=databases,proto3" json:"databases,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Version   string                 `protobuf:"bytes,1,opt,name=version,proto3" json:"version,omitempty"`
+	UptimeS   float64                `protobuf:"fixed64,2,opt,name=uptime_s,json=uptimeS,proto3" json:"uptime_s,omitempty"`
+	Databases []*DatabaseStats       `protobuf:"bytes,3,rep,name=databases,proto3" json:"databases,omitempty"`
+	// The replica that answered: server.instance (default: the host name, which
+	// is the pod name on Kubernetes). Tells a shared tier's replicas apart.
+	Instance string `protobuf:"bytes,4,opt,name=instance,proto3" json:"instance,omitempty"`
+	// This call's own peer as the broker saw it ("ipv4:10.0.0.7:53412",
+	// "unix:"), so a caller can check which address reached the broker.
+	Caller string `protobuf:"bytes,5,opt,name=caller,proto3" json:"caller,omitempty"`
+	// Calls to this broker by calling host (no port), most recently seen
+	// first; at most 64 hosts are kept. Empty unless the caller's token may
+	// use every configured database.
+	Peers []*PeerStats `protobuf:"bytes,6,rep,name=peers,proto3" json:"peers,omitempty"`
+	// Hosts dropped from peers to keep it bounded.
+	PeersDropped  int64 `protobuf:"varint,7,opt,name=peers_dropped,json=peersDropped,proto3" json:"peers_dropped,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -4266,6 +4278,95 @@ func (x *StatsResponse) GetDatabases() []*DatabaseStats {
 		return x.Databases
 	}
 	return nil
+}
+
+func (x *StatsResponse) GetInstance() string {
+	if x != nil {
+		return x.Instance
+	}
+	return ""
+}
+
+func (x *StatsResponse) GetCaller() string {
+	if x != nil {
+		return x.Caller
+	}
+	return ""
+}
+
+func (x *StatsResponse) GetPeers() []*PeerStats {
+	if x != nil {
+		return x.Peers
+	}
+	return nil
+}
+
+func (x *StatsResponse) GetPeersDropped() int64 {
+	if x != nil {
+		return x.PeersDropped
+	}
+	return 0
+}
+
+type PeerStats struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "10.0.0.7", "fd00::7", or "unix" for every Unix-socket caller.
+	Host          string  `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
+	Calls         int64   `protobuf:"varint,2,opt,name=calls,proto3" json:"calls,omitempty"`
+	LastCallSAgo  float64 `protobuf:"fixed64,3,opt,name=last_call_s_ago,json=lastCallSAgo,proto3" json:"last_call_s_ago,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PeerStats) Reset() {
+	*x = PeerStats{}
+	mi := &file_broker_v1_broker_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PeerStats) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PeerStats) ProtoMessage() {}
+
+func (x *PeerStats) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_broker_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PeerStats.ProtoReflect.Descriptor instead.
+func (*PeerStats) Descriptor() ([]byte, []int) {
+	return file_broker_v1_broker_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *PeerStats) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+func (x *PeerStats) GetCalls() int64 {
+	if x != nil {
+		return x.Calls
+	}
+	return 0
+}
+
+func (x *PeerStats) GetLastCallSAgo() float64 {
+	if x != nil {
+		return x.LastCallSAgo
+	}
+	return 0
 }
 
 var File_broker_v1_broker_proto protoreflect.FileDescriptor
@@ -4679,11 +4780,19 @@ const file_broker_v1_broker_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\x1aB\n" +
 	"\x14CommandFailuresEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"|\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\x81\x02\n" +
 	"\rStatsResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12\x19\n" +
 	"\buptime_s\x18\x02 \x01(\x01R\auptimeS\x126\n" +
-	"\tdatabases\x18\x03 \x03(\v2\x18.broker.v1.DatabaseStatsR\tdatabases*\xf4\x02\n" +
+	"\tdatabases\x18\x03 \x03(\v2\x18.broker.v1.DatabaseStatsR\tdatabases\x12\x1a\n" +
+	"\binstance\x18\x04 \x01(\tR\binstance\x12\x16\n" +
+	"\x06caller\x18\x05 \x01(\tR\x06caller\x12*\n" +
+	"\x05peers\x18\x06 \x03(\v2\x14.broker.v1.PeerStatsR\x05peers\x12#\n" +
+	"\rpeers_dropped\x18\a \x01(\x03R\fpeersDropped\"\\\n" +
+	"\tPeerStats\x12\x12\n" +
+	"\x04host\x18\x01 \x01(\tR\x04host\x12\x14\n" +
+	"\x05calls\x18\x02 \x01(\x03R\x05calls\x12%\n" +
+	"\x0flast_call_s_ago\x18\x03 \x01(\x01R\flastCallSAgo*\xf4\x02\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rDUPLICATE_KEY\x10\x01\x12\x18\n" +
@@ -4752,7 +4861,7 @@ func file_broker_v1_broker_proto_rawDescGZIP() []byte {
 }
 
 var file_broker_v1_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_broker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
+var file_broker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
 var file_broker_v1_broker_proto_goTypes = []any{
 	(ErrorReason)(0),                 // 0: broker.v1.ErrorReason
 	(Encoding)(0),                    // 1: broker.v1.Encoding
@@ -4791,11 +4900,12 @@ var file_broker_v1_broker_proto_goTypes = []any{
 	(*StatsRequest)(nil),             // 34: broker.v1.StatsRequest
 	(*DatabaseStats)(nil),            // 35: broker.v1.DatabaseStats
 	(*StatsResponse)(nil),            // 36: broker.v1.StatsResponse
-	nil,                              // 37: broker.v1.DatabaseStats.CheckoutFailuresEntry
-	nil,                              // 38: broker.v1.DatabaseStats.OperationsEntry
-	nil,                              // 39: broker.v1.DatabaseStats.RpcsEntry
-	nil,                              // 40: broker.v1.DatabaseStats.ErrorsEntry
-	nil,                              // 41: broker.v1.DatabaseStats.CommandFailuresEntry
+	(*PeerStats)(nil),                // 37: broker.v1.PeerStats
+	nil,                              // 38: broker.v1.DatabaseStats.CheckoutFailuresEntry
+	nil,                              // 39: broker.v1.DatabaseStats.OperationsEntry
+	nil,                              // 40: broker.v1.DatabaseStats.RpcsEntry
+	nil,                              // 41: broker.v1.DatabaseStats.ErrorsEntry
+	nil,                              // 42: broker.v1.DatabaseStats.CommandFailuresEntry
 }
 var file_broker_v1_broker_proto_depIdxs = []int32{
 	1,  // 0: broker.v1.FindRequest.encoding:type_name -> broker.v1.Encoding
@@ -4834,41 +4944,42 @@ var file_broker_v1_broker_proto_depIdxs = []int32{
 	28, // 33: broker.v1.BulkWriteResponse.inserted_ids:type_name -> broker.v1.IndexedId
 	31, // 34: broker.v1.DatabasePing.pool:type_name -> broker.v1.PoolSummary
 	32, // 35: broker.v1.PingResponse.databases:type_name -> broker.v1.DatabasePing
-	37, // 36: broker.v1.DatabaseStats.checkout_failures:type_name -> broker.v1.DatabaseStats.CheckoutFailuresEntry
-	38, // 37: broker.v1.DatabaseStats.operations:type_name -> broker.v1.DatabaseStats.OperationsEntry
-	39, // 38: broker.v1.DatabaseStats.rpcs:type_name -> broker.v1.DatabaseStats.RpcsEntry
-	40, // 39: broker.v1.DatabaseStats.errors:type_name -> broker.v1.DatabaseStats.ErrorsEntry
-	41, // 40: broker.v1.DatabaseStats.command_failures:type_name -> broker.v1.DatabaseStats.CommandFailuresEntry
+	38, // 36: broker.v1.DatabaseStats.checkout_failures:type_name -> broker.v1.DatabaseStats.CheckoutFailuresEntry
+	39, // 37: broker.v1.DatabaseStats.operations:type_name -> broker.v1.DatabaseStats.OperationsEntry
+	40, // 38: broker.v1.DatabaseStats.rpcs:type_name -> broker.v1.DatabaseStats.RpcsEntry
+	41, // 39: broker.v1.DatabaseStats.errors:type_name -> broker.v1.DatabaseStats.ErrorsEntry
+	42, // 40: broker.v1.DatabaseStats.command_failures:type_name -> broker.v1.DatabaseStats.CommandFailuresEntry
 	35, // 41: broker.v1.StatsResponse.databases:type_name -> broker.v1.DatabaseStats
-	5,  // 42: broker.v1.Broker.Find:input_type -> broker.v1.FindRequest
-	5,  // 43: broker.v1.Broker.FindOne:input_type -> broker.v1.FindRequest
-	8,  // 44: broker.v1.Broker.Insert:input_type -> broker.v1.InsertRequest
-	11, // 45: broker.v1.Broker.Update:input_type -> broker.v1.UpdateRequest
-	13, // 46: broker.v1.Broker.Delete:input_type -> broker.v1.DeleteRequest
-	15, // 47: broker.v1.Broker.FindOneAndModify:input_type -> broker.v1.FindOneAndModifyRequest
-	17, // 48: broker.v1.Broker.Count:input_type -> broker.v1.CountRequest
-	19, // 49: broker.v1.Broker.Distinct:input_type -> broker.v1.DistinctRequest
-	21, // 50: broker.v1.Broker.Aggregate:input_type -> broker.v1.AggregateRequest
-	27, // 51: broker.v1.Broker.BulkWrite:input_type -> broker.v1.BulkWriteRequest
-	30, // 52: broker.v1.Broker.Ping:input_type -> broker.v1.PingRequest
-	34, // 53: broker.v1.Broker.Stats:input_type -> broker.v1.StatsRequest
-	6,  // 54: broker.v1.Broker.Find:output_type -> broker.v1.FindResponse
-	6,  // 55: broker.v1.Broker.FindOne:output_type -> broker.v1.FindResponse
-	9,  // 56: broker.v1.Broker.Insert:output_type -> broker.v1.InsertResponse
-	12, // 57: broker.v1.Broker.Update:output_type -> broker.v1.UpdateResponse
-	14, // 58: broker.v1.Broker.Delete:output_type -> broker.v1.DeleteResponse
-	16, // 59: broker.v1.Broker.FindOneAndModify:output_type -> broker.v1.FindOneAndModifyResponse
-	18, // 60: broker.v1.Broker.Count:output_type -> broker.v1.CountResponse
-	20, // 61: broker.v1.Broker.Distinct:output_type -> broker.v1.DistinctResponse
-	6,  // 62: broker.v1.Broker.Aggregate:output_type -> broker.v1.FindResponse
-	29, // 63: broker.v1.Broker.BulkWrite:output_type -> broker.v1.BulkWriteResponse
-	33, // 64: broker.v1.Broker.Ping:output_type -> broker.v1.PingResponse
-	36, // 65: broker.v1.Broker.Stats:output_type -> broker.v1.StatsResponse
-	54, // [54:66] is the sub-list for method output_type
-	42, // [42:54] is the sub-list for method input_type
-	42, // [42:42] is the sub-list for extension type_name
-	42, // [42:42] is the sub-list for extension extendee
-	0,  // [0:42] is the sub-list for field type_name
+	37, // 42: broker.v1.StatsResponse.peers:type_name -> broker.v1.PeerStats
+	5,  // 43: broker.v1.Broker.Find:input_type -> broker.v1.FindRequest
+	5,  // 44: broker.v1.Broker.FindOne:input_type -> broker.v1.FindRequest
+	8,  // 45: broker.v1.Broker.Insert:input_type -> broker.v1.InsertRequest
+	11, // 46: broker.v1.Broker.Update:input_type -> broker.v1.UpdateRequest
+	13, // 47: broker.v1.Broker.Delete:input_type -> broker.v1.DeleteRequest
+	15, // 48: broker.v1.Broker.FindOneAndModify:input_type -> broker.v1.FindOneAndModifyRequest
+	17, // 49: broker.v1.Broker.Count:input_type -> broker.v1.CountRequest
+	19, // 50: broker.v1.Broker.Distinct:input_type -> broker.v1.DistinctRequest
+	21, // 51: broker.v1.Broker.Aggregate:input_type -> broker.v1.AggregateRequest
+	27, // 52: broker.v1.Broker.BulkWrite:input_type -> broker.v1.BulkWriteRequest
+	30, // 53: broker.v1.Broker.Ping:input_type -> broker.v1.PingRequest
+	34, // 54: broker.v1.Broker.Stats:input_type -> broker.v1.StatsRequest
+	6,  // 55: broker.v1.Broker.Find:output_type -> broker.v1.FindResponse
+	6,  // 56: broker.v1.Broker.FindOne:output_type -> broker.v1.FindResponse
+	9,  // 57: broker.v1.Broker.Insert:output_type -> broker.v1.InsertResponse
+	12, // 58: broker.v1.Broker.Update:output_type -> broker.v1.UpdateResponse
+	14, // 59: broker.v1.Broker.Delete:output_type -> broker.v1.DeleteResponse
+	16, // 60: broker.v1.Broker.FindOneAndModify:output_type -> broker.v1.FindOneAndModifyResponse
+	18, // 61: broker.v1.Broker.Count:output_type -> broker.v1.CountResponse
+	20, // 62: broker.v1.Broker.Distinct:output_type -> broker.v1.DistinctResponse
+	6,  // 63: broker.v1.Broker.Aggregate:output_type -> broker.v1.FindResponse
+	29, // 64: broker.v1.Broker.BulkWrite:output_type -> broker.v1.BulkWriteResponse
+	33, // 65: broker.v1.Broker.Ping:output_type -> broker.v1.PingResponse
+	36, // 66: broker.v1.Broker.Stats:output_type -> broker.v1.StatsResponse
+	55, // [55:67] is the sub-list for method output_type
+	43, // [43:55] is the sub-list for method input_type
+	43, // [43:43] is the sub-list for extension type_name
+	43, // [43:43] is the sub-list for extension extendee
+	0,  // [0:43] is the sub-list for field type_name
 }
 
 func init() { file_broker_v1_broker_proto_init() }
@@ -4932,7 +5043,7 @@ func file_broker_v1_broker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_broker_v1_broker_proto_rawDesc), len(file_broker_v1_broker_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   37,
+			NumMessages:   38,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

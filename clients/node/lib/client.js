@@ -11,6 +11,7 @@ const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 const { BSON, ObjectId } = require('bson');
 const { BrokerError, InvalidArgumentError, fromServiceError, markBulkWriteError } = require('./errors');
+const { Tier, parseTier } = require('./tier');
 
 const VERSION = require('../package.json').version;
 const PROTO_ROOT = path.join(__dirname, '..', 'proto');
@@ -112,8 +113,9 @@ function normalizeTarget(target) {
  *   database, collection or call says otherwise (as the driver's MongoClient)
  * @property {ReadConcernLike} [readConcern] likewise
  * @property {WriteConcernSpec} [writeConcern] of every write, likewise
- * @property {Partial<RetryPolicy>|null} [retries] how reads are retried
- *   (default DEFAULT_RETRY_POLICY; null: every call is made once). Writes
+ * @property {Partial<RetryPolicy>|null} [retries] how reads, and inserts
+ *   whose every `_id` was made here, are retried (default
+ *   DEFAULT_RETRY_POLICY; null: every call is made once). The other writes
  *   are never retried: updates, deletes and bulk writes are not idempotent.
  */
 
@@ -140,7 +142,10 @@ function normalizeTarget(target) {
 /** A client for one broker. Make one per process; `close()` it when done. */
 class BrokerClient {
   /**
-   * @param {string} target "unix:///run/mongo-broker/broker.sock" or "127.0.0.1:50051"
+   * @param {string|string[]} target one broker, "unix:///run/mongo-broker/broker.sock"
+   *   or "127.0.0.1:50051"; or a tier of replicas: "dns:///name:port", or a
+   *   list of addresses (["10.0.0.5:50051", "10.0.0.6:50051"]), over which
+   *   calls are spread to the replicas whose health is SERVING (see tier.js)
    * @param {ClientOptions} [options]
    */
   constructor(target, options = {}) {
@@ -151,7 +156,9 @@ class BrokerClient {
     if (token !== undefined && (typeof token !== 'string' || token === '')) {
       throw new TypeError('token must be a non-empty string');
     }
-    this.target = normalizeTarget(target);
+    const tier = parseTier(target, normalizeTarget);
+    /** @type {string} the target as given; a list's addresses joined by commas */
+    this.target = tier === null ? normalizeTarget(/** @type {string} */ (target)) : String(target).trim();
     this.timeoutMs = timeoutMs;
     /** @type {import('bson').DeserializeOptions} */
     this.bsonOptions = { ...(options.bsonOptions || {}) };
@@ -165,12 +172,23 @@ class BrokerClient {
     for (const [key, value] of Object.entries(metadata)) this._metadata.add(key.toLowerCase(), String(value));
     if (token !== undefined) this._metadata.set('authorization', `Bearer ${token}`);
     const Broker = loadService();
-    this._stub = new Broker(this.target, credentials || grpc.credentials.createInsecure(), {
-      'grpc.max_receive_message_length': DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
-      'grpc.max_send_message_length': DEFAULT_MAX_SEND_MESSAGE_BYTES,
-      'grpc.primary_user_agent': `mongo-broker-client-node/${VERSION}`,
-      ...channelOptions,
-    });
+    /**
+     * @param {string} address
+     * @param {Record<string, string>} [tierOptions] a tier's, under the caller's
+     */
+    const stubFor = (address, tierOptions = {}) =>
+      new Broker(address, credentials || grpc.credentials.createInsecure(), {
+        'grpc.max_receive_message_length': DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
+        'grpc.max_send_message_length': DEFAULT_MAX_SEND_MESSAGE_BYTES,
+        'grpc.primary_user_agent': `mongo-broker-client-node/${VERSION}`,
+        ...tierOptions,
+        ...channelOptions,
+      });
+    /** @type {any} the one broker's stub; null for a tier */
+    this._stub = tier === null ? stubFor(this.target) : null;
+    /** @type {Tier|null} the replicas of a tier, one channel each */
+    this._tier = tier === null ? null : new Tier(tier, stubFor);
+    this._retryCount = 0;
     this._closed = false;
     /** @type {Promise<void>|null} what close() returns, once called */
     this._closing = null;
@@ -215,11 +233,16 @@ class BrokerClient {
    */
   async stats(database, options = {}) {
     const response = await this._unary('Stats', { database: database || '' }, options, true);
-    return { ...camelCaseFields(response), databases: response.databases.map(camelCaseFields) };
+    return {
+      ...camelCaseFields(response),
+      databases: response.databases.map(camelCaseFields),
+      peers: (response.peers || []).map(camelCaseFields),
+    };
   }
 
   /**
-   * Closes the channel; calls in flight fail with CANCELLED. The promise
+   * Closes the channel (a tier's channels): calls in flight finish (grpc-js
+   * lets them), later calls throw. The promise
    * resolves once the channel is shut down; calling it again returns the
    * same promise.
    * @returns {Promise<void>}
@@ -227,11 +250,57 @@ class BrokerClient {
   close() {
     if (this._closing === null) {
       this._closed = true;
-      const channel = this._stub.getChannel();
-      this._stub.close();
-      this._closing = shutDown(channel);
+      let channels;
+      if (this._tier !== null) {
+        channels = this._tier.close();
+      } else {
+        channels = [this._stub.getChannel()];
+        this._stub.close();
+      }
+      this._closing = Promise.all(channels.map(shutDown)).then(() => undefined);
     }
     return this._closing;
+  }
+
+  /**
+   * How many retries this client has made since it was created, over every
+   * call: attempts beyond each call's first. A failed call's error says
+   * how many attempts it made (`error.attempts`).
+   * @returns {number}
+   */
+  get retryCount() {
+    return this._retryCount;
+  }
+
+  /**
+   * A tier's replicas and their health as this client sees it
+   * (CONNECTING, SERVING, NOT_SERVING or UNREACHABLE); empty for one broker.
+   * @returns {{address: string, state: string}[]}
+   */
+  replicas() {
+    return this._tier === null ? [] : this._tier.replicas();
+  }
+
+  /**
+   * The stub for the next attempt: the one broker's, or a tier's next
+   * SERVING replica's (`avoid`, where the last attempt failed, last).
+   * @param {Date} deadline
+   * @param {string} [avoid]
+   * @returns {Promise<{stub: any, address: string}>}
+   */
+  async _pick(deadline, avoid) {
+    if (this._closed) throw new BrokerError('the client is closed');
+    if (this._tier === null) return { stub: this._stub, address: this.target };
+    return this._tier.pick(deadline, avoid);
+  }
+
+  /**
+   * Tells a tier that an attempt on `address` failed with `error`.
+   * @param {string} address
+   * @param {BrokerError} error
+   */
+  _failed(address, error) {
+    if (this._tier !== null) this._tier.failed(address, error);
   }
 
   /**
@@ -254,7 +323,15 @@ class BrokerClient {
    * @returns {RetryState}
    */
   _retryState(operation, deadline, retry) {
-    return new RetryState(retry ? this.retries : null, deadline.getTime(), operation);
+    return new RetryState(
+      retry ? this.retries : null,
+      deadline.getTime(),
+      operation,
+      () => {
+        this._retryCount += 1;
+      },
+      () => this._closed,
+    );
   }
 
   /**
@@ -289,28 +366,53 @@ class BrokerClient {
   async _unary(method, request, options, retry = false) {
     const deadline = this._deadline(options);
     const state = this._retryState(method, deadline, retry);
+    return this._unaryAttempts(method, request, options, deadline, state);
+  }
+
+  /**
+   * The attempts of a unary call under `state`, each on the next replica.
+   * @param {string} method
+   * @param {object} request
+   * @param {CallOptions} options
+   * @param {Date} deadline
+   * @param {RetryState} state
+   * @returns {Promise<any>}
+   */
+  async _unaryAttempts(method, request, options, deadline, state) {
+    /** @type {string|undefined} */
+    let avoid;
     for (;;) {
       try {
-        return await this._unaryOnce(method, request, options, deadline);
+        return await this._unaryOnce(method, request, options, deadline, avoid);
       } catch (error) {
+        avoid = /** @type {any} */ (error).address;
         await sleep(state.backoff(/** @type {BrokerError} */ (error)));
       }
     }
   }
 
   /**
+   * One attempt; its error carries the `address` it went to.
    * @param {string} method
    * @param {object} request
    * @param {CallOptions} options
    * @param {Date} deadline
+   * @param {string} [avoid] a replica to give this attempt only when no other serves
    * @returns {Promise<any>}
    */
-  _unaryOnce(method, request, options, deadline) {
+  async _unaryOnce(method, request, options, deadline, avoid) {
+    const { stub, address } = await this._pick(deadline, avoid);
+    // After the pick: close() may have come while it waited.
     const { metadata, callOptions } = this._call(options, deadline);
     return new Promise((resolve, reject) => {
-      this._stub[method](request, metadata, callOptions, (/** @type {any} */ error, /** @type {any} */ response) => {
-        if (error) reject(fromServiceError(error));
-        else resolve(response);
+      stub[method](request, metadata, callOptions, (/** @type {any} */ error, /** @type {any} */ response) => {
+        if (!error) {
+          resolve(response);
+          return;
+        }
+        const failure = fromServiceError(error);
+        this._failed(address, failure);
+        reject(Object.defineProperty(failure, 'address', { value: address, enumerable: false, configurable: true }));
       });
     });
   }
@@ -320,8 +422,10 @@ class BrokerClient {
  * One operation's attempts and pauses within its deadline: "full jitter"
  * backoff (a uniform random pause in [0, cap]), so that many workers that
  * failed together do not retry together. Only UNAVAILABLE and a full pool
- * (`BrokerError.retryable`) are retried; a RetryInfo delay from the broker
- * is the least pause.
+ * (`BrokerError.retryable`), and a CANCELLED of the server's (see
+ * `_serverCancelled`), are retried; a RetryInfo delay from the broker is
+ * the least pause. On a tier each attempt goes to the next SERVING
+ * replica, the one that failed last.
  */
 class RetryState {
   /**
@@ -329,10 +433,19 @@ class RetryState {
    * @param {number} deadline epoch milliseconds
    * @param {string} operation
    */
-  constructor(policy, deadline, operation) {
+  /**
+   * @param {Readonly<RetryPolicy>|null} policy
+   * @param {number} deadline
+   * @param {string} operation
+   * @param {() => void} [onRetry] called at each retry (the client's count)
+   * @param {() => boolean} [closed] whether the client was closed (its calls CANCELLED)
+   */
+  constructor(policy, deadline, operation, onRetry = () => {}, closed = () => false) {
     this.policy = policy;
     this.deadline = deadline;
     this.operation = operation;
+    this.onRetry = onRetry;
+    this.closed = closed;
     /** Attempts that failed and were retried. */
     this.failures = 0;
   }
@@ -344,8 +457,11 @@ class RetryState {
    * @returns {number} milliseconds
    */
   backoff(error) {
+    if (error instanceof BrokerError) error.attempts = this.failures + 1;
     const policy = this.policy;
-    if (policy === null || !(error instanceof BrokerError) || !error.retryable) throw error;
+    if (policy === null || !(error instanceof BrokerError) || !(error.retryable || this._serverCancelled(error))) {
+      throw error;
+    }
     if (this.failures + 1 >= policy.maxAttempts) throw error;
     // A bounded exponent: 2 ** 2000 is Infinity.
     const growth = policy.multiplier ** Math.min(this.failures, 64);
@@ -354,7 +470,19 @@ class RetryState {
     if (error.retryAfterMs !== null) delay = Math.max(delay, error.retryAfterMs);
     if (this.deadline - Date.now() - delay < MIN_ATTEMPT_MS) throw error;
     this.failures += 1;
+    this.onRetry();
     return delay;
+  }
+
+  /**
+   * CANCELLED that this client did not cause (it cancels a unary call only
+   * by closing, and a stream only once nobody reads it): a gRPC server that
+   * stops cancels the calls it had received but not yet handed to the
+   * broker (https://github.com/grpc/grpc/issues/41785), calls that never ran.
+   * @param {BrokerError} error
+   */
+  _serverCancelled(error) {
+    return error.code === grpc.status.CANCELLED && !this.closed();
   }
 }
 
@@ -402,6 +530,11 @@ function sleep(ms) {
  * @property {number} uptimeS seconds since the broker started
  * @property {Record<string, any>[]} databases each database's figures: the
  *   proto's DatabaseStats fields, in camelCase
+ * @property {string} instance the replica that answered (server.instance)
+ * @property {string} caller this call's own peer as the broker saw it
+ * @property {{host: string, calls: number, lastCallSAgo: number}[]} peers
+ *   calls by calling host, most recent first
+ * @property {number} peersDropped hosts dropped from peers to keep it bounded
  */
 
 /**
@@ -690,8 +823,11 @@ class Collection {
 
   /**
    * Inserts one document. Without an `_id` it gets an ObjectId here, first
-   * (and, as in the Node driver, `document._id` is set), so that a retried
-   * insert that had already landed shows up as a DuplicateKeyError.
+   * (and, as in the Node driver, `document._id` is set). Only such an
+   * insert, whose `_id` was made here, is retried: a retry that meets a
+   * duplicate key of that new ObjectId asks the broker whether it is
+   * stored, and if so the earlier attempt stored it, and the insert
+   * succeeded. A document with an `_id` of the caller's is sent once.
    * @param {object} document
    * @param {InsertOptions} [options]
    * @returns {Promise<{acknowledged: boolean, insertedId: any}>}
@@ -706,6 +842,7 @@ class Collection {
    * first. With `ordered: true` (the default) the broker stops at the first
    * error; the error's `insertedCount` and `failedIndex` say what happened,
    * and, a BulkWriteError, its `result.insertedIds` which documents landed.
+   * Retried as `insertOne` is, only when every `_id` was made here.
    * @param {object[]} documents
    * @param {InsertOptions} [options]
    * @returns {Promise<{acknowledged: boolean, insertedCount: number, insertedIds: any[]}>}
@@ -735,6 +872,7 @@ class Collection {
    */
   async _insert(documents, options) {
     const client = this.db.client;
+    const hadId = documents.map((doc) => idOfDocument(doc) !== undefined);
     const encoded = documents.map((doc, i) => encodeForInsert(doc, i, client.serializeOptions));
     /** @type {any} */
     const request = {
@@ -745,9 +883,109 @@ class Collection {
     };
     const concern = this._writeConcernSpec(options);
     if (concern) request.write_concern = writeConcern(concern);
+    // w=0 (which the broker refuses) would confirm nothing to check.
+    if (!hadId.some(Boolean) && isAcknowledged(concern)) {
+      const made = documents.map(idOfDocument);
+      await this._insertWithRetries(request, made, options);
+      return made;
+    }
     const response = await client._unary('Insert', request, options);
     const idOptions = { ...client.bsonOptions };
     return response.inserted_ids.map((/** @type {Buffer} */ raw) => BSON.deserialize(raw, idOptions)._id);
+  }
+
+  /**
+   * Sends an Insert whose every `_id` was made here (`made`, the new
+   * ObjectIds in the caller's order), retried as the client's policy says.
+   * The rules, the Python client's, keep a retry from storing a document
+   * twice:
+   *
+   * - An attempt that failed without an answer (UNAVAILABLE: a replica
+   *   draining or a connection lost; CANCELLED by a stopping server) may
+   *   have stored some documents. A
+   *   later attempt that meets a duplicate key may be meeting them: the
+   *   ids are new, so the broker is asked which are stored, and one that is
+   *   can only have been stored by this call.
+   * - Ordered: the documents up to the failed one must all be stored; the
+   *   ones after it that are not are sent next (not a new attempt).
+   *   Unordered: every document was tried, so all must be there.
+   * - Otherwise, or when that lookup fails, the DuplicateKeyError is thrown:
+   *   a real conflict (another unique index), or one that cannot be told
+   *   from it.
+   *
+   * The error's `insertedCount`, `failedIndex` and `writeErrors` count in
+   * the caller's list, not in the last attempt's.
+   * @param {any} request
+   * @param {ObjectId[]} made
+   * @param {InsertOptions} options
+   */
+  async _insertWithRetries(request, made, options) {
+    const client = this.db.client;
+    const deadline = client._deadline(options);
+    const state = client._retryState('Insert', deadline, true);
+    const all = request.documents;
+    let pending = all.map((/** @type {Buffer} */ _, /** @type {number} */ i) => i);
+    let maybeStored = false;
+    /** @type {string|undefined} */
+    let avoid;
+    for (;;) {
+      /** @type {BrokerError} */
+      let failure;
+      try {
+        const attempt = { ...request, documents: pending.map((i) => all[i]) };
+        await client._unaryOnce('Insert', attempt, options, deadline, avoid);
+        return;
+      } catch (error) {
+        if (!(error instanceof BrokerError)) throw error;
+        failure = error;
+      }
+      rebaseInsertError(failure, pending, all.length);
+      avoid = /** @type {any} */ (failure).address;
+      if (!maybeStored || failure.reason !== 'DUPLICATE_KEY') {
+        const delay = state.backoff(failure);
+        maybeStored = true;
+        await sleep(delay);
+        continue;
+      }
+      failure.attempts = state.failures + 1;
+      let must = pending;
+      /** @type {number[]} */
+      let rest = [];
+      if (request.ordered) {
+        const cut = failure.failedIndex === null ? -1 : pending.indexOf(failure.failedIndex);
+        if (cut < 0) throw failure;
+        must = pending.slice(0, cut + 1);
+        rest = pending.slice(cut + 1);
+      }
+      let stored;
+      try {
+        stored = await this._storedIds(pending.map((i) => made[i]), deadline);
+      } catch {
+        throw failure;
+      }
+      const missing = must.filter((i) => !stored.has(made[i].toHexString()));
+      if (missing.length > 0) {
+        if (!request.ordered) {
+          failure.metadata.failed_index = String(missing[0]);
+          failure.metadata.inserted_count = String(all.length - missing.length);
+        }
+        throw failure;
+      }
+      pending = rest.filter((i) => !stored.has(made[i].toHexString()));
+      if (pending.length === 0) return;
+    }
+  }
+
+  /**
+   * Which of these ids are stored: a find on `_id` (retried as a read),
+   * within the insert's deadline.
+   * @param {ObjectId[]} ids
+   * @param {Date} deadline
+   * @returns {Promise<Set<string>>} their hex strings
+   */
+  async _storedIds(ids, deadline) {
+    const found = await this.find({ _id: { $in: ids } }, { projection: { _id: 1 }, deadline }).toArray();
+    return new Set(found.map((doc) => (doc._id instanceof ObjectId ? doc._id.toHexString() : String(doc._id))));
   }
 
   /**
@@ -1013,12 +1251,21 @@ class Collection {
     const bsonOptions = this._bsonOptions(options);
     const deadline = client._deadline(options);
     const state = client._retryState('Distinct', deadline, true);
+    /** @type {string|undefined} */
+    let avoid;
     for (;;) {
       /** @type {any[]} */
       const values = [];
       let messages = 0;
+      let picked;
+      try {
+        picked = await client._pick(deadline, avoid);
+      } catch (error) {
+        await sleep(state.backoff(/** @type {BrokerError} */ (error)));
+        continue;
+      }
       const { metadata, callOptions } = client._call(options, deadline);
-      const call = client._stub.Distinct(request, metadata, callOptions);
+      const call = picked.stub.Distinct(request, metadata, callOptions);
       // As for a cursor: a cancelled stream's 'error' must not go unhandled.
       call.on('error', () => {});
       let done = false;
@@ -1032,6 +1279,8 @@ class Collection {
       } catch (error) {
         done = true;
         const failure = fromServiceError(error);
+        client._failed(picked.address, failure);
+        avoid = picked.address;
         // Only a stream that sent nothing is retried, as a find is: a
         // stream cut later may be a limit or a bug that a retry repeats.
         if (messages > 0) throw failure;
@@ -1178,9 +1427,23 @@ class Cursor {
     const deadline = this._client._deadline(this._options);
     const state = this._client._retryState(this._method, deadline, this._retry);
     let yielded = 0;
+    /** @type {string|undefined} */
+    let avoid;
     for (;;) {
+      let picked;
+      try {
+        picked = await this._client._pick(deadline, avoid);
+      } catch (error) {
+        try {
+          await sleep(state.backoff(/** @type {BrokerError} */ (error)));
+        } catch (final) {
+          this._finished = true;
+          throw final;
+        }
+        continue;
+      }
       const { metadata, callOptions } = this._client._call(this._options, deadline);
-      const call = this._client._stub[this._method](this._request, metadata, callOptions);
+      const call = picked.stub[this._method](this._request, metadata, callOptions);
       this._call = call;
       // grpc-js reports a cancel (close(), an early break) as an 'error'
       // event; with nobody iterating any more it must not go unhandled.
@@ -1198,6 +1461,8 @@ class Cursor {
         return;
       } catch (error) {
         failure = fromServiceError(error);
+        this._client._failed(picked.address, failure);
+        avoid = picked.address;
         // Once documents were handed out, a new stream would hand them out
         // again: only a stream that gave nothing yet is retried.
         if (yielded > 0) {
@@ -1527,6 +1792,46 @@ function encodeForInsert(document, index, options) {
   const encoded = encodeDocument({ _id: id, ...document }, what, options);
   document._id = id;
   return encoded;
+}
+
+/**
+ * A document's `_id`, or undefined (also for what is not a document,
+ * which encodeForInsert refuses).
+ * @param {any} document
+ */
+function idOfDocument(document) {
+  if (document instanceof Map) return document.get('_id');
+  return typeof document === 'object' && document !== null ? document._id : undefined;
+}
+
+/**
+ * Makes an attempt's counts and indexes, which count in the documents it
+ * sent (`pending`, indexes in the caller's list), count in the caller's list.
+ * @param {BrokerError} error
+ * @param {number[]} pending
+ * @param {number} total
+ */
+function rebaseInsertError(error, pending, total) {
+  if (pending.length === total) return;
+  const meta = error.metadata;
+  const failed = error.failedIndex;
+  if (failed !== null && failed >= 0 && failed < pending.length) meta.failed_index = String(pending[failed]);
+  const inserted = error.insertedCount;
+  if (inserted !== null) meta.inserted_count = String(total - pending.length + inserted);
+  if (meta.write_errors !== undefined) {
+    try {
+      const list = JSON.parse(meta.write_errors);
+      if (Array.isArray(list)) {
+        for (const entry of list) {
+          if (entry.index >= 0 && entry.index < pending.length) entry.index = pending[entry.index];
+        }
+        meta.write_errors = JSON.stringify(list);
+        /** @type {any} */ (error)._writeErrors = undefined;
+      }
+    } catch {
+      // Malformed metadata: left as it came.
+    }
+  }
 }
 
 /**

@@ -106,6 +106,8 @@ class BrokerError extends Error {
     this.retryAfterMs = retryAfterMs;
     /** @type {unknown[]} */
     this.details = details;
+    /** @type {number} how many times the call was sent (more than 1 after retries) */
+    this.attempts = 1;
     /** @type {any[]|undefined} write_errors, parsed on first use */
     this._writeErrors = undefined;
     Object.defineProperty(this, '_writeErrors', { enumerable: false, writable: true });

@@ -89,9 +89,10 @@ export interface ClientOptions {
   writeConcern?: WriteConcern;
   /**
    * How reads (find before its first document, findOne, countDocuments,
-   * distinct, aggregate without $out/$merge, ping, stats) are retried
-   * (default DEFAULT_RETRY_POLICY); null: every call is made once. Updates,
-   * deletes, find-and-modify and bulk writes are never retried.
+   * distinct, aggregate without $out/$merge, ping, stats) and inserts whose
+   * every `_id` was made here are retried (default DEFAULT_RETRY_POLICY);
+   * null: every call is made once. Updates, deletes, find-and-modify and
+   * bulk writes are never retried.
    */
   retries?: Partial<RetryPolicy> | null;
 }
@@ -411,12 +412,42 @@ export interface StatsResult {
   /** Seconds since the broker started. */
   uptimeS: number;
   databases: DatabaseStats[];
+  /** The replica that answered: server.instance (default: its host name, the pod name on Kubernetes). */
+  instance: string;
+  /** This call's own peer as the broker saw it ("ipv4:10.0.0.7:53412", "unix:"). */
+  caller: string;
+  /** Calls by calling host, most recently seen first (at most 64); empty unless the token may use every database. */
+  peers: PeerStats[];
+  /** Hosts dropped from `peers` to keep it bounded. */
+  peersDropped: number;
 }
 
-/** A client for one broker. Make one per process; `close()` it when done. */
+/** One calling host of a broker. */
+export interface PeerStats {
+  /** "10.0.0.7", "fd00::7", or "unix" for every Unix-socket caller. */
+  host: string;
+  calls: number;
+  lastCallSAgo: number;
+}
+
+/** A replica of a tier, as the client sees its health. */
+export interface ReplicaState {
+  /** "10.0.0.5:50051", "[fd00::5]:50051" or "unix:///path". */
+  address: string;
+  /** CONNECTING until its health first answers; only SERVING replicas get calls. */
+  state: 'CONNECTING' | 'SERVING' | 'NOT_SERVING' | 'UNREACHABLE';
+}
+
+/** A client for one broker, or for a tier of replicas. Make one per process; `close()` it when done. */
 export declare class BrokerClient {
-  constructor(target: string, options?: ClientOptions);
-  /** The gRPC target, normalized. */
+  /**
+   * One broker ("unix:///run/mongo-broker/broker.sock", "127.0.0.1:50051"),
+   * or a tier of replicas: "dns:///name:port", or a list of IP:port
+   * addresses (or of unix sockets), over whose SERVING replicas calls are
+   * spread round-robin.
+   */
+  constructor(target: string | string[], options?: ClientOptions);
+  /** The gRPC target, normalized; a list's addresses joined by commas. */
   readonly target: string;
   readonly timeoutMs: number;
   bsonOptions: DeserializeOptions;
@@ -431,8 +462,12 @@ export declare class BrokerClient {
   ping(database?: string, options?: CallOptions): Promise<PingResult>;
   /** Pool, queue and operation figures, for every database or the one named. */
   stats(database?: string, options?: CallOptions): Promise<StatsResult>;
-  /** Closes the channel; resolves once it is shut down. Calling it again returns the same promise. */
+  /** Closes the channel (a tier's channels); resolves once shut down. Calling it again returns the same promise. */
   close(): Promise<void>;
+  /** Retries made since the client was created, over every call. */
+  readonly retryCount: number;
+  /** A tier's replicas and their health; empty for one broker. */
+  replicas(): ReplicaState[];
 }
 
 /** A database configured on the broker. */
@@ -457,7 +492,7 @@ export declare class Collection<TSchema extends Document = Document> {
   find(filter?: DocumentLike, options?: FindOptions): Cursor<TSchema>;
   /** The first matching document, or null: one unary call. */
   findOne(filter?: DocumentLike, options?: FindOptions): Promise<TSchema | null>;
-  /** Inserts one document; without an `_id` it gets an ObjectId here, first. */
+  /** Inserts one document; without an `_id` it gets an ObjectId here, first, and then it may be retried. */
   insertOne(document: Document | Map<string, unknown>, options?: InsertOptions): Promise<InsertOneResult>;
   /** Inserts documents in one call. */
   insertMany(documents: Array<Document | Map<string, unknown>>, options?: InsertOptions): Promise<InsertManyResult>;
@@ -532,6 +567,8 @@ export declare class BrokerError extends Error {
   /** Milliseconds the broker asks the caller to wait before retrying. */
   retryAfterMs: number | null;
   details: unknown[];
+  /** How many times the call was sent: 1, more after retries. */
+  attempts: number;
   readonly mongoCode: number | null;
   readonly mongoCodeName: string | null;
   readonly labels: string[];

@@ -291,6 +291,10 @@ test('ping and stats results are camelCase throughout; the count maps keep their
         databases: [{ database: call.request.database, connections_in_use: 3, wait_p99_ms: 1.5,
           rpcs: { FindOne: 4, Insert: 1 }, operations: { getMore: 2 }, checkout_failures: { queue_full: 1 },
           rpcs_in_flight: 1, server_rtt_ms: 0.25 }],
+        instance: 'broker-0',
+        caller: 'unix:',
+        peers: [{ host: 'unix', calls: 7, last_call_s_ago: 0.5 }],
+        peers_dropped: 1,
       });
     },
   });
@@ -308,7 +312,9 @@ test('ping and stats results are camelCase throughout; the count maps keep their
     assert.equal(stats.uptimeS, 90.5);
     const [db] = stats.databases;
     // Every field of the proto, each under its camelCase name.
-    assert.deepEqual(Object.keys(stats).sort(), ['databases', 'uptimeS', 'version']);
+    assert.deepEqual(Object.keys(stats).sort(), protoFields('broker.v1.StatsResponse').map(camelCase).sort());
+    assert.deepEqual(stats.peers, [{ host: 'unix', calls: 7, lastCallSAgo: 0.5 }]);
+    assert.deepEqual([stats.instance, stats.caller, stats.peersDropped], ['broker-0', 'unix:', 1]);
     assert.deepEqual(Object.keys(db).sort(), protoFields('broker.v1.DatabaseStats').map(camelCase).sort());
     assert.equal(db.database, 'appdb');
     assert.equal(db.connectionsInUse, 3);

@@ -110,6 +110,21 @@ export async function usage(): Promise<void> {
   }
   // @ts-expect-error returnDocument is 'before' or 'after'
   await items.findOneAndUpdate({}, { $set: { qty: 1 } }, { returnDocument: 'later' });
+  const tier = new BrokerClient(['10.0.0.5:50051', '10.0.0.6:50051'], { timeoutMs: 5000 });
+  const byName = new BrokerClient('dns:///mongo-broker.apps.svc.cluster.local:50051');
+  const healthy: string[] = tier.replicas().filter((r) => r.state === 'SERVING').map((r) => r.address);
+  const retried: number = byName.retryCount;
+  try {
+    await tier.ping();
+  } catch (error) {
+    if (error instanceof BrokerError) {
+      const attempts: number = error.attempts;
+      void attempts;
+    }
+  }
+  // @ts-expect-error a list is of address strings
+  void new BrokerClient([50051]);
+  void [healthy, retried];
   const noRetries = new BrokerClient(target, { retries: null });
   const fewer = new BrokerClient(target, { retries: { maxAttempts: DEFAULT_RETRY_POLICY.maxAttempts + 1 } });
   void [piped, replaced, upserted, deletedCount, before, gone, swapped, n, skus, landed, noRetries.retries, fewer];

@@ -95,6 +95,7 @@ __all__ = [
     "ChannelHolder",
     "normalize_target",
     "retire",
+    "service_config",
 ]
 
 log = logging.getLogger("broker_client.channel")
@@ -112,19 +113,26 @@ DEFAULT_MAX_SEND_MESSAGE_BYTES: Final = 48 * 1024 * 1024
 # call may then fail (see case 2 above). A slower fork is the lesser harm.
 FORK_DRAIN_TIMEOUT_S: Final = 10.0
 
+# The health service name the broker sets NOT_SERVING when it starts to drain.
+BROKER_HEALTH_SERVICE: Final = "broker.v1.Broker"
+
 _PASS_THROUGH_SCHEMES: Final = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:")
 _WRONG_SCHEMES: Final = ("mongodb:", "mongodb+srv:", "http:", "https:", "grpc:", "tcp:")
 
 
-def normalize_target(target: str) -> str:
-    """Turn a user's broker address into a gRPC target string.
+def normalize_target(target: str | Sequence[str]) -> str:
+    """Turn a user's broker address, or a list of replicas' addresses, into a gRPC target.
 
     Accepts ``unix:///abs/path``, ``unix:/abs/path``, ``host:port``,
     ``dns:///host:port`` (and gRPC's other schemes), and a bare absolute
-    path, which is taken as a Unix socket.
+    path, which is taken as a Unix socket. A list (or tuple) of
+    ``IP:port`` strings, all IPv4 or all IPv6, names the replicas of a
+    shared tier: it becomes gRPC's ``ipv4:``/``ipv6:`` address list.
     """
+    if isinstance(target, (list, tuple)):
+        return _replica_list(target)
     if not isinstance(target, str):
-        raise TypeError(f"target must be a str, not {type(target).__name__}")
+        raise TypeError(f"target must be a str or a list of str, not {type(target).__name__}")
     stripped = target.strip()
     if not stripped:
         raise ValueError("target must not be empty: give 'unix:///path/to/broker.sock' or 'host:port'")
@@ -138,10 +146,66 @@ def normalize_target(target: str) -> str:
         return f"unix://{stripped}"
     if lowered.startswith(_PASS_THROUGH_SCHEMES):
         return stripped
+    if "," in stripped:
+        raise ValueError(
+            f"target {target!r} lists several addresses in one string: pass them as a list, "
+            "e.g. ['10.0.0.7:50051', '10.0.0.8:50051'], or use 'dns:///name:port'"
+        )
     if ":" not in stripped:
         # gRPC would quietly default to port 443, which is never the broker.
         raise ValueError(f"target {target!r} has no port: give 'host:port' or a unix:// path")
     return stripped
+
+
+def _replica_list(targets: Sequence[str]) -> str:
+    """``ipv4:a:p,b:p`` (or ``ipv6:[a]:p,[b]:p``) from a list of replica addresses."""
+    import ipaddress  # only a list of replicas needs it
+
+    if not targets:
+        raise ValueError("the list of broker addresses is empty: give at least one 'IP:port'")
+    families: set[int] = set()
+    entries: list[str] = []
+    for entry in targets:
+        if not isinstance(entry, str):
+            raise TypeError(f"each broker address must be a str, not {type(entry).__name__}")
+        host, sep, port = entry.strip().rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ValueError(f"broker address {entry!r} needs 'IP:port' with a port from 1 to 65535")
+        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            address = ipaddress.ip_address(bare)
+        except ValueError:
+            # gRPC resolves a name only through dns:///, which then balances over
+            # every address the name has: resolving it here would freeze them.
+            raise ValueError(
+                f"broker address {entry!r} is not an IP address: a list takes IP:port entries; "
+                "for a name give the single target 'dns:///name:port'"
+            ) from None
+        families.add(address.version)
+        entries.append(f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}")
+    if len(families) > 1:
+        raise ValueError("broker addresses mix IPv4 and IPv6: gRPC takes one family per list")
+    scheme = "ipv6" if families == {6} else "ipv4"
+    return f"{scheme}:{','.join(entries)}"
+
+
+def service_config(target: str) -> str:
+    """The channel's default gRPC service config for a normalized target, as JSON.
+
+    ``round_robin`` spreads calls over every address the target resolves
+    to (gRPC's default, ``pick_first``, would send all of them to one).
+    Over TCP the channel also health-checks each broker (the broker's
+    ``broker.v1.Broker`` health service): a draining broker leaves the
+    rotation as soon as it says NOT_SERVING, before it closes its listener.
+    A Unix socket is one broker with nowhere else to go, so no Watch stream
+    is held for it.
+    """
+    # Written out rather than json.dumps'd: the client imports nothing it
+    # can do without (worker start-up time).
+    balance = '"loadBalancingConfig":[{"round_robin":{}}]'
+    if target.lower().startswith(("unix:", "unix-abstract:")):
+        return "{" + balance + "}"
+    return "{" + balance + ',"healthCheckConfig":{"serviceName":"' + BROKER_HEALTH_SERVICE + '"}}'
 
 
 class ForkGate:

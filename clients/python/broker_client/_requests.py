@@ -40,6 +40,7 @@ from broker_client._channel import (
     DEFAULT_MAX_SEND_MESSAGE_BYTES,
     normalize_target,
     retire,
+    service_config,
 )
 from broker_client._version import __version__
 from broker_client.errors import BrokerError, DuplicateKeyError, InvalidOperation
@@ -224,7 +225,7 @@ class Settings(Generic[DocumentT]):
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout: float,
         document_class: type[DocumentT] | None,
@@ -256,6 +257,10 @@ class Settings(Generic[DocumentT]):
             call_metadata.append(("authorization", f"Bearer {token}"))
         self.metadata: tuple[tuple[str, str], ...] = tuple(call_metadata)
         channel_options: dict[str, Any] = {
+            # round_robin over every replica a target names, and health checks
+            # over TCP (see _channel.service_config); a user's own
+            # grpc.service_config replaces it.
+            "grpc.service_config": service_config(self.target),
             "grpc.max_receive_message_length": DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
             "grpc.max_send_message_length": DEFAULT_MAX_SEND_MESSAGE_BYTES,
             # Fork safety: a channel of its own connections (see _channel).
@@ -896,7 +901,7 @@ _MAP_FIELDS: Final = frozenset({"checkout_failures", "operations", "rpcs", "erro
 def stats_result(response: broker_pb2.StatsResponse, attempts: int = 1) -> BrokerStats:
     from dataclasses import fields
 
-    from broker_client.results import BrokerStats, DatabaseStats
+    from broker_client.results import BrokerStats, DatabaseStats, PeerStats
 
     # Field by field from the dataclass, so a field the proto lacks fails
     # loudly here rather than reading as zero.
@@ -908,8 +913,15 @@ def stats_result(response: broker_pb2.StatsResponse, attempts: int = 1) -> Broke
             value = getattr(db, name)
             values[name] = dict(value) if name in _MAP_FIELDS else value
         databases.append(DatabaseStats(**values))
+    peers = tuple(PeerStats(p.host, p.calls, p.last_call_s_ago) for p in response.peers)
     return BrokerStats(
-        version=response.version, uptime_s=response.uptime_s, databases=tuple(databases), attempts=attempts
+        version=response.version,
+        uptime_s=response.uptime_s,
+        databases=tuple(databases),
+        attempts=attempts,
+        instance=response.instance,
+        caller=response.caller,
+        peers=peers,
     )
 
 

@@ -74,7 +74,7 @@ class AsyncBrokerClient(Generic[DocumentT]):
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
         document_class: type[DocumentT] | None = None,

@@ -75,7 +75,12 @@ class BrokerClient(Generic[DocumentT]):
     Args:
         target: the broker's address: ``"unix:///run/mongo-broker.sock"``,
             ``"unix:/run/mongo-broker.sock"``, a bare absolute path (taken as
-            a Unix socket), ``"127.0.0.1:50051"`` or ``"dns:///host:50051"``.
+            a Unix socket), ``"127.0.0.1:50051"`` or ``"dns:///host:50051"``;
+            or the replicas of a shared tier, as ``"dns:///name:port"`` (a
+            name with several addresses) or a list of ``"IP:port"``. Calls
+            are spread over every replica (``round_robin``), and over TCP
+            each replica is health-checked: one that starts draining leaves
+            the rotation, and a retried call goes to another.
         timeout: the default time limit of every call, in seconds
             (default `DEFAULT_TIMEOUT_S`, 30 s). Each call may pass its own
             ``timeout=``. It becomes the gRPC deadline, which the broker
@@ -112,7 +117,7 @@ class BrokerClient(Generic[DocumentT]):
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
         document_class: type[DocumentT] | None = None,

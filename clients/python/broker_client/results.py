@@ -17,6 +17,7 @@ __all__ = [
     "DeleteResult",
     "InsertManyResult",
     "InsertOneResult",
+    "PeerStats",
     "PingResult",
     "PoolSummary",
     "UpdateResult",
@@ -214,6 +215,15 @@ class DatabaseStats:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerStats:
+    """Calls one calling host made to the broker (``BrokerStats.peers``)."""
+
+    host: str
+    calls: int
+    last_call_s_ago: float
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerStats:
     """``BrokerClient.stats()``: the broker's version, uptime and per-database stats."""
 
@@ -222,6 +232,12 @@ class BrokerStats:
     databases: tuple[DatabaseStats, ...] = field(default=())
     attempts: int = field(default=1, compare=False)
     """How many times the call was sent (more than 1 after retries)."""
+    instance: str = ""
+    """The broker that answered (its ``server.instance``; default its host name)."""
+    caller: str = ""
+    """This call's own address as that broker saw it, e.g. ``ipv4:10.0.0.7:53412``."""
+    peers: tuple[PeerStats, ...] = field(default=())
+    """Calls to that broker by calling host, most recently seen first (at most 64)."""
 
     def __getitem__(self, database: str) -> DatabaseStats:
         for db in self.databases:

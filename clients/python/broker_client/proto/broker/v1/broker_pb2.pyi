@@ -1908,21 +1908,72 @@ class StatsResponse(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     UPTIME_S_FIELD_NUMBER: _builtins.int
     DATABASES_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
+    PEERS_FIELD_NUMBER: _builtins.int
+    PEERS_DROPPED_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     uptime_s: _builtins.float
+    instance: _builtins.str
+    """The replica that answered: server.instance (default: the host name, which
+    is the pod name on Kubernetes). Tells a shared tier's replicas apart.
+    """
+    caller: _builtins.str
+    """This call's own peer as the broker saw it ("ipv4:10.0.0.7:53412",
+    "unix:"), so a caller can check which address reached the broker.
+    """
+    peers_dropped: _builtins.int
+    """Hosts dropped from peers to keep it bounded."""
     @_builtins.property
     def databases(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatabaseStats]: ...
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeerStats]:
+        """Calls to this broker by calling host (no port), most recently seen
+        first; at most 64 hosts are kept. Empty unless the caller's token may
+        use every configured database.
+        """
+
     def __init__(
         self,
         *,
         version: _builtins.str = ...,
         uptime_s: _builtins.float = ...,
         databases: _abc.Iterable[Global___DatabaseStats] | None = ...,
+        instance: _builtins.str = ...,
+        caller: _builtins.str = ...,
+        peers: _abc.Iterable[Global___PeerStats] | None = ...,
+        peers_dropped: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["databases", b"databases", "uptime_s", b"uptime_s", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "databases", b"databases", "instance", b"instance", "peers", b"peers", "peers_dropped", b"peers_dropped", "uptime_s", b"uptime_s", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class PeerStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    LAST_CALL_S_AGO_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    """"10.0.0.7", "fd00::7", or "unix" for every Unix-socket caller."""
+    calls: _builtins.int
+    last_call_s_ago: _builtins.float
+    def __init__(
+        self,
+        *,
+        host: _builtins.str = ...,
+        calls: _builtins.int = ...,
+        last_call_s_ago: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "host", b"host", "last_call_s_ago", b"last_call_s_ago"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerStats: _TypeAlias = PeerStats  # noqa: Y015
