@@ -228,9 +228,7 @@ class DatabaseCall(Call):
                 waiter.set_result(None)
 
         task.add_done_callback(done)
-        guard = loop.call_at(
-            loop.time() + max(self.remaining(), 0.0) + _ROUND_TRIP_GUARD_S, _wake, waiter
-        )
+        guard = loop.call_at(loop.time() + max(self.remaining(), 0.0) + _ROUND_TRIP_GUARD_S, _wake, waiter)
         try:
             await waiter
             if task.done():
