@@ -20,9 +20,9 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Hashable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -210,7 +210,13 @@ class DatabaseCall(Call):
         self.queue_wait_s += waited
         pool.stats.record_queue_wait(waited)
         self.stage = "database round trip"
-        task = asyncio.ensure_future(operation)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(operation)
+        # The call waits on a future of its own, which the task's end or the
+        # guard's timer resolves: cancelling the call cancels only this
+        # waiter, never the task (as asyncio.shield, or asyncio.wait, would
+        # do, with more futures, callbacks and a set per round trip).
+        waiter: asyncio.Future[None] = loop.create_future()
 
         def done(finished: asyncio.Future[_T]) -> None:
             pool.admission.release()
@@ -218,12 +224,13 @@ class DatabaseCall(Call):
             # error is not logged as "never retrieved".
             if not finished.cancelled():
                 finished.exception()
+            if not waiter.done():
+                waiter.set_result(None)
 
         task.add_done_callback(done)
+        guard = loop.call_at(loop.time() + max(self.remaining(), 0.0) + _ROUND_TRIP_GUARD_S, _wake, waiter)
         try:
-            # asyncio.wait never cancels what it waits for, so it shields the
-            # task as asyncio.shield would, with fewer futures per call.
-            await asyncio.wait((task,), timeout=max(self.remaining(), 0.0) + _ROUND_TRIP_GUARD_S)
+            await waiter
             if task.done():
                 return task.result()
             pool.stats.abandoned += 1
@@ -239,6 +246,7 @@ class DatabaseCall(Call):
                 Reason.TIMEOUT,
             ) from None
         finally:
+            guard.cancel()
             self.stage = "between round trips"
 
     async def coalesced(
@@ -315,6 +323,11 @@ async def _run_group(
     coalesce.deliver(members, outcomes)
 
 
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 def _outcome(outcome: Any) -> Any:
     if isinstance(outcome, BaseException):
         raise outcome
@@ -325,7 +338,8 @@ def _request_id(context: Context) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str) and _REQUEST_ID.match(value):
             return value
-    return uuid.uuid4().hex[:16]
+    # 16 random hex digits, as uuid4().hex[:16] gave, without building a UUID.
+    return os.urandom(8).hex()
 
 
 def time_limit(context: Context, pool: DatabasePool, max_time_ms: int) -> float:
@@ -567,42 +581,62 @@ class Calls:
             stats.rpcs[call.method] += 1
             if call.code != "OK":
                 stats.errors[call.code] += 1
-            self._metrics.queue_wait.labels(pool.name).observe(call.queue_wait_s)
-            self._metrics.rpc_duration.labels(call.method, pool.name, call.code).observe(elapsed)
+            self._metrics.observe_queue_wait(pool.name, call.queue_wait_s)
+            self._metrics.observe_call(call.method, pool.name, call.code, elapsed)
         if not counted:
             # Unknown database names are not used as labels: a caller could
             # otherwise create any number of time series.
-            self._metrics.rpc_duration.labels(call.method, "", call.code).observe(elapsed)
-        if self._settings.log.access:
-            # Database and collection are whatever the caller sent, logged
-            # even when the call is refused: escaped, so that a name holding
-            # a line break cannot write an access-log line of its own. The
-            # JSON fields keep the exact values (json.dumps escapes them).
-            access_log.info(
-                "%s db=%s coll=%s code=%s ms=%.2f docs=%d bytes=%d wait_ms=%.2f rid=%s peer=%s",
-                log_value(call.method),
-                log_value(call.database),
-                log_value(call.collection),
-                call.code,
-                elapsed * 1000,
-                call.documents,
-                call.bytes,
-                call.queue_wait_s * 1000,
-                log_value(call.request_id),
-                log_value(call.peer),
-                extra={
-                    "method": call.method,
-                    "database": call.database,
-                    "collection": call.collection,
-                    "code": call.code,
-                    "duration_ms": round(elapsed * 1000, 3),
-                    "documents": call.documents,
-                    "bytes": call.bytes,
-                    "queue_wait_ms": round(call.queue_wait_s * 1000, 3),
-                    "request_id": call.request_id,
-                    "peer": call.peer,
-                },
-            )
+            self._metrics.observe_call(call.method, "", call.code, elapsed)
+        if self._settings.log.access and access_log.isEnabledFor(logging.INFO):
+            _log_access(call, elapsed)
+
+
+def _log_access(call: Call, elapsed: float) -> None:
+    """The call's access-log line.
+
+    Database and collection are whatever the caller sent, logged even when
+    the call is refused: escaped, so that a name holding a line break cannot
+    write an access-log line of its own. The JSON fields keep the exact
+    values (json.dumps escapes them).
+
+    The record is made and handled directly, as Logger.info would, less its
+    search of the stack for the caller's file and line, which no formatter
+    of the broker's prints.
+    """
+    record = access_log.makeRecord(
+        access_log.name,
+        logging.INFO,
+        __file__,
+        0,
+        "%s db=%s coll=%s code=%s ms=%.2f docs=%d bytes=%d wait_ms=%.2f rid=%s peer=%s",
+        (
+            log_value(call.method),
+            log_value(call.database),
+            log_value(call.collection),
+            call.code,
+            elapsed * 1000,
+            call.documents,
+            call.bytes,
+            call.queue_wait_s * 1000,
+            log_value(call.request_id),
+            log_value(call.peer),
+        ),
+        None,
+        "_finish",
+        {
+            "method": call.method,
+            "database": call.database,
+            "collection": call.collection,
+            "code": call.code,
+            "duration_ms": round(elapsed * 1000, 3),
+            "documents": call.documents,
+            "bytes": call.bytes,
+            "queue_wait_ms": round(call.queue_wait_s * 1000, 3),
+            "request_id": call.request_id,
+            "peer": call.peer,
+        },
+    )
+    access_log.handle(record)
 
 
 async def transmit(sending: Awaitable[None], call: DatabaseCall) -> None:

@@ -91,7 +91,28 @@ def log_value(value: str) -> str:
     return escaped
 
 
-class TextFormatter(logging.Formatter):
+class _Formatter(logging.Formatter):
+    """logging.Formatter whose time stamp reuses its strftime part within a second.
+
+    Every call writes an access-log line, and most fall in the same second
+    as the one before; the text is exactly what logging.Formatter.formatTime
+    writes.
+    """
+
+    _stamp: tuple[int, str | None, str] = (-1, None, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second, fmt, text = self._stamp
+        if second != int(record.created) or fmt != datefmt:
+            text = time.strftime(datefmt or self.default_time_format, self.converter(record.created))
+            # One tuple, so a reader in another thread never sees half of it.
+            self._stamp = (int(record.created), datefmt, text)
+        if datefmt or not self.default_msec_format:
+            return text
+        return self.default_msec_format % (text, record.msecs)
+
+
+class TextFormatter(_Formatter):
     """``%(asctime)s %(levelname)s %(name)s: %(message)s``, one record per unindented line."""
 
     def __init__(self) -> None:
@@ -106,7 +127,7 @@ class TextFormatter(logging.Formatter):
         return text
 
 
-class JsonFormatter(logging.Formatter):
+class JsonFormatter(_Formatter):
     """One JSON object per line, with `extra=` fields as top-level keys."""
 
     def format(self, record: logging.LogRecord) -> str:

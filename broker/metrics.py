@@ -202,7 +202,28 @@ class BrokerMetrics:
             registry=self.registry,
         )
         self.registry.register(_StatsCollector(databases))
+        # Each (method, database, code) and each database's histogram child,
+        # looked up once: labels() validates and locks on every call. The
+        # keys are bounded: methods and codes are fixed sets, and databases
+        # are the configured names (or "" for a name that is not one).
+        self._durations: dict[tuple[str, str, str], Any] = {}
+        self._waits: dict[str, Any] = {}
         self._http: Any = None
+
+    def observe_call(self, method: str, database: str, code: str, seconds: float) -> None:
+        """One call's duration, under its method, database ("" if none) and status code."""
+        key = (method, database, code)
+        child = self._durations.get(key)
+        if child is None:
+            child = self._durations[key] = self.rpc_duration.labels(method, database, code)
+        child.observe(seconds)
+
+    def observe_queue_wait(self, database: str, seconds: float) -> None:
+        """The time one call's round trips waited for a pool connection, in all."""
+        child = self._waits.get(database)
+        if child is None:
+            child = self._waits[database] = self.queue_wait.labels(database)
+        child.observe(seconds)
 
     def serve_http(self, address: str) -> int:
         """Serve /metrics on ``address`` ("HOST:PORT") in a daemon thread; returns the port."""

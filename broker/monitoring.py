@@ -209,6 +209,10 @@ class TopologyMonitor(monitoring.TopologyListener, monitoring.ServerHeartbeatLis
         self._heartbeat_failed: dict[Any, bool] = {}
         self._heartbeats_succeeded = 0
         self._probe: asyncio.Task[None] | None = None
+        # The last description read and whether it had a writable server:
+        # pymongo replaces the description on every change and never alters
+        # one, and every call asks (see call.require_available).
+        self._seen: tuple[TopologyDescription | None, bool] = (None, False)
 
     def attach(self, describe: Callable[[], TopologyDescription]) -> None:
         """Read the state from ``describe`` (the client's topology_description)."""
@@ -221,7 +225,14 @@ class TopologyMonitor(monitoring.TopologyListener, monitoring.ServerHeartbeatLis
 
     @property
     def available(self) -> bool:
-        return self._describe is not None and self._describe().has_writable_server()
+        if self._describe is None:
+            return False
+        description = self._describe()
+        seen, writable = self._seen
+        if description is not seen:
+            writable = description.has_writable_server()
+            self._seen = (description, writable)
+        return writable
 
     @property
     def last_error(self) -> str | None:

@@ -6,6 +6,7 @@ import ast
 import logging
 import re
 import shlex
+import time
 
 import pytest
 
@@ -93,3 +94,21 @@ def test_json_formatter_writes_one_line_whatever_the_values():
     record.collection = "a\nb\u2028"
     text = formatter.format(record)
     assert "\n" not in text and "\u2028" not in text
+
+
+@pytest.mark.parametrize("make", [TextFormatter, JsonFormatter])
+def test_time_stamps_are_logging_s_own_within_a_second_and_across_seconds(make):
+    # The formatters reuse a second's strftime text: every stamp must still
+    # read as logging.Formatter's would, across second (and day) boundaries.
+    formatter = make()
+    formatter.converter = time.gmtime
+    reference = logging.Formatter()
+    reference.converter = time.gmtime
+    day_end = 1_767_225_599.0  # 2025-12-31 23:59:59 UTC
+    for created in (day_end + 0.001, day_end + 0.999, day_end + 1.0, day_end + 1.5, day_end + 0.25, day_end):
+        record = _record("at %s", "x")
+        record.created = created
+        record.msecs = (created - int(created)) * 1000
+        assert formatter.formatTime(record) == reference.formatTime(record)
+        iso = "%Y-%m-%dT%H:%M:%S"
+        assert formatter.formatTime(record, iso) == reference.formatTime(record, iso)
