@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -42,13 +41,11 @@ from bson.objectid import ObjectId
 from bson.raw_bson import RawBSONDocument
 from pymongo import MongoClient
 
-ROOT = Path(__file__).resolve().parent.parent
-GO_DIR = ROOT / "clients" / "go"
-NODE_DIR = ROOT / "clients" / "node"
+from tests.toolchains import GO_DIR, NODE_DIR, build_go_program, require_grpc_js, tool
+
 LANGUAGES = ("python", "go", "node")
 PAIRS = [(writer, reader) for writer in LANGUAGES for reader in LANGUAGES if reader != writer]
 HELPER_TIMEOUT_S = 120
-MAKE_CLIENTS = "run `make clients` (npm ci in clients/node, go mod download in clients/go)"
 
 Document = dict[str, Any]
 
@@ -270,13 +267,6 @@ class HelperSide(Language):
         return int(json.loads(line)["deleted"])
 
 
-def _tool(name: str) -> str:
-    found = shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} is not on PATH: {MAKE_CLIENTS}", pytrace=False)
-    return found
-
-
 @pytest.fixture(scope="module")
 def helper_env(broker) -> dict[str, str]:
     return {**os.environ, "MONGO_BROKER_TARGET": broker.unix_target, "MONGO_BROKER_DATABASE": broker.db_name}
@@ -284,25 +274,14 @@ def helper_env(broker) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def go_interop(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The Go helper, built once (a build per call would dominate the run)."""
-    binary = tmp_path_factory.mktemp("go-interop") / "interop"
-    result = subprocess.run(
-        [_tool("go"), "build", "-o", str(binary), "./cmd/interop"],
-        cwd=GO_DIR,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
-    assert result.returncode == 0, f"building clients/go/cmd/interop failed:\n{result.stdout}{result.stderr}"
-    return binary
+    """The Go helper, built once."""
+    return build_go_program(tmp_path_factory, "interop")
 
 
 @pytest.fixture(scope="module")
 def languages(broker, helper_env, go_interop) -> Iterator[dict[str, Language]]:
-    node = _tool("node")
-    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        pytest.fail(f"clients/node/node_modules is missing: {MAKE_CLIENTS}", pytrace=False)
+    node = tool("node")
+    require_grpc_js()
     client = BrokerClient(broker.unix_target, timeout=30)
     try:
         yield {

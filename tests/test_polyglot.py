@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,20 +23,10 @@ from pathlib import Path
 import pytest
 from pymongo.errors import PyMongoError
 
-ROOT = Path(__file__).resolve().parent.parent
-GO_DIR = ROOT / "clients" / "go"
-NODE_DIR = ROOT / "clients" / "node"
+from tests.toolchains import GO_DIR, MAKE_CLIENTS, NODE_DIR, ROOT, tool
+
 PROTO_ROOT = ROOT / "protos"
 SUITE_TIMEOUT_S = 280  # below pytest-timeout's 300 s, so the output is shown
-MAKE_CLIENTS = "run `make clients` (npm ci in clients/node, go mod download in clients/go)"
-
-
-def tool(name: str) -> str:
-    """The path of a required tool; a missing one fails the test with the fix."""
-    found = shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} is not on PATH; it is needed to test the {name} client: {MAKE_CLIENTS}")
-    return found
 
 
 def require_node_modules() -> None:

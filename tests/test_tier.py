@@ -25,7 +25,7 @@ from broker_client.proto.broker.v1 import broker_pb2, broker_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from harness.brokerproc import BrokerProcess
-from tests.conftest import DB_NAME, MAX_POOL_SIZE, MONGO_DB, count_connections
+from tests.conftest import DB_NAME, MAX_POOL_SIZE, MONGO_DB, BrokerFactory, count_connections
 
 # pymongo's monitoring connections per server: the monitor, and the RTT
 # monitor where the server streams heartbeats.
@@ -41,13 +41,20 @@ def data_calls(process: BrokerProcess) -> int:
     return sum(db.rpcs.get(method, 0) for method in DATA_METHODS)
 
 
+def replica_config(start_broker: BrokerFactory, **server: Any) -> dict[str, Any]:
+    """The session broker's config without its listen table, so each broker
+    started from it gets its own socket and loopback port; ``server`` is its
+    [server] table."""
+    config = {k: v for k, v in start_broker.base_config().items() if k != "listen"}
+    if server:
+        config["server"] = server
+    return config
+
+
 @pytest.fixture
 def tier(start_broker) -> Callable[..., list[BrokerProcess]]:
     def start(count: int = 3, **server: Any) -> list[BrokerProcess]:
-        # No listen table: each replica gets its own socket and loopback port.
-        config = {k: v for k, v in start_broker.base_config().items() if k != "listen"}
-        if server:
-            config["server"] = server
+        config = replica_config(start_broker, **server)
         return [start_broker(config) for _ in range(count)]
 
     return start
@@ -247,8 +254,7 @@ def test_a_not_serving_replica_gets_no_new_calls(tier, tier_client, collection_n
 
 
 def test_stats_names_the_replica_and_its_callers(start_broker) -> None:
-    config = {k: v for k, v in start_broker.base_config().items() if k != "listen"}
-    config["server"] = {"instance": "broker-7"}
+    config = replica_config(start_broker, instance="broker-7")
     process = start_broker(config)
     with BrokerClient(process.tcp_target) as tcp, BrokerClient(process.unix_target) as unix:
         for _ in range(3):
@@ -266,7 +272,7 @@ def test_stats_names_the_replica_and_its_callers(start_broker) -> None:
 
 
 def test_only_a_token_for_every_database_sees_the_other_callers(start_broker) -> None:
-    config = {k: v for k, v in start_broker.base_config().items() if k != "listen"}
+    config = replica_config(start_broker)
     config["databases"]["otherdb"] = dict(config["databases"][DB_NAME])
     admin, scoped = "admin-token-0123456789", "scoped-token-0123456789"
     config["auth"] = {
@@ -293,7 +299,7 @@ def test_the_instance_defaults_to_the_host_name(broker) -> None:
 
 
 def test_an_open_plaintext_listener_is_refused_at_start(start_broker) -> None:
-    config = {k: v for k, v in start_broker.base_config().items() if k != "listen"}
+    config = replica_config(start_broker)
     config["listen"] = {"tcp": "0.0.0.0:0"}
     process = start_broker(config, wait=False)
     assert process.wait(timeout=30) == 2
@@ -319,8 +325,7 @@ def test_a_second_signal_skips_the_drain_delay(tier) -> None:
 
 
 def test_health_watches_past_the_bound_fall_back_to_no_health_checking(start_broker) -> None:
-    config = {k: v for k, v in start_broker.base_config().items() if k != "listen"}
-    config["server"] = {"max_health_watches": 2}
+    config = replica_config(start_broker, max_health_watches=2)
     process = start_broker(config)
     request = health_pb2.HealthCheckRequest(service="broker.v1.Broker")
     with grpc.insecure_channel(process.unix_target) as channel:
@@ -352,8 +357,7 @@ def test_health_watches_past_the_bound_fall_back_to_no_health_checking(start_bro
 
 
 def test_max_connection_age_makes_clients_reconnect(start_broker) -> None:
-    config = {k: v for k, v in start_broker.base_config().items() if k != "listen"}
-    config["server"] = {"max_connection_age_s": 1.0, "max_connection_age_grace_s": 1.0}
+    config = replica_config(start_broker, max_connection_age_s=1.0, max_connection_age_grace_s=1.0)
     process = start_broker(config)
     with BrokerClient(process.tcp_target) as client:
         first = client.stats().caller

@@ -42,10 +42,8 @@ from pymongo import MongoClient
 from harness.brokerproc import BrokerProcess
 from harness.netconns import ConnectionSampler, connections_from_pid
 from tests.conftest import DB_NAME, MAX_POOL_SIZE, MONGO_DB, BrokerFactory
+from tests.toolchains import NODE_DIR, ROOT, build_go_program, require_grpc_js, tool
 
-ROOT = Path(__file__).resolve().parent.parent
-GO_DIR = ROOT / "clients" / "go"
-NODE_DIR = ROOT / "clients" / "node"
 LANGUAGES = ("go", "node")
 REPLICAS = 3
 # pymongo's monitoring connections per server: the monitor and the RTT monitor.
@@ -53,39 +51,20 @@ MONITORS = 2
 DATA_METHODS = ("Insert", "FindOne")
 LOAD_WORKERS = 4
 LINE_TIMEOUT_S = 60.0
-MAKE_CLIENTS = "run `make clients` (npm ci in clients/node, go mod download in clients/go)"
 
 Document = dict[str, Any]
-
-
-def _tool(name: str) -> str:
-    found = shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} is not on PATH: {MAKE_CLIENTS}", pytrace=False)
-    return found
 
 
 @pytest.fixture(scope="module")
 def go_tier(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """The Go tier program, built once."""
-    binary = tmp_path_factory.mktemp("go-tier") / "tier"
-    result = subprocess.run(
-        [_tool("go"), "build", "-o", str(binary), "./cmd/tier"],
-        cwd=GO_DIR,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
-    assert result.returncode == 0, f"building clients/go/cmd/tier failed:\n{result.stdout}{result.stderr}"
-    return [str(binary)]
+    return [str(build_go_program(tmp_path_factory, "tier"))]
 
 
 @pytest.fixture(scope="module")
 def node_tier() -> list[str]:
-    node = _tool("node")
-    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        pytest.fail(f"clients/node/node_modules is missing: {MAKE_CLIENTS}", pytrace=False)
+    node = tool("node")
+    require_grpc_js()
     return [node, str(NODE_DIR / "scripts" / "tier.js")]
 
 
